@@ -1,0 +1,71 @@
+# FlashAttention from scratch: build every stage program (bin/<stage>) and the test binary (bin/tests).
+#
+#   make            build everything          make test       build, run every test (CPU tests without a GPU)
+#   make run        the ladder, stage by stage make bench      the FlashAttention-2 benchmark shapes, all stages
+#   make sanitize   compute-sanitizer on small shapes of every stage
+#
+# GPU architecture: detected with nvidia-smi when a GPU is present; override with `make ARCH=sm_90`. Without a
+# GPU (CI) the default builds machine code for sm_80 (Ampere: A100; also runs on sm_86/sm_89) and sm_90 (Hopper),
+# plus compute_90 PTX so newer GPUs can JIT it.
+
+NVCC     ?= nvcc
+DETECTED := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
+ifneq ($(ARCH),)
+  GENCODE := -arch=$(ARCH)
+else ifneq ($(DETECTED),)
+  GENCODE := -gencode arch=compute_$(DETECTED),code=sm_$(DETECTED)
+else
+  GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=[sm_90,compute_90]
+endif
+NVCCFLAGS ?= -O3 -std=c++17 -lineinfo -Xcompiler -Wall,-Wextra -Werror all-warnings
+FLAGS    := $(NVCCFLAGS) $(GENCODE) -Itests
+BUILD    := build
+
+# Each stage is a folder; its program links its own sources and the kernels of the stages it reuses or checks
+# against (the rung below). main.cu of a folder belongs to that folder's program only.
+STAGES              := naive online_softmax v1 v2
+DEPS_naive          :=
+DEPS_online_softmax := naive
+DEPS_v1             := online_softmax naive
+DEPS_v2             := v1 online_softmax naive
+
+HARNESS_SRC := $(wildcard tests/harness/*.cu)
+HARNESS_OBJ := $(HARNESS_SRC:%.cu=$(BUILD)/%.o)
+kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %/main.cu,$(wildcard $(1)/*.cu)))
+TEST_SRC    := $(wildcard tests/*.cu)
+TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
+
+.PHONY: all test run bench sanitize clean
+all: $(STAGES:%=bin/%) bin/tests
+
+$(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(FLAGS) -c $< -o $@
+
+define stage_rule
+bin/$(1): $(BUILD)/$(1)/main.o $(call kernel_objs,$(1)) $(foreach d,$(DEPS_$(1)),$(call kernel_objs,$(d))) $(HARNESS_OBJ)
+	@mkdir -p bin
+	$$(NVCC) $$(FLAGS) $$^ -o $$@
+endef
+$(foreach s,$(STAGES),$(eval $(call stage_rule,$(s))))
+
+bin/tests: $(TEST_OBJ) $(HARNESS_OBJ)
+	@mkdir -p bin
+	$(NVCC) $(FLAGS) $^ -o $@
+
+# REQUIRE_GPU=1 make test fails when any GPU test was skipped.
+test: all
+	./bin/tests
+	bash tests/cli_test.sh
+
+run: all
+	@bash scripts/ladder.sh
+
+bench: all
+	@bash scripts/bench.sh
+
+sanitize: all
+	@bash scripts/sanitize.sh
+
+clean:
+	rm -rf $(BUILD) bin

@@ -1,0 +1,217 @@
+// harness.h: the one shared harness. Every stage program and every test suite uses it; nothing here is copied
+// elsewhere. Its parts, one file each under tests/harness/:
+//   inputs.cu     seeded random inputs in several distributions, rounding to fp16/bf16
+//   reference.cu  the float64 CPU reference (forward and backward)
+//   compare.cu    element-wise comparison with tolerances, mismatch report and a hint
+//   device.cu     device detection, counted device buffers, dtype conversion, timing
+//   npy.cu        reading and writing NumPy .npy files
+//   stage_main.cu the command line shared by all stage programs
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "problem.h"
+
+// ---------------------------------------------------------------------------------------------------- inputs
+enum class Dist {
+    normal,    // q, k, v, dO ~ N(0, 1)
+    large,     // q and k times 10: scores of several hundred, so the running max grows and rescaling matters
+    outliers,  // normal, but every 16th query row times 30 and every 16th key row times 30
+    constant,  // every key row identical, so every score row is constant and softmax is uniform
+};
+const char* dist_name(Dist d);
+bool parse_dist(const std::string& s, Dist* d);
+
+struct HostTensors {
+    std::vector<float> q, k, v;  // inputs, [B,H,Nq,d] and [B,H,Nk,d]
+    std::vector<float> dO;       // upstream gradient for the backward pass, [B,H,Nq,d]
+};
+// Deterministic for a given (problem shape, dist, seed) on every platform. When p.dtype is fp16/bf16 the values
+// are rounded to that type, so every stage (fp32 ones too) sees exactly the numbers the low-precision stage sees.
+HostTensors make_inputs(const Problem& p, Dist dist, uint64_t seed);
+float round_to(DType t, float x);  // nearest fp16/bf16 value, as a float (identity for fp32)
+
+// -------------------------------------------------------------------------------------------------- reference
+// float64 reference computed in the obvious way (scores, safe softmax, P V). `rows` lists flattened query rows
+// (bh * Nq + i) to compute; empty means all. Outputs are full-size; rows not listed are left as NaN.
+// round_p: when fp16/bf16, P is rounded to that type before P V and O is rounded at the end, which is the
+// "same-precision reference" the low-precision kernels are judged against.
+struct Reference {
+    std::vector<double> o, lse;
+};
+Reference reference_forward(const Problem& p, const HostTensors& in, const std::vector<size_t>& rows = {},
+                            DType round_p = DType::fp32);
+struct ReferenceGrads {
+    std::vector<double> dq, dk, dv;
+};
+// round_to_type fp16/bf16 gives the same-precision reference: P and dS rounded to that type before the products
+// that consume them (as the tensor-core kernels do) and the gradients rounded at the end.
+ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type = DType::fp32);
+// The rows the programs check on large problems: all rows when the reference would be cheap, otherwise a fixed
+// sample that always includes the first and last row of every head checked and the last partial tile.
+std::vector<size_t> rows_to_check(const Problem& p, double max_flops = 2e9);
+
+// ---------------------------------------------------------------------------------------------------- compare
+// |got - ref| <= atol + rtol * |ref| element-wise; NaN or Inf in `got` always fails (unless ref is the same Inf,
+// as for the LSE of a fully masked row, which is -inf by convention).
+struct Tolerance {
+    double atol, rtol;
+};
+// The constants and their reasons are in docs/conventions.md ("Tolerances").
+Tolerance fp32_tolerance();
+// fp16/bf16: a kernel passes when its max error against float64 is at most twice the max error of the
+// same-precision reference (reference_forward with round_p) plus atol. This builds that tolerance.
+Tolerance low_precision_tolerance(DType t, double same_precision_max_abs_err);
+
+struct Layout {
+    // A tensor viewed as [outer, rows, cols] (outer = B*H), with rows grouped into tiles of tile_rows for the
+    // report (the stage's Br, so a bad partial last tile is recognisable).
+    size_t outer, rows, cols;
+    int heads = 1;       // to print (b, h) from outer
+    int tile_rows = 64;
+};
+struct Comparison {
+    bool ok = true;
+    size_t checked = 0, bad = 0, nan = 0, inf = 0;
+    double max_abs = 0, max_rel = 0;
+    std::string report;  // one line when ok; first mismatches and a hint when not
+};
+// got may contain NaN in positions not in `only_rows` when only_rows is non-empty (rows are outer*rows + r).
+Comparison compare(const char* what, const float* got, const double* ref, const Layout& layout, Tolerance tol,
+                   const std::vector<size_t>& only_rows = {});
+Comparison compare(const char* what, const float* got, const float* ref, const Layout& layout, Tolerance tol,
+                   const std::vector<size_t>& only_rows = {});
+double max_abs_error(const std::vector<double>& a, const std::vector<double>& ref, const std::vector<size_t>& rows,
+                     size_t cols);
+Layout o_layout(const Problem& p, int tile_rows = 64);
+Layout lse_layout(const Problem& p, int tile_rows = 64);
+
+// ----------------------------------------------------------------------------------------------------- device
+bool gpu_available();  // a CUDA device is present and usable
+std::string gpu_name();
+
+// Device memory handed out through DeviceBuffer is counted, so programs report their peak device memory.
+// Allocation first checks free memory and stops with one clear line (bytes needed, bytes free) if it will not fit.
+class DeviceBuffer {
+public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t bytes, const char* what = "buffer");
+    ~DeviceBuffer();
+    DeviceBuffer(DeviceBuffer&& o) noexcept;
+    DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    void* get() const { return ptr_; }
+    float* f32() const { return static_cast<float*>(ptr_); }
+    size_t bytes() const { return bytes_; }
+    void poison();  // fill with NaN (all-ones bytes are NaN in fp32, fp16 and bf16)
+    static size_t live_bytes();
+    static size_t peak_bytes();
+    static void reset_peak();
+
+private:
+    void* ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+// Would `bytes` fit in free device memory? If not, *why says how much is needed and free.
+bool device_memory_fits(size_t bytes, std::string* why);
+
+// Host float <-> device tensor of type t.
+DeviceBuffer upload(const std::vector<float>& host, DType t, const char* what);
+std::vector<float> download(const DeviceBuffer& dev, size_t elems, DType t);
+
+struct Timing {
+    double median_ms = 0, min_ms = 0, max_ms = 0;
+    int reps = 0;
+};
+// Times fn with CUDA events: `warmup` untimed calls, then `reps` timed calls (stopping early once max_seconds of
+// timed work is done, never below 3), each preceded by an L2 flush outside the timed region. Median and spread.
+Timing time_gpu(const std::function<void()>& fn, int reps, int warmup = 3, double max_seconds = 3.0);
+
+// ------------------------------------------------------------------------------------------------------ .npy
+// float32, little-endian, C order only. Errors are one line in *err.
+bool npy_read(const std::string& path, std::vector<float>* data, std::vector<size_t>* shape, std::string* err);
+bool npy_write(const std::string& path, const std::vector<float>& data, const std::vector<size_t>& shape,
+               std::string* err);
+
+// ------------------------------------------------------------------------------------------------ command line
+struct Options {
+    Problem p;
+    uint64_t seed = 1;
+    Dist dist = Dist::normal;
+    int reps = 20;
+    bool check = false, bench = false, cpu = false, backward = false, help = false;
+    std::string load_dir, save_dir;
+};
+// allow_dtype / allow_backward: later stages accept --dtype and --backward; earlier ones reject them.
+bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
+                   std::string* err);
+std::string usage(const char* program, bool allow_dtype, bool allow_backward);
+
+// Pointers a stage's forward pass reads and writes on the device. q, k, v, o are of type p.dtype.
+struct ForwardArgs {
+    const void *q, *k, *v;
+    void* o;
+    float* lse;
+    void* workspace;  // stage-specific scratch, workspace_bytes(p) bytes
+};
+struct BackwardArgs {
+    const void *q, *k, *v, *o, *dO;
+    const float* lse;
+    void *dq, *dk, *dv;
+    void* workspace;
+};
+// Host arrays of a CPU model: fp32 inputs and outputs, plus the traffic the model counted.
+struct ModelTraffic {
+    double reads = 0, writes = 0;  // elements read from / written to the model's "device memory" arrays
+};
+using CpuForward = std::function<void(const Problem&, const HostTensors&, std::vector<float>* o,
+                                      std::vector<float>* lse, ModelTraffic*)>;
+using CpuBackward = std::function<void(const Problem&, const HostTensors&, const std::vector<float>& o,
+                                       const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
+                                       std::vector<float>* dv, ModelTraffic*)>;
+
+// What a stage program is: its name, its GPU passes, its CPU model, and the stage below it that --check compares
+// against. Functions left empty are features the stage does not have.
+struct Stage {
+    const char* name;
+    bool has_dtype;          // accepts --dtype fp16/bf16 (only the tensor-core rung)
+    const char* below_name;  // nullptr for the first rung
+    std::function<std::string(const Problem&)> unsupported;  // "" when the stage accepts p, else one line
+    std::function<size_t(const Problem&)> workspace_bytes;
+    std::function<void(const Problem&, const ForwardArgs&)> forward;
+    CpuForward cpu_forward;
+    std::function<void(const Problem&)> describe;  // optional: print stage facts (tile sizes, S bytes) once
+    // the stage below (fp32, on the same inputs)
+    std::function<std::string(const Problem&)> below_unsupported;
+    std::function<size_t(const Problem&)> below_workspace_bytes;
+    std::function<void(const Problem&, const ForwardArgs&)> below_forward;
+    // backward (optional)
+    std::function<size_t(const Problem&)> backward_workspace_bytes;
+    std::function<void(const Problem&, const BackwardArgs&)> backward;
+    CpuBackward cpu_backward;
+    std::function<size_t(const Problem&)> below_backward_workspace_bytes;
+    std::function<void(const Problem&, const BackwardArgs&)> below_backward;
+};
+// The whole program: parse, make or load inputs, run, check, time, save. Returns the exit code.
+int stage_main(int argc, char** argv, const Stage& stage);
+
+// ------------------------------------------------------------------------------------------------ CPU models
+// The "device memory" of a CPU model: an array that counts every element read from it and written to it, so a
+// test can hold each algorithm's traffic to its closed form (naive O(N*d + N^2), FlashAttention-1
+// O(N^2 d^2 / M), ...). On-chip memory is modelled by ordinary local arrays, which are not counted.
+class Hbm {
+public:
+    Hbm(std::vector<float> init, ModelTraffic* t) : data_(std::move(init)), t_(t) {}
+    Hbm(size_t n, ModelTraffic* t, float fill = 0.0f) : data_(n, fill), t_(t) {}
+    float read(size_t i) const { t_->reads += 1; return data_[i]; }
+    void write(size_t i, float x) { t_->writes += 1; data_[i] = x; }
+    size_t size() const { return data_.size(); }
+    std::vector<float>& values() { return data_; }  // uncounted: for handing results back to the caller
+
+private:
+    std::vector<float> data_;
+    ModelTraffic* t_;
+};

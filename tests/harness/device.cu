@@ -1,0 +1,146 @@
+// device.cu: device detection, counted device buffers, dtype conversion and timing.
+#include <algorithm>
+#include <cstdio>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_check.h"
+#include "harness.h"
+
+bool gpu_available() {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::string gpu_name() {
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    return prop.name;
+}
+
+namespace {
+size_t g_live = 0, g_peak = 0;
+}
+
+size_t DeviceBuffer::live_bytes() { return g_live; }
+size_t DeviceBuffer::peak_bytes() { return g_peak; }
+void DeviceBuffer::reset_peak() { g_peak = g_live; }
+
+bool device_memory_fits(size_t bytes, std::string* why) {
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (bytes <= free_b) return true;
+    char line[256];
+    std::snprintf(line, sizeof line, "needs %zu bytes (%.2f GiB) of device memory, %zu bytes (%.2f GiB) are free",
+                  bytes, bytes / 1073741824.0, free_b, free_b / 1073741824.0);
+    *why = line;
+    return false;
+}
+
+DeviceBuffer::DeviceBuffer(size_t bytes, const char* what) : bytes_(bytes) {
+    if (bytes == 0) return;
+    std::string why;
+    if (!device_memory_fits(bytes, &why)) {
+        std::fprintf(stderr, "error: %s %s\n", what, why.c_str());
+        std::exit(3);
+    }
+    CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+    g_live += bytes;
+    g_peak = std::max(g_peak, g_live);
+}
+
+DeviceBuffer::~DeviceBuffer() {
+    if (ptr_) {
+        cudaFree(ptr_);  // no check: destructors must not exit, and a failed free leaves nothing to do
+        g_live -= bytes_;
+    }
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+}
+
+void DeviceBuffer::poison() {
+    if (ptr_) CUDA_CHECK(cudaMemset(ptr_, 0xFF, bytes_));
+}
+
+DeviceBuffer upload(const std::vector<float>& host, DType t, const char* what) {
+    DeviceBuffer dev(host.size() * dtype_bytes(t), what);
+    if (host.empty()) return dev;
+    if (t == DType::fp32) {
+        CUDA_CHECK(cudaMemcpy(dev.get(), host.data(), dev.bytes(), cudaMemcpyHostToDevice));
+    } else if (t == DType::fp16) {
+        std::vector<__half> h(host.size());
+        for (size_t i = 0; i < h.size(); ++i) h[i] = __float2half_rn(host[i]);
+        CUDA_CHECK(cudaMemcpy(dev.get(), h.data(), dev.bytes(), cudaMemcpyHostToDevice));
+    } else {
+        std::vector<__nv_bfloat16> h(host.size());
+        for (size_t i = 0; i < h.size(); ++i) h[i] = __float2bfloat16_rn(host[i]);
+        CUDA_CHECK(cudaMemcpy(dev.get(), h.data(), dev.bytes(), cudaMemcpyHostToDevice));
+    }
+    return dev;
+}
+
+std::vector<float> download(const DeviceBuffer& dev, size_t elems, DType t) {
+    std::vector<float> host(elems);
+    if (elems == 0) return host;
+    CUDA_CHECK(cudaDeviceSynchronize());  // surfaces errors from kernels still running
+    if (t == DType::fp32) {
+        CUDA_CHECK(cudaMemcpy(host.data(), dev.get(), elems * 4, cudaMemcpyDeviceToHost));
+    } else if (t == DType::fp16) {
+        std::vector<__half> h(elems);
+        CUDA_CHECK(cudaMemcpy(h.data(), dev.get(), elems * 2, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < elems; ++i) host[i] = __half2float(h[i]);
+    } else {
+        std::vector<__nv_bfloat16> h(elems);
+        CUDA_CHECK(cudaMemcpy(h.data(), dev.get(), elems * 2, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < elems; ++i) host[i] = __bfloat162float(h[i]);
+    }
+    return host;
+}
+
+Timing time_gpu(const std::function<void()>& fn, int reps, int warmup, double max_seconds) {
+    // Writing a buffer twice the size of L2 between repetitions evicts the previous run's inputs, so every
+    // repetition reads from device memory as a real first call would. It is not counted in the measured buffers.
+    int l2 = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+    void* flush = nullptr;
+    CUDA_CHECK(cudaMalloc(&flush, 2 * size_t(l2)));
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    for (int i = 0; i < warmup; ++i) fn();
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<double> ms;
+    double total = 0;
+    for (int i = 0; i < reps; ++i) {
+        CUDA_CHECK(cudaMemsetAsync(flush, i & 0xFF, 2 * size_t(l2)));
+        CUDA_CHECK(cudaEventRecord(start));
+        fn();
+        CUDA_CHECK(cudaEventRecord(stop));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        float t = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+        ms.push_back(t);
+        total += t / 1000.0;
+        if (total > max_seconds && ms.size() >= 3) break;
+    }
+    CUDA_CHECK(cudaEventDestroy(start));
+    CUDA_CHECK(cudaEventDestroy(stop));
+    CUDA_CHECK(cudaFree(flush));
+    std::sort(ms.begin(), ms.end());
+    Timing t;
+    t.reps = int(ms.size());
+    t.min_ms = ms.front();
+    t.max_ms = ms.back();
+    t.median_ms = ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
+    return t;
+}

@@ -1,0 +1,82 @@
+// inputs.cu: seeded random inputs. A tiny counter-based generator (splitmix64) and Box-Muller, so the same seed
+// gives the same numbers on every platform and compiler (std::normal_distribution does not promise that).
+#include <cmath>
+#include <cstring>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "harness.h"
+
+const char* dist_name(Dist d) {
+    switch (d) {
+        case Dist::normal: return "normal";
+        case Dist::large: return "large";
+        case Dist::outliers: return "outliers";
+        case Dist::constant: return "constant";
+    }
+    return "?";
+}
+
+bool parse_dist(const std::string& s, Dist* d) {
+    for (Dist c : {Dist::normal, Dist::large, Dist::outliers, Dist::constant})
+        if (s == dist_name(c)) {
+            *d = c;
+            return true;
+        }
+    return false;
+}
+
+float round_to(DType t, float x) {
+    if (t == DType::fp16) return __half2float(__float2half_rn(x));
+    if (t == DType::bf16) return __bfloat162float(__float2bfloat16_rn(x));
+    return x;
+}
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// Standard normal number `index` of stream `stream`: independent of how many numbers other streams drew.
+float normal(uint64_t seed, uint64_t stream, uint64_t index) {
+    uint64_t a = splitmix64(seed ^ splitmix64(stream * 0x100000001B3ull + 2 * index));
+    uint64_t b = splitmix64(a + 1);
+    double u1 = (double(a >> 11) + 1.0) * 0x1.0p-53;  // (0, 1]: log is finite
+    double u2 = double(b >> 11) * 0x1.0p-53;
+    return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2));
+}
+
+// Fills a [B*H, N, d] tensor from one stream of normals, then applies the distribution's row scaling.
+std::vector<float> tensor(const Problem& p, int N, Dist dist, uint64_t seed, uint64_t stream, bool is_qk) {
+    std::vector<float> t(size_t(p.B) * p.H * N * p.d);
+    for (size_t i = 0; i < t.size(); ++i) t[i] = normal(seed, stream, i);
+    for (size_t row = 0; row < t.size() / p.d; ++row) {
+        float* x = &t[row * p.d];
+        float factor = 1.0f;
+        if (dist == Dist::large && is_qk) factor = 10.0f;
+        if (dist == Dist::outliers && (row % N) % 16 == 5) factor = 30.0f;
+        for (int c = 0; c < p.d; ++c) x[c] = round_to(p.dtype, x[c] * factor);
+    }
+    return t;
+}
+
+}  // namespace
+
+HostTensors make_inputs(const Problem& p, Dist dist, uint64_t seed) {
+    HostTensors in;
+    in.q = tensor(p, p.Nq, dist, seed, 1, true);
+    in.k = tensor(p, p.Nk, dist, seed, 2, true);
+    in.v = tensor(p, p.Nk, dist, seed, 3, false);
+    in.dO = tensor(p, p.Nq, dist, seed, 4, false);
+    if (dist == Dist::constant) {  // every key row of a head equal to that head's first key row
+        for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+            for (int j = 1; j < p.Nk; ++j)
+                std::memcpy(&in.k[(bh * p.Nk + j) * p.d], &in.k[bh * p.Nk * p.d], p.d * sizeof(float));
+    }
+    return in;
+}

@@ -1,0 +1,146 @@
+// reference.cu: attention in float64, written the obvious way, as the ground truth for every stage.
+// Work is split over rows across the machine's cores; each row is computed by the same serial code.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <thread>
+
+#include "harness.h"
+
+namespace {
+
+// Runs body(i) for i in [0, n) on all cores.
+void parallel_for(size_t n, const std::function<void(size_t)>& body) {
+    size_t workers = std::max(1u, std::thread::hardware_concurrency());
+    workers = std::min(workers, n);
+    std::vector<std::thread> pool;
+    for (size_t w = 0; w < workers; ++w)
+        pool.emplace_back([&, w] {
+            for (size_t i = w; i < n; i += workers) body(i);
+        });
+    for (auto& t : pool) t.join();
+}
+
+// Number of keys query row i sees (0 for a fully masked row).
+int keys_seen(const Problem& p, int i) {
+    if (!p.causal) return p.Nk;
+    return std::clamp(causal_key_end(i, p.Nq, p.Nk), 0, p.Nk);
+}
+
+// One query row: s_j = scale * q.k_j, P = softmax(s), O = P V, LSE = max + log(sum exp(s - max)).
+void forward_row(const Problem& p, const HostTensors& in, size_t row, DType round_p, double* o, double* lse) {
+    const size_t bh = row / p.Nq;
+    const int i = int(row % p.Nq), d = p.d, n = keys_seen(p, i);
+    const float* q = &in.q[row * d];
+    const float* K = &in.k[bh * p.Nk * d];
+    const float* V = &in.v[bh * p.Nk * d];
+    std::fill(o, o + d, 0.0);
+    if (n == 0) {
+        *lse = -std::numeric_limits<double>::infinity();
+        return;
+    }
+    std::vector<double> s(n);
+    double m = -std::numeric_limits<double>::infinity();
+    for (int j = 0; j < n; ++j) {
+        double dot = 0;
+        for (int c = 0; c < d; ++c) dot += double(q[c]) * K[size_t(j) * d + c];
+        s[j] = double(p.resolved_scale()) * dot;
+        m = std::max(m, s[j]);
+    }
+    double l = 0;
+    for (int j = 0; j < n; ++j) l += std::exp(s[j] - m);
+    for (int j = 0; j < n; ++j) {
+        double pj = std::exp(s[j] - m) / l;
+        if (round_p != DType::fp32) pj = round_to(round_p, float(pj));
+        for (int c = 0; c < d; ++c) o[c] += pj * V[size_t(j) * d + c];
+    }
+    if (round_p != DType::fp32)
+        for (int c = 0; c < d; ++c) o[c] = round_to(round_p, float(o[c]));
+    *lse = m + std::log(l);
+}
+
+}  // namespace
+
+Reference reference_forward(const Problem& p, const HostTensors& in, const std::vector<size_t>& rows, DType round_p) {
+    Reference r;
+    r.o.assign(p.q_elems(), std::numeric_limits<double>::quiet_NaN());
+    r.lse.assign(p.lse_elems(), std::numeric_limits<double>::quiet_NaN());
+    const size_t n = rows.empty() ? p.lse_elems() : rows.size();
+    parallel_for(n, [&](size_t t) {
+        size_t row = rows.empty() ? t : rows[t];
+        forward_row(p, in, row, round_p, &r.o[row * p.d], &r.lse[row]);
+    });
+    return r;
+}
+
+// Gradients of O = softmax(scale Q K^T) V for one head at a time:
+//   dV = P^T dO,  dP = dO V^T,  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
+ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type) {
+    const Reference fwd = reference_forward(p, in);
+    ReferenceGrads g;
+    g.dq.assign(p.q_elems(), 0.0);
+    g.dk.assign(p.kv_elems(), 0.0);
+    g.dv.assign(p.kv_elems(), 0.0);
+    const int d = p.d, Nq = p.Nq, Nk = p.Nk;
+    const double scale = p.resolved_scale();
+    parallel_for(size_t(p.B) * p.H, [&](size_t bh) {
+        const float* Q = &in.q[bh * Nq * d];
+        const float* K = &in.k[bh * Nk * d];
+        const float* V = &in.v[bh * Nk * d];
+        const float* dO = &in.dO[bh * Nq * d];
+        double* dQ = &g.dq[bh * Nq * d];
+        double* dK = &g.dk[bh * Nk * d];
+        double* dV = &g.dv[bh * Nk * d];
+        for (int i = 0; i < Nq; ++i) {
+            const int n = keys_seen(p, i);
+            if (n == 0) continue;  // a fully masked row has P = 0 and contributes nothing
+            double D = 0;
+            for (int c = 0; c < d; ++c) D += double(dO[size_t(i) * d + c]) * fwd.o[(bh * Nq + i) * d + c];
+            for (int j = 0; j < n; ++j) {
+                double s = 0, dP = 0;
+                for (int c = 0; c < d; ++c) {
+                    s += double(Q[size_t(i) * d + c]) * K[size_t(j) * d + c];
+                    dP += double(dO[size_t(i) * d + c]) * V[size_t(j) * d + c];
+                }
+                double P = std::exp(scale * s - fwd.lse[bh * Nq + i]);
+                double dS = P * (dP - D);
+                if (round_to_type != DType::fp32) {
+                    P = round_to(round_to_type, float(P));
+                    dS = round_to(round_to_type, float(dS));
+                }
+                for (int c = 0; c < d; ++c) {
+                    dV[size_t(j) * d + c] += P * dO[size_t(i) * d + c];
+                    dQ[size_t(i) * d + c] += scale * dS * K[size_t(j) * d + c];
+                    dK[size_t(j) * d + c] += scale * dS * Q[size_t(i) * d + c];
+                }
+            }
+        }
+    });
+    if (round_to_type != DType::fp32)
+        for (auto* t : {&g.dq, &g.dk, &g.dv})
+            for (double& x : *t) x = round_to(round_to_type, float(x));
+    return g;
+}
+
+std::vector<size_t> rows_to_check(const Problem& p, double max_flops) {
+    const double per_row = 4.0 * p.Nk * p.d;
+    std::vector<size_t> rows;
+    if (per_row * p.lse_elems() <= max_flops) return rows;  // empty: every row
+    // Heads: the first, the last, and a few in between. Rows: first, last, the last 64 (partial tiles live there)
+    // and an even spread, up to the flop budget.
+    const size_t heads = size_t(p.B) * p.H;
+    std::vector<size_t> hs = {0, heads - 1, heads / 2, heads / 3};
+    std::sort(hs.begin(), hs.end());
+    hs.erase(std::unique(hs.begin(), hs.end()), hs.end());
+    const size_t budget_rows = std::max<size_t>(64, size_t(max_flops / per_row / hs.size()));
+    for (size_t bh : hs) {
+        std::vector<size_t> rs;
+        for (int i = std::max(0, p.Nq - 64); i < p.Nq; ++i) rs.push_back(i);
+        const size_t stride = std::max<size_t>(1, p.Nq / std::max<size_t>(1, budget_rows - std::min<size_t>(64, p.Nq)));
+        for (size_t i = 0; i < size_t(p.Nq); i += stride) rs.push_back(i);
+        std::sort(rs.begin(), rs.end());
+        rs.erase(std::unique(rs.begin(), rs.end()), rs.end());
+        for (size_t i : rs) rows.push_back(bh * p.Nq + i);
+    }
+    return rows;
+}

@@ -1,0 +1,411 @@
+// stage_main.cu: the command line every stage program shares, and what a run does:
+// inputs (random or --load), the stage on the GPU (or its CPU model), checks against the stage below and the
+// float64 reference, timing, --save, and one summary row for the ladder printed by `make run`.
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <tuple>
+#include <sys/stat.h>
+
+#include "cuda_check.h"
+#include "harness.h"
+
+// ------------------------------------------------------------------------------------------------ parsing
+namespace {
+
+bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err) {
+    char* end = nullptr;
+    errno = 0;
+    const long long v = s.empty() ? 0 : std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end != '\0' || errno == ERANGE || v < lo || v > hi) {
+        *err = flag + " expects a whole number from " + std::to_string(lo) + " to " + std::to_string(hi) + ", got '" + s + "'";
+        return false;
+    }
+    *out = long(v);
+    return true;
+}
+
+}  // namespace
+
+std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
+    std::string u = std::string("usage: ") + program + " [options]\n"
+        "  --batch B      batch size (default 4)\n"
+        "  --heads H      heads (default 8)\n"
+        "  --n N          sequence length of queries and keys (default 1024)\n"
+        "  --nq N, --nk N query and key sequence lengths separately\n"
+        "  --d D          head dimension (default 64)\n"
+        "  --causal       causal mask, aligned bottom-right (query i sees keys j <= i + Nk - Nq)\n"
+        "  --scale X      softmax scale (default 1/sqrt(d))\n"
+        "  --seed S       random seed (default 1)\n"
+        "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n";
+    if (allow_dtype) u += "  --dtype T      fp32 (CUDA cores), fp16 or bf16 (tensor cores) (default fp32)\n";
+    if (allow_backward) u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n";
+    u += "  --check        compare with the stage below and the float64 reference; exit 1 on a mismatch\n"
+         "  --bench        time the stage (CUDA events, median of --reps runs, L2 flushed between runs)\n"
+         "  --reps R       timed repetitions (default 20)\n"
+         "  --cpu          run the stage's CPU model instead of the GPU kernels (also the fallback with no GPU)\n"
+         "  --load DIR     read q.npy, k.npy, v.npy (float32, [B,H,N,d]) from DIR; sizes come from the files\n"
+         "  --save DIR     write o.npy ([B,H,Nq,d]) and lse.npy ([B,H,Nq]) to DIR\n"
+         "  --help         this text\n";
+    return u;
+}
+
+bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
+                   std::string* err) {
+    Options r;
+    bool have_n = false, have_nq = false, have_nk = false;
+    long n = 0;
+    for (int a = 1; a < argc; ++a) {
+        std::string flag = argv[a], value;
+        const size_t eq = flag.find('=');
+        if (eq != std::string::npos) {
+            value = flag.substr(eq + 1);
+            flag = flag.substr(0, eq);
+        }
+        const bool takes_value = flag == "--batch" || flag == "--heads" || flag == "--n" || flag == "--nq" ||
+                                 flag == "--nk" || flag == "--d" || flag == "--seed" || flag == "--dist" ||
+                                 flag == "--scale" || flag == "--reps" || flag == "--load" || flag == "--save" ||
+                                 (allow_dtype && flag == "--dtype");
+        if (takes_value && eq == std::string::npos) {
+            if (a + 1 >= argc) return *err = flag + " needs a value", false;
+            value = argv[++a];
+        } else if (!takes_value && eq != std::string::npos) {
+            return *err = "unknown option '" + std::string(argv[a]) + "' (see --help)", false;
+        }
+        long v = 0;
+        if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); }
+        else if (flag == "--heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.H = int(v); }
+        else if (flag == "--n") { if (!parse_int(flag, value, 1, INT_MAX, &n, err)) return false; have_n = true; }
+        else if (flag == "--nq") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Nq = int(v); have_nq = true; }
+        else if (flag == "--nk") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Nk = int(v); have_nk = true; }
+        else if (flag == "--d") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.d = int(v); }
+        else if (flag == "--reps") { if (!parse_int(flag, value, 1, 100000, &v, err)) return false; r.reps = int(v); }
+        else if (flag == "--seed") { if (!parse_int(flag, value, 0, LONG_MAX, &v, err)) return false; r.seed = uint64_t(v); }
+        else if (flag == "--dist") { if (!parse_dist(value, &r.dist)) return *err = "--dist expects normal, large, outliers or constant, got '" + value + "'", false; }
+        else if (flag == "--scale") {
+            char* end = nullptr;
+            r.p.scale = std::strtof(value.c_str(), &end);
+            if (value.empty() || *end != '\0' || !(r.p.scale > 0.0f) || r.p.scale > 1e4f)
+                return *err = "--scale expects a positive number up to 1e4, got '" + value + "'", false;
+        }
+        else if (flag == "--dtype") {
+            if (value == "fp32") r.p.dtype = DType::fp32;
+            else if (value == "fp16") r.p.dtype = DType::fp16;
+            else if (value == "bf16") r.p.dtype = DType::bf16;
+            else return *err = "--dtype expects fp32, fp16 or bf16, got '" + value + "'", false;
+        }
+        else if (flag == "--load") r.load_dir = value;
+        else if (flag == "--save") r.save_dir = value;
+        else if (flag == "--causal") r.p.causal = true;
+        else if (flag == "--check") r.check = true;
+        else if (flag == "--bench") r.bench = true;
+        else if (flag == "--cpu") r.cpu = true;
+        else if (flag == "--backward" && allow_backward) r.backward = true;
+        else if (flag == "--help" || flag == "-h") r.help = true;
+        else return *err = "unknown option '" + flag + "' (see --help)", false;
+    }
+    if (have_n && (have_nq || have_nk)) return *err = "give either --n or --nq/--nk, not both", false;
+    if (have_n) r.p.Nq = r.p.Nk = int(n);
+    // Every tensor must be indexable: kernels compute offsets in 64 bits, but one tensor is capped at 2^31 - 1
+    // elements so that the per-head offsets they compute in 32 bits cannot overflow.
+    for (long rows : {long(r.p.Nq), long(r.p.Nk)}) {
+        const double elems = double(r.p.B) * r.p.H * rows * r.p.d;
+        if (elems > double(INT_MAX))
+            return *err = "problem too large: a tensor of B*H*N*d = " + std::to_string((long long)elems) +
+                          " elements exceeds the limit of 2^31-1", false;
+    }
+    *o = r;
+    return true;
+}
+
+// ------------------------------------------------------------------------------------------------ running
+namespace {
+
+struct Summary {
+    std::string check = "not checked";
+    double ms = 0, tflops = 0, gbs = 0, mib = 0;
+    bool ok = true;
+};
+
+bool load_tensor(const std::string& dir, const char* name, std::vector<float>* data, std::vector<size_t>* shape,
+                 std::string* err) {
+    if (!npy_read(dir + "/" + name, data, shape, err)) return false;
+    if (shape->size() != 4) return *err = dir + "/" + name + ": expected 4 dimensions [B,H,N,d]", false;
+    for (size_t s : *shape)
+        if (s == 0 || s > size_t(INT_MAX)) return *err = dir + "/" + name + ": a dimension is 0 or too large", false;
+    return true;
+}
+
+// Reads q, k, v (and dO for the backward pass) and sets the problem's sizes from their shapes.
+bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err) {
+    std::vector<size_t> sq, sk, sv, sdo;
+    if (!load_tensor(o.load_dir, "q.npy", &in->q, &sq, err) || !load_tensor(o.load_dir, "k.npy", &in->k, &sk, err) ||
+        !load_tensor(o.load_dir, "v.npy", &in->v, &sv, err))
+        return false;
+    if (sk != sv) return *err = "k.npy and v.npy must have the same shape", false;
+    if (sq[0] != sk[0] || sq[1] != sk[1] || sq[3] != sk[3])
+        return *err = "q.npy and k.npy must agree in B, H and d", false;
+    p->B = int(sq[0]), p->H = int(sq[1]), p->Nq = int(sq[2]), p->Nk = int(sk[2]), p->d = int(sq[3]);
+    if (o.backward) {
+        if (!load_tensor(o.load_dir, "do.npy", &in->dO, &sdo, err)) return false;
+        if (sdo != sq) return *err = "do.npy must have the shape of q.npy", false;
+    }
+    for (auto* t : {&in->q, &in->k, &in->v, &in->dO})
+        for (float& x : *t) {
+            if (!std::isfinite(x)) return *err = "input files contain NaN or Inf", false;
+            x = round_to(p->dtype, x);
+        }
+    return true;
+}
+
+bool save_outputs(const std::string& dir, const Problem& p, const std::vector<std::pair<const char*, const std::vector<float>*>>& files) {
+    mkdir(dir.c_str(), 0755);  // may exist already; a real failure shows up when writing
+    for (auto& [name, data] : files) {
+        std::vector<size_t> shape = {size_t(p.B), size_t(p.H), size_t(p.Nq), size_t(p.d)};
+        if (std::strcmp(name, "lse.npy") == 0) shape.pop_back();
+        if (std::strcmp(name, "dk.npy") == 0 || std::strcmp(name, "dv.npy") == 0) shape[2] = size_t(p.Nk);
+        std::string err;
+        if (!npy_write(dir + "/" + name, *data, shape, &err)) {
+            std::fprintf(stderr, "error: %s\n", err.c_str());
+            return false;
+        }
+    }
+    std::printf("saved to %s\n", dir.c_str());
+    return true;
+}
+
+void print_row(const Stage& s, const Options& o, const Summary& sum) {
+    const Problem& p = o.p;
+    if (o.bench)
+        std::printf("csv,%s,%s,%s,%d,%d,%d,%d,%d,%d,%.4f,%.3f,%.1f,%.1f\n", s.name, o.backward ? "bwd" : "fwd",
+                    dtype_name(p.dtype), p.B, p.H, p.Nq, p.Nk, p.d, p.causal, sum.ms, sum.tflops, sum.gbs, sum.mib);
+    char time[64] = "-", rate[64] = "-", mem[64] = "-";
+    if (sum.ms > 0) {
+        std::snprintf(time, sizeof time, "%.3f ms", sum.ms);
+        std::snprintf(rate, sizeof rate, "%.2f", sum.tflops);
+    }
+    if (sum.mib > 0) std::snprintf(mem, sizeof mem, "%.0f MiB", sum.mib);
+    std::printf("| %-14s | %-58s | %10s | %8s TFLOP/s | %9s |\n", s.name, sum.check.c_str(), time, rate, mem);
+}
+
+// Checks one output against the float64 reference (and appends to the summary). Returns ok.
+bool check_against(const char* what, const std::vector<float>& got, const std::vector<double>& ref, const Layout& L,
+                   Tolerance tol, const std::vector<size_t>& rows, Summary* sum, const char* against) {
+    const Comparison c = compare(what, got.data(), ref.data(), L, tol, rows);
+    std::printf("  vs %s: %s\n", against, c.report.c_str());
+    sum->ok = sum->ok && c.ok;
+    return c.ok;
+}
+
+// The tolerance for a stage of type t against float64 on these inputs, and a line saying where it comes from.
+Tolerance output_tolerance(const Problem& p, const HostTensors& in, const Reference& ref64,
+                           const std::vector<size_t>& rows) {
+    if (p.dtype == DType::fp32) return fp32_tolerance();
+    const Reference same = reference_forward(p, in, rows, p.dtype);
+    const double err = max_abs_error(same.o, ref64.o, rows, p.d);
+    std::printf("  same-precision (%s) reference: max abs err %.3g vs float64; tolerance = 2 * that + atol\n",
+                dtype_name(p.dtype), err);
+    return low_precision_tolerance(p.dtype, err);
+}
+
+int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
+    const Problem& p = o.p;
+    Summary sum;
+    std::vector<float> O, LSE;
+    std::vector<size_t> rows;
+    Reference ref;
+    if (o.check) {
+        rows = rows_to_check(p);
+        if (!rows.empty()) std::printf("  checking %zu sampled rows against float64 (the full reference is too slow here)\n", rows.size());
+        ref = reference_forward(p, in, rows);
+    }
+    if (o.cpu) {
+        ModelTraffic t;
+        s.cpu_forward(p, in, &O, &LSE, &t);
+        std::printf("  CPU model traffic: %.4g elements read, %.4g written (%.1f MiB in fp32)\n", t.reads, t.writes,
+                    (t.reads + t.writes) * 4 / 1048576.0);
+    } else {
+        if (s.describe) s.describe(p);
+        DeviceBuffer::reset_peak();
+        const size_t before = DeviceBuffer::live_bytes();
+        DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
+        DeviceBuffer o_dev(p.q_elems() * dtype_bytes(p.dtype), "O"), lse(p.lse_elems() * 4, "LSE");
+        DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(p) : 0, "workspace");
+        sum.mib = (DeviceBuffer::peak_bytes() - before) / 1048576.0;
+        const ForwardArgs args{q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()};
+        o_dev.poison();
+        lse.poison();
+        s.forward(p, args);
+        CUDA_CHECK_LAUNCH();
+        O = download(o_dev, p.q_elems(), p.dtype);
+        LSE = download(lse, p.lse_elems(), DType::fp32);
+        if (o.bench) {
+            const Timing t = time_gpu([&] { s.forward(p, args); }, o.reps);
+            CUDA_CHECK_LAUNCH();
+            sum.ms = t.median_ms;
+            sum.tflops = p.forward_flops() / (t.median_ms * 1e-3) / 1e12;
+            const double bytes = double(p.q_elems() * 2 + p.kv_elems() * 2) * dtype_bytes(p.dtype) + p.lse_elems() * 4.0;
+            sum.gbs = bytes / (t.median_ms * 1e-3) / 1e9;
+            std::printf("  time: median %.4f ms (min %.4f, max %.4f, %d reps), %.2f TFLOP/s, %.1f GB/s of Q,K,V,O,LSE\n",
+                        t.median_ms, t.min_ms, t.max_ms, t.reps, sum.tflops, sum.gbs);
+        }
+        std::printf("  device memory: %.1f MiB (inputs, outputs, workspace)\n", sum.mib);
+    }
+    if (o.check) {
+        sum.check.clear();
+        bool ok64 = check_against("O", O, ref.o, o_layout(p), output_tolerance(p, in, ref, rows), rows, &sum, "float64");
+        ok64 = check_against("LSE", LSE, ref.lse, lse_layout(p), fp32_tolerance(), rows, &sum, "float64") && ok64;
+        if (s.below_forward && !o.cpu) {
+            Problem below = p;
+            below.dtype = DType::fp32;  // the stage below is fp32; the inputs are already rounded to p.dtype
+            std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
+            std::string mem_why;
+            const size_t need = (below.q_elems() * 2 + below.kv_elems() * 2 + below.lse_elems()) * 4 +
+                                (s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0);
+            if (why.empty() && !device_memory_fits(need, &mem_why)) why = mem_why;
+            if (!why.empty()) {
+                std::printf("  vs %s: skipped (%s)\n", s.below_name, why.c_str());
+                sum.check = "vs " + std::string(s.below_name) + " skipped; ";
+            } else {
+                DeviceBuffer q = upload(in.q, DType::fp32, "Q"), k = upload(in.k, DType::fp32, "K"), v = upload(in.v, DType::fp32, "V");
+                DeviceBuffer o_dev(below.q_elems() * 4, "O"), lse(below.lse_elems() * 4, "LSE");
+                DeviceBuffer ws(s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0, "workspace");
+                o_dev.poison();
+                lse.poison();
+                s.below_forward(below, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
+                CUDA_CHECK_LAUNCH();
+                const std::vector<float> O2 = download(o_dev, p.q_elems(), DType::fp32);
+                const std::vector<float> L2 = download(lse, p.lse_elems(), DType::fp32);
+                Tolerance tol = fp32_tolerance();
+                if (p.dtype != DType::fp32) tol = output_tolerance(p, in, ref, rows.empty() ? rows_to_check(p, 0) : rows);
+                const Comparison co = compare("O", O.data(), O2.data(), o_layout(p), tol);
+                const Comparison cl = compare("LSE", LSE.data(), L2.data(), lse_layout(p), fp32_tolerance());
+                std::printf("  vs %s: %s\n  vs %s: %s\n", s.below_name, co.report.c_str(), s.below_name, cl.report.c_str());
+                sum.ok = sum.ok && co.ok && cl.ok;
+                sum.check = std::string(co.ok && cl.ok ? "ok" : "FAIL") + " vs " + s.below_name + ", ";
+            }
+        }
+        sum.check += std::string(ok64 ? "ok" : "FAIL") + " vs float64";
+    }
+    if (!o.save_dir.empty() && !save_outputs(o.save_dir, p, {{"o.npy", &O}, {"lse.npy", &LSE}})) return 1;
+    print_row(s, o, sum);
+    return sum.ok ? 0 : 1;
+}
+
+// --backward: the forward pass once (for O and LSE), then the backward pass, checked and timed on its own.
+int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
+    const Problem& p = o.p;
+    Summary sum;
+    std::vector<float> dQ, dK, dV;
+    const Layout q_layout = o_layout(p), kv_layout{size_t(p.B) * p.H, size_t(p.Nk), size_t(p.d), p.H, 64};
+    if (o.cpu) {
+        std::vector<float> O, LSE;
+        ModelTraffic tf, tb;
+        s.cpu_forward(p, in, &O, &LSE, &tf);
+        s.cpu_backward(p, in, O, LSE, &dQ, &dK, &dV, &tb);
+        std::printf("  CPU model traffic (backward): %.4g elements read, %.4g written\n", tb.reads, tb.writes);
+    } else {
+        DeviceBuffer::reset_peak();
+        const size_t before = DeviceBuffer::live_bytes();
+        const size_t bytes = dtype_bytes(p.dtype);
+        DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
+        DeviceBuffer dO = upload(in.dO, p.dtype, "dO");
+        DeviceBuffer o_dev(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
+        {
+            DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(p) : 0, "workspace");
+            s.forward(p, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
+            CUDA_CHECK_LAUNCH();
+        }
+        DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
+        DeviceBuffer ws(s.backward_workspace_bytes ? s.backward_workspace_bytes(p) : 0, "backward workspace");
+        sum.mib = (DeviceBuffer::peak_bytes() - before) / 1048576.0;
+        const BackwardArgs args{q.get(), k.get(), v.get(), o_dev.get(), dO.get(), lse.f32(),
+                                dq.get(), dk.get(), dv.get(), ws.get()};
+        dq.poison();
+        dk.poison();
+        dv.poison();
+        s.backward(p, args);
+        CUDA_CHECK_LAUNCH();
+        dQ = download(dq, p.q_elems(), p.dtype);
+        dK = download(dk, p.kv_elems(), p.dtype);
+        dV = download(dv, p.kv_elems(), p.dtype);
+        if (o.bench) {
+            const Timing t = time_gpu([&] { s.backward(p, args); }, o.reps);
+            CUDA_CHECK_LAUNCH();
+            sum.ms = t.median_ms;
+            sum.tflops = p.backward_flops() / (t.median_ms * 1e-3) / 1e12;
+            const double io = double(p.q_elems() * 4 + p.kv_elems() * 4) * bytes + p.lse_elems() * 4.0;
+            sum.gbs = io / (t.median_ms * 1e-3) / 1e9;
+            std::printf("  time: median %.4f ms (min %.4f, max %.4f, %d reps), %.2f TFLOP/s (2.5x forward FLOPs)\n",
+                        t.median_ms, t.min_ms, t.max_ms, t.reps, sum.tflops);
+        }
+        std::printf("  device memory: %.1f MiB (inputs, outputs, gradients, workspace)\n", sum.mib);
+    }
+    if (o.check) {
+        sum.check.clear();
+        // The reference backward costs about 8*B*H*Nq*Nk*d operations in float64; beyond ~4e9 it is skipped.
+        if (8.0 * p.B * p.H * double(p.Nq) * p.Nk * p.d > 4e9) {
+            std::printf("  vs float64: skipped, problem too large for the CPU reference (try --n 512)\n");
+            sum.check = "float64 skipped (too large)";
+        } else {
+            const ReferenceGrads ref = reference_backward(p, in);
+            ReferenceGrads same;
+            if (p.dtype != DType::fp32) same = reference_backward(p, in, p.dtype);
+            bool ok = true;
+            const std::vector<std::tuple<const char*, const std::vector<float>*, const std::vector<double>*,
+                                         const std::vector<double>*, Layout>>
+                grads = {{"dQ", &dQ, &ref.dq, &same.dq, q_layout}, {"dK", &dK, &ref.dk, &same.dk, kv_layout},
+                         {"dV", &dV, &ref.dv, &same.dv, kv_layout}};
+            for (auto& [name, got, want, lp, L] : grads) {
+                Tolerance tol = fp32_tolerance();
+                if (p.dtype != DType::fp32) tol = low_precision_tolerance(p.dtype, max_abs_error(*lp, *want, {}, p.d));
+                ok = check_against(name, *got, *want, L, tol, {}, &sum, "float64") && ok;
+            }
+            sum.check = std::string(ok ? "ok" : "FAIL") + " vs float64";
+        }
+    }
+    if (!o.save_dir.empty() && !save_outputs(o.save_dir, p, {{"dq.npy", &dQ}, {"dk.npy", &dK}, {"dv.npy", &dV}}))
+        return 1;
+    print_row(s, o, sum);
+    return sum.ok ? 0 : 1;
+}
+
+}  // namespace
+
+int stage_main(int argc, char** argv, const Stage& s) {
+    const bool allow_dtype = s.has_dtype;
+    Options o;
+    std::string err;
+    if (!parse_options(argc, argv, allow_dtype, bool(s.backward), &o, &err)) {
+        std::fprintf(stderr, "error: %s\n", err.c_str());
+        return 2;
+    }
+    if (o.help) {
+        std::printf("%s", usage(argv[0], allow_dtype, bool(s.backward)).c_str());
+        return 0;
+    }
+    HostTensors in;
+    if (!o.load_dir.empty()) {
+        if (!load_inputs(o, &o.p, &in, &err)) {
+            std::fprintf(stderr, "error: %s\n", err.c_str());
+            return 2;
+        }
+    } else {
+        in = make_inputs(o.p, o.dist, o.seed);
+    }
+    const Problem& p = o.p;
+    const std::string why = s.unsupported ? s.unsupported(p) : "";
+    if (!why.empty()) {
+        std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
+        return 2;
+    }
+    if (!o.cpu && !gpu_available()) {
+        std::printf("no CUDA device found: running the CPU model of %s instead\n", s.name);
+        o.cpu = true;
+    }
+    std::printf("%s%s: B=%d H=%d Nq=%d Nk=%d d=%d causal=%s dtype=%s scale=%.6g inputs=%s seed=%llu%s\n", s.name,
+                o.backward ? " (backward)" : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
+                dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
+                (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
+    return o.backward ? run_backward(s, o, in) : run_forward(s, o, in);
+}
