@@ -17,12 +17,13 @@ else ifneq ($(DETECTED),)
 else
   GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=[sm_90,compute_90]
 endif
-NVCCFLAGS ?= -O3 -std=c++17 -lineinfo -Xcompiler -Wall,-Wextra -Werror all-warnings
-FLAGS    := $(NVCCFLAGS) $(GENCODE) -Itests
+NVCCFLAGS ?= -O3 -std=c++20 -lineinfo -Xcompiler -Wall,-Wextra -Werror all-warnings
+FLAGS    := $(NVCCFLAGS) $(GENCODE) -I. -Itests
 BUILD    := build
 
 # Each stage is a folder; its program links its own sources and the kernels of the stages it reuses or checks
-# against (the rung below). main.cu of a folder belongs to that folder's program only.
+# against (the rung below). main.cu of a folder belongs to that folder's program only; online_softmax/rows_main.cu
+# is a second program, bin/softmax_rows (row softmax three ways, on its own).
 STAGES              := naive online_softmax v1 v2
 DEPS_naive          :=
 DEPS_online_softmax := naive
@@ -31,12 +32,13 @@ DEPS_v2             := v1 online_softmax naive
 
 HARNESS_SRC := $(wildcard tests/harness/*.cu)
 HARNESS_OBJ := $(HARNESS_SRC:%.cu=$(BUILD)/%.o)
-kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %/main.cu,$(wildcard $(1)/*.cu)))
+kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %main.cu,$(wildcard $(1)/*.cu)))
 TEST_SRC    := $(wildcard tests/*.cu)
 TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
 
 .PHONY: all test run bench sanitize clean
-all: $(STAGES:%=bin/%) bin/tests
+PROGRAMS := $(STAGES:%=bin/%) $(if $(wildcard online_softmax/rows_main.cu),bin/softmax_rows)
+all: $(PROGRAMS) bin/tests
 
 $(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh)
 	@mkdir -p $(dir $@)
@@ -48,6 +50,10 @@ bin/$(1): $(BUILD)/$(1)/main.o $(call kernel_objs,$(1)) $(foreach d,$(DEPS_$(1))
 	$$(NVCC) $$(FLAGS) $$^ -o $$@
 endef
 $(foreach s,$(STAGES),$(eval $(call stage_rule,$(s))))
+
+bin/softmax_rows: $(BUILD)/online_softmax/rows_main.o $(call kernel_objs,online_softmax) $(call kernel_objs,naive) $(HARNESS_OBJ)
+	@mkdir -p bin
+	$(NVCC) $(FLAGS) $^ -o $@
 
 bin/tests: $(TEST_OBJ) $(HARNESS_OBJ)
 	@mkdir -p bin

@@ -60,7 +60,7 @@ struct Tolerance {
     double atol, rtol;
 };
 // The constants and their reasons are in docs/conventions.md ("Tolerances").
-Tolerance fp32_tolerance();
+Tolerance fp32_tolerance(const Problem& p, const HostTensors& in);
 // fp16/bf16: a kernel passes when its max error against float64 is at most twice the max error of the
 // same-precision reference (reference_forward with round_p) plus atol. This builds that tolerance.
 Tolerance low_precision_tolerance(DType t, double same_precision_max_abs_err);
@@ -87,6 +87,17 @@ double max_abs_error(const std::vector<double>& a, const std::vector<double>& re
                      size_t cols);
 Layout o_layout(const Problem& p, int tile_rows = 64);
 Layout lse_layout(const Problem& p, int tile_rows = 64);
+Layout kv_layout(const Problem& p, int tile_rows = 64);
+
+// The two checks every stage gets, used by the programs and the tests alike:
+// O and LSE against the float64 reference on `rows` (all when empty): fp32 tolerance, or for fp16/bf16 the
+// same-precision rule (the tolerance line it used is put in *note when note is not null).
+std::vector<Comparison> compare_forward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                                        const std::vector<float>& lse, const std::vector<size_t>& rows = {},
+                                        std::string* note = nullptr);
+// dQ, dK, dV against the float64 reference backward, with the same rules.
+std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const std::vector<float>& dq,
+                                      const std::vector<float>& dk, const std::vector<float>& dv);
 
 // ----------------------------------------------------------------------------------------------------- device
 bool gpu_available();  // a CUDA device is present and usable

@@ -1,0 +1,135 @@
+// test_main.cu: doctest's main, plus the support every suite shares (test_support.h).
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "cuda_check.h"
+#include "test_support.h"
+
+namespace {
+
+std::string g_current_test;
+std::vector<std::string> g_skipped;
+
+// Remembers which test is running, so skip_without_gpu() can name it.
+struct CurrentTest : doctest::IReporter {
+    explicit CurrentTest(const doctest::ContextOptions&) {}
+    void report_query(const doctest::QueryData&) override {}
+    void test_run_start() override {}
+    void test_run_end(const doctest::TestRunStats&) override {}
+    void test_case_start(const doctest::TestCaseData& t) override { g_current_test = t.m_name; }
+    void test_case_reenter(const doctest::TestCaseData&) override {}
+    void test_case_end(const doctest::CurrentTestCaseStats&) override {}
+    void test_case_exception(const doctest::TestCaseException&) override {}
+    void subcase_start(const doctest::SubcaseSignature&) override {}
+    void subcase_end() override {}
+    void log_assert(const doctest::AssertData&) override {}
+    void log_message(const doctest::MessageData&) override {}
+    void test_case_skipped(const doctest::TestCaseData&) override {}
+};
+REGISTER_LISTENER("current-test", 1, CurrentTest);
+
+}  // namespace
+
+bool skip_without_gpu() {
+    if (gpu_available()) return false;
+    if (g_skipped.empty() || g_skipped.back() != g_current_test) g_skipped.push_back(g_current_test);
+    return true;
+}
+
+std::string Case::name() const {
+    char s[160];
+    std::snprintf(s, sizeof s, "B=%d H=%d Nq=%d Nk=%d d=%d%s %s %s", p.B, p.H, p.Nq, p.Nk, p.d,
+                  p.causal ? " causal" : "", dtype_name(p.dtype), dist_name(dist));
+    return s;
+}
+
+std::vector<Case> shape_matrix() {
+    std::vector<Case> cases;
+    auto add = [&](int Nq, int Nk, int d, bool causal, Dist dist) {
+        Problem p;
+        p.B = 1, p.H = 2, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal;
+        cases.push_back({p, dist});
+    };
+    for (int causal = 0; causal < 2; ++causal) {
+        for (int N : {1, 17, 113, 1000})
+            for (int d : {16, 40, 64, 128}) add(N, N, d, causal, Dist::normal);
+        for (auto [Nq, Nk] : {std::pair{17, 113}, {113, 17}, {1, 1000}, {1000, 1}, {100, 257}})
+            add(Nq, Nk, 64, causal, Dist::normal);
+        for (int N : {113, 1000}) add(N, N, 64, causal, Dist::large);
+        add(113, 200, 64, causal, Dist::outliers);
+        add(113, 113, 64, causal, Dist::constant);
+    }
+    return cases;
+}
+
+Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace) {
+    DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
+    DeviceBuffer o(p.q_elems() * dtype_bytes(p.dtype), "O"), lse(p.lse_elems() * 4, "LSE");
+    DeviceBuffer ws(workspace ? workspace(p) : 0, "workspace");
+    o.poison();
+    lse.poison();
+    forward(p, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
+    CUDA_CHECK_LAUNCH();
+    return {download(o, p.q_elems(), p.dtype), download(lse, p.lse_elems(), DType::fp32)};
+}
+
+Grads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
+                   const BackwardFn& backward, const WorkspaceFn& bwd_workspace) {
+    const size_t bytes = dtype_bytes(p.dtype);
+    DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
+    DeviceBuffer dO = upload(in.dO, p.dtype, "dO");
+    DeviceBuffer o(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
+    {
+        DeviceBuffer ws(fwd_workspace ? fwd_workspace(p) : 0, "workspace");
+        forward(p, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
+        CUDA_CHECK_LAUNCH();
+    }
+    DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
+    DeviceBuffer ws(bwd_workspace ? bwd_workspace(p) : 0, "workspace");
+    dq.poison();
+    dk.poison();
+    dv.poison();
+    backward(p, {q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(), dk.get(), dv.get(), ws.get()});
+    CUDA_CHECK_LAUNCH();
+    return {download(dq, p.q_elems(), p.dtype), download(dk, p.kv_elems(), p.dtype), download(dv, p.kv_elems(), p.dtype)};
+}
+
+void check_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got) {
+    for (const Comparison& c : compare_forward(p, in, got.o, got.lse)) CHECK_MESSAGE(c.ok, label << " vs float64: " << c.report);
+}
+
+void check_against(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got,
+                   const Outputs& want) {
+    Tolerance tol = fp32_tolerance(p, in);
+    if (p.dtype != DType::fp32)
+        tol = low_precision_tolerance(p.dtype, max_abs_error(reference_forward(p, in, {}, p.dtype).o,
+                                                             reference_forward(p, in).o, {}, p.d));
+    const Comparison co = compare("O", got.o.data(), want.o.data(), o_layout(p), tol);
+    const Comparison cl = compare("LSE", got.lse.data(), want.lse.data(), lse_layout(p), fp32_tolerance(p, in));
+    CHECK_MESSAGE(co.ok, label << ": " << co.report);
+    CHECK_MESSAGE(cl.ok, label << ": " << cl.report);
+}
+
+void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Grads& got) {
+    for (const Comparison& c : compare_grads(p, in, got.dq, got.dk, got.dv))
+        CHECK_MESSAGE(c.ok, label << " vs float64: " << c.report);
+}
+
+int main(int argc, char** argv) {
+    doctest::Context context(argc, argv);
+    const int failed = context.run();
+    if (context.shouldExit()) return failed;
+    if (!g_skipped.empty()) {
+        std::printf("\nno CUDA device: skipped %zu GPU tests:\n", g_skipped.size());
+        for (const std::string& name : g_skipped) std::printf("  skipped: %s\n", name.c_str());
+        const char* require = std::getenv("REQUIRE_GPU");
+        if (require && std::string(require) == "1") {
+            std::printf("REQUIRE_GPU=1: GPU tests were skipped, failing\n");
+            return 1;
+        }
+    }
+    return failed;
+}

@@ -1,0 +1,45 @@
+// test_support.h: what the doctest suites share: the shape matrix, GPU-test skipping, running a stage's kernels
+// on host tensors, and checks that fail with the harness's full mismatch report.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "harness.h"
+
+struct Case {
+    Problem p;
+    Dist dist;
+    std::string name() const;  // e.g. "B=1 H=2 Nq=17 Nk=113 d=64 causal large"
+};
+// The shared shape matrix: N in {1, 17, 113, 1000}, d in {16, 40, 64, 128}, causal on and off, Nq != Nk both
+// ways, and the large-logit, outlier and constant inputs.
+std::vector<Case> shape_matrix();
+
+// GPU tests call this first: with no GPU it records the test as skipped (listed by name at the end of the run;
+// REQUIRE_GPU=1 turns any skip into a failure) and returns true.
+bool skip_without_gpu();
+
+struct Outputs {
+    std::vector<float> o, lse;
+};
+using ForwardFn = std::function<void(const Problem&, const ForwardArgs&)>;
+using WorkspaceFn = std::function<size_t(const Problem&)>;
+// Uploads the inputs in p.dtype, poisons the outputs with NaN, runs `forward`, downloads O (as float) and LSE.
+Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace);
+
+struct Grads {
+    std::vector<float> dq, dk, dv;
+};
+using BackwardFn = std::function<void(const Problem&, const BackwardArgs&)>;
+// Runs `forward` for O and LSE, then `backward` on poisoned gradient buffers.
+Grads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
+                   const BackwardFn& backward, const WorkspaceFn& bwd_workspace);
+
+// CHECKs O and LSE against the float64 reference (fp32 tolerance, or the same-precision rule for fp16/bf16).
+void check_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got);
+// CHECKs O and LSE against another fp32 implementation's outputs on the same inputs (the stage below, a CPU
+// model), with the same tolerance rules as against float64.
+void check_against(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got,
+                   const Outputs& want);
+// CHECKs dQ, dK, dV against the float64 reference backward.
+void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Grads& got);
