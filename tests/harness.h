@@ -14,11 +14,15 @@
 
 #include "problem.h"
 
+// ---------------------------------------------------------------------------------------------------- threads
+// Runs body(i) for i in [0, n) on all CPU cores (inputs and the float64 reference are CPU work).
+void parallel_for(size_t n, const std::function<void(size_t)>& body);
+
 // ---------------------------------------------------------------------------------------------------- inputs
 enum class Dist {
     normal,    // q, k, v, dO ~ N(0, 1)
     large,     // q and k times 10: scores of several hundred, so the running max grows and rescaling matters
-    outliers,  // normal, but every 16th query row times 30 and every 16th key row times 30
+    outliers,  // normal, but every 16th row of each tensor (q, k, v, dO) times 30
     constant,  // every key row identical, so every score row is constant and softmax is uniform
 };
 const char* dist_name(Dist d);

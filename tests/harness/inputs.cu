@@ -1,7 +1,9 @@
 // inputs.cu: seeded random inputs. A tiny counter-based generator (splitmix64) and Box-Muller, so the same seed
 // gives the same numbers on every platform and compiler (std::normal_distribution does not promise that).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,6 +35,16 @@ float round_to(DType t, float x) {
     return x;
 }
 
+void parallel_for(size_t n, const std::function<void(size_t)>& body) {
+    const size_t workers = std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()), n);
+    std::vector<std::thread> pool;
+    for (size_t w = 0; w < workers; ++w)
+        pool.emplace_back([&, w] {
+            for (size_t i = w; i < n; i += workers) body(i);
+        });
+    for (auto& t : pool) t.join();
+}
+
 namespace {
 
 uint64_t splitmix64(uint64_t x) {
@@ -54,14 +66,15 @@ float normal(uint64_t seed, uint64_t stream, uint64_t index) {
 // Fills a [B*H, N, d] tensor from one stream of normals, then applies the distribution's row scaling.
 std::vector<float> tensor(const Problem& p, int N, Dist dist, uint64_t seed, uint64_t stream, bool is_qk) {
     std::vector<float> t(size_t(p.B) * p.H * N * p.d);
-    for (size_t i = 0; i < t.size(); ++i) t[i] = normal(seed, stream, i);
-    for (size_t row = 0; row < t.size() / p.d; ++row) {
-        float* x = &t[row * p.d];
+    parallel_for(t.size() / p.d, [&](size_t row) {
         float factor = 1.0f;
         if (dist == Dist::large && is_qk) factor = 10.0f;
         if (dist == Dist::outliers && (row % N) % 16 == 5) factor = 30.0f;
-        for (int c = 0; c < p.d; ++c) x[c] = round_to(p.dtype, x[c] * factor);
-    }
+        for (int c = 0; c < p.d; ++c) {
+            const size_t i = row * p.d + c;
+            t[i] = round_to(p.dtype, normal(seed, stream, i) * factor);
+        }
+    });
     return t;
 }
 

@@ -3,23 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <thread>
 
 #include "harness.h"
 
 namespace {
-
-// Runs body(i) for i in [0, n) on all cores.
-void parallel_for(size_t n, const std::function<void(size_t)>& body) {
-    size_t workers = std::max(1u, std::thread::hardware_concurrency());
-    workers = std::min(workers, n);
-    std::vector<std::thread> pool;
-    for (size_t w = 0; w < workers; ++w)
-        pool.emplace_back([&, w] {
-            for (size_t i = w; i < n; i += workers) body(i);
-        });
-    for (auto& t : pool) t.join();
-}
 
 // Number of keys query row i sees (0 for a fully masked row).
 int keys_seen(const Problem& p, int i) {

@@ -87,7 +87,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             if (value.empty() || *end != '\0' || !(r.p.scale > 0.0f) || r.p.scale > 1e4f)
                 return *err = "--scale expects a positive number up to 1e4, got '" + value + "'", false;
         }
-        else if (flag == "--dtype") {
+        else if (flag == "--dtype" && allow_dtype) {
             if (value == "fp32") r.p.dtype = DType::fp32;
             else if (value == "fp16") r.p.dtype = DType::fp16;
             else if (value == "bf16") r.p.dtype = DType::bf16;

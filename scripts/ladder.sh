@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# make run: every stage on one default problem, checked against the stage below and float64, timed, as one table.
+# Without a GPU each program runs its CPU model instead (on a smaller problem, so it takes seconds).
+set -u
+cd "$(dirname "$0")/.."
+if nvidia-smi >/dev/null 2>&1; then
+    problem=()
+else
+    echo "no CUDA device found: running each stage's CPU model on a small problem instead"
+    problem=(--batch 1 --heads 4 --n 256)
+fi
+rows=()
+status=0
+run() {
+    local out
+    out=$("$@" --check --bench "${problem[@]}" 2>&1)
+    local rc=$?
+    echo "$out" | grep -v '^|' | grep -v '^csv,'
+    rows+=("$(echo "$out" | grep '^|' | tail -n1)")
+    [ $rc -eq 0 ] || status=1
+}
+for stage in naive online_softmax v1 v2; do
+    [ -x "bin/$stage" ] && run "bin/$stage"
+done
+if [ -x bin/v2 ] && nvidia-smi >/dev/null 2>&1; then
+    run bin/v2 --dtype fp16
+    run bin/v2 --dtype bf16
+fi
+echo
+echo "| stage          | correct vs the stage below and float64                     |       time |          rate    |    memory |"
+echo "|----------------|------------------------------------------------------------|------------|------------------|-----------|"
+printf '%s\n' "${rows[@]}"
+exit $status

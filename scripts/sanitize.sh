@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# make sanitize: compute-sanitizer's memcheck, racecheck, synccheck and initcheck on small, awkward shapes of every
+# stage (partial tiles, Nq != Nk, causal with fully masked rows). Exit 1 if any tool reports an error.
+set -u
+cd "$(dirname "$0")/.."
+if ! nvidia-smi >/dev/null 2>&1; then echo "make sanitize needs a CUDA device (none found)"; exit 1; fi
+cs=${COMPUTE_SANITIZER:-compute-sanitizer}
+shape=(--batch 1 --heads 2 --nq 77 --nk 45 --causal --check)
+runs=("bin/naive ${shape[*]} --d 40" "bin/naive ${shape[*]} --d 64 --backward"
+      "bin/online_softmax ${shape[*]} --d 40" "bin/softmax_rows --rows 5 --cols 1000 --check --reps 1"
+      "bin/v1 ${shape[*]} --d 40" "bin/v1 ${shape[*]} --d 128"
+      "bin/v2 ${shape[*]} --d 40" "bin/v2 ${shape[*]} --d 64 --backward"
+      "bin/v2 ${shape[*]} --d 64 --dtype fp16" "bin/v2 ${shape[*]} --d 128 --dtype bf16"
+      "bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 128 --dtype bf16 --backward")
+failed=0
+for tool in memcheck racecheck synccheck initcheck; do
+    for run in "${runs[@]}"; do
+        prog=${run%% *}
+        [ -x "$prog" ] || continue
+        if out=$($cs --tool "$tool" --error-exitcode 1 $run 2>&1); then
+            echo "clean: $tool $run"
+        else
+            echo "FAIL:  $tool $run"
+            echo "$out" | grep -E "=========|error" | head -20
+            failed=1
+        fi
+    done
+done
+[ $failed -eq 0 ] && echo "sanitize: all clean" || echo "sanitize: errors found"
+exit $failed

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# cli_test.sh: every program refuses bad input with one line on stderr and a non-zero exit, never a crash,
+# and round-trips .npy files. Runs with or without a GPU (without one, programs run their CPU models).
+set -u
+cd "$(dirname "$0")/.."
+fails=0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# expect CODE PROGRAM ARGS...: exit code CODE, and for a refusal exactly one stderr line starting "error:"
+expect() {
+    local want=$1; shift
+    "$@" >"$tmp/out" 2>"$tmp/err" </dev/null
+    local got=$?
+    local lines
+    lines=$(wc -l <"$tmp/err")
+    if [ "$got" != "$want" ]; then
+        echo "FAIL: '$*' exited $got, expected $want"; cat "$tmp/err"; fails=$((fails + 1))
+    elif [ "$want" = 2 ] && { [ "$lines" != 1 ] || ! grep -q '^error: ' "$tmp/err"; }; then
+        echo "FAIL: '$*' should print one 'error:' line, printed:"; cat "$tmp/err"; fails=$((fails + 1))
+    else
+        echo "ok: $* -> $got $( [ "$want" = 2 ] && cat "$tmp/err")"
+    fi
+}
+
+small="--batch 1 --heads 2 --n 33 --d 16"
+for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
+    [ -x "$prog" ] || continue
+    expect 0 "$prog" --help
+    expect 2 "$prog" --bogus
+    expect 2 "$prog" --batch 0
+    expect 2 "$prog" --n -5
+    expect 2 "$prog" --n 12x
+    expect 2 "$prog" --heads 99999999999
+    expect 2 "$prog" --batch 65536 --heads 65536 --n 65536
+    expect 2 "$prog" --n 8 --nq 4
+    expect 2 "$prog" --d 1000
+    expect 2 "$prog" --dist uniform
+    expect 2 "$prog" --scale -1
+    expect 2 "$prog" --n
+    expect 2 "$prog" --load "$tmp/missing"
+    expect 0 "$prog" $small --causal --check
+    # .npy round trip: save the outputs, feed the inputs back through --load, outputs must not change
+    mkdir -p "$tmp/io"
+    python3 - "$tmp/io" <<'PY' 2>/dev/null || continue
+import struct, sys, random
+def save(path, shape):
+    n = 1
+    for s in shape: n *= s
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % ", ".join(map(str, shape))
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
+        f.write(struct.pack("<%df" % n, *[random.gauss(0, 1) for _ in range(n)]))
+d = sys.argv[1]
+save(d + "/q.npy", (1, 2, 9, 16)); save(d + "/k.npy", (1, 2, 13, 16)); save(d + "/v.npy", (1, 2, 13, 16))
+save(d + "/do.npy", (1, 2, 9, 16))
+with open(d + "/bad_dtype.npy", "wb") as f:
+    h = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, 1, 1), }"
+    h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode() + b"\0" * 8)
+PY
+    expect 0 "$prog" --load "$tmp/io" --save "$tmp/io/out" --check
+    [ -s "$tmp/io/out/o.npy" ] && [ -s "$tmp/io/out/lse.npy" ] || { echo "FAIL: $prog --save wrote no o.npy/lse.npy"; fails=$((fails + 1)); }
+    mkdir -p "$tmp/bad"; cp "$tmp/io/q.npy" "$tmp/io/v.npy" "$tmp/bad/"; cp "$tmp/io/bad_dtype.npy" "$tmp/bad/k.npy"
+    expect 2 "$prog" --load "$tmp/bad"
+    head -c 150 "$tmp/io/q.npy" >"$tmp/bad/q.npy"; cp "$tmp/io/k.npy" "$tmp/bad/k.npy"
+    expect 2 "$prog" --load "$tmp/bad"
+    cp "$tmp/io/q.npy" "$tmp/bad/q.npy"; cp "$tmp/io/q.npy" "$tmp/bad/k.npy"
+    expect 2 "$prog" --load "$tmp/bad"
+done
+if [ -x bin/v2 ]; then
+    expect 2 bin/v2 --dtype fp8
+    expect 2 bin/v2 --dtype fp16 --d 40
+    expect 0 bin/v2 $small --backward --check
+fi
+if [ -x bin/naive ]; then
+    expect 2 bin/naive --dtype fp16
+fi
+if [ "$fails" -ne 0 ]; then echo "cli_test: $fails failures"; exit 1; fi
+echo "cli_test: all passed"
