@@ -25,16 +25,6 @@ struct Problem {
     size_t q_elems() const { return size_t(B) * H * Nq * d; }
     size_t kv_elems() const { return size_t(B) * H * Nk * d; }
     size_t lse_elems() const { return size_t(B) * H * Nq; }
-    // Number of (query, key) pairs that are not masked; the causal count is exact, not Nq*Nk/2.
-    double visible_pairs() const {
-        if (!causal) return double(Nq) * Nk;
-        double pairs = 0;  // row i sees min(Nk, max(0, i + Nk - Nq + 1)) keys
-        for (long i = 0; i < Nq; ++i) {
-            long seen = i + long(Nk) - Nq + 1;
-            pairs += seen < 0 ? 0 : (seen > Nk ? Nk : seen);
-        }
-        return pairs;
-    }
     // Forward FLOPs as the FlashAttention papers count them: 2 matrix products of 2*Nq*Nk*d each,
     // halved when causal (the convention of the published benchmark tables).
     double forward_flops() const { return 4.0 * B * H * double(Nq) * Nk * d * (causal ? 0.5 : 1.0); }
