@@ -99,9 +99,13 @@ Layout kv_layout(const Problem& p, int tile_rows = 64);
 std::vector<Comparison> compare_forward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
                                         const std::vector<float>& lse, const std::vector<size_t>& rows = {},
                                         std::string* note = nullptr);
-// dQ, dK, dV against the float64 reference backward, with the same rules.
-std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const std::vector<float>& dq,
-                                      const std::vector<float>& dk, const std::vector<float>& dv);
+// dQ, dK, dV against the float64 reference backward, with the same rules. With `want` given, against those
+// gradients instead (another implementation's, e.g. the stage below), with the tolerances of the float64 check.
+struct HostGrads {
+    std::vector<float> dq, dk, dv;
+};
+std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const HostGrads& got,
+                                      const HostGrads* want = nullptr);
 
 // ----------------------------------------------------------------------------------------------------- device
 bool gpu_available();  // a CUDA device is present and usable

@@ -76,7 +76,7 @@ Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& fo
     return {download(o, p.q_elems(), p.dtype), download(lse, p.lse_elems(), DType::fp32)};
 }
 
-Grads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
+HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
                    const BackwardFn& backward, const WorkspaceFn& bwd_workspace) {
     const size_t bytes = dtype_bytes(p.dtype);
     DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
@@ -113,8 +113,8 @@ void check_against(const std::string& label, const Problem& p, const HostTensors
     CHECK_MESSAGE(cl.ok, label << ": " << cl.report);
 }
 
-void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Grads& got) {
-    for (const Comparison& c : compare_grads(p, in, got.dq, got.dk, got.dv))
+void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const HostGrads& got) {
+    for (const Comparison& c : compare_grads(p, in, got))
         CHECK_MESSAGE(c.ok, label << " vs float64: " << c.report);
 }
 

@@ -86,7 +86,7 @@ TEST_CASE("naive CPU backward model matches the float64 reference backward") {
             std::vector<float> o, lse;
             ModelTraffic t;
             naive_model_forward(p, in, &o, &lse, &t);
-            Grads g;
+            HostGrads g;
             naive_model_backward(p, in, o, lse, &g.dq, &g.dk, &g.dv, &t);
             check_grads_against_reference("naive backward model", p, in, g);
         }
@@ -112,7 +112,7 @@ TEST_CASE("GPU naive backward matches the float64 reference") {
             Problem p;
             p.B = 2, p.H = 2, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal;
             const HostTensors in = make_inputs(p, Dist::normal, 9);
-            const Grads g = gpu_backward(p, in, naive_forward, naive_workspace_bytes, naive_backward,
+            const HostGrads g = gpu_backward(p, in, naive_forward, naive_workspace_bytes, naive_backward,
                                          naive_backward_workspace_bytes);
             check_grads_against_reference("naive backward", p, in, g);
         }

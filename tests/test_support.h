@@ -27,12 +27,9 @@ using WorkspaceFn = std::function<size_t(const Problem&)>;
 // Uploads the inputs in p.dtype, poisons the outputs with NaN, runs `forward`, downloads O (as float) and LSE.
 Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace);
 
-struct Grads {
-    std::vector<float> dq, dk, dv;
-};
 using BackwardFn = std::function<void(const Problem&, const BackwardArgs&)>;
 // Runs `forward` for O and LSE, then `backward` on poisoned gradient buffers.
-Grads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
+HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
                    const BackwardFn& backward, const WorkspaceFn& bwd_workspace);
 
 // CHECKs O and LSE against the float64 reference (fp32 tolerance, or the same-precision rule for fp16/bf16).
@@ -42,4 +39,4 @@ void check_against_reference(const std::string& label, const Problem& p, const H
 void check_against(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got,
                    const Outputs& want);
 // CHECKs dQ, dK, dV against the float64 reference backward.
-void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Grads& got);
+void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const HostGrads& got);

@@ -174,15 +174,19 @@ std::vector<Comparison> compare_forward(const Problem& p, const HostTensors& in,
             compare("LSE", lse.data(), ref.lse.data(), lse_layout(p), fp32_tolerance(p, in), rows)};
 }
 
-std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const std::vector<float>& dq,
-                                      const std::vector<float>& dk, const std::vector<float>& dv) {
+std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const HostGrads& got,
+                                      const HostGrads* want) {
     const ReferenceGrads ref = reference_backward(p, in);
     ReferenceGrads same;
     if (p.dtype != DType::fp32) same = reference_backward(p, in, p.dtype);
-    auto tolerance = [&](const std::vector<double>& lp, const std::vector<double>& want) {
-        return p.dtype == DType::fp32 ? fp32_tolerance(p, in) : low_precision_tolerance(p.dtype, max_abs_error(lp, want, {}, p.d));
+    auto tolerance = [&](const std::vector<double>& lp, const std::vector<double>& r) {
+        return p.dtype == DType::fp32 ? fp32_tolerance(p, in) : low_precision_tolerance(p.dtype, max_abs_error(lp, r, {}, p.d));
     };
-    return {compare("dQ", dq.data(), ref.dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
-            compare("dK", dk.data(), ref.dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
-            compare("dV", dv.data(), ref.dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
+    if (want)
+        return {compare("dQ", got.dq.data(), want->dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
+                compare("dK", got.dk.data(), want->dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
+                compare("dV", got.dv.data(), want->dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
+    return {compare("dQ", got.dq.data(), ref.dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
+            compare("dK", got.dk.data(), ref.dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
+            compare("dV", got.dv.data(), ref.dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
 }

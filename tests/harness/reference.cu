@@ -63,7 +63,10 @@ Reference reference_forward(const Problem& p, const HostTensors& in, const std::
 // Gradients of O = softmax(scale Q K^T) V for one head at a time:
 //   dV = P^T dO,  dP = dO V^T,  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type) {
-    const Reference fwd = reference_forward(p, in);
+    // The same-precision reference starts from the same-precision forward: its O is rounded, as the O a
+    // low-precision kernel reads back is, and D = rowsum(dO * O) inherits that rounding. With large logits P is
+    // nearly one-hot, dP - D nearly cancels, and O's rounding is what dominates dS's error.
+    const Reference fwd = reference_forward(p, in, {}, round_to_type);
     ReferenceGrads g;
     g.dq.assign(p.q_elems(), 0.0);
     g.dk.assign(p.kv_elems(), 0.0);

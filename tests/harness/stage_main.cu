@@ -282,11 +282,45 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
     return sum.ok ? 0 : 1;
 }
 
+// The stage below's backward (fp32, on the same inputs): its forward for O and LSE, then its backward.
+bool check_below_backward(const Stage& s, const Problem& p, const HostTensors& in, const HostGrads& got, Summary* sum) {
+    Problem below = p;
+    below.dtype = DType::fp32;
+    const size_t fwd_ws = s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0;
+    const size_t bwd_ws = s.below_backward_workspace_bytes ? s.below_backward_workspace_bytes(below) : 0;
+    std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
+    if (why.empty()) device_memory_fits((below.q_elems() * 6 + below.kv_elems() * 5) * 4 + std::max(fwd_ws, bwd_ws), &why);
+    if (!why.empty()) {
+        std::printf("  vs %s backward: skipped (%s)\n", s.below_name, why.c_str());
+        return true;
+    }
+    DeviceBuffer q = upload(in.q, DType::fp32, "Q"), k = upload(in.k, DType::fp32, "K"), v = upload(in.v, DType::fp32, "V");
+    DeviceBuffer dO = upload(in.dO, DType::fp32, "dO");
+    DeviceBuffer o(below.q_elems() * 4, "O"), lse(below.lse_elems() * 4, "LSE");
+    {
+        DeviceBuffer ws(fwd_ws, "workspace");
+        s.below_forward(below, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
+        CUDA_CHECK_LAUNCH();
+    }
+    DeviceBuffer dq(below.q_elems() * 4, "dQ"), dk(below.kv_elems() * 4, "dK"), dv(below.kv_elems() * 4, "dV");
+    DeviceBuffer ws(bwd_ws, "backward workspace");
+    dq.poison();
+    dk.poison();
+    dv.poison();
+    s.below_backward(below, {q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(), dk.get(), dv.get(), ws.get()});
+    CUDA_CHECK_LAUNCH();
+    const HostGrads want{download(dq, p.q_elems(), DType::fp32), download(dk, p.kv_elems(), DType::fp32),
+                         download(dv, p.kv_elems(), DType::fp32)};
+    const std::string against = std::string(s.below_name) + " backward";
+    return report(compare_grads(p, in, got, &want), against.c_str(), sum);
+}
+
 // --backward: the forward pass once (for O and LSE), then the backward pass, checked and timed on its own.
 int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
     const Problem& p = o.p;
     Summary sum;
-    std::vector<float> dQ, dK, dV;
+    HostGrads g;
+    std::vector<float>&dQ = g.dq, &dK = g.dk, &dV = g.dv;
     if (o.cpu) {
         std::vector<float> O, LSE;
         ModelTraffic tf, tb;
@@ -337,7 +371,8 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
             std::printf("  vs float64: skipped, problem too large for the CPU reference (try --n 512)\n");
             sum.check = "float64 skipped (too large)";
         } else {
-            const bool ok = report(compare_grads(p, in, dQ, dK, dV), "float64", &sum);
+            bool ok = report(compare_grads(p, in, g), "float64", &sum);
+            if (s.below_backward && !o.cpu) ok = check_below_backward(s, p, in, g, &sum) && ok;
             sum.check = std::string(ok ? "ok" : "FAIL") + " vs float64";
         }
     }

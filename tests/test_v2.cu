@@ -1,0 +1,226 @@
+// test_v2.cu: FlashAttention-2 (v2/): the CPU models against float64 and the naive models, their traffic in closed
+// form, and on the GPU the fp32 kernels and the fp16/bf16 tensor-core kernels (through v2_forward / v2_backward)
+// against float64, the CPU model and FlashAttention-1 (v1/, the rung below).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "naive/naive.h"
+#include "test_support.h"
+#include "v1/v1.h"
+#include "v2/backward_mma.h"
+#include "v2/forward_mma.h"
+#include "v2/v2.h"
+
+namespace {
+
+Case make_case(int Nq, int Nk, int d, bool causal, Dist dist, DType dtype = DType::fp32) {
+    Problem p;
+    p.B = 1, p.H = 2, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal, p.dtype = dtype;
+    return {p, dist};
+}
+
+// Backward shapes: odd N, Nq != Nk both ways, a fully masked block of rows (Nq > Nk, causal), large logits.
+std::vector<Case> backward_cases(const std::vector<int>& head_dims) {
+    std::vector<Case> cases;
+    for (bool causal : {false, true})
+        for (int d : head_dims) {
+            for (auto [Nq, Nk] : {std::pair{1, 1}, {17, 17}, {113, 113}, {300, 300}, {17, 300}, {300, 17}, {1, 113}})
+                cases.push_back(make_case(Nq, Nk, d, causal, Dist::normal));
+            cases.push_back(make_case(113, 300, d, causal, Dist::large));
+        }
+    return cases;
+}
+
+// The forward cases of the tensor-core path: the shape matrix's cases with a head dim it supports (64 and 128),
+// plus d = 32 and d = 96, including a fully masked block of rows and large logits.
+std::vector<Case> mma_forward_cases(DType t) {
+    std::vector<Case> cases;
+    for (Case c : shape_matrix()) {
+        c.p.dtype = t;
+        std::string why;
+        if (v2_mma_supports(c.p, &why)) cases.push_back(c);
+    }
+    for (bool causal : {false, true})
+        for (int d : {32, 96}) {
+            for (auto [Nq, Nk] : {std::pair{1, 1}, {17, 17}, {113, 113}, {1000, 1000}, {17, 113}, {113, 17}})
+                cases.push_back(make_case(Nq, Nk, d, causal, Dist::normal, t));
+            cases.push_back(make_case(113, 113, d, causal, Dist::large, t));
+        }
+    return cases;
+}
+
+Outputs cpu_model(const Problem& p, const HostTensors& in, ModelTraffic* t) {
+    Outputs out;
+    v2_model_forward(p, in, &out.o, &out.lse, t);
+    return out;
+}
+
+// The stage below, fp32 on the same (already rounded) inputs.
+Outputs v1_on(const Problem& p, const HostTensors& in) {
+    Problem p32 = p;
+    p32.dtype = DType::fp32;
+    return gpu_forward(p32, in, v1_forward, v1_workspace_bytes);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------- CPU models
+
+TEST_CASE("v2 CPU model matches the float64 reference and the naive CPU model over the shape matrix") {
+    for (const Case& c : shape_matrix()) {
+        const HostTensors in = make_inputs(c.p, c.dist, 31);
+        ModelTraffic t;
+        const Outputs got = cpu_model(c.p, in, &t);
+        check_against_reference("v2 model " + c.name(), c.p, in, got);
+        Outputs naive;
+        naive_model_forward(c.p, in, &naive.o, &naive.lse, &t);
+        check_against("v2 model vs naive model " + c.name(), c.p, in, got, naive);
+    }
+}
+
+TEST_CASE("v2 CPU model traffic: Q, O, LSE once; K and V once per Q tile (fewer with a causal mask)") {
+    for (auto [Nq, Nk, d] : {std::tuple{64, 64, 16}, {100, 37, 40}, {256, 512, 64}, {300, 129, 128}}) {
+        Problem p;
+        p.B = 2, p.H = 3, p.Nq = Nq, p.Nk = Nk, p.d = d;
+        const V2Tiles tiles = v2_fp32_forward_tiles(d);
+        const double BH = p.B * p.H, Tr = (Nq + tiles.Br - 1) / tiles.Br;
+        ModelTraffic t;
+        cpu_model(p, make_inputs(p, Dist::normal, 1), &t);
+        CHECK(t.reads == BH * (double(Nq) * d + Tr * 2.0 * Nk * d));
+        CHECK(t.writes == BH * (double(Nq) * d + Nq));
+
+        // Causal: Q tile i loads the K/V tiles up to the last key its last row sees, cut at Nk; none if it sees none.
+        p.causal = true;
+        double kv_rows = 0;
+        for (int q0 = 0; q0 < Nq; q0 += tiles.Br) {
+            const int kv_end = std::min(Nk, causal_key_end(std::min(q0 + tiles.Br, Nq) - 1, Nq, Nk));
+            if (kv_end > 0) kv_rows += std::min(Nk, (kv_end + tiles.Bc - 1) / tiles.Bc * tiles.Bc);
+        }
+        ModelTraffic tc;
+        cpu_model(p, make_inputs(p, Dist::normal, 1), &tc);
+        CHECK(tc.reads == BH * (double(Nq) * d + 2.0 * kv_rows * d));
+        CHECK(tc.writes == BH * (double(Nq) * d + Nq));
+        if (Tr > 1 && Nk > tiles.Bc) CHECK(tc.reads < t.reads);  // tiles above the diagonal were skipped
+    }
+}
+
+TEST_CASE("v2 CPU backward model matches the float64 reference and the naive backward model") {
+    std::vector<Case> cases;
+    for (bool causal : {false, true})
+        for (auto [Nq, Nk, d] : {std::tuple{1, 1, 16}, {17, 17, 64}, {33, 70, 40}, {70, 33, 64}, {1, 65, 8}, {65, 3, 16}})
+            cases.push_back(make_case(Nq, Nk, d, causal, Dist::normal));
+    cases.push_back(make_case(40, 50, 32, true, Dist::large));
+    for (const Case& c : cases) {
+        const HostTensors in = make_inputs(c.p, c.dist, 5);
+        std::vector<float> o, lse;
+        ModelTraffic t;
+        v2_model_forward(c.p, in, &o, &lse, &t);
+        HostGrads got, naive;
+        v2_model_backward(c.p, in, o, lse, &got.dq, &got.dk, &got.dv, &t);
+        check_grads_against_reference("v2 backward model " + c.name(), c.p, in, got);
+        naive_model_backward(c.p, in, o, lse, &naive.dq, &naive.dk, &naive.dv, &t);
+        const Tolerance tol = fp32_tolerance(c.p, in);
+        for (auto [name, a, b, layout] : {std::tuple{"dQ", &got.dq, &naive.dq, o_layout(c.p)},
+                                          {"dK", &got.dk, &naive.dk, kv_layout(c.p)},
+                                          {"dV", &got.dv, &naive.dv, kv_layout(c.p)}}) {
+            const Comparison cmp = compare(name, a->data(), b->data(), layout, tol);
+            CHECK_MESSAGE(cmp.ok, "v2 backward model vs naive backward model " << c.name() << ": " << cmp.report);
+        }
+    }
+}
+
+TEST_CASE("v2 CPU backward model traffic: K, V, dK, dV once; Q, dO, LSE, D and dQ once per K/V tile") {
+    for (auto [Nq, Nk, d] : {std::tuple{64, 64, 16}, {100, 37, 40}, {33, 129, 64}}) {
+        Problem p;
+        p.B = 2, p.H = 1, p.Nq = Nq, p.Nk = Nk, p.d = d;
+        const HostTensors in = make_inputs(p, Dist::normal, 2);
+        std::vector<float> o, lse, dq, dk, dv;
+        ModelTraffic tf, t;
+        v2_model_forward(p, in, &o, &lse, &tf);
+        v2_model_backward(p, in, o, lse, &dq, &dk, &dv, &t);
+        const double BH = p.B * p.H, Tc = (Nk + v2_fp32_backward_tiles().Bc - 1) / v2_fp32_backward_tiles().Bc;
+        const double q = double(Nq) * d, kv = double(Nk) * d;
+        // reads: dO and O for D; K and V once; per K/V tile Q, dO, LSE, D and dQ (the atomicAdd's read)
+        CHECK(t.reads == BH * (2 * q + 2 * kv + Tc * (3 * q + 2.0 * Nq)));
+        // writes: D; dQ zeroed, then added to once per K/V tile; dK and dV once
+        CHECK(t.writes == BH * (Nq + q + Tc * q + 2 * kv));
+    }
+}
+
+TEST_CASE("the forward check fails on a wrong rescale and on NaN (the tests can fail)") {
+    const Case c = make_case(113, 200, 64, false, Dist::large);
+    const HostTensors in = make_inputs(c.p, c.dist, 3);
+    ModelTraffic t;
+    Outputs bad = cpu_model(c.p, in, &t);
+    for (int k = 0; k < c.p.d; ++k) bad.o[size_t(57) * c.p.d + k] *= 1.01f;  // row 57 off by a constant factor
+    const Reference ref = reference_forward(c.p, in);
+    CHECK_FALSE(compare("O", bad.o.data(), ref.o.data(), o_layout(c.p), fp32_tolerance(c.p, in)).ok);
+    bad.lse[3] = NAN;
+    CHECK_FALSE(compare("LSE", bad.lse.data(), ref.lse.data(), lse_layout(c.p), fp32_tolerance(c.p, in)).ok);
+}
+
+TEST_CASE("v2 says in one line which problems it does not support") {
+    Problem p;
+    p.d = 16;
+    CHECK(v2_unsupported(p).empty());
+    p.d = 129;
+    CHECK(v2_unsupported(p).find("129") != std::string::npos);
+    p.d = 40, p.dtype = DType::fp16;
+    CHECK(!v2_unsupported(p).empty());
+    p.d = 64, p.dtype = DType::bf16;
+    CHECK(v2_unsupported(p).empty());
+    p.d = 96, p.dtype = DType::fp16;
+    CHECK(!v2_backward_unsupported(p).empty());
+    p.dtype = DType::fp32;
+    CHECK(v2_backward_unsupported(p).empty());
+    for (const std::string& why : {v2_unsupported(Problem{1, 1, 8, 8, 200}), v2_backward_unsupported(Problem{1, 1, 8, 8, 200})})
+        CHECK(why.find('\n') == std::string::npos);
+}
+
+// ----------------------------------------------------------------------------------------------------------- GPU
+
+TEST_CASE("GPU v2 fp32 forward matches float64, its CPU model and v1 over the shape matrix") {
+    if (skip_without_gpu()) return;
+    for (const Case& c : shape_matrix()) {
+        const HostTensors in = make_inputs(c.p, c.dist, 21);
+        const Outputs got = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
+        check_against_reference("v2 fp32 " + c.name(), c.p, in, got);
+        ModelTraffic t;
+        check_against("v2 fp32 vs its CPU model " + c.name(), c.p, in, got, cpu_model(c.p, in, &t));
+        check_against("v2 fp32 vs v1 " + c.name(), c.p, in, got, v1_on(c.p, in));
+    }
+}
+
+TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on the same rounded inputs") {
+    if (skip_without_gpu()) return;
+    for (DType t : {DType::fp16, DType::bf16})
+        for (const Case& c : mma_forward_cases(t)) {
+            const HostTensors in = make_inputs(c.p, c.dist, 23);  // rounded to c.p.dtype
+            const Outputs got = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
+            check_against_reference("v2 " + c.name(), c.p, in, got);
+            check_against("v2 vs v1 " + c.name(), c.p, in, got, v1_on(c.p, in));
+        }
+}
+
+TEST_CASE("GPU v2 fp32 backward matches float64") {
+    if (skip_without_gpu()) return;
+    for (const Case& c : backward_cases({64, 128, 40})) {
+        const HostTensors in = make_inputs(c.p, c.dist, 9);
+        const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
+        check_grads_against_reference("v2 fp32 backward " + c.name(), c.p, in, g);
+    }
+}
+
+TEST_CASE("GPU v2 fp16 and bf16 backward (tensor cores) match float64") {
+    if (skip_without_gpu()) return;
+    for (DType t : {DType::fp16, DType::bf16})
+        for (Case c : backward_cases({64, 128})) {
+            c.p.dtype = t;
+            REQUIRE(v2_backward_unsupported(c.p).empty());
+            const HostTensors in = make_inputs(c.p, c.dist, 9);
+            const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
+            check_grads_against_reference("v2 backward " + c.name(), c.p, in, g);
+        }
+}

@@ -1,0 +1,16 @@
+// forward_mma.h: the FlashAttention-2 forward pass on tensor cores (mma.sync m16n8k16), fp16 and bf16.
+//
+// Inputs and outputs follow tests/problem.h: Q, K, V, O are [B, H, N, d] contiguous, of __half or
+// __nv_bfloat16 as p.dtype says; LSE is float [B, H, Nq]. Products accumulate in fp32 and the softmax
+// statistics (running max m_i, running sum l_i) are fp32.
+#pragma once
+#include "problem.h"
+#include <cuda_runtime.h>
+#include <string>
+
+// Returns true when (p.d, p.dtype) is supported; otherwise writes a one-line reason to *why.
+bool v2_mma_supports(const Problem& p, std::string* why);
+
+// Q, K, V, O are __half or __nv_bfloat16 per p.dtype, layout [B, H, N, d] contiguous; LSE float [B, H, Nq].
+void v2_forward_mma(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                    cudaStream_t stream = 0);

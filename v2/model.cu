@@ -1,0 +1,141 @@
+// model.cu: the fp32 FlashAttention-2 kernels in plain C++, loop for loop, with their tile sizes. Device memory is
+// Hbm (every element read or written is counted); a tile loaded "on chip" is a local vector, not counted.
+//
+// Forward traffic, in closed form (tests/test_v2.cu holds the model to it): Q read once, O and LSE written once,
+// K and V read once per Q tile, i.e. Tr * 2 * Nk * d reads per head without a causal mask (fewer with one: tiles
+// above the diagonal are never loaded).
+#include <algorithm>
+#include <cmath>
+
+#include "online_softmax/merge.cuh"
+#include "v2.h"
+
+namespace {
+
+// Rows [row0, row0 + rows) of a [rows, d] matrix of head bh, from device memory to "on chip".
+std::vector<float> load_tile(const Hbm& a, size_t bh, int N, int row0, int rows, int d) {
+    std::vector<float> x(size_t(rows) * d);
+    for (size_t e = 0; e < x.size(); ++e) x[e] = a.read((bh * N + row0) * d + e);
+    return x;
+}
+
+bool masked(const Problem& p, int row, int key) { return p.causal && key >= causal_key_end(row, p.Nq, p.Nk); }
+
+}  // namespace
+
+void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float>* o, std::vector<float>* lse,
+                      ModelTraffic* t) {
+    const int Nq = p.Nq, Nk = p.Nk, d = p.d;
+    const auto [Br, Bc] = v2_fp32_forward_tiles(d);
+    const float scale = p.resolved_scale();
+    Hbm Q(in.q, t), K(in.k, t), V(in.v, t), O(p.q_elems(), t), LSE(p.lse_elems(), t);
+    for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+        for (int q0 = 0; q0 < Nq; q0 += Br) {  // one thread block per Q tile
+            const int rows = std::min(Br, Nq - q0);
+            const std::vector<float> Q_i = load_tile(Q, bh, Nq, q0, rows, d);
+            std::vector<float> O_i(size_t(rows) * d, 0.0f);
+            std::vector<SoftmaxState> ml(rows, {-INFINITY, 0.0f});
+            const int kv_end = p.causal ? std::min(Nk, causal_key_end(q0 + rows - 1, Nq, Nk)) : Nk;
+            for (int key0 = 0; key0 < kv_end; key0 += Bc) {
+                const int cols = std::min(Bc, Nk - key0);
+                const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
+                const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
+                for (int r = 0; r < rows; ++r) {
+                    std::vector<float> S(cols);  // row r of S_ij, then of P_ij
+                    float m_tile = -INFINITY;
+                    for (int c = 0; c < cols; ++c) {
+                        float s = 0.0f;
+                        for (int k = 0; k < d; ++k) s += Q_i[size_t(r) * d + k] * K_j[size_t(c) * d + k];
+                        S[c] = masked(p, q0 + r, key0 + c) ? -INFINITY : scale * s;
+                        m_tile = std::fmax(m_tile, S[c]);
+                    }
+                    const float m_new = std::fmax(ml[r].m, m_tile);
+                    float l_tile = 0.0f;
+                    for (float& s : S) {
+                        s = rescale_factor(s, m_new);  // P_ij = exp(S_ij - m_new), 0 where masked
+                        l_tile += s;
+                    }
+                    const float alpha = rescale_factor(ml[r].m, m_new);
+                    for (int k = 0; k < d; ++k) {
+                        float pv = 0.0f;
+                        for (int c = 0; c < cols; ++c) pv += S[c] * V_j[size_t(c) * d + k];
+                        O_i[size_t(r) * d + k] = alpha * O_i[size_t(r) * d + k] + pv;
+                    }
+                    ml[r] = merge(ml[r], {m_new, l_tile});
+                }
+            }
+            for (int r = 0; r < rows; ++r) {  // normalise once, write once
+                const float inv_l = ml[r].l > 0.0f ? 1.0f / ml[r].l : 0.0f;
+                for (int k = 0; k < d; ++k) O.write((bh * Nq + q0 + r) * d + k, O_i[size_t(r) * d + k] * inv_l);
+                LSE.write(bh * Nq + q0 + r, log_sum_exp(ml[r]));
+            }
+        }
+    *o = std::move(O.values());
+    *lse = std::move(LSE.values());
+}
+
+void v2_model_backward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                       const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
+                       std::vector<float>* dv, ModelTraffic* t) {
+    const int Nq = p.Nq, Nk = p.Nk, d = p.d;
+    const auto [Br, Bc] = v2_fp32_backward_tiles();
+    const float scale = p.resolved_scale();
+    Hbm Q(in.q, t), K(in.k, t), V(in.v, t), dO(in.dO, t), O(o, t), LSE(lse, t);
+    Hbm D(p.lse_elems(), t), dQ(p.q_elems(), t), dK(p.kv_elems(), t), dV(p.kv_elems(), t);
+    // Pre-pass: D_i = rowsum(dO_i * O_i). Then dQ = 0 (the kernel's memset).
+    for (size_t row = 0; row < p.lse_elems(); ++row) {
+        float acc = 0.0f;
+        for (int k = 0; k < d; ++k) acc += dO.read(row * d + k) * O.read(row * d + k);
+        D.write(row, acc);
+    }
+    for (size_t e = 0; e < dQ.size(); ++e) dQ.write(e, 0.0f);
+
+    for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+        for (int key0 = 0; key0 < Nk; key0 += Bc) {  // one thread block per K/V tile
+            const int cols = std::min(Bc, Nk - key0);
+            const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
+            const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
+            std::vector<float> dK_j(size_t(cols) * d, 0.0f), dV_j(size_t(cols) * d, 0.0f);
+            const int first_row = p.causal ? std::max(0, key0 + Nq - Nk) : 0;
+            for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
+                const int rows = std::min(Br, Nq - q0);
+                const std::vector<float> Q_i = load_tile(Q, bh, Nq, q0, rows, d);
+                const std::vector<float> dO_i = load_tile(dO, bh, Nq, q0, rows, d);
+                const std::vector<float> L_i = load_tile(LSE, bh, Nq, q0, rows, 1);
+                const std::vector<float> D_i = load_tile(D, bh, Nq, q0, rows, 1);
+                std::vector<float> P_ij(size_t(rows) * cols), dS_ij(size_t(rows) * cols);
+                for (int r = 0; r < rows; ++r)
+                    for (int c = 0; c < cols; ++c) {
+                        float s = 0.0f, dp = 0.0f;
+                        for (int k = 0; k < d; ++k) {
+                            s += Q_i[size_t(r) * d + k] * K_j[size_t(c) * d + k];
+                            dp += dO_i[size_t(r) * d + k] * V_j[size_t(c) * d + k];
+                        }
+                        const bool visible = !masked(p, q0 + r, key0 + c) && L_i[r] != -INFINITY;
+                        const float pij = visible ? std::exp(scale * s - L_i[r]) : 0.0f;
+                        P_ij[size_t(r) * cols + c] = pij;
+                        dS_ij[size_t(r) * cols + c] = pij * (dp - D_i[r]);
+                    }
+                for (int c = 0; c < cols; ++c)  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
+                    for (int k = 0; k < d; ++k)
+                        for (int r = 0; r < rows; ++r) {
+                            dV_j[size_t(c) * d + k] += P_ij[size_t(r) * cols + c] * dO_i[size_t(r) * d + k];
+                            dK_j[size_t(c) * d + k] += dS_ij[size_t(r) * cols + c] * Q_i[size_t(r) * d + k];
+                        }
+                for (int r = 0; r < rows; ++r)  // dQ_i += scale * dS_ij K_j: the kernel's atomicAdd, a read and a write
+                    for (int k = 0; k < d; ++k) {
+                        float acc = 0.0f;
+                        for (int c = 0; c < cols; ++c) acc += dS_ij[size_t(r) * cols + c] * K_j[size_t(c) * d + k];
+                        const size_t e = (bh * Nq + q0 + r) * d + k;
+                        dQ.write(e, dQ.read(e) + scale * acc);
+                    }
+            }
+            for (size_t e = 0; e < dK_j.size(); ++e) {
+                dK.write((bh * Nk + key0) * d + e, scale * dK_j[e]);
+                dV.write((bh * Nk + key0) * d + e, dV_j[e]);
+            }
+        }
+    *dq = std::move(dQ.values());
+    *dk = std::move(dK.values());
+    *dv = std::move(dV.values());
+}

@@ -1,0 +1,48 @@
+// v2.h: FlashAttention-2 (Dao, 2023). The fp32 kernels on CUDA cores (forward_fp32.cu, backward_fp32.cu), their CPU
+// models (model.cu), and v2_forward / v2_backward, which pick the fp32 kernels or the tensor-core ones
+// (forward_mma.h, backward_mma.h) by p.dtype (v2.cu).
+//
+// What changes from FlashAttention-1 (v1/): the loops swap. FA-1 walks K/V tiles outside and Q tiles inside, so O,
+// m and l go back to device memory after every K/V tile. FA-2 gives each thread block one Q tile Q_i and walks all
+// K/V tiles inside, so O_i, m_i and l_i stay on chip and O_i is normalised and written once; the Q tiles are the
+// grid, which is also what fills the GPU when B*H is small.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "harness.h"
+
+// Tile sizes: Br query rows of a Q tile Q_i, Bc key rows of a K/V tile K_j, V_j.
+struct V2Tiles {
+    int Br, Bc;
+};
+
+// ------------------------------------------------------------------------------------------- fp32 (CUDA cores)
+// Head dims 1..128 run in four compiled buckets (32, 64, 96, 128); columns past d are zero-filled and never stored.
+constexpr int kV2MaxHeadDim = 128;
+V2Tiles v2_fp32_forward_tiles(int d);
+V2Tiles v2_fp32_backward_tiles();
+std::string v2_fp32_unsupported(const Problem& p);  // "" when the fp32 kernels accept p
+// Q, K, V, O fp32; no workspace.
+void v2_forward_fp32(const Problem& p, const ForwardArgs& a);
+// Workspace: D_i = rowsum(dO_i * O_i), one float per query row. dQ is accumulated in place (see backward_fp32.cu).
+size_t v2_backward_fp32_workspace_bytes(const Problem& p);
+void v2_backward_fp32(const Problem& p, const BackwardArgs& a);
+
+// ---------------------------------------------------------------------------------------- CPU models (model.cu)
+// The same loops as the fp32 kernels, with the same tiles, in plain C++; device memory is Hbm (counted).
+void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float>* o, std::vector<float>* lse,
+                      ModelTraffic* t);
+void v2_model_backward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                       const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
+                       std::vector<float>* dv, ModelTraffic* t);
+
+// ------------------------------------------------------------------------------------- dispatch by p.dtype (v2.cu)
+// fp32 -> the CUDA-core kernels above; fp16/bf16 -> v2_forward_mma / v2_backward_mma.
+std::string v2_unsupported(const Problem& p);           // forward: "" or one line saying why not
+std::string v2_backward_unsupported(const Problem& p);  // backward: likewise
+size_t v2_workspace_bytes(const Problem& p);
+void v2_forward(const Problem& p, const ForwardArgs& a);
+size_t v2_backward_workspace_bytes(const Problem& p);
+// Stops the program with one line on stderr (exit 2) when v2_backward_unsupported(p) is not empty.
+void v2_backward(const Problem& p, const BackwardArgs& a);
