@@ -7,13 +7,6 @@
 
 namespace {
 
-// Reads a whole per-head matrix "on chip" (one counted read per element).
-std::vector<float> load(const Hbm& a, size_t offset, size_t n) {
-    std::vector<float> x(n);
-    for (size_t i = 0; i < n; ++i) x[i] = a.read(offset + i);
-    return x;
-}
-
 bool masked(const Problem& p, int i, int j) { return p.causal && j >= causal_key_end(i, p.Nq, p.Nk); }
 
 }  // namespace
@@ -25,7 +18,7 @@ void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<fl
     Hbm S(size_t(Nq) * Nk, t), O(p.q_elems(), t), LSE(p.lse_elems(), t);  // S is reused head by head
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh) {
         // S = scale * Q K^T
-        const std::vector<float> q = load(Q, bh * Nq * d, size_t(Nq) * d), k = load(K, bh * Nk * d, size_t(Nk) * d);
+        const std::vector<float> q = Q.read_block(bh * Nq * d, size_t(Nq) * d), k = K.read_block(bh * Nk * d, size_t(Nk) * d);
         for (int i = 0; i < Nq; ++i)
             for (int j = 0; j < Nk; ++j) {
                 float s = 0;
@@ -42,7 +35,7 @@ void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<fl
             LSE.write(bh * Nq + i, m == -INFINITY ? -INFINITY : m + std::log(l));
         }
         // O = P V
-        const std::vector<float> P = load(S, 0, size_t(Nq) * Nk), v = load(V, bh * Nk * d, size_t(Nk) * d);
+        const std::vector<float> P = S.read_block(0, size_t(Nq) * Nk), v = V.read_block(bh * Nk * d, size_t(Nk) * d);
         for (int i = 0; i < Nq; ++i)
             for (int c = 0; c < d; ++c) {
                 float acc = 0;
@@ -63,9 +56,9 @@ void naive_model_backward(const Problem& p, const HostTensors& in, const std::ve
     Hbm P(size_t(Nq) * Nk, t), dS(size_t(Nq) * Nk, t), D(size_t(Nq), t);
     Hbm dQ(p.q_elems(), t), dK(p.kv_elems(), t), dV(p.kv_elems(), t);
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh) {
-        const std::vector<float> q = load(Q, bh * Nq * d, size_t(Nq) * d), k = load(K, bh * Nk * d, size_t(Nk) * d);
-        const std::vector<float> v = load(V, bh * Nk * d, size_t(Nk) * d), g = load(dO, bh * Nq * d, size_t(Nq) * d);
-        const std::vector<float> L = load(LSE, bh * Nq, Nq), out = load(O, bh * Nq * d, size_t(Nq) * d);
+        const std::vector<float> q = Q.read_block(bh * Nq * d, size_t(Nq) * d), k = K.read_block(bh * Nk * d, size_t(Nk) * d);
+        const std::vector<float> v = V.read_block(bh * Nk * d, size_t(Nk) * d), g = dO.read_block(bh * Nq * d, size_t(Nq) * d);
+        const std::vector<float> L = LSE.read_block(bh * Nq, Nq), out = O.read_block(bh * Nq * d, size_t(Nq) * d);
         // P = exp(scale * Q K^T - LSE) and dP = dO V^T, then dS = P * (dP - D) with D = rowsum(dO * O)
         for (int i = 0; i < Nq; ++i) {
             float Di = 0;
@@ -83,7 +76,7 @@ void naive_model_backward(const Problem& p, const HostTensors& in, const std::ve
             }
         }
         // dV = P^T dO, dQ = scale * dS K, dK = scale * dS^T Q
-        const std::vector<float> pm = load(P, 0, size_t(Nq) * Nk), ds = load(dS, 0, size_t(Nq) * Nk);
+        const std::vector<float> pm = P.read_block(0, size_t(Nq) * Nk), ds = dS.read_block(0, size_t(Nq) * Nk);
         for (int c = 0; c < d; ++c) {
             for (int j = 0; j < Nk; ++j) {
                 float acc_v = 0, acc_k = 0;

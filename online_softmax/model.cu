@@ -56,14 +56,9 @@ void online_softmax_model_forward(const Problem& p, const HostTensors& in, std::
     const int Nq = p.Nq, Nk = p.Nk, d = p.d;
     Hbm Q(in.q, t), K(in.k, t), V(in.v, t);
     Hbm S(size_t(Nq) * Nk, t), O(p.q_elems(), t), LSE(p.lse_elems(), t);  // S is reused head by head
-    auto load = [](const Hbm& a, size_t offset, size_t n) {  // a whole per-head matrix "on chip"
-        std::vector<float> x(n);
-        for (size_t i = 0; i < n; ++i) x[i] = a.read(offset + i);
-        return x;
-    };
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh) {
         // S = Q K^T, unscaled: the softmax applies the scale
-        const std::vector<float> q = load(Q, bh * Nq * d, size_t(Nq) * d), k = load(K, bh * Nk * d, size_t(Nk) * d);
+        const std::vector<float> q = Q.read_block(bh * Nq * d, size_t(Nq) * d), k = K.read_block(bh * Nk * d, size_t(Nk) * d);
         for (int i = 0; i < Nq; ++i)
             for (int j = 0; j < Nk; ++j) {
                 float s = 0;
@@ -73,7 +68,7 @@ void online_softmax_model_forward(const Problem& p, const HostTensors& in, std::
         // P = softmax(scale * S), two passes over each row, in place
         softmax_rows_online_model(S, &S, &LSE, bh * Nq, Nq, Nk, p.resolved_scale());
         // O = P V
-        const std::vector<float> P = load(S, 0, size_t(Nq) * Nk), v = load(V, bh * Nk * d, size_t(Nk) * d);
+        const std::vector<float> P = S.read_block(0, size_t(Nq) * Nk), v = V.read_block(bh * Nk * d, size_t(Nk) * d);
         for (int i = 0; i < Nq; ++i)
             for (int c = 0; c < d; ++c) {
                 float acc = 0;

@@ -47,18 +47,6 @@ const char* const USAGE =
     "  --check     compare both kernels with a float64 softmax on sampled rows; exit 1 on a mismatch\n"
     "  --help      this text\n";
 
-bool parse_count(const std::string& flag, const std::string& s, long hi, long* out, std::string* err) {
-    char* end = nullptr;
-    errno = 0;
-    const long long v = s.empty() ? 0 : std::strtoll(s.c_str(), &end, 10);
-    if (s.empty() || *end != '\0' || errno == ERANGE || v < 1 || v > hi) {
-        *err = flag + " expects a whole number from 1 to " + std::to_string(hi) + ", got '" + s + "'";
-        return false;
-    }
-    *out = long(v);
-    return true;
-}
-
 bool parse(int argc, char** argv, RowsOptions* o, std::string* err) {
     for (int a = 1; a < argc; ++a) {
         std::string flag = argv[a], value;
@@ -72,9 +60,9 @@ bool parse(int argc, char** argv, RowsOptions* o, std::string* err) {
             return *err = "unknown option '" + std::string(argv[a]) + "' (see --help)", false;
         }
         long v = 0;
-        if (flag == "--rows") { if (!parse_count(flag, value, INT_MAX, &o->rows, err)) return false; }
-        else if (flag == "--cols") { if (!parse_count(flag, value, 1L << 30, &o->cols, err)) return false; }
-        else if (flag == "--reps") { if (!parse_count(flag, value, 100000, &v, err)) return false; o->reps = int(v); }
+        if (flag == "--rows") { if (!parse_int(flag, value, 1, INT_MAX, &o->rows, err)) return false; }
+        else if (flag == "--cols") { if (!parse_int(flag, value, 1, 1L << 30, &o->cols, err)) return false; }
+        else if (flag == "--reps") { if (!parse_int(flag, value, 1, 100000, &v, err)) return false; o->reps = int(v); }
         else if (flag == "--check") o->check = true;
         else if (flag == "--help" || flag == "-h") o->help = true;
         else return *err = "unknown option '" + flag + "' (see --help)", false;

@@ -164,6 +164,8 @@ struct Options {
     bool check = false, bench = false, cpu = false, backward = false, help = false;
     std::string load_dir, save_dir;
 };
+// A whole number in [lo, hi] from s, or a one-line error naming the flag. Shared by every program's parser.
+bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err);
 // allow_dtype / allow_backward: later stages accept --dtype and --backward; earlier ones reject them.
 bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
                    std::string* err);
@@ -226,6 +228,11 @@ public:
     Hbm(std::vector<float> init, ModelTraffic* t) : data_(std::move(init)), t_(t) {}
     Hbm(size_t n, ModelTraffic* t, float fill = 0.0f) : data_(n, fill), t_(t) {}
     float read(size_t i) const { t_->reads += 1; return data_[i]; }
+    // n consecutive elements from `offset`, brought "on chip" (each one counted as read).
+    std::vector<float> read_block(size_t offset, size_t n) const {
+        t_->reads += double(n);
+        return std::vector<float>(data_.begin() + offset, data_.begin() + offset + n);
+    }
     void write(size_t i, float x) { t_->writes += 1; data_[i] = x; }
     size_t size() const { return data_.size(); }
     std::vector<float>& values() { return data_; }  // uncounted: for handing results back to the caller

@@ -26,26 +26,17 @@ void v1_model_forward(const Problem& p, const HostTensors& in, int Br, int Bc, s
         for (int j = 0; j < Tc; ++j) {  // line 5
             const int col0 = j * Bc, cols = std::min(Bc, Nk - col0);
             // Line 6: load K_j, V_j.
-            std::vector<float> K_j(size_t(cols) * d), V_j(size_t(cols) * d);
-            for (size_t e = 0; e < K_j.size(); ++e) {
-                K_j[e] = K.read((k0 + col0) * d + e);
-                V_j[e] = V.read((k0 + col0) * d + e);
-            }
+            const std::vector<float> K_j = K.read_block((k0 + col0) * d, size_t(cols) * d);
+            const std::vector<float> V_j = V.read_block((k0 + col0) * d, size_t(cols) * d);
             for (int i = 0; i < Tr; ++i) {  // line 7
                 const int row0 = i * Br, rows = std::min(Br, Nq - row0);
                 if (p.causal && causal_block_skipped(row0 + rows, col0, Nq, Nk)) continue;
                 const bool mask = p.causal && causal_block_needs_mask(row0, col0 + cols, Nq, Nk);
 
                 // Line 8: load Q_i, O_i, l_i, m_i.
-                std::vector<float> Q_i(size_t(rows) * d), O_i(size_t(rows) * d), l_i(rows), m_i(rows);
-                for (size_t e = 0; e < Q_i.size(); ++e) {
-                    Q_i[e] = Q.read((q0 + row0) * d + e);
-                    O_i[e] = O.read((q0 + row0) * d + e);
-                }
-                for (int r = 0; r < rows; ++r) {
-                    l_i[r] = l.read(q0 + row0 + r);
-                    m_i[r] = m.read(q0 + row0 + r);
-                }
+                const std::vector<float> Q_i = Q.read_block((q0 + row0) * d, size_t(rows) * d);
+                std::vector<float> O_i = O.read_block((q0 + row0) * d, size_t(rows) * d);
+                const std::vector<float> l_i = l.read_block(q0 + row0, rows), m_i = m.read_block(q0 + row0, rows);
 
                 // Line 9: S_ij = tau Q_i K_j^T, -inf where the causal mask hides a key.
                 std::vector<float> S_ij(size_t(rows) * cols);

@@ -14,9 +14,7 @@ namespace {
 
 // Rows [row0, row0 + rows) of a [rows, d] matrix of head bh, from device memory to "on chip".
 std::vector<float> load_tile(const Hbm& a, size_t bh, int N, int row0, int rows, int d) {
-    std::vector<float> x(size_t(rows) * d);
-    for (size_t e = 0; e < x.size(); ++e) x[e] = a.read((bh * N + row0) * d + e);
-    return x;
+    return a.read_block((bh * N + row0) * d, size_t(rows) * d);
 }
 
 bool masked(const Problem& p, int row, int key) { return p.causal && key >= causal_key_end(row, p.Nq, p.Nk); }

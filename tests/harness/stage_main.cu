@@ -10,8 +10,6 @@
 #include "harness.h"
 
 // ------------------------------------------------------------------------------------------------ parsing
-namespace {
-
 bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err) {
     char* end = nullptr;
     errno = 0;
@@ -23,8 +21,6 @@ bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, 
     *out = long(v);
     return true;
 }
-
-}  // namespace
 
 std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
     std::string u = std::string("usage: ") + program + " [options]\n"
