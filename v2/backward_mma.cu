@@ -22,12 +22,15 @@
 // in the same 4 banks (rows are a multiple of 128 bytes apart); with it they are 8 distinct chunks, conflict free.
 #include "backward_mma.h"
 #include "cuda_check.h"
+#include "mma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
 
 namespace {
+
+using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), cp_async_*, exp2_approx, shared_addr
 
 // Query rows per Q tile (the inner loop). d = 64 takes 128: each Q tile then costs half the barriers and K_j/V_j
 // fragment reloads per FLOP, and the registers allow it (S^T, dP^T 64 each, dK_j, dV_j 32 each, per thread).
@@ -38,72 +41,7 @@ constexpr int kWarps = Bc / 16;    // each warp owns 16 keys of K_j, V_j, dK_j, 
 constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ------------------------------------------------------------------------------------------------ PTX wrappers
-
-// D += A B: m16n8k16, A 16x16 row-major (4 registers of 2 halves), B 16x8 column-major (2 registers), D fp32.
-// Fragment layout, with g = lane / 4 and t = lane % 4:
-//   A: a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, same), a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, same)
-//   B: b0 = (rows 2t, 2t+1, col g), b1 = (rows 2t+8, 2t+9, col g)
-//   D: d0, d1 = (row g, cols 2t, 2t+1), d2, d3 = (row g+8, same)
-template <typename T>
-__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ inline void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ inline void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats rounded to one register of two 16-bit values, lo in the low half (the fragment order).
-template <typename T>
-__device__ inline uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ inline uint32_t pack2<__half>(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-
-template <>
-__device__ inline uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// ldmatrix x4: lanes 8m..8m+7 give the row addresses of 8x8 matrix m; register m of every lane receives
-// (row lane/4, cols 2*(lane%4), +1) of matrix m, or with .trans (rows 2*(lane%4), +1, col lane/4).
-__device__ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr));
-}
-
-__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr));
-}
-
-// 16-byte global -> shared copy that bypasses registers; with valid == false it writes 16 zero bytes instead.
-__device__ inline void cp_async_16(uint32_t smem_addr, const void* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ inline void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-
-__device__ inline float exp2_approx(float x) {  // exp2(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+// ---------------------------------------------------------------- kernel-specific wrappers (the shared ones: mma.cuh)
 
 // dQ accumulation: sm_90 has a two-float atomic add (one instruction for the pair d0, d1 of a fragment).
 __device__ inline void atomic_add2(float* addr, float x, float y) {
@@ -132,12 +70,13 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
     for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
         const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
         const bool valid = row0 + r < n_rows;
-        cp_async_16(tile + swizzle<kCols>(r, c), gmem + size_t(valid ? row0 + r : 0) * kCols + c, valid);
+        cp_async_16(tile + swizzle<kCols>(r, c), gmem + size_t(valid ? row0 + r : 0) * kCols + c, valid ? 16 : 0);
     }
 }
 
 // Row and column offsets, within a 16x16 block, of the address this lane gives ldmatrix_x4 so that the four
-// registers come out in mma operand order (see the fragment layout above). A tile stored [m][k] (non-trans):
+// registers come out in mma operand order (see the fragment and ldmatrix layouts in mma.cuh). A tile stored [m][k]
+// (non-trans):
 //   A operand: matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) -> a0..a3
 __device__ inline int a_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
 __device__ inline int a_col(int lane) { return (lane >> 4) * 8; }
@@ -196,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     using L = SharedLayout<kD>;
     constexpr int Br = q_tile_rows(kD);
     extern __shared__ __align__(128) unsigned char smem[];
-    const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+    const uint32_t s = shared_addr(smem);
     const float* s_lse = reinterpret_cast<const float*>(smem + L::lse);
     const float* s_D = reinterpret_cast<const float*>(smem + L::D);
 
@@ -220,10 +159,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         load_tile_async<Br, kD>(s + L::Q + stage * L::qTile, Q, tile * Br, Nq);
         load_tile_async<Br, kD>(s + L::dO + stage * L::qTile, dO, tile * Br, Nq);
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
-            cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, lse_log2 + tile * Br + threadIdx.x * 4, true);
+            cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, lse_log2 + tile * Br + threadIdx.x * 4, 16);
         else if (threadIdx.x < Br / 2)
             cp_async_16(s + L::D + stage * Br * 4 + (threadIdx.x - Br / 4) * 16,
-                        D + tile * Br + (threadIdx.x - Br / 4) * 4, true);
+                        D + tile * Br + (threadIdx.x - Br / 4) * 4, 16);
     };
     load_tile_async<Bc, kD>(s + L::K, K, j0, Nk);
     load_tile_async<Bc, kD>(s + L::V, V, j0, Nk);
@@ -237,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int tile = first_tile; tile < n_tiles; ++tile) {
         const int stage = (tile - first_tile) & 1, i0 = tile * Br;
         const uint32_t sQ = s + L::Q + stage * L::qTile, sdO = s + L::dO + stage * L::qTile;
-        cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i landed; every warp is done with the other stage and with dS of tile - 1
         if (tile + 1 < n_tiles) {
             load_q_tile(tile + 1, stage ^ 1);
@@ -255,16 +194,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int n = 0; n < Br / 8; n += 2) {
                 uint32_t b[4];
                 ldmatrix_x4(b, sQ + swizzle<kD>(n * 8 + b_row(lane), k + b_col(lane)));
-                mma_16816<T>(S[n], a_K, b[0], b[1]);
-                mma_16816<T>(S[n + 1], a_K, b[2], b[3]);
+                mma_m16n8k16<T>(S[n], a_K, b[0], b[1]);
+                mma_m16n8k16<T>(S[n + 1], a_K, b[2], b[3]);
                 ldmatrix_x4(b, sdO + swizzle<kD>(n * 8 + b_row(lane), k + b_col(lane)));
-                mma_16816<T>(dP[n], a_V, b[0], b[1]);
-                mma_16816<T>(dP[n + 1], a_V, b[2], b[3]);
+                mma_m16n8k16<T>(dP[n], a_V, b[0], b[1]);
+                mma_m16n8k16<T>(dP[n + 1], a_V, b[2], b[3]);
             }
         }
 
         // P_ij^T = exp2(S * scale * log2(e) - LSE_i * log2(e)). This lane holds keys (g, g + 8) and, in fragment n,
-        // queries 8n + 2t, 8n + 2t + 1 (see the D layout of mma_16816). Masking is needed only on the last K/V tile
+        // queries 8n + 2t, 8n + 2t + 1 (see the D layout in mma.cuh). Masking is needed only on the last K/V tile
         // (keys past Nk) and on Q tiles that cross the causal diagonal.
         const bool needs_mask = j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
 #pragma unroll
@@ -291,8 +230,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int c = 0; c < kD / 8; c += 2) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, sdO + swizzle<kD>(n * 8 + bt_row(lane), c * 8 + bt_col(lane)));
-                mma_16816<T>(dV_j[c], a, b[0], b[1]);
-                mma_16816<T>(dV_j[c + 1], a, b[2], b[3]);
+                mma_m16n8k16<T>(dV_j[c], a, b[0], b[1]);
+                mma_m16n8k16<T>(dV_j[c + 1], a, b[2], b[3]);
             }
         }
 
@@ -317,8 +256,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int c = 0; c < kD / 8; c += 2) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, sQ + swizzle<kD>(n * 8 + bt_row(lane), c * 8 + bt_col(lane)));
-                mma_16816<T>(dK_j[c], a, b[0], b[1]);
-                mma_16816<T>(dK_j[c + 1], a, b[2], b[3]);
+                mma_m16n8k16<T>(dK_j[c], a, b[0], b[1]);
+                mma_m16n8k16<T>(dK_j[c + 1], a, b[2], b[3]);
             }
         }
         __syncthreads();  // all of dS_ij^T is in shared memory
@@ -340,8 +279,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                 ldmatrix_x4_trans(b, s + L::K + swizzle<kD>(k + bt_row(lane), wn * kCols + c * 8 + bt_col(lane)));
 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
-                    mma_16816<T>(dQ_i[m][c], a[m], b[0], b[1]);
-                    mma_16816<T>(dQ_i[m][c + 1], a[m], b[2], b[3]);
+                    mma_m16n8k16<T>(dQ_i[m][c], a[m], b[0], b[1]);
+                    mma_m16n8k16<T>(dQ_i[m][c + 1], a[m], b[2], b[3]);
                 }
             }
         }

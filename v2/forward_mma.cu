@@ -17,7 +17,7 @@
 // Data movement:
 //   global -> shared  cp.async (16 bytes a thread), K_j and V_j double-buffered: the copy of tile j+1 is issued
 //                     before tile j is computed, so it lands while the tensor cores work.
-//   shared -> regs    ldmatrix.x4; Q_i and K_j non-transposed, V_j with .trans (see the fragment notes below).
+//   shared -> regs    ldmatrix.x4; Q_i and K_j non-transposed, V_j with .trans (fragment layouts: mma.cuh).
 //   S -> P            the fp32 accumulator fragment of S is exactly the A-operand fragment of P for the second
 //                     mma once packed to 16 bits, so P never touches shared memory.
 //
@@ -26,13 +26,15 @@
 // start in 8 different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head dim
 // (32, 64, 96, 128). We pad rather than XOR-swizzle because one rule then covers all four head dims (a 64-byte row
 // of d = 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a
-// compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128).
+// compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding
+// (row pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
 //
 // Causal masking is bottom-right aligned (row i sees key j iff j < causal_key_end(i)). K/V tiles entirely above the
 // diagonal are never loaded (the loop stops at the last key the tile's last row sees); only tiles that straddle the
 // diagonal, and the last tile when Nk is not a multiple of Bc, pay for the mask.
 #include "forward_mma.h"
 #include "cuda_check.h"
+#include "mma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,82 +45,10 @@
 
 namespace v2_mma {
 
+using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), cp_async_*, exp2_approx, shared_addr
+
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-
-// ---------------------------------------------------------------------------------------------------------------
-// PTX wrappers.
-
-// Copies 16 bytes global -> shared without passing through registers. src_bytes = 0 reads nothing and writes
-// 16 zero bytes: that is how rows past the end of Q, K or V become zeros in shared memory.
-__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most kPending of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// 2^x in one MUFU.EX2 instruction (flush-to-zero, relative error ~2^-22). exp2f without -use_fast_math wraps the
-// same instruction in a denormal fix-up (a compare and two multiplies per call) that the probabilities, about to
-// be rounded to 16 bits, do not need. exp2(-inf) = 0.
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Four 8x8 matrices of 16-bit elements; lanes 8k..8k+7 give the row addresses of matrix k, and afterwards lane l
-// holds, of each matrix, row l/4, columns 2(l%4) and 2(l%4)+1 (with .trans: column l/4, rows 2(l%4) and 2(l%4)+1).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr));
-}
-
-// mma.sync m16n8k16, D = A B + D, A 16x16 row-major, B 16x8 column-major, D 16x8 fp32. With g = lane / 4 and
-// t = lane % 4 (PTX ISA, "Matrix fragments for mma.m16n8k16"):
-//   A: a[0] = (row g,   cols 2t, 2t+1)   a[1] = (row g+8, cols 2t, 2t+1)
-//      a[2] = (row g,   cols 2t+8, +9)   a[3] = (row g+8, cols 2t+8, +9)       two 16-bit values per register
-//   B: b0   = (rows 2t, 2t+1, col g)     b1   = (rows 2t+8, 2t+9, col g)
-//   D: d[0], d[1] = (row g, cols 2t, 2t+1)   d[2], d[3] = (row g+8, cols 2t, 2t+1)
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tiles in shared memory: kRows rows of kD elements, row pitch kD + 8 elements (the padding above).
@@ -166,13 +96,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     static_assert(sizeof(T) == 2, "16-bit operands");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    const uint32_t sQ = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    const uint32_t sQ = shared_addr(smem);
     const uint32_t sK = sQ + kBr * kPitchBytes;        // two buffers of kBc rows
     const uint32_t sV = sK + 2 * kBc * kPitchBytes;    // two buffers of kBc rows
     constexpr uint32_t kKVTileBytes = kBc * kPitchBytes;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;  // fragment coordinates (see Mma)
+    const int g = lane / 4, t = lane % 4;  // fragment coordinates (see mma.cuh)
 
     // Causal: the last Q tiles see the most keys; launching them first shortens the tail of the grid.
     const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
@@ -194,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     cp_async_commit();
 
-    // Per-lane ldmatrix row addresses (see ldmatrix_x4); the loops below add compile-time offsets.
+    // Per-lane ldmatrix row addresses (see mma.cuh); the loops below add compile-time offsets.
     //   Q (A operand):  matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
     //   K (B operand of S, two n8 tiles): (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15)
     //   V (B operand of O, two n8 tiles, transposed): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), ...
@@ -241,8 +171,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                 ldmatrix_x4(b, K_j + np * 16 * kPitchBytes + kk * 32);
 #pragma unroll
                 for (int mt = 0; mt < kMTiles; ++mt) {
-                    Mma<T>::run(S[mt][2 * np], a[mt], b[0], b[1]);
-                    Mma<T>::run(S[mt][2 * np + 1], a[mt], b[2], b[3]);
+                    mma_m16n8k16<T>(S[mt][2 * np], a[mt], b[0], b[1]);
+                    mma_m16n8k16<T>(S[mt][2 * np + 1], a[mt], b[2], b[3]);
                 }
             }
         }
@@ -306,10 +236,10 @@ __global__ void __launch_bounds__(kThreads, 2)
             uint32_t p[kMTiles][4];
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
-                p[mt][0] = Mma<T>::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
-                p[mt][1] = Mma<T>::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
-                p[mt][2] = Mma<T>::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
-                p[mt][3] = Mma<T>::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+                p[mt][0] = pack2<T>(S[mt][2 * kk][0], S[mt][2 * kk][1]);
+                p[mt][1] = pack2<T>(S[mt][2 * kk][2], S[mt][2 * kk][3]);
+                p[mt][2] = pack2<T>(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
+                p[mt][3] = pack2<T>(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
             }
 #pragma unroll
             for (int dp = 0; dp < kDTiles / 2; ++dp) {
@@ -317,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                 ldmatrix_x4_trans(b, V_j + kk * 16 * kPitchBytes + dp * 32);
 #pragma unroll
                 for (int mt = 0; mt < kMTiles; ++mt) {
-                    Mma<T>::run(O_i[mt][2 * dp], p[mt], b[0], b[1]);
-                    Mma<T>::run(O_i[mt][2 * dp + 1], p[mt], b[2], b[3]);
+                    mma_m16n8k16<T>(O_i[mt][2 * dp], p[mt], b[0], b[1]);
+                    mma_m16n8k16<T>(O_i[mt][2 * dp + 1], p[mt], b[2], b[3]);
                 }
             }
         }
@@ -344,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
             for (int dt = 0; dt < kDTiles; ++dt) {
                 *reinterpret_cast<uint32_t*>(&sO[r * kPitch<kD> + dt * 8 + 2 * t]) =
-                    Mma<T>::pack(O_i[mt][dt][2 * h] * inv_l, O_i[mt][dt][2 * h + 1] * inv_l);
+                    pack2<T>(O_i[mt][dt][2 * h] * inv_l, O_i[mt][dt][2 * h + 1] * inv_l);
             }
             if (t == 0 && q0 + r < Nq)
                 LSE[bh * Nq + q0 + r] = l > 0.0f ? (m_i[mt][h] + log2f(l)) * 0.69314718055994531f : -INFINITY;
@@ -385,8 +315,8 @@ void launch(const Problem& p, const void* Q, const void* K, const void* V, void*
 //   d = 128, causal:     128x64 245..326   128x32  229..295   64x64 211..259   64x128 165..219
 // Br = 128 (32 rows a warp) halves the shared-memory reads of K_j and V_j per mma against Br = 64, which is what
 // separates the rows above; Bc = 64 keeps S (Br x Bc fp32) small enough next to O_i to stay in 255 registers with
-// no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster). Head dims 32 and 96 (not
-// timed) take the same shape.
+// no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
+// ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape.
 template <typename T, int kD, int kBr, int kBc>
 void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
                           cudaStream_t stream) {

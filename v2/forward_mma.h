@@ -4,11 +4,13 @@
 // __nv_bfloat16 as p.dtype says; LSE is float [B, H, Nq]. Products accumulate in fp32 and the softmax
 // statistics (running max m_i, running sum l_i) are fp32.
 #pragma once
-#include "problem.h"
-#include <cuda_runtime.h>
+#include <cuda_runtime.h>  // before problem.h, which uses __host__ __device__
 #include <string>
 
-// Returns true when (p.d, p.dtype) is supported; otherwise writes a one-line reason to *why.
+#include "problem.h"
+
+// Returns true when (p.d, p.dtype) is supported (fp16 or bf16; d = 32, 64, 96 or 128; also Nq, Nk >= 1 and
+// B*H <= 65535); otherwise writes a one-line reason to *why.
 bool v2_mma_supports(const Problem& p, std::string* why);
 
 // Q, K, V, O are __half or __nv_bfloat16 per p.dtype, layout [B, H, N, d] contiguous; LSE float [B, H, Nq].

@@ -1,0 +1,119 @@
+// mma.cuh: the PTX wrappers the v2 tensor-core kernels share (forward_mma.cu, backward_mma.cu): mma.sync
+// m16n8k16 for fp16 and bf16, packing two floats into one register of two 16-bit values, ldmatrix x4 (plain and
+// .trans), cp.async with its commit / wait, the shared-address conversion and a one-instruction exp2.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
+//
+//   mma.sync.aligned.m16n8k16.row.col: D = A B + C, A 16x16 row-major, B 16x8 column-major, C and D 16x8 fp32.
+//     A, 4 registers of two 16-bit values:
+//       a[0] = (row g,   cols 2t,   2t+1)      a[1] = (row g+8, cols 2t,   2t+1)
+//       a[2] = (row g,   cols 2t+8, 2t+9)      a[3] = (row g+8, cols 2t+8, 2t+9)
+//     B, 2 registers of two 16-bit values:
+//       b0   = (rows 2t,   2t+1, col g)        b1   = (rows 2t+8, 2t+9, col g)
+//     C / D, 4 floats:
+//       d[0], d[1] = (row g, cols 2t, 2t+1)    d[2], d[3] = (row g+8, cols 2t, 2t+1)
+//   In every register the lower-indexed element sits in the low 16 bits (what pack2 produces). So the D fragments
+//   of two adjacent n8 tiles (columns 0-7 and 8-15), packed pairwise as (d0, d1), (d2, d3) of the first and then of
+//   the second, are exactly the A fragment of that 16x16 block: an accumulator (P, P^T, dS^T) can feed the next mma
+//   without a trip through shared memory.
+//
+//   ldmatrix.sync.aligned.m8n8.x4.b16: four 8x8 matrices of 16-bit elements. Lanes 8m..8m+7 give the addresses of
+//   rows 0..7 (16 bytes each) of matrix m; afterwards register m of lane l holds, of matrix m as stored,
+//       plain:  row l/4,              cols 2(l%4), 2(l%4)+1    (the (g, 2t) pattern of an A or D fragment quarter)
+//       .trans: rows 2(l%4), 2(l%4)+1, col l/4                (the same pattern, of the transposed matrix)
+//   Hence, with the four matrices' addresses chosen in operand order:
+//       A from a tile stored [m][k], plain:  (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15)
+//       A from a tile stored [k][m], .trans: (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15)
+//       B of two adjacent n8 tiles (b0, b1 of the first, then b0, b1 of the second)
+//         from a tile stored [n][k], plain:  (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+//         from a tile stored [k][n], .trans: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace v2_ptx {
+
+// The 32-bit shared-state-space address of a pointer into shared memory (what ldmatrix and cp.async take).
+__device__ __forceinline__ uint32_t shared_addr(const void* smem_ptr) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+}
+
+// D += A B, m16n8k16, fp32 accumulators; T (__half or __nv_bfloat16) is the type of the A and B elements.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                     uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                            uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded (to nearest) to one register of two T values, lo in the low 16 bits (the fragment order).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory, plain or transposed (see the layouts above).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
+}
+
+// Copies 16 bytes global -> shared without passing through registers. It reads src_bytes (16 or 0) bytes and
+// fills the rest with zeros: src_bytes = 0 reads nothing and writes 16 zero bytes, which is how rows past the end
+// of a matrix become zeros in shared memory (gmem must still be a valid address).
+__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+}
+// Closes the group of this thread's cp.async issued since the previous commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are still in flight (kPending = 0: all landed).
+// Other threads' copies are visible only after a __syncthreads() that follows the wait.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// 2^x in one MUFU.EX2 instruction (flush-to-zero, relative error ~2^-22); exp2(-inf) = 0. exp2f itself, without
+// -use_fast_math, wraps the same instruction in a denormal fix-up (a compare and two multiplies per call) that
+// softmax probabilities, about to be rounded to 16 bits, do not need; in the forward kernel it measured up to 8%
+// slower (d = 64, causal).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+}  // namespace v2_ptx
