@@ -181,6 +181,16 @@ TEST_CASE("v2 says in one line which problems it does not support") {
 
 // ----------------------------------------------------------------------------------------------------------- GPU
 
+// The rung below for the backward pass: naive's fp32 kernels (which materialise P and dS) on the same inputs,
+// compared with the tolerances of the float64 check.
+static void check_grads_against_naive(const std::string& label, const Problem& p, const HostTensors& in, const HostGrads& got) {
+    Problem p32 = p;
+    p32.dtype = DType::fp32;
+    const HostGrads naive = gpu_backward(p32, in, naive_forward, naive_workspace_bytes, naive_backward,
+                                         naive_backward_workspace_bytes);
+    for (const Comparison& c : compare_grads(p, in, got, &naive)) CHECK_MESSAGE(c.ok, label << ": " << c.report);
+}
+
 TEST_CASE("GPU v2 fp32 forward matches float64, its CPU model and v1 over the shape matrix") {
     if (skip_without_gpu()) return;
     for (const Case& c : shape_matrix()) {
@@ -204,7 +214,7 @@ TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on t
         }
 }
 
-TEST_CASE("GPU v2 fp32 backward matches float64") {
+TEST_CASE("GPU v2 fp32 backward matches float64 and the naive backward") {
     if (skip_without_gpu()) return;
     for (const Case& c : backward_cases({64, 128, 40})) {
         const HostTensors in = make_inputs(c.p, c.dist, 9);
@@ -213,7 +223,7 @@ TEST_CASE("GPU v2 fp32 backward matches float64") {
     }
 }
 
-TEST_CASE("GPU v2 fp16 and bf16 backward (tensor cores) match float64") {
+TEST_CASE("GPU v2 fp16 and bf16 backward (tensor cores) match float64 and the naive backward") {
     if (skip_without_gpu()) return;
     for (DType t : {DType::fp16, DType::bf16})
         for (Case c : backward_cases({64, 128})) {
@@ -222,5 +232,6 @@ TEST_CASE("GPU v2 fp16 and bf16 backward (tensor cores) match float64") {
             const HostTensors in = make_inputs(c.p, c.dist, 9);
             const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
             check_grads_against_reference("v2 backward " + c.name(), c.p, in, g);
+            check_grads_against_naive("v2 backward vs naive " + c.name(), c.p, in, g);
         }
 }

@@ -10,8 +10,8 @@
 //                 dK_j += scale * dS_ij^T Q_i        dQ_i += scale * dS_ij K_j  (atomicAdd into dQ)
 //              and writes dK_j, dV_j once at the end.
 //
-// Why atomics for dQ, rather than a second kernel over Q tiles: the other way needs S_ij, P_ij and dP_ij again
-// (three of the five products recomputed); here every block adds its Br x d share of dQ_i with fp32 atomicAdd,
+// Why atomics for dQ, rather than a second kernel over Q tiles: the other way needs S_ij (hence P_ij) and dP_ij
+// again, two of the five products computed twice (7 instead of 5, as in backward_mma.cu); here every block adds its Br x d share of dQ_i with fp32 atomicAdd,
 // which lands in L2. dQ is fp32 already, so it is its own accumulator: zeroed first, no workspace, no copy. The price:
 // the order of the additions varies from run to run, so dQ may differ between runs in the last bits.
 //

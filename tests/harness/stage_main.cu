@@ -180,7 +180,10 @@ void print_row(const Stage& s, const Options& o, const Summary& sum) {
         std::snprintf(rate, sizeof rate, "%.2f", sum.tflops);
     }
     if (sum.mib > 0) std::snprintf(mem, sizeof mem, "%.0f MiB", sum.mib);
-    std::printf("| %-14s | %-58s | %10s | %8s TFLOP/s | %9s |\n", s.name, sum.check.c_str(), time, rate, mem);
+    std::string label = s.name;  // e.g. "v2 bf16 bwd"
+    if (s.has_dtype) label += std::string(" ") + dtype_name(p.dtype);
+    if (o.backward) label += " bwd";
+    std::printf("| %-14s | %-58s | %10s | %8s TFLOP/s | %9s |\n", label.c_str(), sum.check.c_str(), time, rate, mem);
 }
 
 // Prints each comparison and folds it into the summary. Returns whether all passed.
