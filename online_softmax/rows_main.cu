@@ -4,8 +4,9 @@
 //   nvcc -O3 -std=c++20 -arch=native -I. -Itests -o softmax_rows online_softmax/{rows_main,softmax,model}.cu naive/softmax.cu tests/harness/*.cu && ./softmax_rows --check
 //
 // Bandwidth counts the accesses each algorithm needs: 4 per element for 3-pass (3 reads, 1 write), 3 for online
-// (2 reads, 1 write), 2 for the copy (1 read, 1 write). Once both kernels run at the copy's bandwidth, online is
-// 4/3 faster. The default run has two shapes of 2^28 elements, to show when that holds:
+// (2 reads, 1 write), 2 for the copy (1 read, 1 write). Both kernels read and write the row the same way (the loops
+// and block sizes of naive/rows.cuh), so once both run at the copy's bandwidth, online is 4/3 faster. The default
+// run has two shapes of 2^28 elements, to show when that holds:
 //   256 x 2^20 (rows of 4 MiB): every row has its own block and all 256 blocks run at once, so between two passes
 //     over a row the blocks together stream the whole 1 GiB matrix, far more than L2 (50-60 MiB on H100/H200).
 //     Every pass comes from device memory, and the access count decides: 4 against 3.
@@ -13,9 +14,11 @@
 //     first read of each row comes from device memory: both kernels move as many bytes through it as a copy does
 //     (the 3-pass kernel shows well over 100% "of copy"). The pass online saves is an L2 pass, nearly free, while
 //     its extra exp per score (the rescale exp(m - m_new)) is not: here the 3-pass kernel wins.
-// Measured on an H200 (copy 4.2 TB/s): rows of 4 MiB, online 0.86 ms (89% of copy), 3-pass 2.68 ms (38% of copy:
-// naive's kernel, 256 scalar-loading threads per row, cannot keep enough loads in flight with only 256 rows, so
-// the 3.1x exceeds 4/3); rows of 16 KiB, online 0.77 ms (99% of copy), 3-pass 0.57 ms.
+// Measured on an H200 (copy 4.2 TB/s, docs/measured/softmax_rows.log) while the 3-pass kernel still read its row
+// with 256 scalar-loading threads: rows of 4 MiB, online 0.86 ms (88% of copy), 3-pass 2.60 ms (39% of copy, too
+// few loads in flight for only 256 rows), a 3.0x that was mostly that difference in loading, not the algorithm;
+// rows of 16 KiB, online 0.77 ms (98% of copy), 3-pass 0.57 ms. With the shared loops both kernels should come
+// near the copy on rows of 4 MiB, online about 4/3 faster (not yet measured).
 #include <algorithm>
 #include <cerrno>
 #include <climits>
