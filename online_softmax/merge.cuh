@@ -24,5 +24,13 @@ __host__ __device__ inline SoftmaxState merge(SoftmaxState a, SoftmaxState b) {
     return {m, a.l * rescale_factor(a.m, m) + b.l * rescale_factor(b.m, m)};
 }
 
+// merge(a, {s, 1}): one more score s folded into a running state. The same result, but of merge's two exp
+// factors one is always exp(0) = 1 (for whichever side holds the larger max), so it is left out: one exp per
+// score instead of two. This is the form a streaming pass uses.
+__host__ __device__ inline SoftmaxState add_score(SoftmaxState a, float s) {
+    if (s > a.m) return {s, a.l * rescale_factor(a.m, s) + 1.0f};
+    return {a.m, a.l + rescale_factor(s, a.m)};
+}
+
 // Log-sum-exp of the whole row once every part is merged: m + log(l), or -inf for a row that saw no score.
 __host__ __device__ inline float log_sum_exp(SoftmaxState s) { return s.m == -INFINITY ? -INFINITY : s.m + logf(s.l); }

@@ -40,7 +40,7 @@ void softmax_rows_online_model(const Hbm& X, Hbm* Y, Hbm* LSE, size_t lse_first,
         std::vector<SoftmaxState> thread_state(THREADS, SoftmaxState{-INFINITY, 0.0f});
         for (int j = 0; j < C; ++j) {
             SoftmaxState& s = thread_state[j % THREADS];
-            s = merge(s, {scale * X.read(row + j), 1.0f});
+            s = add_score(s, scale * X.read(row + j));
         }
         SoftmaxState state = {-INFINITY, 0.0f};
         for (const SoftmaxState& s : thread_state) state = merge(state, s);

@@ -4,6 +4,7 @@
 // Pass 1 (Milakov & Gimelshein, Algorithm 3): every thread folds its scores s_j = scale * x_j into a running (m, l):
 //     m_new = max(m, s_j),   l = l * exp(m - m_new) + exp(s_j - m_new),
 // which is merge((m, l), (s_j, 1)): a single score s is the part whose max is s and whose sum is exp(s - s) = 1.
+// add_score (merge.cuh) computes exactly that with one exp instead of two.
 // The threads' states are then merged across the warp (shuffles) and across warps (shared memory). merge is
 // associative, so any split of the row gives the same (m, l) up to rounding.
 // Pass 2: y_j = exp(s_j - m) / l.
@@ -26,7 +27,7 @@ __global__ void __launch_bounds__(Rows::THREADS) softmax_online_kernel(const flo
 
     // Pass 1: the running (m, l) of this thread's scores, then of the row.
     SoftmaxState state = {-INFINITY, 0.0f};
-    Rows::for_each(x, C, [&](float xj) { state = merge(state, {scale * xj, 1.0f}); });
+    Rows::for_each(x, C, [&](float xj) { state = add_score(state, scale * xj); });
     const SoftmaxState row = Rows::reduce(state, [](SoftmaxState a, SoftmaxState b) { return merge(a, b); }, scratch);
 
     // Pass 2: y_j = exp(s_j - m) / l, the single-score part (s_j, 1) rescaled to the row's max, over l. For a row

@@ -103,6 +103,18 @@ TEST_CASE("online softmax merge: (m = -inf, l = 0) is the identity, and two empt
     CHECK(log_sum_exp(both) == -INFINITY);
 }
 
+TEST_CASE("online softmax add_score equals merge with a one-score part, -inf included") {
+    const float inf = INFINITY;
+    const std::vector<SoftmaxState> states = {{-inf, 0.0f}, {0.5f, 1.0f}, {3.0f, 2.5f}, {-2.0f, 7.0f}, {1e4f, 1.0f}};
+    for (const SoftmaxState& a : states)
+        for (float s : {-inf, -1e4f, -3.0f, 0.5f, 2.9f, 3.0f, 3.1f, 1e4f}) {
+            const SoftmaxState want = merge(a, {s, 1.0f}), got = add_score(a, s);
+            CHECK(got.m == want.m);
+            CHECK(got.l == doctest::Approx(want.l).epsilon(1e-6));
+            CHECK_FALSE(std::isnan(got.l));
+        }
+}
+
 TEST_CASE("online softmax merge is associative: any split of a row, merged in any order, gives its (m, l)") {
     std::mt19937 rng(5);
     for (RowKind kind : ROW_KINDS)
