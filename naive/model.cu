@@ -11,20 +11,36 @@ bool masked(const Problem& p, int i, int j) { return p.causal && j >= causal_key
 
 }  // namespace
 
+void model_scores(const Problem& p, const Hbm& Q, const Hbm& K, size_t bh, float alpha, Hbm* S) {
+    const int Nq = p.Nq, Nk = p.Nk, d = p.d;
+    const std::vector<float> q = Q.read_block(bh * Nq * d, size_t(Nq) * d), k = K.read_block(bh * Nk * d, size_t(Nk) * d);
+    for (int i = 0; i < Nq; ++i)
+        for (int j = 0; j < Nk; ++j) {
+            float s = 0;
+            for (int c = 0; c < d; ++c) s += q[size_t(i) * d + c] * k[size_t(j) * d + c];
+            S->write(size_t(i) * Nk + j, masked(p, i, j) ? -INFINITY : alpha * s);
+        }
+}
+
+void model_pv(const Problem& p, const Hbm& S, const Hbm& V, size_t bh, Hbm* O) {
+    const int Nq = p.Nq, Nk = p.Nk, d = p.d;
+    const std::vector<float> P = S.read_block(0, size_t(Nq) * Nk), v = V.read_block(bh * Nk * d, size_t(Nk) * d);
+    for (int i = 0; i < Nq; ++i)
+        for (int c = 0; c < d; ++c) {
+            float acc = 0;
+            for (int j = 0; j < Nk; ++j) acc += P[size_t(i) * Nk + j] * v[size_t(j) * d + c];
+            O->write((bh * Nq + i) * d + c, acc);
+        }
+}
+
 void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<float>* o, std::vector<float>* lse,
                          ModelTraffic* t) {
-    const int Nq = p.Nq, Nk = p.Nk, d = p.d;
+    const int Nq = p.Nq, Nk = p.Nk;
     Hbm Q(in.q, t), K(in.k, t), V(in.v, t);
     Hbm S(size_t(Nq) * Nk, t), O(p.q_elems(), t), LSE(p.lse_elems(), t);  // S is reused head by head
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh) {
         // S = scale * Q K^T
-        const std::vector<float> q = Q.read_block(bh * Nq * d, size_t(Nq) * d), k = K.read_block(bh * Nk * d, size_t(Nk) * d);
-        for (int i = 0; i < Nq; ++i)
-            for (int j = 0; j < Nk; ++j) {
-                float s = 0;
-                for (int c = 0; c < d; ++c) s += q[size_t(i) * d + c] * k[size_t(j) * d + c];
-                S.write(size_t(i) * Nk + j, masked(p, i, j) ? -INFINITY : p.resolved_scale() * s);
-            }
+        model_scores(p, Q, K, bh, p.resolved_scale(), &S);
         // P = softmax(S), three passes over each row
         for (int i = 0; i < Nq; ++i) {
             const size_t row = size_t(i) * Nk;
@@ -35,13 +51,7 @@ void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<fl
             LSE.write(bh * Nq + i, m == -INFINITY ? -INFINITY : m + std::log(l));
         }
         // O = P V
-        const std::vector<float> P = S.read_block(0, size_t(Nq) * Nk), v = V.read_block(bh * Nk * d, size_t(Nk) * d);
-        for (int i = 0; i < Nq; ++i)
-            for (int c = 0; c < d; ++c) {
-                float acc = 0;
-                for (int j = 0; j < Nk; ++j) acc += P[size_t(i) * Nk + j] * v[size_t(j) * d + c];
-                O.write((bh * Nq + i) * d + c, acc);
-            }
+        model_pv(p, S, V, bh, &O);
     }
     *o = std::move(O.values());
     *lse = std::move(LSE.values());

@@ -35,6 +35,10 @@ size_t naive_backward_workspace_bytes(const Problem& p);
 void naive_backward(const Problem& p, const BackwardArgs& a);
 
 // CPU models with the same steps, counting device-memory traffic (naive/model.cu).
+// The two matrix products of one head, shared with the online_softmax model as the kernels share batched_matmul:
+// S (Nq x Nk, device memory) = alpha * Q K^T with hidden entries -inf, and O = P V with P read from S.
+void model_scores(const Problem& p, const Hbm& Q, const Hbm& K, size_t bh, float alpha, Hbm* S);
+void model_pv(const Problem& p, const Hbm& S, const Hbm& V, size_t bh, Hbm* O);
 void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<float>* o, std::vector<float>* lse,
                          ModelTraffic* t);
 void naive_model_backward(const Problem& p, const HostTensors& in, const std::vector<float>& o,

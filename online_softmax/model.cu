@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "naive/naive.h"
 #include "online_softmax/online_softmax.h"
 
 void softmax_row_reference(const float* x, int C, float scale, double* p, double* lse) {
@@ -53,28 +54,16 @@ void softmax_rows_online_model(const Hbm& X, Hbm* Y, Hbm* LSE, size_t lse_first,
 
 void online_softmax_model_forward(const Problem& p, const HostTensors& in, std::vector<float>* o,
                                   std::vector<float>* lse, ModelTraffic* t) {
-    const int Nq = p.Nq, Nk = p.Nk, d = p.d;
+    const int Nq = p.Nq, Nk = p.Nk;
     Hbm Q(in.q, t), K(in.k, t), V(in.v, t);
     Hbm S(size_t(Nq) * Nk, t), O(p.q_elems(), t), LSE(p.lse_elems(), t);  // S is reused head by head
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh) {
         // S = Q K^T, unscaled: the softmax applies the scale
-        const std::vector<float> q = Q.read_block(bh * Nq * d, size_t(Nq) * d), k = K.read_block(bh * Nk * d, size_t(Nk) * d);
-        for (int i = 0; i < Nq; ++i)
-            for (int j = 0; j < Nk; ++j) {
-                float s = 0;
-                for (int c = 0; c < d; ++c) s += q[size_t(i) * d + c] * k[size_t(j) * d + c];
-                S.write(size_t(i) * Nk + j, p.causal && j >= causal_key_end(i, Nq, Nk) ? -INFINITY : s);
-            }
+        model_scores(p, Q, K, bh, 1.0f, &S);
         // P = softmax(scale * S), two passes over each row, in place
         softmax_rows_online_model(S, &S, &LSE, bh * Nq, Nq, Nk, p.resolved_scale());
         // O = P V
-        const std::vector<float> P = S.read_block(0, size_t(Nq) * Nk), v = V.read_block(bh * Nk * d, size_t(Nk) * d);
-        for (int i = 0; i < Nq; ++i)
-            for (int c = 0; c < d; ++c) {
-                float acc = 0;
-                for (int j = 0; j < Nk; ++j) acc += P[size_t(i) * Nk + j] * v[size_t(j) * d + c];
-                O.write((bh * Nq + i) * d + c, acc);
-            }
+        model_pv(p, S, V, bh, &O);
     }
     *o = std::move(O.values());
     *lse = std::move(LSE.values());

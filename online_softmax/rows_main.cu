@@ -13,12 +13,10 @@
 //   2^16 x 4096 (rows of 16 KiB): the resident blocks' rows, a few MiB, stay in L2 between passes, so only the
 //     first read of each row comes from device memory: both kernels move as many bytes through it as a copy does
 //     (the 3-pass kernel shows well over 100% "of copy"). The pass online saves is an L2 pass, nearly free, while
-//     its extra exp per score (the rescale exp(m - m_new)) is not: here the 3-pass kernel wins.
-// Measured on an H200 (copy 4.2 TB/s, docs/measured/softmax_rows.log) while the 3-pass kernel still read its row
-// with 256 scalar-loading threads: rows of 4 MiB, online 0.86 ms (88% of copy), 3-pass 2.60 ms (39% of copy, too
-// few loads in flight for only 256 rows), a 3.0x that was mostly that difference in loading, not the algorithm;
-// rows of 16 KiB, online 0.77 ms (98% of copy), 3-pass 0.57 ms. With the shared loops both kernels should come
-// near the copy on rows of 4 MiB, online about 4/3 faster (not yet measured).
+//     its pass 1 does more per score (a compare on the running max, and a sum that waits on the previous score's
+//     update): here the 3-pass kernel wins.
+// Measured on an H200 (docs/measured/softmax_rows.log, 2026-11-22): rows of 4 MiB, 3-pass 1.013 ms (100% of
+// copy), online 0.806 ms (95%), 1.26x; rows of 16 KiB, 3-pass 0.539 ms, online 0.809 ms, 0.67x.
 #include <algorithm>
 #include <cerrno>
 #include <climits>
@@ -51,17 +49,10 @@ const char* const USAGE =
     "  --help      this text\n";
 
 bool parse(int argc, char** argv, RowsOptions* o, std::string* err) {
+    auto takes_value = [](const std::string& f) { return f == "--rows" || f == "--cols" || f == "--reps"; };
     for (int a = 1; a < argc; ++a) {
-        std::string flag = argv[a], value;
-        const size_t eq = flag.find('=');
-        if (eq != std::string::npos) value = flag.substr(eq + 1), flag = flag.substr(0, eq);
-        const bool takes_value = flag == "--rows" || flag == "--cols" || flag == "--reps";
-        if (takes_value && eq == std::string::npos) {
-            if (a + 1 >= argc) return *err = flag + " needs a value", false;
-            value = argv[++a];
-        } else if (!takes_value && eq != std::string::npos) {
-            return *err = "unknown option '" + std::string(argv[a]) + "' (see --help)", false;
-        }
+        std::string flag, value;
+        if (!next_flag(argc, argv, &a, takes_value, &flag, &value, err)) return false;
         long v = 0;
         if (flag == "--rows") { if (!parse_int(flag, value, 1, INT_MAX, &o->rows, err)) return false; }
         else if (flag == "--cols") { if (!parse_int(flag, value, 1, 1L << 30, &o->cols, err)) return false; }

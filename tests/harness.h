@@ -164,6 +164,10 @@ struct Options {
     bool check = false, bench = false, cpu = false, backward = false, help = false;
     std::string load_dir, save_dir;
 };
+// The next option of argv, from argv[*a]: "--flag value" (then *a moves past the value) or "--flag=value".
+// takes_value says which flags have a value. False, with a one-line error, for a missing or unexpected value.
+bool next_flag(int argc, const char* const* argv, int* a, const std::function<bool(const std::string&)>& takes_value,
+               std::string* flag, std::string* value, std::string* err);
 // A whole number in [lo, hi] from s, or a one-line error naming the flag. Shared by every program's parser.
 bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err);
 // allow_dtype / allow_backward: later stages accept --dtype and --backward; earlier ones reject them.

@@ -10,6 +10,24 @@
 #include "harness.h"
 
 // ------------------------------------------------------------------------------------------------ parsing
+bool next_flag(int argc, const char* const* argv, int* a, const std::function<bool(const std::string&)>& takes_value,
+               std::string* flag, std::string* value, std::string* err) {
+    *flag = argv[*a];
+    value->clear();
+    const size_t eq = flag->find('=');
+    if (eq != std::string::npos) {
+        *value = flag->substr(eq + 1);
+        *flag = flag->substr(0, eq);
+    }
+    if (takes_value(*flag) && eq == std::string::npos) {
+        if (*a + 1 >= argc) return *err = *flag + " needs a value", false;
+        *value = argv[++*a];
+    } else if (!takes_value(*flag) && eq != std::string::npos) {
+        return *err = "unknown option '" + std::string(argv[*a]) + "' (see --help)", false;
+    }
+    return true;
+}
+
 bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err) {
     char* end = nullptr;
     errno = 0;
@@ -50,23 +68,14 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     Options r;
     bool have_n = false, have_nq = false, have_nk = false;
     long n = 0;
+    auto takes_value = [&](const std::string& f) {
+        return f == "--batch" || f == "--heads" || f == "--n" || f == "--nq" || f == "--nk" || f == "--d" ||
+               f == "--seed" || f == "--dist" || f == "--scale" || f == "--reps" || f == "--load" || f == "--save" ||
+               (allow_dtype && f == "--dtype");
+    };
     for (int a = 1; a < argc; ++a) {
-        std::string flag = argv[a], value;
-        const size_t eq = flag.find('=');
-        if (eq != std::string::npos) {
-            value = flag.substr(eq + 1);
-            flag = flag.substr(0, eq);
-        }
-        const bool takes_value = flag == "--batch" || flag == "--heads" || flag == "--n" || flag == "--nq" ||
-                                 flag == "--nk" || flag == "--d" || flag == "--seed" || flag == "--dist" ||
-                                 flag == "--scale" || flag == "--reps" || flag == "--load" || flag == "--save" ||
-                                 (allow_dtype && flag == "--dtype");
-        if (takes_value && eq == std::string::npos) {
-            if (a + 1 >= argc) return *err = flag + " needs a value", false;
-            value = argv[++a];
-        } else if (!takes_value && eq != std::string::npos) {
-            return *err = "unknown option '" + std::string(argv[a]) + "' (see --help)", false;
-        }
+        std::string flag, value;
+        if (!next_flag(argc, argv, &a, takes_value, &flag, &value, err)) return false;
         long v = 0;
         if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); }
         else if (flag == "--heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.H = int(v); }
