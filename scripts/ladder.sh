@@ -26,8 +26,19 @@ if [ -x bin/v2 ] && nvidia-smi >/dev/null 2>&1; then
     run bin/v2 --dtype fp16
     run bin/v2 --dtype bf16
 fi
+# The backward pass, on a problem small enough for the float64 reference backward to check every gradient.
+backward=(--backward)
+nvidia-smi >/dev/null 2>&1 && backward+=(--batch 2 --heads 4 --n 512)
+[ -x bin/naive ] && run bin/naive "${backward[@]}"
+if [ -x bin/v2 ]; then
+    run bin/v2 "${backward[@]}"
+    if nvidia-smi >/dev/null 2>&1; then
+        run bin/v2 --dtype fp16 "${backward[@]}"
+        run bin/v2 --dtype bf16 "${backward[@]}"
+    fi
+fi
 echo
-echo "| stage          | correct vs the stage below and float64                     |       time |          rate    |    memory |"
+echo "| stage          | correct vs the stage below and float64                     |       time |          rate    | memory (GPU) or traffic (CPU model) |"
 echo "|----------------|------------------------------------------------------------|------------|------------------|-----------|"
 printf '%s\n' "${rows[@]}"
 exit $status

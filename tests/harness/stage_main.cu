@@ -128,6 +128,7 @@ namespace {
 struct Summary {
     std::string check = "not checked";
     double ms = 0, tflops = 0, gbs = 0, mib = 0;
+    double traffic_mib = 0;  // CPU model: the device-memory traffic it counted, in fp32 MiB
     bool ok = true;
 };
 
@@ -189,6 +190,7 @@ void print_row(const Stage& s, const Options& o, const Summary& sum) {
         std::snprintf(rate, sizeof rate, "%.2f", sum.tflops);
     }
     if (sum.mib > 0) std::snprintf(mem, sizeof mem, "%.0f MiB", sum.mib);
+    if (sum.traffic_mib > 0) std::snprintf(mem, sizeof mem, "%.1f MiB moved", sum.traffic_mib);
     std::string label = s.name;  // e.g. "v2 bf16 bwd"
     if (s.has_dtype) label += std::string(" ") + dtype_name(p.dtype);
     if (o.backward) label += " bwd";
@@ -213,8 +215,9 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
     if (o.cpu) {
         ModelTraffic t;
         s.cpu_forward(p, in, &O, &LSE, &t);
+        sum.traffic_mib = (t.reads + t.writes) * 4 / 1048576.0;
         std::printf("  CPU model traffic: %.4g elements read, %.4g written (%.1f MiB in fp32)\n", t.reads, t.writes,
-                    (t.reads + t.writes) * 4 / 1048576.0);
+                    sum.traffic_mib);
     } else {
         if (s.describe) s.describe(p);
         DeviceBuffer::reset_peak();
@@ -334,7 +337,9 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
         ModelTraffic tf, tb;
         s.cpu_forward(p, in, &O, &LSE, &tf);
         s.cpu_backward(p, in, O, LSE, &dQ, &dK, &dV, &tb);
-        std::printf("  CPU model traffic (backward): %.4g elements read, %.4g written\n", tb.reads, tb.writes);
+        sum.traffic_mib = (tb.reads + tb.writes) * 4 / 1048576.0;
+        std::printf("  CPU model traffic (backward): %.4g elements read, %.4g written (%.1f MiB in fp32)\n", tb.reads,
+                    tb.writes, sum.traffic_mib);
     } else {
         DeviceBuffer::reset_peak();
         const size_t before = DeviceBuffer::live_bytes();
