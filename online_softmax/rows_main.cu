@@ -1,7 +1,7 @@
 // online_softmax/rows_main.cu: the program bin/softmax_rows. Softmax over the rows of an R x C fp32 matrix, the safe
 // 3-pass way (naive/softmax.cu) and the online 2-pass way (online_softmax/softmax.cu), each timed against a plain
 // device-to-device copy of the same matrix. Build and run it alone:
-//   nvcc -O3 -std=c++20 -arch=native -I. -Itests -o softmax_rows online_softmax/{rows_main,softmax,model}.cu naive/softmax.cu tests/harness/*.cu && ./softmax_rows --check
+//   nvcc -O3 -std=c++20 -arch=native -I. -Itests -o softmax_rows online_softmax/{rows_main,softmax,model}.cu naive/{softmax,model}.cu tests/harness/*.cu && ./softmax_rows --check
 //
 // Bandwidth counts the accesses each algorithm needs: 4 per element for 3-pass (3 reads, 1 write), 3 for online
 // (2 reads, 1 write), 2 for the copy (1 read, 1 write). Both kernels read and write the row the same way (the loops
