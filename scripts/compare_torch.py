@@ -114,7 +114,7 @@ def main():
     a = ap.parse_args()
     if not os.path.exists(V2):
         sys.exit("error: bin/v2 not built (run make)")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, scripts/compare_torch.py")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, scripts/compare_torch.py {' '.join(sys.argv[1:])}")
     if not a.skip_check:
         print("\n## Correctness through --load/--save (max abs error vs float64; torch's flash backend on the same inputs)")
         for dtype in a.dtypes.split(","):
