@@ -214,6 +214,7 @@ struct Stage {
     std::function<size_t(const Problem&)> below_workspace_bytes;
     std::function<void(const Problem&, const ForwardArgs&)> below_forward;
     // backward (optional)
+    std::function<std::string(const Problem&)> backward_unsupported;  // "" when --backward accepts p
     std::function<size_t(const Problem&)> backward_workspace_bytes;
     std::function<void(const Problem&, const BackwardArgs&)> backward;
     CpuBackward cpu_backward;

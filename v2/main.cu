@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
     s.below_unsupported = v1_unsupported;
     s.below_workspace_bytes = v1_workspace_bytes;
     s.below_forward = v1_forward;
+    s.backward_unsupported = v2_backward_unsupported;
     s.backward_workspace_bytes = v2_backward_workspace_bytes;
     s.backward = v2_backward;
     s.cpu_backward = v2_model_backward;

@@ -1,8 +1,5 @@
 // v2.cu: FlashAttention-2 by data type: fp32 runs the CUDA-core kernels (forward_fp32.cu, backward_fp32.cu),
 // fp16 and bf16 the tensor-core kernels (forward_mma.cu, backward_mma.cu). Same arguments, same conventions.
-#include <cstdio>
-#include <cstdlib>
-
 #include "backward_mma.h"
 #include "forward_mma.h"
 #include "v2.h"
@@ -29,17 +26,10 @@ void v2_forward(const Problem& p, const ForwardArgs& a) {
 }
 
 size_t v2_backward_workspace_bytes(const Problem& p) {
-    if (!v2_backward_unsupported(p).empty()) return 0;
     return p.dtype == DType::fp32 ? v2_backward_fp32_workspace_bytes(p) : v2_backward_mma_workspace_bytes(p);
 }
 
 void v2_backward(const Problem& p, const BackwardArgs& a) {
-    // The stage program checks only the forward's limits up front (Stage has one `unsupported`), so say it here.
-    const std::string why = v2_backward_unsupported(p);
-    if (!why.empty()) {
-        std::fprintf(stderr, "error: v2 backward: %s\n", why.c_str());
-        std::exit(2);
-    }
     if (p.dtype == DType::fp32)
         v2_backward_fp32(p, a);
     else

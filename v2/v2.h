@@ -44,5 +44,5 @@ std::string v2_backward_unsupported(const Problem& p);  // backward: likewise
 size_t v2_workspace_bytes(const Problem& p);
 void v2_forward(const Problem& p, const ForwardArgs& a);
 size_t v2_backward_workspace_bytes(const Problem& p);
-// Stops the program with one line on stderr (exit 2) when v2_backward_unsupported(p) is not empty.
+// Call only when v2_backward_unsupported(p) is empty (the stage program checks it before --backward runs).
 void v2_backward(const Problem& p, const BackwardArgs& a);

@@ -410,20 +410,18 @@ int stage_main(int argc, char** argv, const Stage& s) {
         return 0;
     }
     HostTensors in;
-    if (!o.load_dir.empty()) {
-        if (!load_inputs(o, &o.p, &in, &err)) {
-            std::fprintf(stderr, "error: %s\n", err.c_str());
-            return 2;
-        }
-    } else {
-        in = make_inputs(o.p, o.dist, o.seed);
+    if (!o.load_dir.empty() && !load_inputs(o, &o.p, &in, &err)) {  // sets the sizes from the files
+        std::fprintf(stderr, "error: %s\n", err.c_str());
+        return 2;
     }
     const Problem& p = o.p;
-    const std::string why = s.unsupported ? s.unsupported(p) : "";
+    std::string why = s.unsupported ? s.unsupported(p) : "";
+    if (why.empty() && o.backward && s.backward_unsupported) why = s.backward_unsupported(p);
     if (!why.empty()) {
         std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
         return 2;
     }
+    if (o.load_dir.empty()) in = make_inputs(p, o.dist, o.seed);
     if (!o.cpu && !gpu_available()) {
         std::printf("no CUDA device found: running the CPU model of %s instead\n", s.name);
         o.cpu = true;
