@@ -221,6 +221,20 @@ struct Stage {
     std::function<size_t(const Problem&)> below_backward_workspace_bytes;
     std::function<void(const Problem&, const BackwardArgs&)> below_backward;
 };
+// ------------------------------------------------------------------------------------- one GPU run, host in/out
+struct Outputs {
+    std::vector<float> o, lse;
+};
+using ForwardFn = std::function<void(const Problem&, const ForwardArgs&)>;
+using WorkspaceFn = std::function<size_t(const Problem&)>;
+// Uploads the inputs in p.dtype, poisons the outputs with NaN, runs `forward`, downloads O (as float) and LSE.
+Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace);
+
+using BackwardFn = std::function<void(const Problem&, const BackwardArgs&)>;
+// Runs `forward` for O and LSE, then `backward` on poisoned gradient buffers.
+HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
+                   const BackwardFn& backward, const WorkspaceFn& bwd_workspace);
+
 // The whole program: parse, make or load inputs, run, check, time, save. Returns the exit code.
 int stage_main(int argc, char** argv, const Stage& stage);
 

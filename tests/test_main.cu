@@ -65,38 +65,6 @@ std::vector<Case> shape_matrix() {
     return cases;
 }
 
-Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace) {
-    DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
-    DeviceBuffer o(p.q_elems() * dtype_bytes(p.dtype), "O"), lse(p.lse_elems() * 4, "LSE");
-    DeviceBuffer ws(workspace ? workspace(p) : 0, "workspace");
-    o.poison();
-    lse.poison();
-    forward(p, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
-    CUDA_CHECK_LAUNCH();
-    return {download(o, p.q_elems(), p.dtype), download(lse, p.lse_elems(), DType::fp32)};
-}
-
-HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
-                   const BackwardFn& backward, const WorkspaceFn& bwd_workspace) {
-    const size_t bytes = dtype_bytes(p.dtype);
-    DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
-    DeviceBuffer dO = upload(in.dO, p.dtype, "dO");
-    DeviceBuffer o(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
-    {
-        DeviceBuffer ws(fwd_workspace ? fwd_workspace(p) : 0, "workspace");
-        forward(p, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
-        CUDA_CHECK_LAUNCH();
-    }
-    DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
-    DeviceBuffer ws(bwd_workspace ? bwd_workspace(p) : 0, "workspace");
-    dq.poison();
-    dk.poison();
-    dv.poison();
-    backward(p, {q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(), dk.get(), dv.get(), ws.get()});
-    CUDA_CHECK_LAUNCH();
-    return {download(dq, p.q_elems(), p.dtype), download(dk, p.kv_elems(), p.dtype), download(dv, p.kv_elems(), p.dtype)};
-}
-
 void check_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got) {
     for (const Comparison& c : compare_forward(p, in, got.o, got.lse)) CHECK_MESSAGE(c.ok, label << " vs float64: " << c.report);
 }

@@ -19,19 +19,6 @@ std::vector<Case> shape_matrix();
 // REQUIRE_GPU=1 turns any skip into a failure) and returns true.
 bool skip_without_gpu();
 
-struct Outputs {
-    std::vector<float> o, lse;
-};
-using ForwardFn = std::function<void(const Problem&, const ForwardArgs&)>;
-using WorkspaceFn = std::function<size_t(const Problem&)>;
-// Uploads the inputs in p.dtype, poisons the outputs with NaN, runs `forward`, downloads O (as float) and LSE.
-Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace);
-
-using BackwardFn = std::function<void(const Problem&, const BackwardArgs&)>;
-// Runs `forward` for O and LSE, then `backward` on poisoned gradient buffers.
-HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& fwd_workspace,
-                   const BackwardFn& backward, const WorkspaceFn& bwd_workspace);
-
 // CHECKs O and LSE against the float64 reference (fp32 tolerance, or the same-precision rule for fp16/bf16).
 void check_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got);
 // CHECKs O and LSE against another fp32 implementation's outputs on the same inputs (the stage below, a CPU

@@ -265,22 +265,14 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
                 std::printf("  vs %s: skipped (%s)\n", s.below_name, why.c_str());
                 sum.check = "vs " + std::string(s.below_name) + " skipped; ";
             } else {
-                DeviceBuffer q = upload(in.q, DType::fp32, "Q"), k = upload(in.k, DType::fp32, "K"), v = upload(in.v, DType::fp32, "V");
-                DeviceBuffer o_dev(below.q_elems() * 4, "O"), lse(below.lse_elems() * 4, "LSE");
-                DeviceBuffer ws(s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0, "workspace");
-                o_dev.poison();
-                lse.poison();
-                s.below_forward(below, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
-                CUDA_CHECK_LAUNCH();
-                const std::vector<float> O2 = download(o_dev, p.q_elems(), DType::fp32);
-                const std::vector<float> L2 = download(lse, p.lse_elems(), DType::fp32);
+                const Outputs want = gpu_forward(below, in, s.below_forward, s.below_workspace_bytes);
                 // Low precision: the fp32 stage below is as good as the float64 reference, so the same rule applies.
                 Tolerance tol = fp32_tolerance(p, in);
                 if (p.dtype != DType::fp32)
                     tol = low_precision_tolerance(p.dtype, max_abs_error(reference_forward(p, in, rows, p.dtype).o,
                                                                          reference_forward(p, in, rows).o, rows, p.d));
-                const Comparison co = compare("O", O.data(), O2.data(), o_layout(p), tol);
-                const Comparison cl = compare("LSE", LSE.data(), L2.data(), lse_layout(p), fp32_tolerance(p, in));
+                const Comparison co = compare("O", O.data(), want.o.data(), o_layout(p), tol);
+                const Comparison cl = compare("LSE", LSE.data(), want.lse.data(), lse_layout(p), fp32_tolerance(p, in));
                 std::printf("  vs %s: %s\n  vs %s: %s\n", s.below_name, co.report.c_str(), s.below_name, cl.report.c_str());
                 sum.ok = sum.ok && co.ok && cl.ok;
                 sum.check = std::string(co.ok && cl.ok ? "ok" : "FAIL") + " vs " + s.below_name + ", ";
@@ -300,28 +292,15 @@ bool check_below_backward(const Stage& s, const Problem& p, const HostTensors& i
     const size_t fwd_ws = s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0;
     const size_t bwd_ws = s.below_backward_workspace_bytes ? s.below_backward_workspace_bytes(below) : 0;
     std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
-    if (why.empty()) device_memory_fits((below.q_elems() * 6 + below.kv_elems() * 5) * 4 + std::max(fwd_ws, bwd_ws), &why);
+    const size_t need = (below.q_elems() * 6 + below.kv_elems() * 5) * 4 + std::max(fwd_ws, bwd_ws);
+    std::string mem_why;
+    if (why.empty() && !device_memory_fits(need, &mem_why)) why = mem_why;
     if (!why.empty()) {
         std::printf("  vs %s backward: skipped (%s)\n", s.below_name, why.c_str());
         return true;
     }
-    DeviceBuffer q = upload(in.q, DType::fp32, "Q"), k = upload(in.k, DType::fp32, "K"), v = upload(in.v, DType::fp32, "V");
-    DeviceBuffer dO = upload(in.dO, DType::fp32, "dO");
-    DeviceBuffer o(below.q_elems() * 4, "O"), lse(below.lse_elems() * 4, "LSE");
-    {
-        DeviceBuffer ws(fwd_ws, "workspace");
-        s.below_forward(below, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
-        CUDA_CHECK_LAUNCH();
-    }
-    DeviceBuffer dq(below.q_elems() * 4, "dQ"), dk(below.kv_elems() * 4, "dK"), dv(below.kv_elems() * 4, "dV");
-    DeviceBuffer ws(bwd_ws, "backward workspace");
-    dq.poison();
-    dk.poison();
-    dv.poison();
-    s.below_backward(below, {q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(), dk.get(), dv.get(), ws.get()});
-    CUDA_CHECK_LAUNCH();
-    const HostGrads want{download(dq, p.q_elems(), DType::fp32), download(dk, p.kv_elems(), DType::fp32),
-                         download(dv, p.kv_elems(), DType::fp32)};
+    const HostGrads want = gpu_backward(below, in, s.below_forward, s.below_workspace_bytes, s.below_backward,
+                                        s.below_backward_workspace_bytes);
     const std::string against = std::string(s.below_name) + " backward";
     return report(compare_grads(p, in, got, &want), against.c_str(), sum);
 }
