@@ -162,6 +162,7 @@ struct Options {
     Dist dist = Dist::normal;
     int reps = 20;
     bool check = false, bench = false, cpu = false, backward = false, help = false;
+    std::string kernel;  // --kernel: a step's number or name, or "list"; resolved into p.kernel by stage_main
     std::string load_dir, save_dir;
 };
 // The next option of argv, from argv[*a]: "--flag value" (then *a moves past the value) or "--flag=value".
@@ -198,6 +199,12 @@ using CpuBackward = std::function<void(const Problem&, const HostTensors&, const
                                        const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                                        std::vector<float>* dv, ModelTraffic*)>;
 
+// One runnable optimisation step of a stage's kernel (bin/v2 --kernel list): p.kernel = k runs steps[k-1].
+struct KernelStep {
+    const char* name;     // short, e.g. "mma-smem"
+    const char* summary;  // one line: the idea this step adds to the one before
+};
+
 // What a stage program is: its name, its GPU passes, its CPU model, and the stage below it that --check compares
 // against. Functions left empty are features the stage does not have.
 struct Stage {
@@ -218,6 +225,8 @@ struct Stage {
     std::function<size_t(const Problem&)> backward_workspace_bytes;
     std::function<void(const Problem&, const BackwardArgs&)> backward;
     CpuBackward cpu_backward;
+    // Runnable steps (--kernel); empty when the stage has one kernel per pass. The last step is the final kernel.
+    std::vector<KernelStep> forward_steps, backward_steps;
     std::function<size_t(const Problem&)> below_backward_workspace_bytes;
     std::function<void(const Problem&, const BackwardArgs&)> below_backward;
 };

@@ -20,6 +20,9 @@ struct Problem {
     bool causal = false;
     float scale = 0.0f;          // softmax scale; 0 means 1/sqrt(d) (resolved by resolved_scale())
     DType dtype = DType::fp32;
+    // Which of the stage's runnable optimisation steps runs (--kernel K, listed by --kernel list): 1 is the first
+    // step, 0 the stage's final kernel. A stage's *_unsupported(p) refuses a step it does not have.
+    int kernel = 0;
 
     float resolved_scale() const { return scale > 0.0f ? scale : 1.0f / std::sqrt(float(d)); }
     size_t q_elems() const { return size_t(B) * H * Nq * d; }

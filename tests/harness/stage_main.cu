@@ -53,6 +53,8 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n";
     if (allow_dtype) u += "  --dtype T      fp32 (CUDA cores), fp16 or bf16 (tensor cores) (default fp32)\n";
     if (allow_backward) u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n";
+    u += "  --kernel K     run optimisation step K (number or name) instead of the final kernel, where the stage\n"
+         "                 has steps; --kernel list names them\n";
     u += "  --check        compare with the stage below and the float64 reference; exit 1 on a mismatch\n"
          "  --bench        time the stage (CUDA events, median of --reps runs, L2 flushed between runs)\n"
          "  --reps R       timed repetitions (default 20)\n"
@@ -71,6 +73,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     auto takes_value = [&](const std::string& f) {
         return f == "--batch" || f == "--heads" || f == "--n" || f == "--nq" || f == "--nk" || f == "--d" ||
                f == "--seed" || f == "--dist" || f == "--scale" || f == "--reps" || f == "--load" || f == "--save" ||
+               f == "--kernel" ||
                (allow_dtype && f == "--dtype");
     };
     for (int a = 1; a < argc; ++a) {
@@ -98,6 +101,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             else if (value == "bf16") r.p.dtype = DType::bf16;
             else return *err = "--dtype expects fp32, fp16 or bf16, got '" + value + "'", false;
         }
+        else if (flag == "--kernel") r.kernel = value;
         else if (flag == "--load") r.load_dir = value;
         else if (flag == "--save") r.save_dir = value;
         else if (flag == "--causal") r.p.causal = true;
@@ -182,7 +186,8 @@ bool save_outputs(const std::string& dir, const Problem& p, const std::vector<st
 void print_row(const Stage& s, const Options& o, const Summary& sum) {
     const Problem& p = o.p;
     if (o.bench)
-        std::printf("csv,%s,%s,%s,%d,%d,%d,%d,%d,%d,%.4f,%.3f,%.1f,%.1f\n", s.name, o.backward ? "bwd" : "fwd",
+        std::printf("csv,%s%s,%s,%s,%d,%d,%d,%d,%d,%d,%.4f,%.3f,%.1f,%.1f\n", s.name,
+                    p.kernel > 0 ? (":k" + std::to_string(p.kernel)).c_str() : "", o.backward ? "bwd" : "fwd",
                     dtype_name(p.dtype), p.B, p.H, p.Nq, p.Nk, p.d, p.causal, sum.ms, sum.tflops, sum.gbs, sum.mib);
     char time[64] = "-", rate[64] = "-", mem[64] = "-";
     if (sum.ms > 0) {
@@ -194,6 +199,7 @@ void print_row(const Stage& s, const Options& o, const Summary& sum) {
     std::string label = s.name;  // e.g. "v2 bf16 bwd"
     if (s.has_dtype) label += std::string(" ") + dtype_name(p.dtype);
     if (o.backward) label += " bwd";
+    if (p.kernel > 0) label += " k" + std::to_string(p.kernel);
     std::printf("| %-14s | %-58s | %10s | %8s TFLOP/s | %9s |\n", label.c_str(), sum.check.c_str(), time, rate, mem);
 }
 
@@ -256,6 +262,7 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
         if (s.below_forward && !o.cpu) {
             Problem below = p;
             below.dtype = DType::fp32;  // the stage below is fp32; the inputs are already rounded to p.dtype
+            below.kernel = 0;
             std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
             std::string mem_why;
             const size_t need = (below.q_elems() * 2 + below.kv_elems() * 2 + below.lse_elems()) * 4 +
@@ -289,6 +296,7 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
 bool check_below_backward(const Stage& s, const Problem& p, const HostTensors& in, const HostGrads& got, Summary* sum) {
     Problem below = p;
     below.dtype = DType::fp32;
+    below.kernel = 0;
     const size_t fwd_ws = s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0;
     const size_t bwd_ws = s.below_backward_workspace_bytes ? s.below_backward_workspace_bytes(below) : 0;
     std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
@@ -327,8 +335,10 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
         DeviceBuffer dO = upload(in.dO, p.dtype, "dO");
         DeviceBuffer o_dev(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
         {
-            DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(p) : 0, "workspace");
-            s.forward(p, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
+            Problem pf = p;
+            pf.kernel = 0;  // --kernel picks a backward step here; O and LSE come from the final forward kernel
+            DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(pf) : 0, "workspace");
+            s.forward(pf, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
             CUDA_CHECK_LAUNCH();
         }
         DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
@@ -388,6 +398,25 @@ int stage_main(int argc, char** argv, const Stage& s) {
         std::printf("%s", usage(argv[0], allow_dtype, bool(s.backward)).c_str());
         return 0;
     }
+    const std::vector<KernelStep>& steps = o.backward ? s.backward_steps : s.forward_steps;
+    if (o.kernel == "list") {
+        if (s.forward_steps.empty() && s.backward_steps.empty()) std::printf("%s has one kernel per pass\n", s.name);
+        for (const auto* list : {&s.forward_steps, &s.backward_steps})
+            for (size_t k = 0; k < list->size(); ++k)
+                std::printf("%s %zu  %-16s %s%s\n", list == &s.forward_steps ? "forward " : "backward", k + 1,
+                            (*list)[k].name, (*list)[k].summary, k + 1 == list->size() ? " (the final kernel)" : "");
+        return 0;
+    }
+    if (!o.kernel.empty()) {
+        o.p.kernel = -1;
+        for (size_t k = 0; k < steps.size(); ++k)
+            if (o.kernel == steps[k].name || o.kernel == std::to_string(k + 1)) o.p.kernel = int(k + 1);
+        if (o.p.kernel < 0) {
+            std::fprintf(stderr, "error: %s has no %s step '%s' (see --kernel list)\n", s.name,
+                         o.backward ? "backward" : "forward", o.kernel.c_str());
+            return 2;
+        }
+    }
     HostTensors in;
     if (!o.load_dir.empty() && !load_inputs(o, &o.p, &in, &err)) {  // sets the sizes from the files
         std::fprintf(stderr, "error: %s\n", err.c_str());
@@ -405,8 +434,8 @@ int stage_main(int argc, char** argv, const Stage& s) {
         std::printf("no CUDA device found: running the CPU model of %s instead\n", s.name);
         o.cpu = true;
     }
-    std::printf("%s%s: B=%d H=%d Nq=%d Nk=%d d=%d causal=%s dtype=%s scale=%.6g inputs=%s seed=%llu%s\n", s.name,
-                o.backward ? " (backward)" : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
+    std::printf("%s%s%s: B=%d H=%d Nq=%d Nk=%d d=%d causal=%s dtype=%s scale=%.6g inputs=%s seed=%llu%s\n", s.name,
+                o.backward ? " (backward)" : "", p.kernel > 0 ? (" step " + std::to_string(p.kernel) + " " + steps[p.kernel - 1].name).c_str() : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
                 (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
     return o.backward ? run_backward(s, o, in) : run_forward(s, o, in);
