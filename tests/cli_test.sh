@@ -23,6 +23,13 @@ expect() {
     fi
 }
 
+# expect_within SECONDS CODE PROGRAM ARGS...: as expect, and the program must finish within SECONDS under a 2 GiB
+# memory limit (a header that lies about its size must not make the reader allocate or wait)
+expect_within() {
+    local secs=$1; shift
+    expect "$1" timeout "$secs" bash -c 'ulimit -v 2097152; exec "$@"' _ "${@:2}"
+}
+
 small="--batch 1 --heads 2 --n 33 --d 16"
 for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     [ -x "$prog" ] || continue
@@ -55,6 +62,16 @@ def save(path, shape):
 d = sys.argv[1]
 save(d + "/q.npy", (1, 2, 9, 16)); save(d + "/k.npy", (1, 2, 13, 16)); save(d + "/v.npy", (1, 2, 13, 16))
 save(d + "/do.npy", (1, 2, 9, 16))
+def header_only(path, shape_text):  # a valid float32 header with the given shape text and 64 bytes of data
+    h = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % shape_text
+    h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode() + b"\0" * 64)
+# headers that lie: each must be refused in one line, before anything is allocated
+for name, text in (("huge", "1, 1, 1048576, 1048576"), ("toolong", "1, 1, 99999999999999999999999, 4"),
+                   ("wrap", "1, 1, 4294967297, 4"), ("negative", "1, -2, 8, 16"), ("text", "1, two, 8, 16"),
+                   ("float", "1, 2.5, 8, 16"), ("short", "1, 1, 4, 5")):
+    header_only("%s/lie_%s.npy" % (d, name), text)
 with open(d + "/bad_dtype.npy", "wb") as f:
     h = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, 1, 1), }"
     h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
@@ -68,6 +85,14 @@ PY
     expect 2 "$prog" --load "$tmp/bad"
     cp "$tmp/io/q.npy" "$tmp/bad/q.npy"; cp "$tmp/io/q.npy" "$tmp/bad/k.npy"
     expect 2 "$prog" --load "$tmp/bad"
+    cp "$tmp/io/k.npy" "$tmp/bad/k.npy"
+    for lie in "$tmp"/io/lie_*.npy; do
+        cp "$lie" "$tmp/bad/q.npy"
+        expect_within 10 2 "$prog" --load "$tmp/bad"
+    done
+    rm -f "$tmp/bad/q.npy"; mkfifo "$tmp/bad/q.npy"  # a FIFO must be refused, not read forever
+    expect_within 10 2 "$prog" --load "$tmp/bad"
+    rm -f "$tmp/bad/q.npy"
 done
 if [ -x bin/v2 ]; then
     expect 2 bin/v2 --dtype fp8

@@ -3,10 +3,17 @@
 #include <cstring>
 #include <fstream>
 #include <regex>
+#include <sys/stat.h>
 
 #include "harness.h"
 
+// The header is untrusted input: every size is checked against the file's length before anything is allocated,
+// and only a regular file is opened (a FIFO or a device named q.npy would block or never end).
 bool npy_read(const std::string& path, std::vector<float>* data, std::vector<size_t>* shape, std::string* err) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) return *err = path + ": cannot open", false;
+    if (!S_ISREG(st.st_mode)) return *err = path + ": not a regular file", false;
+    const size_t file_bytes = size_t(st.st_size);
     std::ifstream f(path, std::ios::binary);
     if (!f) return *err = path + ": cannot open", false;
     char magic[8];
@@ -23,7 +30,8 @@ bool npy_read(const std::string& path, std::vector<float>* data, std::vector<siz
     } else {
         return *err = path + ": unsupported .npy version " + std::to_string(major), false;
     }
-    if (header_len > (1u << 20)) return *err = path + ": header too long", false;
+    const size_t data_offset = (major == 1 ? 10 : 12) + header_len;
+    if (header_len > (1u << 20) || data_offset > file_bytes) return *err = path + ": truncated header", false;
     std::string header(header_len, '\0');
     if (!f.read(header.data(), header_len)) return *err = path + ": truncated header", false;
     std::smatch m;
@@ -34,14 +42,34 @@ bool npy_read(const std::string& path, std::vector<float>* data, std::vector<siz
         return *err = path + ": must be C order (fortran_order False)", false;
     if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)")))
         return *err = path + ": header has no shape", false;
+    // The shape: whole non-negative numbers separated by commas, e.g. "(2, 3)", "(4,)" or "()".
     shape->clear();
+    const size_t available = (file_bytes - data_offset) / 4;  // float32 values the file holds
     size_t count = 1;
     const std::string dims = m[1];
-    const std::regex number("\\d+");
-    for (std::sregex_iterator it(dims.begin(), dims.end(), number), end; it != end; ++it) {
-        shape->push_back(std::stoull(it->str()));
-        count *= shape->back();
+    size_t pos = 0;
+    while (pos < dims.size()) {
+        size_t comma = dims.find(',', pos);
+        if (comma == std::string::npos) comma = dims.size();
+        std::string item = dims.substr(pos, comma - pos);
+        item.erase(0, item.find_first_not_of(" \t"));
+        item.erase(item.find_last_not_of(" \t") + 1);
+        pos = comma + 1;
+        if (item.empty() && comma == dims.size() && !shape->empty()) break;  // the trailing comma of "(4,)"
+        if (item.empty() || item.size() > 18 || item.find_first_not_of("0123456789") != std::string::npos)
+            return *err = path + ": shape entry '" + item + "' is not a whole non-negative number", false;
+        const size_t dim = std::stoull(item);  // at most 18 digits: cannot overflow
+        shape->push_back(dim);
+        // Checked before multiplying, so the product never overflows: a shape larger than the file is refused.
+        if (dim != 0 && count > available / dim)
+            return *err = path + ": truncated data (the shape needs more float32 values than the file's " +
+                          std::to_string(available) + ")", false;
+        count *= dim;
     }
+    if (count != available)
+        return *err = path + ": the shape holds " + std::to_string(count) + " float32 values but the file " +
+                      (count < available ? "has more data after them" : "is truncated") + " (" +
+                      std::to_string(available) + " values)", false;
     data->resize(count);
     if (!f.read(reinterpret_cast<char*>(data->data()), count * 4))
         return *err = path + ": truncated data (expected " + std::to_string(count) + " float32 values)", false;
