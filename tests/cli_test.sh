@@ -45,6 +45,12 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     expect 2 "$prog" --dist uniform
     expect 2 "$prog" --scale -1
     expect 2 "$prog" --n
+    expect 2 "$prog" --save --check          # a value-taking flag never swallows the next flag
+    expect 2 "$prog" --load=
+    expect 2 "$prog" --save=
+    expect 2 "$prog" --load "$tmp" --n 64    # --load takes the sizes from its files
+    expect 2 "$prog" --seed 3 --load "$tmp"
+    [ -e ./--check ] && { echo "FAIL: a directory named --check was made"; fails=$((fails + 1)); rm -rf ./--check; }
     expect 2 "$prog" --load "$tmp/missing"
     expect 0 "$prog" $small --causal --check
     # .npy round trip: save the outputs, feed the inputs back through --load, outputs must not change

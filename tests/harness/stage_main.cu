@@ -20,8 +20,12 @@ bool next_flag(int argc, const char* const* argv, int* a, const std::function<bo
         *flag = flag->substr(0, eq);
     }
     if (takes_value(*flag) && eq == std::string::npos) {
-        if (*a + 1 >= argc) return *err = *flag + " needs a value", false;
+        // "--save --check" is a forgotten value, not a directory named "--check"
+        if (*a + 1 >= argc || std::strncmp(argv[*a + 1], "--", 2) == 0)
+            return *err = *flag + " needs a value", false;
         *value = argv[++*a];
+    } else if (takes_value(*flag) && value->empty()) {
+        return *err = *flag + " needs a value (got '" + *flag + "=')", false;
     } else if (!takes_value(*flag) && eq != std::string::npos) {
         return *err = "unknown option '" + std::string(argv[*a]) + "' (see --help)", false;
     }
@@ -76,9 +80,12 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
                f == "--kernel" ||
                (allow_dtype && f == "--dtype");
     };
+    std::string sized_by;  // the first flag that sets a size or the inputs, which --load takes from its files
     for (int a = 1; a < argc; ++a) {
         std::string flag, value;
         if (!next_flag(argc, argv, &a, takes_value, &flag, &value, err)) return false;
+        for (const char* f : {"--batch", "--heads", "--n", "--nq", "--nk", "--d", "--seed", "--dist"})
+            if (flag == f && sized_by.empty()) sized_by = flag;
         long v = 0;
         if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); }
         else if (flag == "--heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.H = int(v); }
@@ -113,6 +120,8 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
         else return *err = "unknown option '" + flag + "' (see --help)", false;
     }
     if (have_n && (have_nq || have_nk)) return *err = "give either --n or --nq/--nk, not both", false;
+    if (!r.load_dir.empty() && !sized_by.empty())
+        return *err = "--load takes the sizes and values from its files; " + sized_by + " cannot be combined with it", false;
     if (have_n) r.p.Nq = r.p.Nk = int(n);
     // Every tensor must be indexable: kernels compute offsets in 64 bits, but one tensor is capped at 2^31 - 1
     // elements so that the per-head offsets they compute in 32 bits cannot overflow.
