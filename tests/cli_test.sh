@@ -104,6 +104,20 @@ if [ -x bin/v2 ]; then
     expect 2 bin/v2 --dtype fp8
     expect 2 bin/v2 --dtype fp16 --d 40
     expect 0 bin/v2 $small --backward --check
+    # a check too large to run is not a pass: its own exit code, a row that says so, a size that is checked
+    expect 4 bin/v2 --batch 4 --heads 8 --n 512 --d 64 --backward --check
+    grep -q "SKIPPED: too large to check (--n 494)" "$tmp/out" || { echo "FAIL: the skipped row or its hint"; fails=$((fails + 1)); }
+    expect 0 bin/v2 --batch 4 --heads 8 --n 494 --d 64 --backward --check
+    # --backward --save writes the forward's outputs too
+    rm -rf "$tmp/bwd"; expect 0 bin/v2 $small --backward --save "$tmp/bwd"
+    for f in o lse dq dk dv; do
+        [ -s "$tmp/bwd/$f.npy" ] || { echo "FAIL: --backward --save wrote no $f.npy"; fails=$((fails + 1)); }
+    done
+    if ! nvidia-smi >/dev/null 2>&1; then  # without a GPU --bench times nothing and must say so
+        expect 0 bin/v2 $small --bench
+        grep -q "nothing is timed" "$tmp/out" && ! grep -q "^csv," "$tmp/out" ||
+            { echo "FAIL: --bench without a GPU must say nothing was timed and print no CSV row"; fails=$((fails + 1)); }
+    fi
 fi
 if [ -x bin/naive ]; then
     expect 2 bin/naive --dtype fp16

@@ -138,8 +138,30 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
 // ------------------------------------------------------------------------------------------------ running
 namespace {
 
+// Exit code of a run in which a check that --check asked for did not run (docs/conventions.md, "Exit codes").
+constexpr int kExitCheckSkipped = 4;
+
+// The float64 reference backward costs about 8*B*H*Nq*Nk*d operations; beyond this budget it is skipped.
+constexpr double kBackwardReferenceBudget = 4e9;
+bool backward_reference_fits(const Problem& p) {
+    return 8.0 * p.B * p.H * double(p.Nq) * p.Nk * p.d <= kBackwardReferenceBudget;
+}
+// The largest sizes like p's whose backward the float64 reference still checks, as flags to type.
+std::string backward_reference_hint(const Problem& p) {
+    const double max_nq_nk = kBackwardReferenceBudget / (8.0 * p.B * p.H * p.d);  // Nq * Nk may be this large
+    if (max_nq_nk < 1.0) {  // not even N = 1 at this batch and head count: shrink those first
+        Problem one = p;
+        one.B = one.H = 1;
+        return "--batch 1 --heads 1 " + backward_reference_hint(one);
+    }
+    const double f = std::sqrt(max_nq_nk / (double(p.Nq) * p.Nk));  // shrink Nq and Nk by the same factor
+    const long nq = std::max(1L, long(p.Nq * f)), nk = std::max(1L, long(p.Nk * f));
+    return p.Nq == p.Nk ? "--n " + std::to_string(nq) : "--nq " + std::to_string(nq) + " --nk " + std::to_string(nk);
+}
+
 struct Summary {
     std::string check = "not checked";
+    bool skipped = false;  // a check asked for with --check did not run
     double ms = 0, tflops = 0, gbs = 0, mib = 0;
     double traffic_mib = 0;  // CPU model: the device-memory traffic it counted, in fp32 MiB
     bool ok = true;
@@ -328,8 +350,8 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
     Summary sum;
     HostGrads g;
     std::vector<float>&dQ = g.dq, &dK = g.dk, &dV = g.dv;
+    std::vector<float> O, LSE;  // the forward's outputs, which --save writes too
     if (o.cpu) {
-        std::vector<float> O, LSE;
         ModelTraffic tf, tb;
         s.cpu_forward(p, in, &O, &LSE, &tf);
         s.cpu_backward(p, in, O, LSE, &dQ, &dK, &dV, &tb);
@@ -349,6 +371,10 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
             DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(pf) : 0, "workspace");
             s.forward(pf, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
             CUDA_CHECK_LAUNCH();
+            if (!o.save_dir.empty()) {
+                O = download(o_dev, p.q_elems(), p.dtype);
+                LSE = download(lse, p.lse_elems(), DType::fp32);
+            }
         }
         DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
         DeviceBuffer ws(s.backward_workspace_bytes ? s.backward_workspace_bytes(p) : 0, "backward workspace");
@@ -377,20 +403,22 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
     }
     if (o.check) {
         sum.check.clear();
-        // The reference backward costs about 8*B*H*Nq*Nk*d operations in float64; beyond ~4e9 it is skipped.
-        if (8.0 * p.B * p.H * double(p.Nq) * p.Nk * p.d > 4e9) {
-            std::printf("  vs float64: skipped, problem too large for the CPU reference (try --n 512)\n");
-            sum.check = "float64 skipped (too large)";
+        if (!backward_reference_fits(p)) {
+            std::printf("  vs float64: SKIPPED, problem too large for the CPU reference (%s or smaller is checked)\n",
+                        backward_reference_hint(p).c_str());
+            sum.check = "SKIPPED: too large to check (" + backward_reference_hint(p) + ")";
+            sum.skipped = true;
         } else {
             bool ok = report(compare_grads(p, in, g), "float64", &sum);
             if (s.below_backward && !o.cpu) ok = check_below_backward(s, p, in, g, &sum) && ok;
             sum.check = std::string(ok ? "ok" : "FAIL") + " vs float64";
         }
     }
-    if (!o.save_dir.empty() && !save_outputs(o.save_dir, p, {{"dq.npy", &dQ}, {"dk.npy", &dK}, {"dv.npy", &dV}}))
+    if (!o.save_dir.empty() && !save_outputs(o.save_dir, p, {{"o.npy", &O}, {"lse.npy", &LSE}, {"dq.npy", &dQ},
+                                                            {"dk.npy", &dK}, {"dv.npy", &dV}}))
         return 1;
     print_row(s, o, sum);
-    return sum.ok ? 0 : 1;
+    return !sum.ok ? 1 : sum.skipped ? kExitCheckSkipped : 0;
 }
 
 }  // namespace
@@ -447,5 +475,13 @@ int stage_main(int argc, char** argv, const Stage& s) {
                 o.backward ? " (backward)" : "", p.kernel > 0 ? (" step " + std::to_string(p.kernel) + " " + steps[p.kernel - 1].name).c_str() : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
                 (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
+    if (o.bench && o.cpu) {
+        std::printf("--bench: nothing is timed, the CPU model runs instead of the GPU kernels (timings need a CUDA "
+                    "device)\n");
+        o.bench = false;
+    }
+    if (o.check && o.backward && !backward_reference_fits(p))
+        std::printf("note: the float64 backward check will be skipped, the problem is too large for it (exit code %d); "
+                    "%s or smaller is checked\n", kExitCheckSkipped, backward_reference_hint(p).c_str());
     return o.backward ? run_backward(s, o, in) : run_forward(s, o, in);
 }
