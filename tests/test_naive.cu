@@ -93,7 +93,6 @@ TEST_CASE("naive CPU backward model matches the float64 reference backward") {
 }
 
 TEST_CASE("GPU naive forward matches the float64 reference and its CPU model over the shape matrix") {
-    if (skip_without_gpu()) return;
     for (const Case& c : shape_matrix()) {
         const HostTensors in = make_inputs(c.p, c.dist, 21);
         const Outputs got = gpu_forward(c.p, in, naive_forward, naive_workspace_bytes);
@@ -106,7 +105,6 @@ TEST_CASE("GPU naive forward matches the float64 reference and its CPU model ove
 }
 
 TEST_CASE("GPU naive backward matches the float64 reference") {
-    if (skip_without_gpu()) return;
     for (bool causal : {false, true})
         for (auto [Nq, Nk, d] : {std::tuple{17, 17, 16}, {113, 200, 64}, {200, 113, 128}, {1, 65, 40}, {256, 256, 64}}) {
             Problem p;

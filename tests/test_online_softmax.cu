@@ -226,7 +226,6 @@ TEST_CASE("online softmax attention CPU model traffic: 3 accesses per score in t
 // ------------------------------------------------------------------------------------------------ GPU
 
 TEST_CASE("GPU online softmax rows kernel matches float64 and the 3-pass kernel") {
-    if (skip_without_gpu()) return;
     for (RowKind kind : ROW_KINDS)
         for (int C : LENGTHS)
             for (float scale : {1.0f, 0.3f})
@@ -253,7 +252,6 @@ TEST_CASE("GPU online softmax rows kernel matches float64 and the 3-pass kernel"
 }
 
 TEST_CASE("GPU online softmax rows kernel works in place, like the attention stage uses it") {
-    if (skip_without_gpu()) return;
     for (int C : {1000, 4097}) {
         const int R = 4;
         const std::vector<float> x = make_rows(RowKind::normal, R, C, 9);
@@ -267,7 +265,6 @@ TEST_CASE("GPU online softmax rows kernel works in place, like the attention sta
 }
 
 TEST_CASE("GPU online softmax attention matches float64 and the naive stage over the shape matrix") {
-    if (skip_without_gpu()) return;
     for (const Case& c : shape_matrix()) {
         const HostTensors in = make_inputs(c.p, c.dist, 21);
         const Outputs got = gpu_forward(c.p, in, online_softmax_forward, online_softmax_workspace_bytes);

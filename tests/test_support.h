@@ -1,4 +1,4 @@
-// test_support.h: what the doctest suites share: the shape matrix, GPU-test skipping, running a stage's kernels
+// test_support.h: what the doctest suites share: the shape matrix, running a stage's kernels
 // on host tensors, and checks that fail with the harness's full mismatch report.
 #pragma once
 #include <string>
@@ -15,9 +15,8 @@ struct Case {
 // ways, and the large-logit, outlier and constant inputs.
 std::vector<Case> shape_matrix();
 
-// GPU tests call this first: with no GPU it records the test as skipped (listed by name at the end of the run;
-// REQUIRE_GPU=1 turns any skip into a failure) and returns true.
-bool skip_without_gpu();
+// GPU tests are the test cases whose name starts with "GPU ": with no GPU, test_main.cu filters them out, so
+// doctest counts them as skipped, and lists them by name at the end (REQUIRE_GPU=1 turns a skip into a failure).
 
 // CHECKs O and LSE against the float64 reference (fp32 tolerance, or the same-precision rule for fp16/bf16).
 void check_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const Outputs& got);

@@ -192,7 +192,6 @@ static void check_grads_against_naive(const std::string& label, const Problem& p
 }
 
 TEST_CASE("GPU v2 fp32 forward matches float64, its CPU model and v1 over the shape matrix") {
-    if (skip_without_gpu()) return;
     for (const Case& c : shape_matrix()) {
         const HostTensors in = make_inputs(c.p, c.dist, 21);
         const Outputs got = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
@@ -204,7 +203,6 @@ TEST_CASE("GPU v2 fp32 forward matches float64, its CPU model and v1 over the sh
 }
 
 TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on the same rounded inputs") {
-    if (skip_without_gpu()) return;
     for (DType t : {DType::fp16, DType::bf16})
         for (const Case& c : mma_forward_cases(t)) {
             const HostTensors in = make_inputs(c.p, c.dist, 23);  // rounded to c.p.dtype
@@ -215,7 +213,6 @@ TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on t
 }
 
 TEST_CASE("GPU v2 fp32 backward matches float64 and the naive backward") {
-    if (skip_without_gpu()) return;
     for (const Case& c : backward_cases({64, 128, 40})) {
         const HostTensors in = make_inputs(c.p, c.dist, 9);
         const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
@@ -224,7 +221,6 @@ TEST_CASE("GPU v2 fp32 backward matches float64 and the naive backward") {
 }
 
 TEST_CASE("GPU v2 fp16 and bf16 backward (tensor cores) match float64 and the naive backward") {
-    if (skip_without_gpu()) return;
     for (DType t : {DType::fp16, DType::bf16})
         for (Case c : backward_cases({64, 128})) {
             c.p.dtype = t;
