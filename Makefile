@@ -36,13 +36,23 @@ kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %main.cu,$(wildcard $(1
 TEST_SRC    := $(wildcard tests/*.cu)
 TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
 
-.PHONY: all test run bench sanitize clean
+.PHONY: doctest all test run bench sanitize clean
 PROGRAMS := $(STAGES:%=bin/%) $(if $(wildcard online_softmax/rows_main.cu),bin/softmax_rows)
 all: $(PROGRAMS) bin/tests
 
-$(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh)
+# The compiler and flags of the last build, rewritten only when they change: every object depends on it, so
+# `make ARCH=sm_75` after a default build recompiles everything instead of linking stale objects.
+FLAGS_STAMP := $(BUILD)/flags.txt
+$(shell mkdir -p $(BUILD) && (echo '$(NVCC) $(FLAGS)' | cmp -s - $(FLAGS_STAMP) || echo '$(NVCC) $(FLAGS)' > $(FLAGS_STAMP)))
+
+$(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(FLAGS) -c $< -o $@
+
+# The test suites need doctest: installed here when it is missing and that is possible, else one line says how.
+$(TEST_SRC:%.cu=$(BUILD)/%.o): | doctest
+doctest:
+	@bash scripts/need_doctest.sh
 
 define stage_rule
 bin/$(1): $(BUILD)/$(1)/main.o $(call kernel_objs,$(1)) $(foreach d,$(DEPS_$(1)),$(call kernel_objs,$(d))) $(HARNESS_OBJ)
@@ -64,7 +74,7 @@ test: all
 	./bin/tests
 	bash tests/cli_test.sh
 
-run: all
+run: $(PROGRAMS)
 	@bash scripts/ladder.sh
 
 bench: all

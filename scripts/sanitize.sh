@@ -3,8 +3,13 @@
 # stage (partial tiles, Nq != Nk, causal with fully masked rows). Exit 1 if any tool reports an error.
 set -u
 cd "$(dirname "$0")/.."
-if ! nvidia-smi >/dev/null 2>&1; then echo "make sanitize needs a CUDA device (none found)"; exit 1; fi
 cs=${COMPUTE_SANITIZER:-compute-sanitizer}
+if ! command -v "$cs" >/dev/null 2>&1; then
+    echo "make sanitize needs $cs, which is not on PATH (it ships with the CUDA Toolkit, in its bin/ folder next to" \
+         "nvcc: add that folder to PATH, or set COMPUTE_SANITIZER=/path/to/compute-sanitizer)"
+    exit 1
+fi
+if ! nvidia-smi >/dev/null 2>&1; then echo "make sanitize needs a CUDA device (none found)"; exit 1; fi
 shape=(--batch 1 --heads 2 --nq 77 --nk 45 --causal --check)
 runs=("bin/naive ${shape[*]} --d 40" "bin/naive ${shape[*]} --d 64 --backward"
       "bin/online_softmax ${shape[*]} --d 40" "bin/softmax_rows --rows 5 --cols 1000 --check --reps 1"

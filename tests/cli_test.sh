@@ -122,5 +122,10 @@ fi
 if [ -x bin/naive ]; then
     expect 2 bin/naive --dtype fp16
 fi
+# make sanitize without the tool says which tool is missing and where it comes from
+out=$(COMPUTE_SANITIZER=/nonexistent/compute-sanitizer bash scripts/sanitize.sh 2>&1)
+if [ $? = 1 ] && echo "$out" | grep -q "not on PATH"; then echo "ok: sanitize.sh without the tool -> 1 $out"
+else echo "FAIL: sanitize.sh without compute-sanitizer said: $out"; fails=$((fails + 1)); fi
+
 if [ "$fails" -ne 0 ]; then echo "cli_test: $fails failures"; exit 1; fi
 echo "cli_test: all passed"

@@ -110,6 +110,7 @@ std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, c
 // ----------------------------------------------------------------------------------------------------- device
 bool gpu_available();  // a CUDA device is present and usable
 std::string gpu_name();
+int gpu_compute_capability();  // e.g. 75 for a T4, 80 for an A100, 90 for an H100 (device 0, read once)
 
 // Device memory handed out through DeviceBuffer is counted, so programs report their peak device memory.
 // Allocation first checks free memory and stops with one clear line (bytes needed, bytes free) if it will not fit.

@@ -35,6 +35,15 @@
 
 namespace v2_ptx {
 
+// mma.sync m16n8k16 and cp.async need sm_80 (Ampere) or newer. So that every other rung still builds for sm_75
+// (T4, RTX 20xx: `make ARCH=sm_75`), an sm_75 build compiles these wrappers to a trap; no such kernel is ever
+// launched there, because v2_unsupported refuses fp16/bf16 on a GPU older than sm_80 (v2/v2.cu).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kTensorCorePtx = false;
+#else
+constexpr bool kTensorCorePtx = true;
+#endif
+
 // The 32-bit shared-state-space address of a pointer into shared memory (what ldmatrix and cp.async take).
 __device__ __forceinline__ uint32_t shared_addr(const void* smem_ptr) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
@@ -47,19 +56,27 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 template <>
 __device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                      uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (!kTensorCorePtx) {
+        __trap();
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
 }
 
 template <>
 __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (!kTensorCorePtx) {
+        __trap();
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
 }
 
 // Two floats rounded (to nearest) to one register of two T values, lo in the low 16 bits (the fragment order).
@@ -95,15 +112,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
 // fills the rest with zeros: src_bytes = 0 reads nothing and writes 16 zero bytes, which is how rows past the end
 // of a matrix become zeros in shared memory (gmem must still be a valid address).
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+    if constexpr (kTensorCorePtx)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 }
 // Closes the group of this thread's cp.async issued since the previous commit.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+    if constexpr (kTensorCorePtx) asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 // Waits until at most kPending of this thread's committed groups are still in flight (kPending = 0: all landed).
 // Other threads' copies are visible only after a __syncthreads() that follows the wait.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+    if constexpr (kTensorCorePtx) asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // 2^x in one MUFU.EX2 instruction (flush-to-zero, relative error ~2^-22); exp2(-inf) = 0. exp2f itself, without

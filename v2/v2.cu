@@ -4,14 +4,24 @@
 #include "forward_mma.h"
 #include "v2.h"
 
+// fp16/bf16 run mma.sync m16n8k16 and cp.async, which need sm_80 or newer ("" when there is no GPU: the CPU model
+// runs then).
+static std::string tensor_cores_missing() {
+    if (!gpu_available() || gpu_compute_capability() >= 80) return "";
+    return "fp16 and bf16 need tensor cores of sm_80 or newer (A100, RTX 30xx, H100, ...); this GPU, " + gpu_name() +
+           ", is sm_" + std::to_string(gpu_compute_capability()) + ": use --dtype fp32";
+}
+
 std::string v2_unsupported(const Problem& p) {
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);
+    if (const std::string why = tensor_cores_missing(); !why.empty()) return why;
     std::string why;
     return v2_mma_supports(p, &why) ? "" : why;
 }
 
 std::string v2_backward_unsupported(const Problem& p) {
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);
+    if (const std::string why = tensor_cores_missing(); !why.empty()) return why;
     std::string why;
     return v2_backward_mma_supports(p, &why) ? "" : why;
 }

@@ -13,11 +13,21 @@ bool gpu_available() {
     return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-std::string gpu_name() {
-    cudaDeviceProp prop;
-    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    return prop.name;
+namespace {
+// Device 0's properties, read once (a query costs microseconds to milliseconds; never inside a timed region).
+const cudaDeviceProp& gpu_properties() {
+    static const cudaDeviceProp prop = [] {
+        cudaDeviceProp p;
+        CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+        return p;
+    }();
+    return prop;
 }
+}  // namespace
+
+std::string gpu_name() { return gpu_properties().name; }
+
+int gpu_compute_capability() { return gpu_properties().major * 10 + gpu_properties().minor; }
 
 namespace {
 size_t g_live = 0, g_peak = 0;
