@@ -1,5 +1,5 @@
 // naive/main.cu: the program bin/naive. Build and run it alone:
-//   nvcc -O3 -std=c++20 -arch=native -Itests -o naive_attention naive/*.cu tests/harness/*.cu && ./naive_attention --check --bench
+//   nvcc -O3 -std=c++20 -arch=native -I. -Itests -o naive_attention naive/*.cu tests/harness/*.cu && ./naive_attention --check --bench
 #include <cstdio>
 #include <cstdlib>
 
