@@ -45,6 +45,8 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     expect 2 "$prog" --dist uniform
     expect 2 "$prog" --scale -1
     expect 2 "$prog" --n
+    expect 2 "$prog" $'--bo\ngus'              # a newline in an argument stays inside the one error line (fuzz find)
+    expect 2 "$prog" --n $'1\n2'
     expect 2 "$prog" --save --check          # a value-taking flag never swallows the next flag
     expect 2 "$prog" --load=
     expect 2 "$prog" --save=

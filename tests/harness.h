@@ -5,7 +5,8 @@
 //   compare.cu    element-wise comparison with tolerances, mismatch report and a hint
 //   device.cu     device detection, counted device buffers, dtype conversion, timing
 //   npy.cu        reading and writing NumPy .npy files
-//   stage_main.cu the command line shared by all stage programs
+//   cli.cu        the command line shared by all stage programs (parsing only: host code, fuzzed in fuzz/)
+//   stage_main.cu what a stage program's run does
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -1,0 +1,152 @@
+// cli.cu: the command line every stage program shares: the option splitter, whole-number parsing, the usage text
+// and parse_options. Host code only (no CUDA calls), so the parser can be fuzzed on its own (fuzz/).
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+
+#include "harness.h"
+
+// A user's argument as it appears inside an error message: control characters (a newline would break the
+// one-line error) written as \xNN. Found by fuzz/fuzz_cli.cpp.
+static std::string printable(const std::string& s) {
+    std::string r;
+    for (unsigned char c : s) {
+        if (c >= 0x20 && c != 0x7f) {
+            r += char(c);
+        } else {
+            char hex[5];
+            std::snprintf(hex, sizeof hex, "\\x%02x", c);
+            r += hex;
+        }
+    }
+    return r;
+}
+
+// ------------------------------------------------------------------------------------------------ parsing
+bool next_flag(int argc, const char* const* argv, int* a, const std::function<bool(const std::string&)>& takes_value,
+               std::string* flag, std::string* value, std::string* err) {
+    *flag = argv[*a];
+    value->clear();
+    const size_t eq = flag->find('=');
+    if (eq != std::string::npos) {
+        *value = flag->substr(eq + 1);
+        *flag = flag->substr(0, eq);
+    }
+    if (takes_value(*flag) && eq == std::string::npos) {
+        // "--save --check" is a forgotten value, not a directory named "--check"
+        if (*a + 1 >= argc || std::strncmp(argv[*a + 1], "--", 2) == 0)
+            return *err = *flag + " needs a value", false;
+        *value = argv[++*a];
+    } else if (takes_value(*flag) && value->empty()) {
+        return *err = *flag + " needs a value (got '" + *flag + "=')", false;
+    } else if (!takes_value(*flag) && eq != std::string::npos) {
+        return *err = "unknown option '" + printable(argv[*a]) + "' (see --help)", false;
+    }
+    return true;
+}
+
+bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err) {
+    char* end = nullptr;
+    errno = 0;
+    const long long v = s.empty() ? 0 : std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end != '\0' || errno == ERANGE || v < lo || v > hi) {
+        *err = flag + " expects a whole number from " + std::to_string(lo) + " to " + std::to_string(hi) + ", got '" + printable(s) + "'";
+        return false;
+    }
+    *out = long(v);
+    return true;
+}
+
+std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
+    std::string u = std::string("usage: ") + program + " [options]\n"
+        "  --batch B      batch size (default 4)\n"
+        "  --heads H      heads (default 8)\n"
+        "  --n N          sequence length of queries and keys (default 1024)\n"
+        "  --nq N, --nk N query and key sequence lengths separately\n"
+        "  --d D          head dimension (default 64)\n"
+        "  --causal       causal mask, aligned bottom-right (query i sees keys j <= i + Nk - Nq)\n"
+        "  --scale X      softmax scale (default 1/sqrt(d))\n"
+        "  --seed S       random seed (default 1)\n"
+        "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n";
+    if (allow_dtype) u += "  --dtype T      fp32 (CUDA cores), fp16 or bf16 (tensor cores) (default fp32)\n";
+    if (allow_backward) u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n";
+    u += "  --kernel K     run optimisation step K (number or name) instead of the final kernel, where the stage\n"
+         "                 has steps; --kernel list names them\n";
+    u += "  --check        compare with the stage below and the float64 reference; exit 1 on a mismatch\n"
+         "  --bench        time the stage (CUDA events, median of --reps runs, L2 flushed between runs)\n"
+         "  --reps R       timed repetitions (default 20)\n"
+         "  --cpu          run the stage's CPU model instead of the GPU kernels (also the fallback with no GPU)\n"
+         "  --load DIR     read q.npy, k.npy, v.npy (float32, [B,H,N,d]) from DIR; sizes come from the files\n"
+         "  --save DIR     write o.npy ([B,H,Nq,d]) and lse.npy ([B,H,Nq]) to DIR\n"
+         "  --help         this text\n";
+    return u;
+}
+
+bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
+                   std::string* err) {
+    Options r;
+    bool have_n = false, have_nq = false, have_nk = false;
+    long n = 0;
+    auto takes_value = [&](const std::string& f) {
+        return f == "--batch" || f == "--heads" || f == "--n" || f == "--nq" || f == "--nk" || f == "--d" ||
+               f == "--seed" || f == "--dist" || f == "--scale" || f == "--reps" || f == "--load" || f == "--save" ||
+               f == "--kernel" ||
+               (allow_dtype && f == "--dtype");
+    };
+    std::string sized_by;  // the first flag that sets a size or the inputs, which --load takes from its files
+    for (int a = 1; a < argc; ++a) {
+        std::string flag, value;
+        if (!next_flag(argc, argv, &a, takes_value, &flag, &value, err)) return false;
+        for (const char* f : {"--batch", "--heads", "--n", "--nq", "--nk", "--d", "--seed", "--dist"})
+            if (flag == f && sized_by.empty()) sized_by = flag;
+        long v = 0;
+        if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); }
+        else if (flag == "--heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.H = int(v); }
+        else if (flag == "--n") { if (!parse_int(flag, value, 1, INT_MAX, &n, err)) return false; have_n = true; }
+        else if (flag == "--nq") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Nq = int(v); have_nq = true; }
+        else if (flag == "--nk") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Nk = int(v); have_nk = true; }
+        else if (flag == "--d") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.d = int(v); }
+        else if (flag == "--reps") { if (!parse_int(flag, value, 1, 100000, &v, err)) return false; r.reps = int(v); }
+        else if (flag == "--seed") { if (!parse_int(flag, value, 0, LONG_MAX, &v, err)) return false; r.seed = uint64_t(v); }
+        else if (flag == "--dist") { if (!parse_dist(value, &r.dist)) return *err = "--dist expects normal, large, outliers or constant, got '" + printable(value) + "'", false; }
+        else if (flag == "--scale") {
+            char* end = nullptr;
+            r.p.scale = std::strtof(value.c_str(), &end);
+            if (value.empty() || *end != '\0' || !(r.p.scale > 0.0f) || r.p.scale > 1e4f)
+                return *err = "--scale expects a positive number up to 1e4, got '" + printable(value) + "'", false;
+        }
+        else if (flag == "--dtype" && allow_dtype) {
+            if (value == "fp32") r.p.dtype = DType::fp32;
+            else if (value == "fp16") r.p.dtype = DType::fp16;
+            else if (value == "bf16") r.p.dtype = DType::bf16;
+            else return *err = "--dtype expects fp32, fp16 or bf16, got '" + printable(value) + "'", false;
+        }
+        else if (flag == "--kernel") r.kernel = value;
+        else if (flag == "--load") r.load_dir = value;
+        else if (flag == "--save") r.save_dir = value;
+        else if (flag == "--causal") r.p.causal = true;
+        else if (flag == "--check") r.check = true;
+        else if (flag == "--bench") r.bench = true;
+        else if (flag == "--cpu") r.cpu = true;
+        else if (flag == "--backward" && allow_backward) r.backward = true;
+        else if (flag == "--help" || flag == "-h") r.help = true;
+        else return *err = "unknown option '" + printable(flag) + "' (see --help)", false;
+    }
+    if (have_n && (have_nq || have_nk)) return *err = "give either --n or --nq/--nk, not both", false;
+    if (!r.load_dir.empty() && !sized_by.empty())
+        return *err = "--load takes the sizes and values from its files; " + sized_by + " cannot be combined with it", false;
+    if (have_n) r.p.Nq = r.p.Nk = int(n);
+    // Every tensor must be indexable: kernels compute offsets in 64 bits, but one tensor is capped at 2^31 - 1
+    // elements so that the per-head offsets they compute in 32 bits cannot overflow.
+    for (long rows : {long(r.p.Nq), long(r.p.Nk)}) {
+        const double elems = double(r.p.B) * r.p.H * rows * r.p.d;
+        if (elems > double(INT_MAX))
+            return *err = "problem too large: a tensor of B*H*N*d = " + std::to_string((long long)elems) +
+                          " elements exceeds the limit of 2^31-1", false;
+    }
+    *o = r;
+    return true;
+}
+
