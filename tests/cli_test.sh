@@ -80,12 +80,28 @@ for name, text in (("huge", "1, 1, 1048576, 1048576"), ("toolong", "1, 1, 999999
                    ("wrap", "1, 1, 4294967297, 4"), ("negative", "1, -2, 8, 16"), ("text", "1, two, 8, 16"),
                    ("float", "1, 2.5, 8, 16"), ("short", "1, 1, 4, 5")):
     header_only("%s/lie_%s.npy" % (d, name), text)
+def save_scaled(path, shape, factor):
+    n = 1
+    for s in shape: n *= s
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % ", ".join(map(str, shape))
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
+        f.write(struct.pack("<%df" % n, *[random.gauss(0, 1) * factor for _ in range(n)]))
+import os
+for name, factor in (("overflow", 1e19), ("big", 1e5)):  # scores beyond fp32; values beyond fp16
+    os.makedirs("%s/%s" % (d, name), exist_ok=True)
+    save_scaled("%s/%s/q.npy" % (d, name), (1, 2, 9, 16), factor)
+    save_scaled("%s/%s/k.npy" % (d, name), (1, 2, 13, 16), factor)
+    save_scaled("%s/%s/v.npy" % (d, name), (1, 2, 13, 16), 1.0)
 with open(d + "/bad_dtype.npy", "wb") as f:
     h = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, 1, 1), }"
     h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
     f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode() + b"\0" * 8)
 PY
     expect 0 "$prog" --load "$tmp/io" --save "$tmp/io/out" --check
+    expect 2 "$prog" --load "$tmp/io/overflow"   # finite inputs whose scores overflow fp32 are refused
+    grep -q "beyond what fp32" "$tmp/err" || { echo "FAIL: the overflow refusal should say why"; fails=$((fails + 1)); }
     [ -s "$tmp/io/out/o.npy" ] && [ -s "$tmp/io/out/lse.npy" ] || { echo "FAIL: $prog --save wrote no o.npy/lse.npy"; fails=$((fails + 1)); }
     mkdir -p "$tmp/bad"; cp "$tmp/io/q.npy" "$tmp/io/v.npy" "$tmp/bad/"; cp "$tmp/io/bad_dtype.npy" "$tmp/bad/k.npy"
     expect 2 "$prog" --load "$tmp/bad"
@@ -105,6 +121,7 @@ done
 if [ -x bin/v2 ]; then
     expect 2 bin/v2 --dtype fp8
     expect 2 bin/v2 --dtype fp16 --d 40
+    expect 2 bin/v2 --dtype fp16 --load "$tmp/io/big"   # 1e5 is no fp16 value
     expect 0 bin/v2 $small --backward --check
     # a check too large to run is not a pass: its own exit code, a row that says so, a size that is checked
     expect 4 bin/v2 --batch 4 --heads 8 --n 512 --d 64 --backward --check

@@ -52,6 +52,21 @@ TEST_CASE("reference: a fully masked row has O = 0 and LSE = -inf") {
     CHECK(std::isfinite(r.lse[3]));
 }
 
+TEST_CASE("fp32 tolerance stays able to fail when the inputs are huge") {
+    Problem p;
+    p.B = 1, p.H = 1, p.Nq = p.Nk = 17, p.d = 64;
+    HostTensors in = make_inputs(p, Dist::normal, 5);
+    for (auto* t : {&in.q, &in.k})
+        for (float& x : *t) x *= 1e5f;  // scores near 1e10: fp32 rounding moves them by hundreds
+    const Tolerance tol = fp32_tolerance(p, in);
+    CHECK(tol.atol <= 0.1);  // |O| <= max |V| (about 4 here): an atol in the thousands could never fail
+    // and an O that is plainly wrong still fails
+    const Reference ref = reference_forward(p, in);
+    std::vector<float> wrong(ref.o.size());
+    for (size_t i = 0; i < wrong.size(); ++i) wrong[i] = float(ref.o[i]) + 1.0f;
+    CHECK_FALSE(compare("O", wrong.data(), ref.o.data(), o_layout(p), tol).ok);
+}
+
 TEST_CASE("naive CPU model matches the float64 reference over the shape matrix") {
     for (const Case& c : shape_matrix()) {
         const HostTensors in = make_inputs(c.p, c.dist, 11);

@@ -23,7 +23,10 @@ Tolerance fp32_tolerance(const Problem& p, const HostTensors& in) {
         return std::sqrt(m);
     };
     const double score_bound = p.resolved_scale() * max_row_norm(in.q) * max_row_norm(in.k);
-    const double tol = 1e-4 + 0x1p-22 * score_bound;
+    // Capped at 0.1: past it the fp32 scores themselves carry rounding errors near 1, the softmax weights are not
+    // determined by fp32 arithmetic, and an uncapped bound would exceed any possible |O| <= max |V|, so the check
+    // could no longer fail. Inputs that large are legal (only overflowing ones are refused) but checked loosely.
+    const double tol = std::min(0.1, 1e-4 + 0x1p-22 * score_bound);
     return {tol, tol};
 }
 

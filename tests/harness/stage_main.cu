@@ -1,9 +1,11 @@
 // stage_main.cu: what a stage program's run does (its command line is parsed by cli.cu):
 // inputs (random or --load), the stage on the GPU (or its CPU model), checks against the stage below and the
 // float64 reference, timing, --save, and one summary row for the ladder printed by `make run`.
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <tuple>
 #include <sys/stat.h>
 
 #include "cuda_check.h"
@@ -67,8 +69,28 @@ bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err
     for (auto* t : {&in->q, &in->k, &in->v, &in->dO})
         for (float& x : *t) {
             if (!std::isfinite(x)) return *err = "input files contain NaN or Inf", false;
-            x = round_to(p->dtype, x);
+            const float rounded = round_to(p->dtype, x);
+            if (!std::isfinite(rounded))
+                return *err = "input value " + std::to_string(x) + " is outside the range of " + dtype_name(p->dtype) +
+                              " (largest finite fp16: 65504)", false;
+            x = rounded;
         }
+    // Every score scale * q_i . k_j, and every partial sum of its products, is at most scale * |q_i| |k_j|. Kept
+    // under 1e37, the kernels' fp32 products, sums and the exp2 scaling (x 1.44) cannot overflow FLT_MAX (3.4e38).
+    double q_norm = 0, k_norm = 0;
+    for (auto [t, n, norm] : {std::tuple{&in->q, p->Nq, &q_norm}, std::tuple{&in->k, p->Nk, &k_norm}})
+        for (size_t r = 0; r < size_t(p->B) * p->H * n; ++r) {
+            double n2 = 0;
+            for (int c = 0; c < p->d; ++c) n2 += double((*t)[r * p->d + c]) * (*t)[r * p->d + c];
+            *norm = std::max(*norm, std::sqrt(n2));
+        }
+    const double score_bound = double(p->resolved_scale()) * q_norm * k_norm;
+    if (score_bound > 1e37 || q_norm * k_norm > 1e37) {
+        char line[200];
+        std::snprintf(line, sizeof line, "the inputs' scores reach %.3g (scale * |q| * |k|), beyond what fp32 can "
+                      "accumulate (about 1e37 with headroom; FLT_MAX is 3.4e38): scale q and k down", score_bound);
+        return *err = line, false;
+    }
     return true;
 }
 
