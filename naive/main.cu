@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
     s.workspace_bytes = naive_workspace_bytes;
     s.forward = naive_forward;
     s.cpu_forward = naive_model_forward;
+    s.cpu_model_score_matrices = 1;  // S (and P, dS in the backward) for one head at a time
     s.describe = [](const Problem& p) {
         std::printf("  the score matrix S (B*H*Nq*Nk fp32) takes %.1f MiB of device memory\n",
                     naive_workspace_bytes(p) / 1048576.0);

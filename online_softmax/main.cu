@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
     s.workspace_bytes = online_softmax_workspace_bytes;
     s.forward = online_softmax_forward;
     s.cpu_forward = online_softmax_model_forward;
+    s.cpu_model_score_matrices = 1;  // S for one head at a time
     s.describe = [](const Problem& p) {
         std::printf("  the score matrix S (B*H*Nq*Nk fp32) takes %.1f MiB of device memory\n",
                     online_softmax_workspace_bytes(p) / 1048576.0);

@@ -140,6 +140,7 @@ if [ -x bin/v2 ]; then
 fi
 if [ -x bin/naive ]; then
     expect 2 bin/naive --dtype fp16
+    expect 2 bin/naive --cpu --n 1048576 --d 1   # its score matrix alone is 4 TiB: refused, not std::bad_alloc
 fi
 # make sanitize without the tool says which tool is missing and where it comes from
 out=$(COMPUTE_SANITIZER=/nonexistent/compute-sanitizer bash scripts/sanitize.sh 2>&1)

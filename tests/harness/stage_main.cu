@@ -2,6 +2,7 @@
 // inputs (random or --load), the stage on the GPU (or its CPU model), checks against the stage below and the
 // float64 reference, timing, --save, and one summary row for the ladder printed by `make run`.
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -110,6 +111,106 @@ bool save_outputs(const std::string& dir, const Problem& p, const std::vector<st
     return true;
 }
 
+// ------------------------------------------------------------------------------------------- CPU model runs
+// A CPU model works on one core; long runs go head by head (every model treats the B*H heads independently, so the
+// results and the counted traffic are the same) with a progress line on stderr, which stays free of error lines.
+double now_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+template <typename RunHead>
+void by_head_with_progress(const Problem& p, double flops, const char* what, const RunHead& run_head) {
+    const int heads = p.B * p.H;
+    const bool long_run = flops > 2e10;  // several seconds for the models (a few GFLOP/s on one core)
+    if (long_run)
+        std::printf("  %s: about %.3g GFLOP on one CPU core, so this takes a while; progress on stderr\n", what,
+                    flops / 1e9);
+    std::fflush(stdout);  // the note comes before the wait, also when stdout is a pipe
+    const double start = now_seconds();
+    double shown = start;
+    for (int bh = 0; bh < heads; ++bh) {
+        run_head(bh);
+        const double t = now_seconds();
+        if (long_run && (t - shown > 1.0 || bh + 1 == heads)) {
+            shown = t;
+            std::fprintf(stderr, "\r  %s: head %d of %d, %.0f s, about %.0f s left   %s", what, bh + 1, heads,
+                         t - start, (t - start) / (bh + 1) * (heads - bh - 1), bh + 1 == heads ? "\n" : "");
+        }
+    }
+}
+
+// Host memory a run takes, against what the machine has available: the inputs and outputs (and gradients) on the
+// host, twice over for the CPU model's "device memory" copies and per-head slices, plus one head's Nq x Nk score
+// matrices where the CPU model materialises them. Refused up front instead of failing in an allocation.
+bool host_memory_fits(const Stage& s, const Options& o, std::string* why) {
+    const Problem& p = o.p;
+    const double tensors = (o.backward ? 4.0 * p.q_elems() + 4.0 * p.kv_elems() : 2.0 * p.q_elems() + 2.0 * p.kv_elems()) * 4;
+    double need = tensors * (o.cpu ? 2 : 1);
+    if (o.cpu) need += s.cpu_model_score_matrices * (o.backward ? 3.0 : 1.0) * double(p.Nq) * p.Nk * 4;
+    double available = 0;
+    std::FILE* f = std::fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        while (std::fgets(line, sizeof line, f))
+            if (std::sscanf(line, "MemAvailable: %lf kB", &available) == 1) break;
+        std::fclose(f);
+    }
+    available *= 1024;
+    if (available == 0 || need <= available) return true;  // unknown (not Linux): try, as before
+    char line[300];
+    std::snprintf(line, sizeof line, "%s needs about %.1f GiB of host memory for this problem%s, %.1f GiB are "
+                  "available: choose a smaller problem", s.name, need / 1073741824.0,
+                  o.cpu ? " (CPU model)" : "", available / 1073741824.0);
+    *why = line;
+    return false;
+}
+
+// The part of a [B, H, rows, d] (or [B, H, rows]) tensor that belongs to head bh, and its inverse.
+std::vector<float> head_slice(const std::vector<float>& t, int bh, size_t per_head) {
+    return std::vector<float>(t.begin() + bh * per_head, t.begin() + (bh + 1) * per_head);
+}
+void put_head(std::vector<float>* t, int bh, const std::vector<float>& part) {
+    std::copy(part.begin(), part.end(), t->begin() + size_t(bh) * part.size());
+}
+
+HostTensors head_inputs(const Problem& p, const HostTensors& in, int bh) {
+    const size_t qn = size_t(p.Nq) * p.d, kn = size_t(p.Nk) * p.d;
+    HostTensors h{head_slice(in.q, bh, qn), head_slice(in.k, bh, kn), head_slice(in.v, bh, kn), {}};
+    if (!in.dO.empty()) h.dO = head_slice(in.dO, bh, qn);
+    return h;
+}
+
+void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::vector<float>* O,
+                 std::vector<float>* LSE, ModelTraffic* t) {
+    Problem one = p;
+    one.B = one.H = 1;
+    O->assign(p.q_elems(), 0.0f);
+    LSE->assign(p.lse_elems(), 0.0f);
+    by_head_with_progress(p, p.forward_flops(), "CPU model", [&](int bh) {
+        std::vector<float> o, lse;
+        s.cpu_forward(one, head_inputs(p, in, bh), &o, &lse, t);
+        put_head(O, bh, o);
+        put_head(LSE, bh, lse);
+    });
+}
+
+void cpu_backward(const Stage& s, const Problem& p, const HostTensors& in, const std::vector<float>& O,
+                  const std::vector<float>& LSE, HostGrads* g, ModelTraffic* t) {
+    Problem one = p;
+    one.B = one.H = 1;
+    g->dq.assign(p.q_elems(), 0.0f);
+    g->dk.assign(p.kv_elems(), 0.0f);
+    g->dv.assign(p.kv_elems(), 0.0f);
+    by_head_with_progress(p, p.backward_flops(), "CPU model backward", [&](int bh) {
+        std::vector<float> dq, dk, dv;
+        s.cpu_backward(one, head_inputs(p, in, bh), head_slice(O, bh, size_t(p.Nq) * p.d),
+                       head_slice(LSE, bh, size_t(p.Nq)), &dq, &dk, &dv, t);
+        put_head(&g->dq, bh, dq);
+        put_head(&g->dk, bh, dk);
+        put_head(&g->dv, bh, dv);
+    });
+}
+
 void print_row(const Stage& s, const Options& o, const Summary& sum) {
     const Problem& p = o.p;
     if (o.bench)
@@ -147,7 +248,7 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
     std::vector<float> O, LSE;
     if (o.cpu) {
         ModelTraffic t;
-        s.cpu_forward(p, in, &O, &LSE, &t);
+        cpu_forward(s, p, in, &O, &LSE, &t);
         sum.traffic_mib = (t.reads + t.writes) * 4 / 1048576.0;
         std::printf("  CPU model traffic: %.4g elements read, %.4g written (%.1f MiB in fp32)\n", t.reads, t.writes,
                     sum.traffic_mib);
@@ -249,8 +350,8 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
     std::vector<float> O, LSE;  // the forward's outputs, which --save writes too
     if (o.cpu) {
         ModelTraffic tf, tb;
-        s.cpu_forward(p, in, &O, &LSE, &tf);
-        s.cpu_backward(p, in, O, LSE, &dQ, &dK, &dV, &tb);
+        cpu_forward(s, p, in, &O, &LSE, &tf);
+        cpu_backward(s, p, in, O, LSE, &g, &tb);
         sum.traffic_mib = (tb.reads + tb.writes) * 4 / 1048576.0;
         std::printf("  CPU model traffic (backward): %.4g elements read, %.4g written (%.1f MiB in fp32)\n", tb.reads,
                     tb.writes, sum.traffic_mib);
@@ -362,11 +463,15 @@ int stage_main(int argc, char** argv, const Stage& s) {
         std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
         return 2;
     }
-    if (o.load_dir.empty()) in = make_inputs(p, o.dist, o.seed);
     if (!o.cpu && !gpu_available()) {
         std::printf("no CUDA device found: running the CPU model of %s instead\n", s.name);
         o.cpu = true;
     }
+    if (!host_memory_fits(s, o, &why)) {
+        std::fprintf(stderr, "error: %s\n", why.c_str());
+        return 2;
+    }
+    if (o.load_dir.empty()) in = make_inputs(p, o.dist, o.seed);
     std::printf("%s%s%s: B=%d H=%d Nq=%d Nk=%d d=%d causal=%s dtype=%s scale=%.6g inputs=%s seed=%llu%s\n", s.name,
                 o.backward ? " (backward)" : "", p.kernel > 0 ? (" step " + std::to_string(p.kernel) + " " + steps[p.kernel - 1].name).c_str() : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
