@@ -173,6 +173,9 @@ bool next_flag(int argc, const char* const* argv, int* a, const std::function<bo
                std::string* flag, std::string* value, std::string* err);
 // A whole number in [lo, hi] from s, or a one-line error naming the flag. Shared by every program's parser.
 bool parse_int(const std::string& flag, const std::string& s, long lo, long hi, long* out, std::string* err);
+// The size caps every stage shares ("" when p is within them): one tensor at most 2^31-1 elements. Checked after
+// the flags and again after --load (a problem read from files never bypasses it).
+std::string problem_size_unsupported(const Problem& p);
 // allow_dtype / allow_backward: later stages accept --dtype and --backward; earlier ones reject them.
 bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
                    std::string* err);

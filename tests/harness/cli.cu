@@ -84,6 +84,18 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
     return u;
 }
 
+std::string problem_size_unsupported(const Problem& p) {
+    // Every tensor must be indexable: kernels compute offsets in 64 bits, but one tensor is capped at 2^31 - 1
+    // elements so that the per-head offsets they compute in 32 bits cannot overflow.
+    for (long rows : {long(p.Nq), long(p.Nk)}) {
+        const double elems = double(p.B) * p.H * rows * p.d;
+        if (elems > double(INT_MAX))
+            return "problem too large: a tensor of B*H*N*d = " + std::to_string((long long)elems) +
+                   " elements exceeds the limit of 2^31-1";
+    }
+    return "";
+}
+
 bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
                    std::string* err) {
     Options r;
@@ -138,14 +150,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     if (!r.load_dir.empty() && !sized_by.empty())
         return *err = "--load takes the sizes and values from its files; " + sized_by + " cannot be combined with it", false;
     if (have_n) r.p.Nq = r.p.Nk = int(n);
-    // Every tensor must be indexable: kernels compute offsets in 64 bits, but one tensor is capped at 2^31 - 1
-    // elements so that the per-head offsets they compute in 32 bits cannot overflow.
-    for (long rows : {long(r.p.Nq), long(r.p.Nk)}) {
-        const double elems = double(r.p.B) * r.p.H * rows * r.p.d;
-        if (elems > double(INT_MAX))
-            return *err = "problem too large: a tensor of B*H*N*d = " + std::to_string((long long)elems) +
-                          " elements exceeds the limit of 2^31-1", false;
-    }
+    if (const std::string why = problem_size_unsupported(r.p); !why.empty()) return *err = why, false;
     *o = r;
     return true;
 }

@@ -457,7 +457,8 @@ int stage_main(int argc, char** argv, const Stage& s) {
         return 2;
     }
     const Problem& p = o.p;
-    std::string why = s.unsupported ? s.unsupported(p) : "";
+    std::string why = problem_size_unsupported(p);
+    if (why.empty() && s.unsupported) why = s.unsupported(p);
     if (why.empty() && o.backward && s.backward_unsupported) why = s.backward_unsupported(p);
     if (!why.empty()) {
         std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
