@@ -191,6 +191,33 @@ static void check_grads_against_naive(const std::string& label, const Problem& p
     for (const Comparison& c : compare_grads(p, in, got, &naive)) CHECK_MESSAGE(c.ok, label << ": " << c.report);
 }
 
+TEST_CASE("v2 CPU model rounds like the tensor-core kernel for fp16/bf16 (P before P V, O at the end)") {
+    for (DType t : {DType::fp16, DType::bf16}) {
+        const Case c = make_case(113, 200, 64, true, Dist::normal, t);
+        const HostTensors in = make_inputs(c.p, c.dist, 31);  // rounded to t
+        Problem p32 = c.p;
+        p32.dtype = DType::fp32;
+        std::vector<float> o, lse, o32, lse32;
+        ModelTraffic traffic;
+        v2_model_forward(c.p, in, &o, &lse, &traffic);
+        v2_model_forward(p32, in, &o32, &lse32, &traffic);
+        const Reference same = reference_forward(c.p, in, {}, t), exact = reference_forward(c.p, in);
+        double err = 0, err32 = 0, err_same = 0;
+        for (size_t i = 0; i < o.size(); ++i) {
+            CHECK(round_to(t, o[i]) == o[i]);  // O is stored in the 16-bit type
+            err = std::max(err, std::fabs(o[i] - exact.o[i]));
+            err32 = std::max(err32, std::fabs(o32[i] - exact.o[i]));
+            err_same = std::max(err_same, std::fabs(same.o[i] - exact.o[i]));
+        }
+        // The rounding error is there and of the same-precision reference's size (within the 2x rule), while the
+        // same loops in fp32 are far more accurate: what the model now shows is the 16-bit rounding.
+        const std::string name = dtype_name(t);
+        CHECK_MESSAGE(err >= 0.25 * err_same, name << ": model error " << err << ", same-precision " << err_same);
+        CHECK_MESSAGE(err <= 2 * err_same, name << ": model error " << err << ", same-precision " << err_same);
+        CHECK_MESSAGE(err32 < 0.05 * err_same, name << ": fp32 model error " << err32);
+    }
+}
+
 TEST_CASE("GPU v2 fp32 forward matches float64, its CPU model and v1 over the shape matrix") {
     for (const Case& c : shape_matrix()) {
         const HostTensors in = make_inputs(c.p, c.dist, 21);

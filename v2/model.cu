@@ -1,4 +1,6 @@
-// model.cu: the fp32 FlashAttention-2 kernels in plain C++, loop for loop, with their tile sizes. Device memory is
+// model.cu: the fp32 FlashAttention-2 kernels in plain C++, loop for loop, with their tile sizes. For fp16/bf16 the
+// forward model also rounds where the tensor-core kernel rounds (P before P V, O at the end), so rounding can be
+// studied without a GPU. Device memory is
 // Hbm (every element read or written is counted); a tile loaded "on chip" is a local vector, not counted.
 //
 // Forward traffic, in closed form (tests/test_v2.cu holds the model to it): Q read once, O and LSE written once,
@@ -54,6 +56,8 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
                         l_tile += s;
                     }
                     const float alpha = rescale_factor(ml[r].m, m_new);
+                    // fp16/bf16: the tensor-core kernel rounds P to 16 bits for P V (l sums the unrounded P)
+                    for (float& s : S) s = round_to(p.dtype, s);
                     for (int k = 0; k < d; ++k) {
                         float pv = 0.0f;
                         for (int c = 0; c < cols; ++c) pv += S[c] * V_j[size_t(c) * d + k];
@@ -64,7 +68,8 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
             }
             for (int r = 0; r < rows; ++r) {  // normalise once, write once
                 const float inv_l = ml[r].l > 0.0f ? 1.0f / ml[r].l : 0.0f;
-                for (int k = 0; k < d; ++k) O.write((bh * Nq + q0 + r) * d + k, O_i[size_t(r) * d + k] * inv_l);
+                for (int k = 0; k < d; ++k)  // O in the inputs' type, as the kernel stores it
+                    O.write((bh * Nq + q0 + r) * d + k, round_to(p.dtype, O_i[size_t(r) * d + k] * inv_l));
                 LSE.write(bh * Nq + q0 + r, log_sum_exp(ml[r]));
             }
         }
