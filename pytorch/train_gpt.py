@@ -13,7 +13,7 @@ Pass criterion (stated before the run): with the same seed the two attentions gi
 so their losses should differ far less than two seeds do. With L = the mean loss of the last 50 steps:
     max over seeds |L(ours) - L(torch)|  <=  seed-to-seed spread + 0.01,
 where the spread is max(|L_torch(seed 1) - L_torch(seed 2)|, |L_ours(seed 1) - L_ours(seed 2)|); and our median
-step time is at most PyTorch's (tokens/s at least PyTorch's). Exit code 0 when both hold, 1 otherwise.
+step time (over both seeds' steps after the first 20) is at most PyTorch's (tokens/s at least PyTorch's). Exit code 0 when both hold, 1 otherwise.
 Needs PyTorch with a CUDA GPU of sm_80 or newer (matplotlib for the PNG; without it the plot is skipped).
 """
 import argparse
@@ -106,7 +106,7 @@ def train(name, seed, data, args, bar):
         if not math.isfinite(losses[-1]):
             raise SystemExit(f"error: {name} seed {seed}: loss is {losses[-1]} at step {step}")
         bar(name, seed, step + 1, losses[-1])
-    return losses, statistics.median(step_ms[20:])  # the first steps include warm-up and compilation
+    return losses, step_ms[20:]  # the first steps include warm-up and loading the kernels
 
 
 def main():
@@ -126,7 +126,8 @@ def main():
     data, nfiles = corpus()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; corpus: {nfiles} files, {len(data)} bytes; "
           f"{args.steps} steps of {args.batch} x {args.context} tokens", flush=True)
-    runs = [(name, seed) for seed in seeds for name in ("torch", "ours")]
+    # ABBA order (torch, ours, ours, torch), so a drift of the GPU's clocks over the runs favours neither side
+    runs = [("torch", seeds[0]), ("ours", seeds[0]), ("ours", seeds[1]), ("torch", seeds[1])]
 
     def bar(name, seed, step, loss):
         done = int(30 * step / args.steps)
@@ -145,19 +146,21 @@ def main():
             w.writerow([i + 1] + [f"{results[r][0][i]:.5f}" for r in runs])
 
     tail = {r: statistics.mean(results[r][0][-50:]) for r in runs}
-    tok_s = {name: args.batch * args.context / (statistics.median(results[(name, s)][1] for s in seeds) * 1e-3)
+    # tokens/s from the median step time over both seeds' timed steps together
+    tok_s = {name: args.batch * args.context / (statistics.median(results[(name, seeds[0])][1] +
+                                                                  results[(name, seeds[1])][1]) * 1e-3)
              for name in ("torch", "ours")}
     spread = max(abs(tail[(n, seeds[0])] - tail[(n, seeds[1])]) for n in ("torch", "ours"))
     diff = max(abs(tail[("ours", s)] - tail[("torch", s)]) for s in seeds)
     print("\n| attention | seed | mean loss, last 50 steps | median step (ms) | tokens/s |\n|---|---|---|---|---|")
     for n, s in runs:
-        ms = results[(n, s)][1]
+        ms = statistics.median(results[(n, s)][1])
         print(f"| {n} | {s} | {tail[(n, s)]:.4f} | {ms:.2f} | {args.batch * args.context / (ms * 1e-3):,.0f} |")
     loss_ok = diff <= spread + 0.01
     speed_ok = tok_s["ours"] >= tok_s["torch"]
     print(f"\nloss: max |ours - torch| at one seed = {diff:.4f}; seed-to-seed spread = {spread:.4f}; "
           f"criterion diff <= spread + 0.01: {'PASS' if loss_ok else 'FAIL'}")
-    print(f"tokens/s (median over seeds): ours {tok_s['ours']:,.0f}, torch {tok_s['torch']:,.0f}, ratio "
+    print(f"tokens/s (median step over both seeds): ours {tok_s['ours']:,.0f}, torch {tok_s['torch']:,.0f}, ratio "
           f"{tok_s['ours'] / tok_s['torch']:.3f}: {'PASS' if speed_ok else 'FAIL'} (ours >= torch)")
     try:
         import matplotlib
