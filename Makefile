@@ -3,6 +3,7 @@
 #   make            build everything          make test       build, run every test (CPU tests without a GPU)
 #   make run        the ladder, stage by stage make bench      the FlashAttention-2 benchmark shapes, all stages
 #   make sanitize   compute-sanitizer on small shapes of every stage
+#   make gpt        optional, needs PyTorch + GPU: the small GPT trained on our attention and on PyTorch's
 #
 # GPU architecture: detected with nvidia-smi when a GPU is present; override with `make ARCH=sm_90`. Without a
 # GPU (CI) the default builds machine code for sm_80 (Ampere: A100; also runs on sm_86/sm_89) and sm_90 (Hopper),
@@ -36,7 +37,7 @@ kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %main.cu,$(wildcard $(1
 TEST_SRC    := $(wildcard tests/*.cu)
 TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
 
-.PHONY: doctest all test run bench sanitize clean
+.PHONY: doctest all test run bench sanitize gpt clean
 PROGRAMS := $(STAGES:%=bin/%) $(if $(wildcard online_softmax/rows_main.cu),bin/softmax_rows)
 all: $(PROGRAMS) bin/tests
 
@@ -73,6 +74,7 @@ bin/tests: $(TEST_OBJ) $(HARNESS_OBJ)
 test: all
 	./bin/tests
 	bash tests/cli_test.sh
+	bash scripts/pytorch_tests.sh
 
 run: $(PROGRAMS)
 	@bash scripts/ladder.sh
@@ -82,6 +84,9 @@ bench: all
 
 sanitize: all
 	@bash scripts/sanitize.sh
+
+gpt:
+	python3 pytorch/train_gpt.py
 
 clean:
 	rm -rf $(BUILD) bin

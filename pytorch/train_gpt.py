@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Train a small GPT on this repository's own text, once on our attention and once on PyTorch's, and compare.
+
+    python3 pytorch/train_gpt.py [--steps 400] [--out docs/measured/gpt]
+
+A byte-level GPT (6 layers, 8 heads of d = 64, context 1024, bf16 autocast) learns from the project's docs and
+sources (every *.md, *.cu, *.cuh, *.h, *.py file, concatenated: the text ships with the project). The same model,
+data order and initialisation run four times: attention by flash_scratch (the v2 kernels) and by PyTorch's
+scaled_dot_product_attention (its default backend), each with two seeds. It prints a progress bar, then tokens per
+second for both, and writes loss curves (CSV and PNG) to --out.
+
+Pass criterion (stated before the run): with the same seed the two attentions give the same model up to rounding,
+so their losses should differ far less than two seeds do. With L = the mean loss of the last 50 steps:
+    max over seeds |L(ours) - L(torch)|  <=  seed-to-seed spread + 0.01,
+where the spread is max(|L_torch(seed 1) - L_torch(seed 2)|, |L_ours(seed 1) - L_ours(seed 2)|); and our median
+step time (over both seeds' steps after the first 20) is at most PyTorch's (tokens/s at least PyTorch's). Exit code 0 when both hold, 1 otherwise.
+Needs PyTorch with a CUDA GPU of sm_80 or newer (matplotlib for the PNG; without it the plot is skipped).
+"""
+import argparse
+import csv
+import glob
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from flash_scratch import attention  # noqa: E402
+
+
+def corpus():
+    files = sorted(f for ext in ("md", "cu", "cuh", "h", "py") for f in glob.glob(f"{ROOT}/**/*.{ext}", recursive=True)
+                   if "/build/" not in f and "/scratch/" not in f)
+    data = b"".join(open(f, "rb").read() for f in files)
+    return torch.tensor(list(data), dtype=torch.uint8), len(files)
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, attn):
+        super().__init__()
+        self.heads, self.attn = heads, attn
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        # [B, T, 3, H, d] -> three [B, H, T, d] tensors, contiguous as both attentions are handed them
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).contiguous()
+        y = self.attn(q, k, v).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, attn, layers=6, width=512, heads=8, context=1024, vocab=256):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads, attn) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln(x))
+
+
+ATTENTIONS = {
+    "ours": lambda q, k, v: attention(q, k, v, causal=True),
+    "torch": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+}
+
+
+def train(name, seed, data, args, bar):
+    torch.manual_seed(seed)
+    model = GPT(ATTENTIONS[name], context=args.context).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)  # the same batches for both attentions at one seed
+    losses, step_ms = [], []
+    for step in range(args.steps):
+        starts = torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen)
+        chunk = torch.stack([data[s:s + args.context + 1] for s in starts.tolist()]).cuda().long()
+        lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(chunk[:, :-1])
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        torch.cuda.synchronize()
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise SystemExit(f"error: {name} seed {seed}: loss is {losses[-1]} at step {step}")
+        bar(name, seed, step + 1, losses[-1])
+    return losses, step_ms[20:]  # the first steps include warm-up and loading the kernels
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "measured", "gpt"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: train_gpt.py needs a CUDA GPU")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if len(seeds) != 2:
+        raise SystemExit("error: --seeds takes two seeds (the criterion compares seed-to-seed spread)")
+    data, nfiles = corpus()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; corpus: {nfiles} files, {len(data)} bytes; "
+          f"{args.steps} steps of {args.batch} x {args.context} tokens", flush=True)
+    # ABBA order (torch, ours, ours, torch), so a drift of the GPU's clocks over the runs favours neither side
+    runs = [("torch", seeds[0]), ("ours", seeds[0]), ("ours", seeds[1]), ("torch", seeds[1])]
+
+    def bar(name, seed, step, loss):
+        done = int(30 * step / args.steps)
+        sys.stderr.write(f"\r{name:5s} seed {seed} [{'#' * done}{'.' * (30 - done)}] {step}/{args.steps} "
+                         f"loss {loss:.3f}")
+        if step == args.steps:
+            sys.stderr.write("\n")
+
+    results = {run: train(*run, data, args, bar) for run in runs}
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "loss.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step"] + [f"{n}_seed{s}" for n, s in runs])
+        for i in range(args.steps):
+            w.writerow([i + 1] + [f"{results[r][0][i]:.5f}" for r in runs])
+
+    tail = {r: statistics.mean(results[r][0][-50:]) for r in runs}
+    # tokens/s from the median step time over both seeds' timed steps together
+    tok_s = {name: args.batch * args.context / (statistics.median(results[(name, seeds[0])][1] +
+                                                                  results[(name, seeds[1])][1]) * 1e-3)
+             for name in ("torch", "ours")}
+    spread = max(abs(tail[(n, seeds[0])] - tail[(n, seeds[1])]) for n in ("torch", "ours"))
+    diff = max(abs(tail[("ours", s)] - tail[("torch", s)]) for s in seeds)
+    print("\n| attention | seed | mean loss, last 50 steps | median step (ms) | tokens/s |\n|---|---|---|---|---|")
+    for n, s in runs:
+        ms = statistics.median(results[(n, s)][1])
+        print(f"| {n} | {s} | {tail[(n, s)]:.4f} | {ms:.2f} | {args.batch * args.context / (ms * 1e-3):,.0f} |")
+    loss_ok = diff <= spread + 0.01
+    speed_ok = tok_s["ours"] >= tok_s["torch"]
+    print(f"\nloss: max |ours - torch| at one seed = {diff:.4f}; seed-to-seed spread = {spread:.4f}; "
+          f"criterion diff <= spread + 0.01: {'PASS' if loss_ok else 'FAIL'}")
+    print(f"tokens/s (median step over both seeds): ours {tok_s['ours']:,.0f}, torch {tok_s['torch']:,.0f}, ratio "
+          f"{tok_s['ours'] / tok_s['torch']:.3f}: {'PASS' if speed_ok else 'FAIL'} (ours >= torch)")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, s in runs:
+            ax.plot(range(1, args.steps + 1), results[(n, s)][0], label=f"{n}, seed {s}",
+                    linestyle="-" if n == "ours" else "--", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (bytes, cross-entropy)")
+        ax.set_title(f"small GPT on this repository's text, {torch.cuda.get_device_name()}")
+        ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "loss.png"), dpi=120)
+        print(f"wrote {args.out}/loss.csv and loss.png")
+    except ImportError:
+        print(f"wrote {args.out}/loss.csv (matplotlib not installed: no plot)")
+    return 0 if loss_ok and speed_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
