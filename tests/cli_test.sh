@@ -40,6 +40,7 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     expect 2 "$prog" --n 12x
     expect 2 "$prog" --heads 99999999999
     expect 2 "$prog" --batch 65536 --heads 65536 --n 65536
+    expect 2 "$prog" --batch 2147483647 --heads 2147483647 --n 2147483647 --d 2147483647  # beyond any integer (fuzz find)
     expect 2 "$prog" --n 8 --nq 4
     expect 2 "$prog" --d 1000
     expect 2 "$prog" --dist uniform

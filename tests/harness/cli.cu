@@ -89,9 +89,12 @@ std::string problem_size_unsupported(const Problem& p) {
     // elements so that the per-head offsets they compute in 32 bits cannot overflow.
     for (long rows : {long(p.Nq), long(p.Nk)}) {
         const double elems = double(p.B) * p.H * rows * p.d;
-        if (elems > double(INT_MAX))
-            return "problem too large: a tensor of B*H*N*d = " + std::to_string((long long)elems) +
-                   " elements exceeds the limit of 2^31-1";
+        if (elems > double(INT_MAX)) {  // printed as a double: it may exceed any integer type (a fuzz find)
+            char line[160];
+            std::snprintf(line, sizeof line, "problem too large: a tensor of B*H*N*d = %.4g elements exceeds the "
+                          "limit of 2^31-1", elems);
+            return line;
+        }
     }
     return "";
 }

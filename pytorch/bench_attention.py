@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Where the GPT demo's time goes: one attention call (forward, and forward + backward) through flash_scratch and
+through PyTorch's scaled_dot_product_attention, at the demo's shape and at a large one.
+
+    python3 pytorch/bench_attention.py
+
+Two numbers per case, medians of many repetitions: GPU time between CUDA events (the L2 flushed before each rep),
+and host time per call with the GPU kept busy (what a training loop pays in Python and dispatch per call).
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flash_scratch import attention  # noqa: E402
+
+
+def gpu_ms(fn, reps=50):
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def host_us(fn, reps=200):
+    """Host time per call while the GPU works through the queue: calls are issued back to back."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal")
+    print("| B, H, N, d | pass | ours GPU ms | torch GPU ms | ours host us/call | torch host us/call |")
+    print("|---|---|---|---|---|---|")
+    for B, H, N, d in ((16, 8, 1024, 64), (4, 16, 4096, 128)):
+        q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16)
+        ours = lambda: attention(q, k, v, causal=True)  # noqa: E731
+        theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        for name, fwd in (("fwd", None), ("fwd+bwd", True)):
+            if fwd is None:
+                fo, ft = ours, theirs
+            else:
+                def fo():
+                    torch.autograd.grad(ours(), (q, k, v), do)
+
+                def ft():
+                    torch.autograd.grad(theirs(), (q, k, v), do)
+            print(f"| {B}, {H}, {N}, {d} | {name} | {gpu_ms(fo):.3f} | {gpu_ms(ft):.3f} | {host_us(fo):.0f} | "
+                  f"{host_us(ft):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
