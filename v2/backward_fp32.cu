@@ -19,6 +19,7 @@
 // element. Fully masked rows (LSE = -inf) give P = 0 and so contribute nothing.
 #include <cmath>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "v2.h"
 
@@ -140,7 +141,8 @@ V2Tiles v2_fp32_backward_tiles() { return {Br, Bc}; }
 
 size_t v2_backward_fp32_workspace_bytes(const Problem& p) { return p.lse_elems() * sizeof(float); }
 
-void v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
+std::string v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
+    if (std::string why = v2_fp32_unsupported(p); !why.empty()) return why;
     const long long rows = (long long)p.B * p.H * p.Nq;
     float* D = static_cast<float*>(a.workspace);
     const int rows_per_block = 8;  // 8 warps of 256 threads
@@ -148,12 +150,16 @@ void v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
         static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemsetAsync(a.dq, 0, p.q_elems() * sizeof(float)));  // all-zero bytes are 0.0f
-    const int smem = int(smem_bytes(p.d));  // 75 KB at d = 128: above the default 48 KB, must be opted in
-    CUDA_CHECK(cudaFuncSetAttribute(flash2_backward_fp32, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid((p.Nk + Bc - 1) / Bc, p.B * p.H);
+    // 75 KB at d = 128: above the default 48 KB, must be opted in. Once, at the first launch, for the largest d.
+    static const cudaError_t attribute_set = cudaFuncSetAttribute(
+        flash2_backward_fp32, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes(kV2MaxHeadDim)));
+    CUDA_CHECK(attribute_set);
+    const int smem = int(smem_bytes(p.d));
+    const dim3 grid(ceil_div(p.Nk, Bc), p.B * p.H);
     flash2_backward_fp32<<<grid, kThreads, smem>>>(
         static_cast<const float*>(a.q), static_cast<const float*>(a.k), static_cast<const float*>(a.v),
         static_cast<const float*>(a.dO), a.lse, D, static_cast<float*>(a.dq), static_cast<float*>(a.dk),
         static_cast<float*>(a.dv), p.Nq, p.Nk, p.d, p.resolved_scale(), p.causal);
     CUDA_CHECK_LAUNCH();
+    return "";
 }

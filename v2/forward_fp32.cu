@@ -32,6 +32,7 @@
 // shared memory (they add nothing to S_ij, and give O_i columns that are never stored).
 #include <cmath>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "online_softmax/merge.cuh"
 #include "v2.h"
@@ -194,8 +195,14 @@ template <int D>
 void launch(const Problem& p, const ForwardArgs& a) {
     auto kernel = p.causal ? flash2_forward_fp32<D, true> : flash2_forward_fp32<D, false>;
     constexpr int smem = sizeof(Smem<D>);  // above the default 48 KB for D >= 64: must be opted in
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid((p.Nq + Br - 1) / Br, p.B * p.H);
+    // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
+    static const bool attributes_set = [] {
+        CUDA_CHECK(cudaFuncSetAttribute(flash2_forward_fp32<D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        CUDA_CHECK(cudaFuncSetAttribute(flash2_forward_fp32<D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        return true;
+    }();
+    (void)attributes_set;
+    const dim3 grid(ceil_div(p.Nq, Br), p.B * p.H);
     kernel<<<grid, kThreads, smem>>>(static_cast<const float*>(a.q), static_cast<const float*>(a.k),
                                      static_cast<const float*>(a.v), static_cast<float*>(a.o), a.lse, p.Nq, p.Nk,
                                      p.d, p.resolved_scale());
@@ -213,11 +220,13 @@ std::string v2_fp32_unsupported(const Problem& p) {
     return "";
 }
 
-void v2_forward_fp32(const Problem& p, const ForwardArgs& a) {
+std::string v2_forward_fp32(const Problem& p, const ForwardArgs& a) {
+    if (std::string why = v2_fp32_unsupported(p); !why.empty()) return why;
     switch (bucket_for(p.d)) {
-        case 32: launch<32>(p, a); break;
-        case 64: launch<64>(p, a); break;
-        case 96: launch<96>(p, a); break;
-        default: launch<128>(p, a); break;
+        case 32: launch<32>(p, a); return "";
+        case 64: launch<64>(p, a); return "";
+        case 96: launch<96>(p, a); return "";
+        case 128: launch<128>(p, a); return "";
+        default: return "v2 fp32 forward has no instantiation for head dim " + std::to_string(p.d);
     }
 }

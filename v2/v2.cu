@@ -1,16 +1,51 @@
 // v2.cu: FlashAttention-2 by data type: fp32 runs the CUDA-core kernels (forward_fp32.cu, backward_fp32.cu),
 // fp16 and bf16 the tensor-core kernels (forward_mma.cu, backward_mma.cu). Same arguments, same conventions.
+#include <stdexcept>
+
 #include "backward_mma.h"
 #include "forward_mma.h"
 #include "v2.h"
 
+namespace {
+
+// The compute capability of the current device as major * 10 + minor, read once; 0 when there is no GPU (the CPU
+// model runs then, and nothing here is launched).
+int device_sm() {
+    static const int sm = [] {
+        int device = 0, major = 0, minor = 0;
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+            cudaGetLastError();  // clear the error: no GPU is not a failure here
+            return 0;
+        }
+        return major * 10 + minor;
+    }();
+    return sm;
+}
+
+// What both passes refuse before their own limits: --kernel on fp32, tensor cores older than sm_80.
+std::string common_refusal(const Problem& p) {
+    if (p.dtype == DType::fp32 && p.kernel != 0)
+        return "v2 --kernel picks a tensor-core step; fp32 runs on CUDA cores with one kernel per pass (use --dtype fp16)";
+    const int sm = device_sm();
+    if (p.dtype != DType::fp32 && sm != 0 && sm < 80)
+        return std::string("v2 ") + dtype_name(p.dtype) + " needs tensor cores of sm_80 or newer (mma.sync m16n8k16, "
+               "cp.async; found sm_" + std::to_string(sm) + ": use --dtype fp32)";
+    return "";
+}
+
+}  // namespace
+
 std::string v2_unsupported(const Problem& p) {
+    if (std::string why = common_refusal(p); !why.empty()) return why;
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);
     std::string why;
     return v2_mma_supports(p, &why) ? "" : why;
 }
 
 std::string v2_backward_unsupported(const Problem& p) {
+    if (std::string why = common_refusal(p); !why.empty()) return why;
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);
     std::string why;
     return v2_backward_mma_supports(p, &why) ? "" : why;
@@ -19,10 +54,10 @@ std::string v2_backward_unsupported(const Problem& p) {
 size_t v2_workspace_bytes(const Problem&) { return 0; }
 
 void v2_forward(const Problem& p, const ForwardArgs& a) {
-    if (p.dtype == DType::fp32)
-        v2_forward_fp32(p, a);
-    else
-        v2_forward_mma(p, a.q, a.k, a.v, a.o, a.lse);
+    if (std::string why = v2_unsupported(p); !why.empty()) throw std::invalid_argument(why);
+    const std::string why = p.dtype == DType::fp32 ? v2_forward_fp32(p, a)
+                                                   : v2_forward_mma(p, a.q, a.k, a.v, a.o, a.lse);
+    if (!why.empty()) throw std::invalid_argument(why);
 }
 
 size_t v2_backward_workspace_bytes(const Problem& p) {
@@ -30,8 +65,10 @@ size_t v2_backward_workspace_bytes(const Problem& p) {
 }
 
 void v2_backward(const Problem& p, const BackwardArgs& a) {
-    if (p.dtype == DType::fp32)
-        v2_backward_fp32(p, a);
-    else
-        v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk, a.dv, a.workspace);
+    if (std::string why = v2_backward_unsupported(p); !why.empty()) throw std::invalid_argument(why);
+    const std::string why =
+        p.dtype == DType::fp32
+            ? v2_backward_fp32(p, a)
+            : v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk, a.dv, a.workspace);
+    if (!why.empty()) throw std::invalid_argument(why);
 }
