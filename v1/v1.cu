@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/blocks.cuh"  // ceil_div, warp_max, warp_sum
 #include "cuda_check.h"
 #include "online_softmax/merge.cuh"
 #include "v1.h"
@@ -17,7 +18,6 @@ namespace {
 
 constexpr int THREADS = 256, WARPS = THREADS / 32;
 
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
 // Leading dimension of an on-chip array with n columns: a multiple of 4, so every row starts 16-byte aligned for
@@ -88,15 +88,6 @@ __device__ void block_matmul(const float* A, int lda, const float* B, int ldb, i
     }
 }
 
-__device__ float warp_max(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    return x;
-}
-
-__device__ float warp_sum(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
 
 __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArgs a) {
     extern __shared__ __align__(16) float smem[];

@@ -1,7 +1,7 @@
 // backward_fp32.cu: the FlashAttention-2 backward pass (Dao, 2023, Algorithm 2) in fp32 on CUDA cores, written
 // to be read: one thread per output element of each small product, operands from shared memory.
 //
-//   pre-pass   D_i = rowsum(dO_i * O_i)                       (softmax_grad_rowsum, one warp per query row)
+//   pre-pass   D_i = rowsum(dO_i * O_i)                       (rowsum_dO_O, common/blocks.cuh)
 //   main       one block per K/V tile K_j, V_j (Bc keys) of one (batch, head), kept in shared memory, with dK_j
 //              and dV_j accumulated in registers; the block walks the Q tiles Q_i (Br rows) that see any key of K_j:
 //                 S_ij  = scale * Q_i K_j^T          P_ij = exp(S_ij - LSE_i)   (recomputed, never stored)
@@ -28,17 +28,6 @@ namespace {
 constexpr int Br = 32, Bc = 32;  // query rows of Q_i, key rows of K_j
 constexpr int kThreads = 256;
 constexpr int kAccPerThread = Bc * kV2MaxHeadDim / kThreads;  // elements of dK_j (and of dV_j) a thread owns
-
-// D_i = sum_k dO_ik * O_ik, one warp per query row.
-__global__ void softmax_grad_rowsum(const float* dO, const float* O, float* D, long long rows, int d) {
-    const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    float acc = 0.0f;
-    for (int k = lane; k < d; k += 32) acc += dO[row * d + k] * O[row * d + k];
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) D[row] = acc;
-}
 
 // Shared memory: K_j, V_j, Q_i, dO_i with rows of d + 1 floats (the 32 threads of a warp read 32 different rows at
 // one column: with an odd pitch they hit 32 different banks), P_ij and dS_ij with rows of Bc + 1, then LSE_i, D_i.
@@ -145,10 +134,7 @@ std::string v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
     if (std::string why = v2_fp32_unsupported(p); !why.empty()) return why;
     const long long rows = (long long)p.B * p.H * p.Nq;
     float* D = static_cast<float*>(a.workspace);
-    const int rows_per_block = 8;  // 8 warps of 256 threads
-    softmax_grad_rowsum<<<unsigned((rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block>>>(
-        static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);
-    CUDA_CHECK_LAUNCH();
+    rowsum_dO_O(static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);
     CUDA_CHECK(cudaMemsetAsync(a.dq, 0, p.q_elems() * sizeof(float)));  // all-zero bytes are 0.0f
     // 75 KB at d = 128: above the default 48 KB, must be opted in. Once, at the first launch, for the largest d.
     static const cudaError_t attribute_set = cudaFuncSetAttribute(

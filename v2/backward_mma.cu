@@ -101,7 +101,8 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
 
 // ------------------------------------------------------------------------------------------------------ kernels
 
-// One warp per row of [B*H, Nq_pad]: D_i = rowsum(dO_i * O_i) and LSE_i * log2(e). Rows that see no key
+// One warp per row of [B*H, Nq_pad]: D_i = rowsum(dO_i * O_i) (as common/blocks.cuh's rowsum_dO_O, here on 16-bit
+// inputs and in the same pass as the rest) and LSE_i * log2(e). Rows that see no key
 // (LSE = -inf) and the padding rows past Nq get LSE = +inf, so that P = exp2(s - inf) = 0 and they add nothing.
 template <typename T, int kD>
 __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, float* lse_log2, float* D, int Nq,
@@ -369,7 +370,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 
     const size_t n_elems = p.q_elems();
     const int threads = 256;
-    const size_t blocks = (n_elems / 4 + threads - 1) / threads;
+    const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
     convert_dq_kernel<T, kD><<<unsigned(blocks), threads, 0, stream>>>(dQ_accum, dQ, p.Nq, Nq_pad, n_elems);
     CUDA_CHECK_LAUNCH();
 }

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
 
     // K/V tiles this Q tile walks: all of them, or (causal) up to the last key its last row sees.
     const int kv_end = kCausal ? min(Nk, causal_key_end(min(q0 + Br, Nq) - 1, Nq, Nk)) : Nk;
-    const int Tc = kv_end > 0 ? (kv_end + Bc - 1) / Bc : 0;
+    const int Tc = kv_end > 0 ? ceil_div(kv_end, Bc) : 0;
 
     float O_i[4][kOCols] = {};
     SoftmaxState ml[4];  // (m_i, l_i) of this lane's 4 rows, the same in all 8 lanes of a row
@@ -137,8 +137,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
             float m_tile = -INFINITY;
 #pragma unroll
             for (int c = 0; c < kSCols; ++c) m_tile = fmaxf(m_tile, S[r][c]);
-            for (int offset = 1; offset < 8; offset *= 2)  // the 8 lanes of this row group
-                m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, offset));
+            m_tile = warp_max<8>(m_tile);  // the 8 lanes of this row group
             const float m_new = fmaxf(ml[r].m, m_tile);
             float l_tile = 0.0f;
 #pragma unroll
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
                 S[r][c] = rescale_factor(S[r][c], m_new);  // exp(S - m_new); 0 where masked, even if m_new = -inf
                 l_tile += S[r][c];
             }
-            for (int offset = 1; offset < 8; offset *= 2) l_tile += __shfl_xor_sync(0xffffffffu, l_tile, offset);
+            l_tile = warp_sum<8>(l_tile);
             const float alpha = rescale_factor(ml[r].m, m_new);
 #pragma unroll
             for (int c = 0; c < kOCols; ++c) O_i[r][c] *= alpha;

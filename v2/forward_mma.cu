@@ -129,7 +129,7 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int
     const int r0 = threadIdx.x / kChunksPerRow, c = threadIdx.x % kChunksPerRow * 8;
     const T* tile = gmem + size_t(row0) * kD;  // row0 < N always, so this is a valid address for zero-fills too
 #pragma unroll
-    for (int i = 0; i < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++i) {
+    for (int i = 0; i < ceil_div(kRows, kRowsPerPass); ++i) {
         const int r = r0 + i * kRowsPerPass;
         if (!kEven && (r0 >= kRowsPerPass || r >= kRows)) continue;
         const bool in_range = r < N - row0;
