@@ -3,6 +3,7 @@
 #   make            build everything          make test       build, run every test (CPU tests without a GPU)
 #   make run        the ladder, stage by stage make bench      the FlashAttention-2 benchmark shapes, all stages
 #   make sanitize   compute-sanitizer on small shapes of every stage
+#   make steps      v2's tensor-core optimisation steps, one by one, on the benchmark shapes (table and plots)
 #
 # GPU architecture: detected with nvidia-smi when a GPU is present; override with `make ARCH=sm_90`. Without a
 # GPU (CI) the default builds machine code for sm_80 (Ampere: A100; also runs on sm_86/sm_89) and sm_90 (Hopper),
@@ -36,7 +37,7 @@ kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %main.cu,$(wildcard $(1
 TEST_SRC    := $(wildcard tests/*.cu)
 TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
 
-.PHONY: all test run bench sanitize clean
+.PHONY: all test run bench steps sanitize clean
 PROGRAMS := $(STAGES:%=bin/%) $(if $(wildcard online_softmax/rows_main.cu),bin/softmax_rows)
 all: $(PROGRAMS) bin/tests
 
@@ -69,6 +70,10 @@ run: all
 
 bench: all
 	@bash scripts/bench.sh
+
+# every tensor-core optimisation step of v2 (bin/v2 --kernel list) on the benchmark shapes, with plots
+steps: all
+	@bash scripts/steps.sh
 
 sanitize: all
 	@bash scripts/sanitize.sh
