@@ -15,6 +15,8 @@
 // which lands in L2. dQ is fp32 already, so it is its own accumulator: zeroed first, no workspace, no copy. The price:
 // the order of the additions varies from run to run, so dQ may differ between runs in the last bits.
 //
+// The `// line N` comments are the lines of Algorithm 2 (the backward pass) of the FlashAttention-2 paper.
+//
 // Causal (bottom-right aligned): Q tiles whose rows all end before key j*Bc are skipped; the mask is applied per
 // element. Fully masked rows (LSE = -inf) give P = 0 and so contribute nothing.
 #include <cmath>
@@ -48,20 +50,20 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
     float* L_i = dS_ij + Br * s_pitch;
     float* D_i = L_i + Br;
 
-    const int j = blockIdx.x, key0 = j * Bc;
+    const int j = blockIdx.x, key0 = j * Bc;  // line 5: the grid walks the K/V tiles
     const long long bh = blockIdx.y;
-    for (int e = threadIdx.x; e < Bc * d; e += kThreads) {
+    for (int e = threadIdx.x; e < Bc * d; e += kThreads) {  // line 6
         const int c = e / d, k = e % d;
         const bool inside = key0 + c < Nk;
         K_j[c * pitch + k] = inside ? K[(bh * Nk + key0 + c) * d + k] : 0.0f;
         V_j[c * pitch + k] = inside ? V[(bh * Nk + key0 + c) * d + k] : 0.0f;
     }
     // dK_j and dV_j: element e = threadIdx.x + t * kThreads of the Bc x d tile, for e < Bc * d.
-    float dK_j[kAccPerThread] = {}, dV_j[kAccPerThread] = {};
+    float dK_j[kAccPerThread] = {}, dV_j[kAccPerThread] = {};  // line 7
 
     // The first query row that sees key0 (causal: row i sees key0 when key0 < causal_key_end(i)).
     const int first_row = causal ? max(0, key0 + Nq - Nk) : 0;
-    for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
+    for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {  // line 8 (line 9: the loads below; O_i is in D_i)
         __syncthreads();  // the previous Q tile is fully used (and, the first time, K_j, V_j are loaded)
         for (int e = threadIdx.x; e < Br * d; e += kThreads) {
             const int r = e / d, k = e % d;
@@ -75,7 +77,8 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
         }
         __syncthreads();
 
-        // P_ij = exp(scale * Q_i K_j^T - LSE_i) and dS_ij = P_ij * (dO_i V_j^T - D_i), one (r, c) per thread
+        // lines 10, 11, 13, 14: P_ij = exp(scale * Q_i K_j^T - LSE_i) and dS_ij = P_ij * (dO_i V_j^T - D_i), one
+        // (r, c) per thread
         for (int e = threadIdx.x; e < Br * Bc; e += kThreads) {
             const int r = e / Bc, c = e % Bc;
             float s = 0.0f, dp = 0.0f;
@@ -91,7 +94,8 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
         }
         __syncthreads();
 
-        // dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i (scale applied at the end), one (c, k) per accumulator
+        // lines 12 and 16: dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i (scale applied at the end), one (c, k) per
+        // accumulator
 #pragma unroll
         for (int t = 0; t < kAccPerThread; ++t) {
             const int e = threadIdx.x + t * kThreads;
@@ -102,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
                 dK_j[t] += dS_ij[r * s_pitch + c] * Q_i[r * pitch + k];
             }
         }
-        // dQ_i += scale * dS_ij K_j: every K/V block adds to the same rows, hence atomicAdd
+        // line 15: dQ_i += scale * dS_ij K_j: every K/V block adds to the same rows, hence atomicAdd
         for (int e = threadIdx.x; e < Br * d; e += kThreads) {
             const int r = e / d, k = e % d;
             if (q0 + r >= Nq) continue;
@@ -112,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
         }
     }
 
-    // dK_j, dV_j written once. Keys no query sees (causal) get zeros.
+    // line 18: dK_j, dV_j written once. Keys no query sees (causal) get zeros.
 #pragma unroll
     for (int t = 0; t < kAccPerThread; ++t) {
         const int e = threadIdx.x + t * kThreads;
@@ -134,8 +138,8 @@ std::string v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
     if (std::string why = v2_fp32_unsupported(p); !why.empty()) return why;
     const long long rows = (long long)p.B * p.H * p.Nq;
     float* D = static_cast<float*>(a.workspace);
-    rowsum_dO_O(static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);
-    CUDA_CHECK(cudaMemsetAsync(a.dq, 0, p.q_elems() * sizeof(float)));  // all-zero bytes are 0.0f
+    rowsum_dO_O(static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);  // line 4
+    CUDA_CHECK(cudaMemsetAsync(a.dq, 0, p.q_elems() * sizeof(float)));  // line 3; all-zero bytes are 0.0f
     // 75 KB at d = 128: above the default 48 KB, must be opted in. Once, at the first launch, for the largest d.
     static const cudaError_t attribute_set = cudaFuncSetAttribute(
         flash2_backward_fp32, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes(kV2MaxHeadDim)));

@@ -9,6 +9,8 @@
 //                      dK_j += scale * dS_ij^T Q_i                 dQ_i += scale * dS_ij K_j   (fp32 atomics)
 //   3. convert:    dQ = the fp32 accumulator, rounded to fp16/bf16.
 //
+// The `// line N` comments are the lines of Algorithm 2 of the FlashAttention-2 paper (as in backward_fp32.cu).
+//
 // Why atomics for dQ: the alternative, a second kernel parallel over Q tiles, must recompute S_ij and dP_ij
 // (two of the five Br x Bc x d products) to form dS_ij, i.e. 7 products instead of 5, 40% more tensor-core work.
 // The atomics cost one fp32 red per dQ element per K/V tile; they go to L2 and overlap the next tile's products.
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* s_lse = reinterpret_cast<const float*>(smem + L::lse);
     const float* s_D = reinterpret_cast<const float*>(smem + L::D);
 
-    const int bh = blockIdx.y, j0 = blockIdx.x * Bc;
+    const int bh = blockIdx.y, j0 = blockIdx.x * Bc;  // line 5: the grid walks the K/V tiles
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     Q += size_t(bh) * Nq * kD;
     dO += size_t(bh) * Nq * kD;
@@ -175,16 +177,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             cp_async_16(s + L::D + stage * Br * 4 + (threadIdx.x - Br / 4) * 16,
                         D + tile * Br + (threadIdx.x - Br / 4) * 4, 16);
     };
-    load_tile_async<Bc, kD>(s + L::K, K, j0, Nk);
+    load_tile_async<Bc, kD>(s + L::K, K, j0, Nk);  // line 6
     load_tile_async<Bc, kD>(s + L::V, V, j0, Nk);
     load_q_tile(first_tile, 0);
     cp_async_commit();
 
-    float dK_j[kD / 8][4] = {}, dV_j[kD / 8][4] = {};  // this warp's 16 keys x kD, as kD/8 m16n8 fragments
+    float dK_j[kD / 8][4] = {}, dV_j[kD / 8][4] = {};  // line 7: this warp's 16 keys x kD, as m16n8 fragments
     const float scale_log2 = scale * kLog2e;
     const int key_row = warp * 16;  // first row of this warp within K_j
 
-    for (int tile = first_tile; tile < n_tiles; ++tile) {
+    for (int tile = first_tile; tile < n_tiles; ++tile) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
         const int stage = F::kDoubleBuffer ? (tile - first_tile) & 1 : 0, i0 = tile * Br;
         const uint32_t sQ = s + L::Q + stage * L::qTile, sdO = s + L::dO + stage * L::qTile;
         if (!F::kDoubleBuffer && tile > first_tile) {
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             cp_async_commit();
         }
 
-        // S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T: 16 keys x Br queries per warp.
+        // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
 #pragma unroll
         for (int k = 0; k < kD; k += 16) {
@@ -218,9 +220,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
         }
 
-        // P_ij^T = exp2(S * scale * log2(e) - LSE_i * log2(e)). This lane holds keys (g, g + 8) and, in fragment n,
-        // queries 8n + 2t, 8n + 2t + 1 (see the D layout in mma.cuh). Masking is needed only on the last K/V tile
-        // (keys past Nk) and on Q tiles that cross the causal diagonal.
+        // line 11: P_ij^T = exp2(S * scale * log2(e) - LSE_i * log2(e)). This lane holds keys (g, g + 8) and, in
+        // fragment n, queries 8n + 2t, 8n + 2t + 1 (see the D layout in mma.cuh). Masking is needed only on the last
+        // K/V tile (keys past Nk) and on Q tiles that cross the causal diagonal.
         const bool needs_mask = j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n) {
@@ -236,8 +238,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
         }
 
-        // dV_j += P_ij^T dO_i: A = P^T straight from the accumulators (fragments n, n+1 form one 16x16 A block),
-        // B = dO_i stored [query][d], read with .trans.
+        // line 12: dV_j += P_ij^T dO_i: A = P^T straight from the accumulators (fragments n, n+1 form one 16x16 A
+        // block), B = dO_i stored [query][d], read with .trans.
 #pragma unroll
         for (int n = 0; n < Br / 8; n += 2) {
             const uint32_t a[4] = {pack2<T>(S[n][0], S[n][1]), pack2<T>(S[n][2], S[n][3]),
@@ -251,8 +253,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
         }
 
-        // dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. It goes to shared
-        // memory ([key][query]) for dQ, and stays in registers (packed) as the A operand of dK_j.
+        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. It goes to
+        // shared memory ([key][query]) for dQ, and stays in registers (packed) as the A operand of dK_j.
         uint32_t dS[Br / 8][2];
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n) {
@@ -264,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g + 8, q)) = dS[n][1];
         }
 
-        // dK_j += dS_ij^T Q_i, B = Q_i stored [query][d], read with .trans.
+        // line 16: dK_j += dS_ij^T Q_i, B = Q_i stored [query][d], read with .trans.
 #pragma unroll
         for (int n = 0; n < Br / 8; n += 2) {
             const uint32_t a[4] = {dS[n][0], dS[n][1], dS[n + 1][0], dS[n + 1][1]};
@@ -278,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         __syncthreads();  // all of dS_ij^T is in shared memory
 
-        // dQ_i += dS_ij K_j, Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
+        // line 15: dQ_i += dS_ij K_j, Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
         // columns kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
         constexpr int kWarpsN = kWarps / (Br / 32), kCols = kD / kWarpsN;
         const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
     }
 
-    // dK_j, dV_j: fragment c holds keys (g, g + 8) x columns 8c + 2t, +1 of this warp's 16 keys.
+    // line 18: dK_j, dV_j: fragment c holds keys (g, g + 8) x columns 8c + 2t, +1 of this warp's 16 keys.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int key = j0 + key_row + g + half * 8;
@@ -351,9 +353,9 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     float* lse_log2 = dQ_accum + size_t(BH) * Nq_pad * kD;
     float* D = lse_log2 + size_t(BH) * Nq_pad;
 
-    CUDA_CHECK(cudaMemsetAsync(dQ_accum, 0, size_t(BH) * Nq_pad * kD * sizeof(float), stream));
+    CUDA_CHECK(cudaMemsetAsync(dQ_accum, 0, size_t(BH) * Nq_pad * kD * sizeof(float), stream));  // line 3
     const int rows = BH * Nq_pad, rows_per_block = 8;
-    preprocess_kernel<T, kD><<<ceil_div(rows, rows_per_block), rows_per_block * 32, 0, stream>>>(
+    preprocess_kernel<T, kD><<<ceil_div(rows, rows_per_block), rows_per_block * 32, 0, stream>>>(  // line 4
         O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, rows);
     CUDA_CHECK_LAUNCH();
 

@@ -10,6 +10,8 @@
 //     O_i  = O_i * exp2(m_i - m') + P V_j                P stays in registers (see below)
 //
 // and at the end writes O_i / l_i and LSE_i = (m_i + log2 l_i) * ln 2 (natural log, as tests/problem.h wants).
+// The `// line N` comments in the kernel are the lines of Algorithm 1 of the FlashAttention-2 paper; symbols as in
+// forward_fp32.cu, plus m_i, l_i held in the log2 domain from the exp2 step on.
 //
 // Work split: each warp owns Br/4 contiguous query rows of Q_i (32 rows = two m16 tiles when Br = 128), so the
 // warps never exchange softmax statistics; the Q loop is the grid (one CTA per Q tile), the K/V loop is in the CTA.
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int g = lane / 4, t = lane % 4;  // fragment coordinates (see mma.cuh)
 
     // Causal: the last Q tiles see the most keys; launching them first shortens the tail of the grid.
-    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // line 3: the grid walks the Q tiles
     const int q0 = q_tile * kBr;
     const size_t bh = blockIdx.y;
     const T* Q_i = Q + (bh * Nq + q0) * kD;
@@ -239,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
     const int n_tiles = kv_end > 0 ? ceil_div(kv_end, kBc) : 0;
 
-    load_tile<kBr, kD, kPitchBytes, F::kCpAsync>(sQ, Q_i, 0, Nq - q0);
+    load_tile<kBr, kD, kPitchBytes, F::kCpAsync>(sQ, Q_i, 0, Nq - q0);  // line 4 (and line 7 for K_0, V_0)
     if constexpr (F::kCpAsync) {
         if (n_tiles > 0) {
             load_tile<kBc, kD, kPitchBytes, true>(sK, K_bh, 0, Nk);
@@ -255,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const uint32_t k_addr = sK + Frag::b_lane(lane);
     const uint32_t v_addr = sV + Frag::bt_lane(lane);
 
-    float O_i[kMTiles][kDTiles][4] = {};  // unnormalised output rows g and g+8 of each m tile, fp32
+    float O_i[kMTiles][kDTiles][4] = {};  // line 5: unnormalised output rows g and g+8 of each m tile, fp32
     float m_i[kMTiles][2];                // running row max (times scale_exp: log2 domain from the exp2 step on)
     float l_i[kMTiles][2];                // running row sum of this thread's columns; the quad sums them at the end
 #pragma unroll
@@ -267,8 +269,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
     }
 
-    for (int j = 0; j < n_tiles; ++j) {
-        if constexpr (F::kCpAsync) {
+    for (int j = 0; j < n_tiles; ++j) {  // line 6
+        if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
             // The group is committed even when empty so that "wait until one group is pending" always means tile j.
             if (j + 1 < n_tiles) {
@@ -278,8 +280,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             cp_async_commit();
             cp_async_wait<1>();
         } else {
-            // One buffer: the CTA waits for tile j's loads before any mma (the barrier at the end of iteration j-1
-            // made the buffer free).
+            // line 7. One buffer: the CTA waits for tile j's loads before any mma (the barrier at the end of iteration
+            // j-1 made the buffer free).
             load_tile<kBc, kD, kPitchBytes, false>(sK, K_bh, j * kBc, Nk);
             load_tile<kBc, kD, kPitchBytes, false>(sV, V_bh, j * kBc, Nk);
         }
@@ -287,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const uint32_t K_j = k_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
         const uint32_t V_j = v_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
 
-        // S = Q_i K_j^T: kMTiles x kNTiles fragments of 16x8.
+        // line 8: S = Q_i K_j^T, kMTiles x kNTiles fragments of 16x8.
         float S[kMTiles][kNTiles][4] = {};
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk) {
@@ -324,7 +326,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             }
         }
 
-        // Online softmax. Each row lives in one quad of lanes (same g), so the row max needs two shuffles.
+        // line 9: online softmax (and line 10's rescale of O_i). Each row lives in one quad of lanes (same g), so the
+        // row max needs two shuffles.
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -372,8 +375,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             __syncwarp();
         }
 
-        // O_i += P V_j. From step 2 on, the A fragment of P for keys 16kk..16kk+15 is the accumulators of S's n8
-        // tiles 2kk and 2kk+1, packed in pairs: (row g, keys 2t, 2t+1), (row g+8, ...), (row g, keys 2t+8, +9), ...
+        // line 10: O_i += P V_j. From step 2 on, the A fragment of P for keys 16kk..16kk+15 is the accumulators of S's
+        // n8 tiles 2kk and 2kk+1, packed in pairs: (row g, keys 2t, 2t+1), (row g+8, ...), (row g, keys 2t+8, +9), ...
 #pragma unroll
         for (int kk = 0; kk < kBc / 16; ++kk) {
             uint32_t p[kMTiles][4];
@@ -404,10 +407,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         __syncthreads();  // everyone is done with the K/V buffer of tile j before it is refilled
     }
 
-    // Epilogue: O_i / l_i and LSE_i. Before the staged epilogue, each thread stores its fragment's pairs straight
-    // to global memory (4-byte stores, 8 rows apart). From step 5 on, O_i / l_i goes to this warp's own rows of the
-    // Q tile in shared memory (only this warp ever read them), then leaves in 16-byte coalesced stores. The barrier
-    // matters only when n_tiles == 0, where nothing has waited for the copy of Q_i yet.
+    // Epilogue, lines 12-15: O_i / l_i and LSE_i. Before the staged epilogue, each thread stores its fragment's pairs
+    // straight to global memory (4-byte stores, 8 rows apart). From step 5 on, O_i / l_i goes to this warp's own rows
+    // of the Q tile in shared memory (only this warp ever read them), then leaves in 16-byte coalesced stores. The
+    // barrier matters only when n_tiles == 0, where nothing has waited for the copy of Q_i yet.
     if constexpr (F::kStagedEpilogue) {
         cp_async_wait<0>();
         __syncthreads();

@@ -27,7 +27,7 @@ int device_sm() {
 // What both passes refuse before their own limits: --kernel on fp32, tensor cores older than sm_80.
 std::string common_refusal(const Problem& p) {
     if (p.dtype == DType::fp32 && p.kernel != 0)
-        return "v2 --kernel picks a tensor-core step; fp32 runs on CUDA cores with one kernel per pass (use --dtype fp16)";
+        return "v2 --kernel picks a tensor-core step; fp32 has one kernel per pass (use --dtype fp16)";
     const int sm = device_sm();
     if (p.dtype != DType::fp32 && sm != 0 && sm < 80)
         return std::string("v2 ") + dtype_name(p.dtype) + " needs tensor cores of sm_80 or newer (mma.sync m16n8k16, "
