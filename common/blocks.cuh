@@ -1,4 +1,4 @@
-// blocks.cuh: the small device building blocks every rung shares: ceil-division, warp reductions, and the
+// blocks.cuh: the small building blocks every rung shares: ceil-division, warp reductions, the SM count, and the
 // backward pass's D_i = rowsum(dO_i * O_i). Included by path ("common/blocks.cuh"; the repository root is on the
 // include path). Matrix views of the naive rung stay in naive/naive.h; the tensor-core building blocks (mma,
 // ldmatrix and its lane addressing, cp.async) in v2/mma.cuh.
@@ -24,6 +24,17 @@ template <int kWidth = 32>
 __device__ inline float warp_sum(float x) {
     for (int offset = kWidth / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;
+}
+
+// The current device's number of SMs, read once (at the first call), never hard-coded.
+inline int device_sm_count() {
+    static const int sms = [] {
+        int device = 0, n = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+        return n;
+    }();
+    return sms;
 }
 
 // D_i = sum_c dO_ic * O_ic for `rows` rows of d floats, one warp per row (a template only so that every file can

@@ -35,7 +35,7 @@ __global__ void softmax_grad_kernel(const float* P, float* dP, const float* D, i
         dP[e] = P[e] * (dP[e] - D[e / Nk]);
 }
 
-constexpr int ELEMENTWISE_BLOCKS = 132 * 8, ELEMENTWISE_THREADS = 256;
+constexpr int ELEMENTWISE_THREADS = 256;  // and 8 blocks per SM (device_sm_count, common/blocks.cuh)
 
 }  // namespace
 
@@ -76,14 +76,14 @@ void naive_backward(const Problem& p, const BackwardArgs& a) {
     const long long scores_total = (long long)BH * Nq * Nk;
 
     batched_matmul(BH, Nq, Nk, d, scale, rows_of(Q, Nq, d), transpose_of(K, Nk, d), P, p.causal ? Nq : 0);
-    probabilities_kernel<<<ELEMENTWISE_BLOCKS, ELEMENTWISE_THREADS>>>(P, a.lse, Nk, scores_total);
+    probabilities_kernel<<<device_sm_count() * 8, ELEMENTWISE_THREADS>>>(P, a.lse, Nk, scores_total);
     CUDA_CHECK_LAUNCH();
     rowsum_dO_O(dO, O, D, (long long)BH * Nq, d);  // D_i = rowsum(dO_i * O_i) (common/blocks.cuh)
     // dV = P^T dO      (Nk x d)
     batched_matmul(BH, Nk, d, Nq, 1.0f, scores_transposed(P, Nq, Nk), rows_of(dO, Nq, d), static_cast<float*>(a.dv));
     // dP = dO V^T      (Nq x Nk), then dS = P * (dP - D) in place
     batched_matmul(BH, Nq, Nk, d, 1.0f, rows_of(dO, Nq, d), transpose_of(V, Nk, d), dS);
-    softmax_grad_kernel<<<ELEMENTWISE_BLOCKS, ELEMENTWISE_THREADS>>>(P, dS, D, Nk, scores_total);
+    softmax_grad_kernel<<<device_sm_count() * 8, ELEMENTWISE_THREADS>>>(P, dS, D, Nk, scores_total);
     CUDA_CHECK_LAUNCH();
     // dQ = scale * dS K   (Nq x d),   dK = scale * dS^T Q   (Nk x d)
     batched_matmul(BH, Nq, d, Nk, scale, scores(dS, Nq, Nk), rows_of(K, Nk, d), static_cast<float*>(a.dq));

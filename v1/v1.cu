@@ -231,12 +231,16 @@ __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArg
     for (int r = tid; r < Nq; r += THREADS) LSE[r] = log_sum_exp({m[r], l[r]});
 }
 
+// Read once, at the first call.
 size_t device_smem_per_block() {
-    if (!gpu_available()) return H100_SMEM_PER_BLOCK;
-    int device = 0, bytes = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    return size_t(bytes);
+    static const size_t bytes = [] {
+        if (!gpu_available()) return H100_SMEM_PER_BLOCK;
+        int device = 0, n = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        return size_t(n);
+    }();
+    return bytes;
 }
 
 }  // namespace
@@ -271,9 +275,10 @@ std::string v1_unsupported(const Problem& p) {
 
 void v1_forward(const Problem& p, const ForwardArgs& a) {
     const V1Tiles t = v1_tiles(p);
-    // Above 48 KB a kernel must opt in to its dynamic shared memory.
-    CUDA_CHECK(cudaFuncSetAttribute(flash_attention_1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(t.smem_bytes)));
+    // Above 48 KB a kernel must opt in to its dynamic shared memory: once, at the first launch, for all of it.
+    static const cudaError_t opted_in = cudaFuncSetAttribute(
+        flash_attention_1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(device_smem_per_block()));
+    CUDA_CHECK(opted_in);
     float* l = static_cast<float*>(a.workspace);
     float* m = l + p.lse_elems();
     const KernelArgs k{static_cast<const float*>(a.q), static_cast<const float*>(a.k), static_cast<const float*>(a.v),
