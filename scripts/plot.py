@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Draws `make steps` and `make bench` as plots: TFLOP/s against N, one line per step (or per stage and dtype),
-PyTorch's FlashAttention-2 dashed where measured; one PNG per pass, a 2 x 2 grid of (d, causal) panels.
+PyTorch's FlashAttention-2 dashed where measured; one PNG per pass, a 2 x 2 grid of (d, causal) panels (bench:
+TFLOP/s on a log scale, the rungs span two orders of magnitude).
 
 Usage: python3 scripts/plot.py steps steps.csv OUTDIR     -> OUTDIR/steps_fwd.png, OUTDIR/steps_bwd.png
        python3 scripts/plot.py bench bench.csv OUTDIR     -> OUTDIR/bench_fwd.png, OUTDIR/bench_bwd.png
@@ -47,6 +48,8 @@ def main():
                 style = "--" if label.startswith("Flash") else "-"
                 ax.plot(Ns, [pts[N] for N in Ns], style, marker="o", label=label)
             ax.set_xscale("log", base=2)
+            if kind == "bench":  # the rungs span two orders of magnitude
+                ax.set_yscale("log")
             ax.set_title(f"{pas}, d = {d}, {'causal' if causal else 'not causal'}")
             ax.set_xlabel("N")
             ax.set_ylabel("TFLOP/s")
