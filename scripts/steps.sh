@@ -10,15 +10,13 @@ set -u
 cd "$(dirname "$0")/.."
 if ! nvidia-smi >/dev/null 2>&1; then echo "make steps needs a CUDA device (none found)"; exit 1; fi
 [ -x bin/v2 ] || { echo "error: bin/v2 not built (run make)"; exit 1; }
-csv=${STEPS_CSV:-steps.csv}
-Ns=${STEPS_NS:-"1024 2048 4096 8192 16384"}
-ds=${STEPS_DS:-"64 128"}
-causals=${STEPS_CAUSAL:-"0 1"}
-passes=${STEPS_PASSES:-"fwd bwd"}
 reps=${STEPS_REPS:-10}
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-echo "# $gpu, $(date -u +%Y-%m-%d), make steps (fp16, reps $reps, median)"
+echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1), $(date -u +%Y-%m-%d), make steps (fp16," \
+     "reps $reps, median)"
+csv=${STEPS_CSV:-steps.csv}
 echo "pass,step,name,d,causal,N,ms,tflops" >"$csv"
+Ns=${STEPS_NS:-"1024 2048 4096 8192 16384"} ds=${STEPS_DS:-"64 128"} causals=${STEPS_CAUSAL:-"0 1"}
+passes=${STEPS_PASSES:-"fwd bwd"}
 shapes=()
 for pass in $passes; do
     flag=()
