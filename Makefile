@@ -3,6 +3,7 @@
 #   make            build everything          make test       build, run every test (CPU tests without a GPU)
 #   make run        the ladder, stage by stage make bench      the FlashAttention-2 benchmark shapes, all stages
 #   make sanitize   compute-sanitizer on small shapes of every stage
+#   make steps      v2's tensor-core optimisation steps, one by one, on the benchmark shapes (table and plots)
 #   make gpt        optional, needs PyTorch + GPU: the small GPT trained on our attention and on PyTorch's
 #
 # GPU architecture: detected with nvidia-smi when a GPU is present; override with `make ARCH=sm_90`. Without a
@@ -37,7 +38,7 @@ kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %main.cu,$(wildcard $(1
 TEST_SRC    := $(wildcard tests/*.cu)
 TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
 
-.PHONY: doctest all test run bench sanitize gpt clean
+.PHONY: doctest all test run bench steps sanitize gpt clean
 PROGRAMS := $(STAGES:%=bin/%) $(if $(wildcard online_softmax/rows_main.cu),bin/softmax_rows)
 all: $(PROGRAMS) bin/tests
 
@@ -81,6 +82,10 @@ run: $(PROGRAMS)
 
 bench: all
 	@bash scripts/bench.sh
+
+# every tensor-core optimisation step of v2 (bin/v2 --kernel list) on the benchmark shapes, with plots
+steps: all
+	@bash scripts/steps.sh
 
 sanitize: all
 	@bash scripts/sanitize.sh

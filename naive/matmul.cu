@@ -6,6 +6,7 @@
 // value loaded from shared memory feeds 4 multiply-adds.
 #include <cmath>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "naive.h"
 
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(THREADS) batched_matmul_kernel(int M, int N, i
 
 void batched_matmul(int batches, int M, int N, int K, float alpha, MatrixView A, MatrixView B, float* C,
                     int causal_Nq, cudaStream_t stream) {
-    const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM, batches);
+    const dim3 grid(ceil_div(N, BN), ceil_div(M, BM), batches);
     batched_matmul_kernel<<<grid, THREADS, 0, stream>>>(M, N, K, alpha, A, B, C, causal_Nq);
     CUDA_CHECK_LAUNCH();
 }

@@ -9,6 +9,7 @@
 //                                      dQ = scale * dS K,  dK = scale * dS^T Q
 #include <cmath>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "naive.h"
 
@@ -28,23 +29,13 @@ __global__ void probabilities_kernel(float* S, const float* lse, int Nk, long lo
     }
 }
 
-// D_i = sum_c dO_ic * O_ic, one warp per row.
-__global__ void rowsum_dot_kernel(const float* dO, const float* O, float* D, int rows, int d) {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    float acc = 0.0f;
-    for (int c = lane; c < d; c += 32) acc += dO[(long long)row * d + c] * O[(long long)row * d + c];
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) D[row] = acc;
-}
-
 // dS = P * (dP - D_row), written over dP.
 __global__ void softmax_grad_kernel(const float* P, float* dP, const float* D, int Nk, long long total) {
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x)
         dP[e] = P[e] * (dP[e] - D[e / Nk]);
 }
 
-constexpr int ELEMENTWISE_BLOCKS = 132 * 8, ELEMENTWISE_THREADS = 256;
+constexpr int ELEMENTWISE_THREADS = 256;  // and 8 blocks per SM (device_sm_count, common/blocks.cuh)
 
 }  // namespace
 
@@ -85,15 +76,14 @@ void naive_backward(const Problem& p, const BackwardArgs& a) {
     const long long scores_total = (long long)BH * Nq * Nk;
 
     batched_matmul(BH, Nq, Nk, d, scale, rows_of(Q, Nq, d), transpose_of(K, Nk, d), P, p.causal ? Nq : 0);
-    probabilities_kernel<<<ELEMENTWISE_BLOCKS, ELEMENTWISE_THREADS>>>(P, a.lse, Nk, scores_total);
+    probabilities_kernel<<<device_sm_count() * 8, ELEMENTWISE_THREADS>>>(P, a.lse, Nk, scores_total);
     CUDA_CHECK_LAUNCH();
-    rowsum_dot_kernel<<<(BH * Nq + 7) / 8, 256>>>(dO, O, D, BH * Nq, d);
-    CUDA_CHECK_LAUNCH();
+    rowsum_dO_O(dO, O, D, (long long)BH * Nq, d);  // D_i = rowsum(dO_i * O_i) (common/blocks.cuh)
     // dV = P^T dO      (Nk x d)
     batched_matmul(BH, Nk, d, Nq, 1.0f, scores_transposed(P, Nq, Nk), rows_of(dO, Nq, d), static_cast<float*>(a.dv));
     // dP = dO V^T      (Nq x Nk), then dS = P * (dP - D) in place
     batched_matmul(BH, Nq, Nk, d, 1.0f, rows_of(dO, Nq, d), transpose_of(V, Nk, d), dS);
-    softmax_grad_kernel<<<ELEMENTWISE_BLOCKS, ELEMENTWISE_THREADS>>>(P, dS, D, Nk, scores_total);
+    softmax_grad_kernel<<<device_sm_count() * 8, ELEMENTWISE_THREADS>>>(P, dS, D, Nk, scores_total);
     CUDA_CHECK_LAUNCH();
     // dQ = scale * dS K   (Nq x d),   dK = scale * dS^T Q   (Nk x d)
     batched_matmul(BH, Nq, d, Nk, scale, scores(dS, Nq, Nk), rows_of(K, Nk, d), static_cast<float*>(a.dq));

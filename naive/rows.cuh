@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/blocks.cuh"  // device_sm_count
 #include "cuda_check.h"
 
 // V consecutive floats, loaded and stored as one access (16 bytes for V = 4).
@@ -98,9 +99,7 @@ struct RowBlock {
 // kernel for it with one block of RowBlock::THREADS threads per row.
 template <class Launch>
 void launch_row_blocks(const float* X, const float* Y, int R, int C, Launch launch) {
-    int device = 0, sms = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = device_sm_count();
     const bool vectorised = C % 4 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 && reinterpret_cast<uintptr_t>(Y) % 16 == 0;
     // 2048 resident threads per SM: can 256-thread blocks, one per row, fill every SM?
     if (long(R) * 256 >= long(sms) * 2048) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench: every stage over the FlashAttention-2 benchmark shapes: hidden 2048 (d=64 with 32 heads, d=128 with
 # 16 heads), batch x N = 16384, N from 512 to 16384, causal off and on. Prints a markdown table and writes the same
-# rows as CSV to bench.csv (or $BENCH_CSV). Knobs: BENCH_NS="512 1024", BENCH_RUNS="v2:fp16 v1:fp32", BENCH_REPS.
+# rows as CSV to bench.csv (or $BENCH_CSV) and draws them as bench_fwd.png / bench_bwd.png (scripts/plot.py). Knobs: BENCH_NS="512 1024", BENCH_RUNS="v2:fp16 v1:fp32", BENCH_REPS.
 set -u
 cd "$(dirname "$0")/.."
 if ! nvidia-smi >/dev/null 2>&1; then echo "make bench needs a CUDA device (none found)"; exit 1; fi
@@ -41,4 +41,5 @@ for run in $runs; do
         done
     done
 done
+python3 scripts/plot.py bench "$csv" "$(dirname "$csv")"
 echo "CSV: $csv"

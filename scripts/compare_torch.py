@@ -17,41 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from torch_timing import TORCH_DTYPE, flops, torch_ms  # FlashAttention-2 timed as bin/v2 --bench times ours
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V2 = os.path.join(ROOT, "bin", "v2")
-TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def flops(B, H, N, d, causal, bwd):
-    f = 4.0 * B * H * N * N * d * (0.5 if causal else 1.0)
-    return f * 2.5 if bwd else f
-
-
-def time_cuda(fn, reps):
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return float(np.median(times))
-
-
-def torch_ms(B, H, N, d, causal, dtype, bwd, reps):
-    q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=TORCH_DTYPE[dtype], requires_grad=bwd) for _ in range(3))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        if not bwd:
-            return time_cuda(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), reps)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        do = torch.randn_like(o)
-        return time_cuda(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), reps)
 
 
 def ours_ms(B, H, N, d, causal, dtype, bwd, reps):

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 #include "naive/naive.h"
 #include "test_support.h"
@@ -161,6 +162,61 @@ TEST_CASE("the forward check fails on a wrong rescale and on NaN (the tests can 
     CHECK_FALSE(compare("LSE", bad.lse.data(), ref.lse.data(), lse_layout(c.p), fp32_tolerance(c.p, in)).ok);
 }
 
+TEST_CASE("v2 steps: --kernel refuses fp32, a step out of range and early steps in bf16, in one line") {
+    REQUIRE(v2_forward_steps().size() >= 5);
+    REQUIRE(v2_backward_steps().size() >= 3);
+    Problem p;
+    p.d = 64, p.dtype = DType::fp16;
+    for (int k = 0; k <= int(v2_forward_steps().size()); ++k) {
+        p.kernel = k;
+        CHECK_MESSAGE(v2_unsupported(p).empty(), "forward step " << k);
+    }
+    for (int k = 0; k <= int(v2_backward_steps().size()); ++k) {
+        p.kernel = k;
+        CHECK_MESSAGE(v2_backward_unsupported(p).empty(), "backward step " << k);
+    }
+    std::vector<std::string> refusals;
+    p.kernel = int(v2_forward_steps().size()) + 1;
+    refusals.push_back(v2_unsupported(p));
+    p.kernel = int(v2_backward_steps().size()) + 1;
+    refusals.push_back(v2_backward_unsupported(p));
+    p.kernel = -1;
+    refusals.push_back(v2_unsupported(p));
+    p.kernel = 1, p.dtype = DType::fp32;  // only the tensor-core path has steps
+    refusals.push_back(v2_unsupported(p));
+    refusals.push_back(v2_backward_unsupported(p));
+    p.dtype = DType::bf16;  // the steps before the final one are compiled for fp16 only
+    refusals.push_back(v2_unsupported(p));
+    refusals.push_back(v2_backward_unsupported(p));
+    for (const std::string& why : refusals) {
+        CHECK(!why.empty());
+        CHECK(why.find('\n') == std::string::npos);
+    }
+    p.kernel = int(v2_forward_steps().size());  // the final step is the final kernel, in both types
+    CHECK(v2_unsupported(p).empty());
+}
+
+TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason back, nothing launched, no exit") {
+    // Every pointer is null: a launch would fault, so an empty reason here would also fail the test run.
+    Problem p;
+    p.d = 96, p.dtype = DType::fp16;  // forward has d = 96, the backward has not (it used to run d = 128)
+    CHECK(v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                          nullptr).find("96") != std::string::npos);
+    p.d = 48;
+    CHECK(v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).find("48") != std::string::npos);
+    p.d = 64, p.kernel = 99;
+    CHECK(!v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).empty());
+    CHECK(!v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                           nullptr).empty());
+    p.kernel = 0, p.dtype = DType::fp32, p.d = 200;
+    CHECK(v2_forward_fp32(p, ForwardArgs{}).find("200") != std::string::npos);
+    CHECK(v2_backward_fp32(p, BackwardArgs{}).find("200") != std::string::npos);
+    // The harness-facing functions throw the reason rather than exit or run another instantiation.
+    CHECK_THROWS_AS(v2_forward(p, ForwardArgs{}), std::invalid_argument);
+    p.dtype = DType::fp16, p.d = 96;
+    CHECK_THROWS_AS(v2_backward(p, BackwardArgs{}), std::invalid_argument);
+}
+
 TEST_CASE("v2 says in one line which problems it does not support") {
     Problem p;
     p.d = 16;
@@ -236,6 +292,40 @@ TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on t
             const Outputs got = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
             check_against_reference("v2 " + c.name(), c.p, in, got);
             check_against("v2 vs v1 " + c.name(), c.p, in, got, v1_on(c.p, in));
+        }
+}
+
+// The forward of every step (fp16; the final one in bf16 too, above) on the same cases as the final kernel.
+TEST_CASE("GPU v2 every forward step (tensor cores, fp16) matches float64 and v1") {
+    for (int k = 1; k <= int(v2_forward_steps().size()); ++k)
+        for (Case c : mma_forward_cases(DType::fp16)) {
+            c.p.kernel = k;
+            REQUIRE(v2_unsupported(c.p).empty());
+            const HostTensors in = make_inputs(c.p, c.dist, 23);
+            const Outputs got = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
+            const std::string label = "v2 step " + std::to_string(k) + " " + v2_forward_steps()[k - 1].name + " ";
+            check_against_reference(label + c.name(), c.p, in, got);
+            check_against(label + "vs v1 " + c.name(), c.p, in, got, v1_on(c.p, in));
+        }
+}
+
+// The backward of every step; O and LSE come from the final forward kernel (as bin/v2 --backward --kernel K does).
+TEST_CASE("GPU v2 every backward step (tensor cores, fp16) matches float64 and the naive backward") {
+    const ForwardFn final_forward = [](const Problem& p, const ForwardArgs& a) {
+        Problem f = p;
+        f.kernel = 0;
+        v2_forward(f, a);
+    };
+    for (int k = 1; k <= int(v2_backward_steps().size()); ++k)
+        for (Case c : backward_cases({64, 128})) {
+            c.p.dtype = DType::fp16, c.p.kernel = k;
+            REQUIRE(v2_backward_unsupported(c.p).empty());
+            const HostTensors in = make_inputs(c.p, c.dist, 9);
+            const HostGrads g = gpu_backward(c.p, in, final_forward, v2_workspace_bytes, v2_backward,
+                                             v2_backward_workspace_bytes);
+            const std::string label = "v2 backward step " + std::to_string(k) + " " + v2_backward_steps()[k - 1].name;
+            check_grads_against_reference(label + " " + c.name(), c.p, in, g);
+            check_grads_against_naive(label + " vs naive " + c.name(), c.p, in, g);
         }
 }
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/blocks.cuh"  // ceil_div, warp_max, warp_sum
 #include "cuda_check.h"
 #include "online_softmax/merge.cuh"
 #include "v1.h"
@@ -17,7 +18,6 @@ namespace {
 
 constexpr int THREADS = 256, WARPS = THREADS / 32;
 
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
 // Leading dimension of an on-chip array with n columns: a multiple of 4, so every row starts 16-byte aligned for
@@ -88,15 +88,6 @@ __device__ void block_matmul(const float* A, int lda, const float* B, int ldb, i
     }
 }
 
-__device__ float warp_max(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    return x;
-}
-
-__device__ float warp_sum(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
 
 __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArgs a) {
     extern __shared__ __align__(16) float smem[];
@@ -240,12 +231,16 @@ __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArg
     for (int r = tid; r < Nq; r += THREADS) LSE[r] = log_sum_exp({m[r], l[r]});
 }
 
+// Read once, at the first call.
 size_t device_smem_per_block() {
-    if (!gpu_available()) return H100_SMEM_PER_BLOCK;
-    int device = 0, bytes = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    return size_t(bytes);
+    static const size_t bytes = [] {
+        if (!gpu_available()) return H100_SMEM_PER_BLOCK;
+        int device = 0, n = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        return size_t(n);
+    }();
+    return bytes;
 }
 
 }  // namespace
@@ -280,9 +275,10 @@ std::string v1_unsupported(const Problem& p) {
 
 void v1_forward(const Problem& p, const ForwardArgs& a) {
     const V1Tiles t = v1_tiles(p);
-    // Above 48 KB a kernel must opt in to its dynamic shared memory.
-    CUDA_CHECK(cudaFuncSetAttribute(flash_attention_1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(t.smem_bytes)));
+    // Above 48 KB a kernel must opt in to its dynamic shared memory: once, at the first launch, for all of it.
+    static const cudaError_t opted_in = cudaFuncSetAttribute(
+        flash_attention_1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(device_smem_per_block()));
+    CUDA_CHECK(opted_in);
     float* l = static_cast<float*>(a.workspace);
     float* m = l + p.lse_elems();
     const KernelArgs k{static_cast<const float*>(a.q), static_cast<const float*>(a.k), static_cast<const float*>(a.v),

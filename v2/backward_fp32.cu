@@ -1,7 +1,7 @@
 // backward_fp32.cu: the FlashAttention-2 backward pass (Dao, 2023, Algorithm 2) in fp32 on CUDA cores, written
 // to be read: one thread per output element of each small product, operands from shared memory.
 //
-//   pre-pass   D_i = rowsum(dO_i * O_i)                       (softmax_grad_rowsum, one warp per query row)
+//   pre-pass   D_i = rowsum(dO_i * O_i)                       (rowsum_dO_O, common/blocks.cuh)
 //   main       one block per K/V tile K_j, V_j (Bc keys) of one (batch, head), kept in shared memory, with dK_j
 //              and dV_j accumulated in registers; the block walks the Q tiles Q_i (Br rows) that see any key of K_j:
 //                 S_ij  = scale * Q_i K_j^T          P_ij = exp(S_ij - LSE_i)   (recomputed, never stored)
@@ -15,10 +15,13 @@
 // which lands in L2. dQ is fp32 already, so it is its own accumulator: zeroed first, no workspace, no copy. The price:
 // the order of the additions varies from run to run, so dQ may differ between runs in the last bits.
 //
+// The `// line N` comments are the lines of Algorithm 2 (the backward pass) of the FlashAttention-2 paper.
+//
 // Causal (bottom-right aligned): Q tiles whose rows all end before key j*Bc are skipped; the mask is applied per
 // element. Fully masked rows (LSE = -inf) give P = 0 and so contribute nothing.
 #include <cmath>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "v2.h"
 
@@ -27,17 +30,6 @@ namespace {
 constexpr int Br = 32, Bc = 32;  // query rows of Q_i, key rows of K_j
 constexpr int kThreads = 256;
 constexpr int kAccPerThread = Bc * kV2MaxHeadDim / kThreads;  // elements of dK_j (and of dV_j) a thread owns
-
-// D_i = sum_k dO_ik * O_ik, one warp per query row.
-__global__ void softmax_grad_rowsum(const float* dO, const float* O, float* D, long long rows, int d) {
-    const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    float acc = 0.0f;
-    for (int k = lane; k < d; k += 32) acc += dO[row * d + k] * O[row * d + k];
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) D[row] = acc;
-}
 
 // Shared memory: K_j, V_j, Q_i, dO_i with rows of d + 1 floats (the 32 threads of a warp read 32 different rows at
 // one column: with an odd pitch they hit 32 different banks), P_ij and dS_ij with rows of Bc + 1, then LSE_i, D_i.
@@ -58,20 +50,20 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
     float* L_i = dS_ij + Br * s_pitch;
     float* D_i = L_i + Br;
 
-    const int j = blockIdx.x, key0 = j * Bc;
+    const int j = blockIdx.x, key0 = j * Bc;  // line 5: the grid walks the K/V tiles
     const long long bh = blockIdx.y;
-    for (int e = threadIdx.x; e < Bc * d; e += kThreads) {
+    for (int e = threadIdx.x; e < Bc * d; e += kThreads) {  // line 6
         const int c = e / d, k = e % d;
         const bool inside = key0 + c < Nk;
         K_j[c * pitch + k] = inside ? K[(bh * Nk + key0 + c) * d + k] : 0.0f;
         V_j[c * pitch + k] = inside ? V[(bh * Nk + key0 + c) * d + k] : 0.0f;
     }
     // dK_j and dV_j: element e = threadIdx.x + t * kThreads of the Bc x d tile, for e < Bc * d.
-    float dK_j[kAccPerThread] = {}, dV_j[kAccPerThread] = {};
+    float dK_j[kAccPerThread] = {}, dV_j[kAccPerThread] = {};  // line 7
 
     // The first query row that sees key0 (causal: row i sees key0 when key0 < causal_key_end(i)).
     const int first_row = causal ? max(0, key0 + Nq - Nk) : 0;
-    for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
+    for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {  // line 8 (line 9: the loads below; O_i is in D_i)
         __syncthreads();  // the previous Q tile is fully used (and, the first time, K_j, V_j are loaded)
         for (int e = threadIdx.x; e < Br * d; e += kThreads) {
             const int r = e / d, k = e % d;
@@ -85,7 +77,8 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
         }
         __syncthreads();
 
-        // P_ij = exp(scale * Q_i K_j^T - LSE_i) and dS_ij = P_ij * (dO_i V_j^T - D_i), one (r, c) per thread
+        // lines 10, 11, 13, 14: P_ij = exp(scale * Q_i K_j^T - LSE_i) and dS_ij = P_ij * (dO_i V_j^T - D_i), one
+        // (r, c) per thread
         for (int e = threadIdx.x; e < Br * Bc; e += kThreads) {
             const int r = e / Bc, c = e % Bc;
             float s = 0.0f, dp = 0.0f;
@@ -101,7 +94,8 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
         }
         __syncthreads();
 
-        // dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i (scale applied at the end), one (c, k) per accumulator
+        // lines 12 and 16: dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i (scale applied at the end), one (c, k) per
+        // accumulator
 #pragma unroll
         for (int t = 0; t < kAccPerThread; ++t) {
             const int e = threadIdx.x + t * kThreads;
@@ -112,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
                 dK_j[t] += dS_ij[r * s_pitch + c] * Q_i[r * pitch + k];
             }
         }
-        // dQ_i += scale * dS_ij K_j: every K/V block adds to the same rows, hence atomicAdd
+        // line 15: dQ_i += scale * dS_ij K_j: every K/V block adds to the same rows, hence atomicAdd
         for (int e = threadIdx.x; e < Br * d; e += kThreads) {
             const int r = e / d, k = e % d;
             if (q0 + r >= Nq) continue;
@@ -122,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
         }
     }
 
-    // dK_j, dV_j written once. Keys no query sees (causal) get zeros.
+    // line 18: dK_j, dV_j written once. Keys no query sees (causal) get zeros.
 #pragma unroll
     for (int t = 0; t < kAccPerThread; ++t) {
         const int e = threadIdx.x + t * kThreads;
@@ -140,20 +134,22 @@ V2Tiles v2_fp32_backward_tiles() { return {Br, Bc}; }
 
 size_t v2_backward_fp32_workspace_bytes(const Problem& p) { return p.lse_elems() * sizeof(float); }
 
-void v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
+std::string v2_backward_fp32(const Problem& p, const BackwardArgs& a) {
+    if (std::string why = v2_fp32_unsupported(p); !why.empty()) return why;
     const long long rows = (long long)p.B * p.H * p.Nq;
     float* D = static_cast<float*>(a.workspace);
-    const int rows_per_block = 8;  // 8 warps of 256 threads
-    softmax_grad_rowsum<<<unsigned((rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block>>>(
-        static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);
-    CUDA_CHECK_LAUNCH();
-    CUDA_CHECK(cudaMemsetAsync(a.dq, 0, p.q_elems() * sizeof(float)));  // all-zero bytes are 0.0f
-    const int smem = int(smem_bytes(p.d));  // 75 KB at d = 128: above the default 48 KB, must be opted in
-    CUDA_CHECK(cudaFuncSetAttribute(flash2_backward_fp32, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid((p.Nk + Bc - 1) / Bc, p.B * p.H);
+    rowsum_dO_O(static_cast<const float*>(a.dO), static_cast<const float*>(a.o), D, rows, p.d);  // line 4
+    CUDA_CHECK(cudaMemsetAsync(a.dq, 0, p.q_elems() * sizeof(float)));  // line 3; all-zero bytes are 0.0f
+    // 75 KB at d = 128: above the default 48 KB, must be opted in. Once, at the first launch, for the largest d.
+    static const cudaError_t attribute_set = cudaFuncSetAttribute(
+        flash2_backward_fp32, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes(kV2MaxHeadDim)));
+    CUDA_CHECK(attribute_set);
+    const int smem = int(smem_bytes(p.d));
+    const dim3 grid(ceil_div(p.Nk, Bc), p.B * p.H);
     flash2_backward_fp32<<<grid, kThreads, smem>>>(
         static_cast<const float*>(a.q), static_cast<const float*>(a.k), static_cast<const float*>(a.v),
         static_cast<const float*>(a.dO), a.lse, D, static_cast<float*>(a.dq), static_cast<float*>(a.dk),
         static_cast<float*>(a.dv), p.Nq, p.Nk, p.d, p.resolved_scale(), p.causal);
     CUDA_CHECK_LAUNCH();
+    return "";
 }

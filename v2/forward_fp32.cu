@@ -1,4 +1,8 @@
 // forward_fp32.cu: the FlashAttention-2 forward pass (Dao, 2023, Algorithm 1) in fp32 on CUDA cores.
+// The `// line N` comments are the lines of that Algorithm 1 (FlashAttention-2's, not FlashAttention-1's, which
+// v1/v1.cu follows). Symbols as in v1.cu, with three renames: v1's tau is `scale`; its m~_ij, l~_ij (the tile's row
+// max and row sum) are m_tile, l_tile; m_i, l_i live together in ml[r] (online_softmax/merge.cuh). O_i stays
+// unnormalised (the paper's O~_i) until line 12.
 //
 // The smallest change from FlashAttention-1 that is FlashAttention-2: one thread block owns one query tile Q_i
 // (Br rows of one (batch, head)), loads it once, and walks every K/V tile K_j, V_j (Bc rows each):
@@ -32,6 +36,7 @@
 // shared memory (they add nothing to S_ij, and give O_i columns that are never stored).
 #include <cmath>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "online_softmax/merge.cuh"
 #include "v2.h"
@@ -69,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
     Smem<D>& sm = *reinterpret_cast<Smem<D>*>(smem_raw);
 
     // The last Q tiles of a causal problem see the most keys: run them first so the short ones fill the tail.
-    const int i = gridDim.x - 1 - blockIdx.x;
+    const int i = gridDim.x - 1 - blockIdx.x;  // line 3: the loop over Q tiles is the grid (lines 1-2: the tiling)
     const int q0 = i * Br;
     const long long bh = blockIdx.y;
     const float* K_bh = K + bh * Nk * d;
@@ -77,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, rg = lane / 8, cg = lane % 8;
     const int r0 = warp * kWarpRows + rg * 4;  // this lane's first row within Q_i
 
-    // Q_i -> shared memory, once. Rows past Nq and columns past d are zeros.
+    // line 4: Q_i -> shared memory, once. Rows past Nq and columns past d are zeros.
     for (int e = threadIdx.x; e < Br * D; e += kThreads) {
         const int r = e / D, k = e % D;
         sm.Qt[k][r] = (q0 + r < Nq && k < d) ? Q[(bh * Nq + q0 + r) * d + k] : 0.0f;
@@ -85,16 +90,17 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
 
     // K/V tiles this Q tile walks: all of them, or (causal) up to the last key its last row sees.
     const int kv_end = kCausal ? min(Nk, causal_key_end(min(q0 + Br, Nq) - 1, Nq, Nk)) : Nk;
-    const int Tc = kv_end > 0 ? (kv_end + Bc - 1) / Bc : 0;
+    const int Tc = kv_end > 0 ? ceil_div(kv_end, Bc) : 0;
 
-    float O_i[4][kOCols] = {};
+    float O_i[4][kOCols] = {};  // line 5
     SoftmaxState ml[4];  // (m_i, l_i) of this lane's 4 rows, the same in all 8 lanes of a row
 #pragma unroll
     for (int r = 0; r < 4; ++r) ml[r] = {-INFINITY, 0.0f};
 
-    for (int j = 0; j < Tc; ++j) {
+    for (int j = 0; j < Tc; ++j) {  // line 6
         const int key0 = j * Bc;
         __syncthreads();  // every warp is done with K_{j-1}, V_{j-1} and its own P slice
+        // line 7: K_j, V_j -> shared memory
         for (int e = threadIdx.x; e < Bc * D; e += kThreads) {
             const int c = e / D, k = e % D;
             const bool inside = key0 + c < Nk && k < d;  // zeros past Nk: 0 * V, never 0 * garbage (NaN)
@@ -103,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
         }
         __syncthreads();  // K_j, V_j (and, the first time, Q_i) are in shared memory
 
-        // S_ij = scale * Q_i K_j^T, this lane's 4 x kSCols micro-tile
+        // line 8: S_ij = scale * Q_i K_j^T, this lane's 4 x kSCols micro-tile
         float S[4][kSCols] = {};
 #pragma unroll 8
         for (int k = 0; k < D; ++k) {
@@ -130,14 +136,14 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
                 S[r][c] = masked ? -INFINITY : scale * S[r][c];
             }
 
-        // Online softmax, row by row: P_ij = exp(S_ij - m_new), O_i rescaled by exp(m_i - m_new).
+        // line 9, online softmax row by row: P_ij = exp(S_ij - m_new), l_i updated; line 10's rescale of O_i by
+        // exp(m_i - m_new).
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             float m_tile = -INFINITY;
 #pragma unroll
             for (int c = 0; c < kSCols; ++c) m_tile = fmaxf(m_tile, S[r][c]);
-            for (int offset = 1; offset < 8; offset *= 2)  // the 8 lanes of this row group
-                m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, offset));
+            m_tile = warp_max<8>(m_tile);  // the 8 lanes of this row group
             const float m_new = fmaxf(ml[r].m, m_tile);
             float l_tile = 0.0f;
 #pragma unroll
@@ -145,14 +151,14 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
                 S[r][c] = rescale_factor(S[r][c], m_new);  // exp(S - m_new); 0 where masked, even if m_new = -inf
                 l_tile += S[r][c];
             }
-            for (int offset = 1; offset < 8; offset *= 2) l_tile += __shfl_xor_sync(0xffffffffu, l_tile, offset);
+            l_tile = warp_sum<8>(l_tile);
             const float alpha = rescale_factor(ml[r].m, m_new);
 #pragma unroll
             for (int c = 0; c < kOCols; ++c) O_i[r][c] *= alpha;
             ml[r] = merge(ml[r], {m_new, l_tile});
         }
 
-        // P_ij -> this warp's slice of shared memory, transposed; then O_i += P_ij V_j.
+        // line 10: P_ij -> this warp's slice of shared memory, transposed; then O_i += P_ij V_j.
         float (*Pt)[kWarpRows + kPad] = sm.Pt[warp];
 #pragma unroll
         for (int c = 0; c < kSCols; ++c)
@@ -175,7 +181,8 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
         }
     }
 
-    // O_i / l_i and LSE_i, written once. A row that saw no key has l_i = 0: O = 0 and LSE = -inf.
+    // lines 12-15: O_i / l_i and LSE_i = m_i + log l_i, written once. A row that saw no key has l_i = 0: O = 0 and
+    // LSE = -inf.
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const int row = q0 + r0 + r;
@@ -194,8 +201,14 @@ template <int D>
 void launch(const Problem& p, const ForwardArgs& a) {
     auto kernel = p.causal ? flash2_forward_fp32<D, true> : flash2_forward_fp32<D, false>;
     constexpr int smem = sizeof(Smem<D>);  // above the default 48 KB for D >= 64: must be opted in
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid((p.Nq + Br - 1) / Br, p.B * p.H);
+    // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
+    static const bool attributes_set = [] {
+        CUDA_CHECK(cudaFuncSetAttribute(flash2_forward_fp32<D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        CUDA_CHECK(cudaFuncSetAttribute(flash2_forward_fp32<D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        return true;
+    }();
+    (void)attributes_set;
+    const dim3 grid(ceil_div(p.Nq, Br), p.B * p.H);
     kernel<<<grid, kThreads, smem>>>(static_cast<const float*>(a.q), static_cast<const float*>(a.k),
                                      static_cast<const float*>(a.v), static_cast<float*>(a.o), a.lse, p.Nq, p.Nk,
                                      p.d, p.resolved_scale());
@@ -213,11 +226,13 @@ std::string v2_fp32_unsupported(const Problem& p) {
     return "";
 }
 
-void v2_forward_fp32(const Problem& p, const ForwardArgs& a) {
+std::string v2_forward_fp32(const Problem& p, const ForwardArgs& a) {
+    if (std::string why = v2_fp32_unsupported(p); !why.empty()) return why;
     switch (bucket_for(p.d)) {
-        case 32: launch<32>(p, a); break;
-        case 64: launch<64>(p, a); break;
-        case 96: launch<96>(p, a); break;
-        default: launch<128>(p, a); break;
+        case 32: launch<32>(p, a); return "";
+        case 64: launch<64>(p, a); return "";
+        case 96: launch<96>(p, a); return "";
+        case 128: launch<128>(p, a); return "";
+        default: return "v2 fp32 forward has no instantiation for head dim " + std::to_string(p.d);
     }
 }

@@ -10,6 +10,8 @@
 //     O_i  = O_i * exp2(m_i - m') + P V_j                P stays in registers (see below)
 //
 // and at the end writes O_i / l_i and LSE_i = (m_i + log2 l_i) * ln 2 (natural log, as tests/problem.h wants).
+// The `// line N` comments in the kernel are the lines of Algorithm 1 of the FlashAttention-2 paper; symbols as in
+// forward_fp32.cu, plus m_i, l_i held in the log2 domain from the exp2 step on.
 //
 // Work split: each warp owns Br/4 contiguous query rows of Q_i (32 rows = two m16 tiles when Br = 128), so the
 // warps never exchange softmax statistics; the Q loop is the grid (one CTA per Q tile), the K/V loop is in the CTA.
@@ -35,6 +37,8 @@
 #include "forward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
+#include "common/blocks.cuh"
+#include "v2.h"  // v2_forward_steps
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,29 +46,84 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 namespace v2_mma {
 
-using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), cp_async_*, exp2_approx, shared_addr
+using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Tiles in shared memory: kRows rows of kD elements, row pitch kD + 8 elements (the padding above).
+// The optimisation steps (bin/v2 --dtype fp16 --kernel K; v2_forward_steps() below names them). One kernel
+// template serves them all; each step switches on one more idea, and step kFinalStep is the kernel described above.
 
-template <int kD>
-constexpr int kPitch = kD + 8;
+template <int kStep>
+struct Features {
+    static constexpr bool kPInRegisters = kStep >= 2;    // 2: P stays in registers (accumulator = A fragment)
+    static constexpr bool kLdmatrix = kStep >= 3;        // 3: ldmatrix.x4 on rows padded by 16 bytes
+    static constexpr bool kCpAsync = kStep >= 4;         // 4: cp.async, K_j and V_j double-buffered
+    static constexpr bool kExp2 = kStep >= 5;            // 5: exp2 with the scale folded into one FFMA,
+    static constexpr bool kStagedEpilogue = kStep >= 5;  //    and O_i leaves through shared memory
+};
+constexpr int kFinalStep = 5;
 
-template <int kBr, int kBc, int kD>
-constexpr int smem_bytes() {
-    return (kBr + 2 * 2 * kBc) * kPitch<kD> * 2;  // Q_i, then K_j and V_j twice each (double buffer)
+}  // namespace v2_mma
+
+const std::vector<KernelStep>& v2_forward_steps() {
+    static const std::vector<KernelStep> steps = {
+        {"mma-smem", "mma.sync m16n8k16; fragments by plain shared loads, P written to and re-read from shared memory"},
+        {"p-registers", "P stays in registers: S's accumulator fragment, packed to 16 bits, is P's A fragment"},
+        {"ldmatrix", "fragments by ldmatrix.x4; tile rows padded by 16 bytes so its 8-row reads are conflict-free"},
+        {"cp-async", "K_j, V_j copied with cp.async into two buffers: tile j+1 lands while tile j is computed"},
+        {"exp2-epilogue", "exp2 with scale * log2 e folded into one FFMA; O_i staged in shared memory, 16-byte stores"},
+    };
+    static_assert(v2_mma::kFinalStep == 5, "one entry per step");
+    return steps;
 }
 
-// Starts the copy of rows [row0, row0 + kRows) of a [N, kD] matrix into a shared tile; rows >= N become zeros.
-// Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass, so that every
-// address below is a per-thread base plus a compile-time offset. (d = 96 has 12 chunks a row: 120 threads copy.)
-template <int kRows, int kD, typename T>
+namespace v2_mma {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiles in shared memory: kRows rows of kD elements, row pitch kD elements, plus 8 (16 bytes, the padding above)
+// from the ldmatrix step on.
+
+template <int kD, int kStep>
+constexpr int kPitch = Features<kStep>::kLdmatrix ? kD + 8 : kD;
+
+template <int kBr, int kBc, int kD, int kStep>
+constexpr int smem_bytes() {
+    constexpr int kKVBuffers = Features<kStep>::kCpAsync ? 2 : 1;
+    constexpr int kPBytes = Features<kStep>::kPInRegisters ? 0 : kBr * kBc * 2;
+    return (kBr + 2 * kKVBuffers * kBc) * kPitch<kD, kStep> * 2 + kPBytes;  // Q_i, K_j and V_j (x2), P
+}
+
+// Plain shared-memory accesses by shared address: what the steps before ldmatrix and cp.async use instead.
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
+    unsigned short v;
+    asm volatile("ld.shared.b16 %0, [%1];\n" : "=h"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// Copies rows [row0, row0 + kRows) of a [N, kD] matrix into a shared tile of row pitch kPitchBytes; rows >= N
+// become zeros. Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass,
+// so that every address below is a per-thread base plus a compile-time offset. (d = 96 has 12 chunks a row: 120
+// threads copy.) kAsync: cp.async, which the caller commits and waits for; otherwise a load and a store per chunk.
+template <int kRows, int kD, int kPitchBytes, bool kAsync, typename T>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N) {
     constexpr int kChunksPerRow = kD / 8;
     constexpr int kRowsPerPass = kThreads / kChunksPerRow;
@@ -72,40 +131,105 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int
     const int r0 = threadIdx.x / kChunksPerRow, c = threadIdx.x % kChunksPerRow * 8;
     const T* tile = gmem + size_t(row0) * kD;  // row0 < N always, so this is a valid address for zero-fills too
 #pragma unroll
-    for (int i = 0; i < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++i) {
+    for (int i = 0; i < ceil_div(kRows, kRowsPerPass); ++i) {
         const int r = r0 + i * kRowsPerPass;
         if (!kEven && (r0 >= kRowsPerPass || r >= kRows)) continue;
         const bool in_range = r < N - row0;
-        cp_async_16(smem_tile + (r * kPitch<kD> + c) * 2, tile + (in_range ? r * kD + c : 0), in_range ? 16 : 0);
+        const T* src = tile + (in_range ? r * kD + c : 0);
+        if constexpr (kAsync)
+            cp_async_16(smem_tile + r * kPitchBytes + c * 2, src, in_range ? 16 : 0);
+        else
+            sts128(smem_tile + r * kPitchBytes + c * 2,
+                   in_range ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0));
     }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: 4 warps.
+// The mma operands of one 16x16 block of a shared tile with row pitch kPitchBytes, in the register order of
+// mma.cuh: by one ldmatrix.x4 (kLdmatrix), or by plain loads of each register's two elements. `addr` is
+// the block's address plus this lane's offset *_lane(lane): where ldmatrix wants this lane's row address, or, for
+// plain loads, the (row g, col 2t) element of the fragment ((row 2t, col g) for a tile read transposed).
+template <bool kLdmatrix, int kPitchBytes>
+struct Fragments {
+    static __device__ __forceinline__ uint32_t a_lane(int lane) {  // A, tile stored [m][k]
+        return kLdmatrix ? ldm_a_row(lane) * kPitchBytes + ldm_a_col(lane) * 2 : lane / 4 * kPitchBytes + lane % 4 * 4;
+    }
+    static __device__ __forceinline__ uint32_t b_lane(int lane) {  // B of two n8 tiles, tile stored [n][k]
+        return kLdmatrix ? ldm_b_row(lane) * kPitchBytes + ldm_b_col(lane) * 2 : lane / 4 * kPitchBytes + lane % 4 * 4;
+    }
+    static __device__ __forceinline__ uint32_t bt_lane(int lane) {  // B of two n8 tiles, tile stored [k][n]
+        return kLdmatrix ? ldm_bt_row(lane) * kPitchBytes + ldm_bt_col(lane) * 2
+                         : lane % 4 * 2 * kPitchBytes + lane / 4 * 2;
+    }
+    // a0..a3: (m 0-7 | 8-15) x (k 0-7 | 8-15), m first
+    static __device__ __forceinline__ void a(uint32_t (&r)[4], uint32_t addr) {
+        if constexpr (kLdmatrix) {
+            ldmatrix_x4(r, addr);
+        } else {
+            r[0] = lds32(addr), r[1] = lds32(addr + 8 * kPitchBytes);
+            r[2] = lds32(addr + 16), r[3] = lds32(addr + 8 * kPitchBytes + 16);
+        }
+    }
+    // b0, b1 of the n8 tile n 0-7, then of n 8-15
+    static __device__ __forceinline__ void b(uint32_t (&r)[4], uint32_t addr) {
+        if constexpr (kLdmatrix) {
+            ldmatrix_x4(r, addr);
+        } else {
+            r[0] = lds32(addr), r[1] = lds32(addr + 16);
+            r[2] = lds32(addr + 8 * kPitchBytes), r[3] = lds32(addr + 8 * kPitchBytes + 16);
+        }
+    }
+    // the same from a tile stored [k][n]: each register's two elements are in two rows
+    static __device__ __forceinline__ void bt(uint32_t (&r)[4], uint32_t addr) {
+        if constexpr (kLdmatrix) {
+            ldmatrix_x4_trans(r, addr);
+        } else {
+            auto pair = [](uint32_t at) { return lds16(at) | lds16(at + kPitchBytes) << 16; };
+            r[0] = pair(addr), r[1] = pair(addr + 8 * kPitchBytes);
+            r[2] = pair(addr + 16), r[3] = pair(addr + 8 * kPitchBytes + 16);
+        }
+    }
+};
 
-template <typename T, int kD, int kBr, int kBc, bool kCausal>
+// e^x (statistics in natural units) until the exp2 step, then 2^x (statistics in log2 units).
+template <bool kExp2>
+__device__ __forceinline__ float softmax_exp(float x) {
+    if constexpr (kExp2)
+        return exp2_approx(x);
+    else
+        return expf(x);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The kernel. Grid: (ceil(Nq / Br), B * H). Block: 4 warps. scale_exp is scale * log2 e from the exp2 step on,
+// the softmax scale before it.
+
+template <typename T, int kD, int kBr, int kBc, bool kCausal, int kStep>
 __global__ void __launch_bounds__(kThreads, 2)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, float scale_log2) {
+                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, float scale_exp) {
+    using F = Features<kStep>;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
     constexpr int kMTiles = kWarpRows / 16;   // m16 tiles per warp
     constexpr int kNTiles = kBc / 8;          // n8 tiles of S = Q_i K_j^T
     constexpr int kDTiles = kD / 8;           // n8 tiles of O_i
-    constexpr int kPitchBytes = kPitch<kD> * 2;
+    constexpr int kPitchBytes = kPitch<kD, kStep> * 2;
+    constexpr int kPPitchBytes = kBc * 2;     // step 1: P in shared memory, [Br][Bc] after the V buffer
+    using Frag = Fragments<F::kLdmatrix, kPitchBytes>;
     static_assert(kWarpRows % 16 == 0 && kBc % 16 == 0 && kD % 16 == 0, "tiles are whole mma fragments");
     static_assert(sizeof(T) == 2, "16-bit operands");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    const uint32_t sQ = shared_addr(smem);
-    const uint32_t sK = sQ + kBr * kPitchBytes;        // two buffers of kBc rows
-    const uint32_t sV = sK + 2 * kBc * kPitchBytes;    // two buffers of kBc rows
     constexpr uint32_t kKVTileBytes = kBc * kPitchBytes;
+    constexpr int kKVBuffers = F::kCpAsync ? 2 : 1;
+    const uint32_t sQ = shared_addr(smem);
+    const uint32_t sK = sQ + kBr * kPitchBytes;           // kKVBuffers buffers of kBc rows
+    const uint32_t sV = sK + kKVBuffers * kKVTileBytes;   // kKVBuffers buffers of kBc rows
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // fragment coordinates (see mma.cuh)
 
     // Causal: the last Q tiles see the most keys; launching them first shortens the tail of the grid.
-    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // line 3: the grid walks the Q tiles
     const int q0 = q_tile * kBr;
     const size_t bh = blockIdx.y;
     const T* Q_i = Q + (bh * Nq + q0) * kD;
@@ -115,26 +239,26 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Keys this Q tile visits: all of them, or (causal) up to the last key its last real row sees.
     const int q_end = min(q0 + kBr, Nq);
     const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
-    const int n_tiles = kv_end > 0 ? (kv_end + kBc - 1) / kBc : 0;
+    const int n_tiles = kv_end > 0 ? ceil_div(kv_end, kBc) : 0;
 
-    load_tile<kBr, kD>(sQ, Q_i, 0, Nq - q0);
-    if (n_tiles > 0) {
-        load_tile<kBc, kD>(sK, K_bh, 0, Nk);
-        load_tile<kBc, kD>(sV, V_bh, 0, Nk);
+    load_tile<kBr, kD, kPitchBytes, F::kCpAsync>(sQ, Q_i, 0, Nq - q0);  // line 4 (and line 7 for K_0, V_0)
+    if constexpr (F::kCpAsync) {
+        if (n_tiles > 0) {
+            load_tile<kBc, kD, kPitchBytes, true>(sK, K_bh, 0, Nk);
+            load_tile<kBc, kD, kPitchBytes, true>(sV, V_bh, 0, Nk);
+        }
+        cp_async_commit();
     }
-    cp_async_commit();
 
-    // Per-lane ldmatrix row addresses (see mma.cuh); the loops below add compile-time offsets.
-    //   Q (A operand):  matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
-    //   K (B operand of S, two n8 tiles): (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15)
-    //   V (B operand of O, two n8 tiles, transposed): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), ...
+    // Per-lane fragment addresses (Fragments above); the loops below add compile-time offsets.
+    //   Q (A operand), K (B operand of S, stored [key][d]), V (B operand of O, stored [key][d], read transposed)
     const int warp_row0 = warp * kWarpRows;
-    const uint32_t q_addr = sQ + (warp_row0 + lane % 16) * kPitchBytes + lane / 16 * 16;
-    const uint32_t k_addr = sK + (lane % 8 + lane / 16 * 8) * kPitchBytes + lane / 8 % 2 * 16;
-    const uint32_t v_addr = sV + (lane % 8 + lane / 8 % 2 * 8) * kPitchBytes + lane / 16 * 16;
+    const uint32_t q_addr = sQ + warp_row0 * kPitchBytes + Frag::a_lane(lane);
+    const uint32_t k_addr = sK + Frag::b_lane(lane);
+    const uint32_t v_addr = sV + Frag::bt_lane(lane);
 
-    float O_i[kMTiles][kDTiles][4] = {};  // unnormalised output rows g and g+8 of each m tile, fp32
-    float m_i[kMTiles][2];                // running row max, log2 domain (already times scale * log2 e)
+    float O_i[kMTiles][kDTiles][4] = {};  // line 5: unnormalised output rows g and g+8 of each m tile, fp32
+    float m_i[kMTiles][2];                // running row max (times scale_exp: log2 domain from the exp2 step on)
     float l_i[kMTiles][2];                // running row sum of this thread's columns; the quad sums them at the end
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
@@ -145,30 +269,37 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
     }
 
-    for (int j = 0; j < n_tiles; ++j) {
-        // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
-        // The group is committed even when empty so that "wait until one group is pending" always means tile j.
-        if (j + 1 < n_tiles) {
-            load_tile<kBc, kD>(sK + (j + 1) % 2 * kKVTileBytes, K_bh, (j + 1) * kBc, Nk);
-            load_tile<kBc, kD>(sV + (j + 1) % 2 * kKVTileBytes, V_bh, (j + 1) * kBc, Nk);
+    for (int j = 0; j < n_tiles; ++j) {  // line 6
+        if constexpr (F::kCpAsync) {  // line 7, one tile ahead
+            // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
+            // The group is committed even when empty so that "wait until one group is pending" always means tile j.
+            if (j + 1 < n_tiles) {
+                load_tile<kBc, kD, kPitchBytes, true>(sK + (j + 1) % 2 * kKVTileBytes, K_bh, (j + 1) * kBc, Nk);
+                load_tile<kBc, kD, kPitchBytes, true>(sV + (j + 1) % 2 * kKVTileBytes, V_bh, (j + 1) * kBc, Nk);
+            }
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            // line 7. One buffer: the CTA waits for tile j's loads before any mma (the barrier at the end of iteration
+            // j-1 made the buffer free).
+            load_tile<kBc, kD, kPitchBytes, false>(sK, K_bh, j * kBc, Nk);
+            load_tile<kBc, kD, kPitchBytes, false>(sV, V_bh, j * kBc, Nk);
         }
-        cp_async_commit();
-        cp_async_wait<1>();
         __syncthreads();
-        const uint32_t K_j = k_addr + j % 2 * kKVTileBytes;
-        const uint32_t V_j = v_addr + j % 2 * kKVTileBytes;
+        const uint32_t K_j = k_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
+        const uint32_t V_j = v_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
 
-        // S = Q_i K_j^T: kMTiles x kNTiles fragments of 16x8.
+        // line 8: S = Q_i K_j^T, kMTiles x kNTiles fragments of 16x8.
         float S[kMTiles][kNTiles][4] = {};
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk) {
             uint32_t a[kMTiles][4];
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(a[mt], q_addr + mt * 16 * kPitchBytes + kk * 32);
+            for (int mt = 0; mt < kMTiles; ++mt) Frag::a(a[mt], q_addr + mt * 16 * kPitchBytes + kk * 32);
 #pragma unroll
             for (int np = 0; np < kNTiles / 2; ++np) {
                 uint32_t b[4];
-                ldmatrix_x4(b, K_j + np * 16 * kPitchBytes + kk * 32);
+                Frag::b(b, K_j + np * 16 * kPitchBytes + kk * 32);
 #pragma unroll
                 for (int mt = 0; mt < kMTiles; ++mt) {
                     mma_m16n8k16<T>(S[mt][2 * np], a[mt], b[0], b[1]);
@@ -195,7 +326,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             }
         }
 
-        // Online softmax. Each row lives in one quad of lanes (same g), so the row max needs two shuffles.
+        // line 9: online softmax (and line 10's rescale of O_i). Each row lives in one quad of lanes (same g), so the
+        // row max needs two shuffles.
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -206,11 +338,11 @@ __global__ void __launch_bounds__(kThreads, 2)
                     row_max = fmaxf(row_max, fmaxf(S[mt][nt][2 * h], S[mt][nt][2 * h + 1]));
                 row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
                 row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
-                const float m_new = fmaxf(m_i[mt][h], row_max * scale_log2);
+                const float m_new = fmaxf(m_i[mt][h], row_max * scale_exp);
                 // A row that has seen only masked keys keeps m = -inf; subtracting -inf from -inf would give NaN,
-                // so such a row uses 0 as its base: every exp2 below is then exp2(-inf) = 0.
+                // so such a row uses 0 as its base: every exponential below is then of -inf, i.e. 0.
                 const float base = m_new == -INFINITY ? 0.0f : m_new;
-                const float alpha = exp2_approx(m_i[mt][h] - base);
+                const float alpha = softmax_exp<F::kExp2>(m_i[mt][h] - base);
                 m_i[mt][h] = m_new;
                 l_i[mt][h] *= alpha;
 #pragma unroll
@@ -222,29 +354,49 @@ __global__ void __launch_bounds__(kThreads, 2)
                 for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        S[mt][nt][e] = exp2_approx(fmaf(S[mt][nt][e], scale_log2, -base));  // S now holds P
+                        S[mt][nt][e] = softmax_exp<F::kExp2>(fmaf(S[mt][nt][e], scale_exp, -base));  // S holds P
                         l_i[mt][h] += S[mt][nt][e];
                     }
                 }
             }
         }
 
-        // O_i += P V_j. The A fragment of P for keys 16kk..16kk+15 is the accumulators of S's n8 tiles 2kk and
-        // 2kk+1, packed in pairs: (row g, keys 2t, 2t+1), (row g+8, ...), (row g, keys 2t+8, +9), (row g+8, ...).
+        // Step 1: P goes to this warp's own rows of a shared [Br][Bc] tile and comes back as A fragments.
+        if constexpr (!F::kPInRegisters) {
+            const uint32_t sP = sV + kKVBuffers * kKVTileBytes;
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        sts32(sP + (warp_row0 + mt * 16 + g + 8 * h) * kPPitchBytes + (nt * 8 + 2 * t) * 2,
+                              pack2<T>(S[mt][nt][2 * h], S[mt][nt][2 * h + 1]));
+            __syncwarp();
+        }
+
+        // line 10: O_i += P V_j. From step 2 on, the A fragment of P for keys 16kk..16kk+15 is the accumulators of S's
+        // n8 tiles 2kk and 2kk+1, packed in pairs: (row g, keys 2t, 2t+1), (row g+8, ...), (row g, keys 2t+8, +9), ...
 #pragma unroll
         for (int kk = 0; kk < kBc / 16; ++kk) {
             uint32_t p[kMTiles][4];
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
-                p[mt][0] = pack2<T>(S[mt][2 * kk][0], S[mt][2 * kk][1]);
-                p[mt][1] = pack2<T>(S[mt][2 * kk][2], S[mt][2 * kk][3]);
-                p[mt][2] = pack2<T>(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
-                p[mt][3] = pack2<T>(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+                if constexpr (F::kPInRegisters) {
+                    p[mt][0] = pack2<T>(S[mt][2 * kk][0], S[mt][2 * kk][1]);
+                    p[mt][1] = pack2<T>(S[mt][2 * kk][2], S[mt][2 * kk][3]);
+                    p[mt][2] = pack2<T>(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
+                    p[mt][3] = pack2<T>(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+                } else {
+                    using PFrag = Fragments<false, kPPitchBytes>;
+                    const uint32_t sP = sV + kKVBuffers * kKVTileBytes;
+                    PFrag::a(p[mt], sP + (warp_row0 + mt * 16) * kPPitchBytes + PFrag::a_lane(lane) + kk * 32);
+                }
             }
 #pragma unroll
             for (int dp = 0; dp < kDTiles / 2; ++dp) {
                 uint32_t b[4];
-                ldmatrix_x4_trans(b, V_j + kk * 16 * kPitchBytes + dp * 32);
+                Frag::bt(b, V_j + kk * 16 * kPitchBytes + dp * 32);
 #pragma unroll
                 for (int mt = 0; mt < kMTiles; ++mt) {
                     mma_m16n8k16<T>(O_i[mt][2 * dp], p[mt], b[0], b[1]);
@@ -252,15 +404,19 @@ __global__ void __launch_bounds__(kThreads, 2)
                 }
             }
         }
-        __syncthreads();  // everyone is done with buffer j % 2 before iteration j+1 refills it
+        __syncthreads();  // everyone is done with the K/V buffer of tile j before it is refilled
     }
 
-    // Epilogue. O_i / l_i goes to this warp's own rows of the Q tile in shared memory (only this warp ever read
-    // them), then leaves in 16-byte coalesced stores. The barrier matters only when n_tiles == 0, where nothing
-    // has waited for the copy of Q_i yet.
-    cp_async_wait<0>();
-    __syncthreads();
+    // Epilogue, lines 12-15: O_i / l_i and LSE_i. Before the staged epilogue, each thread stores its fragment's pairs
+    // straight to global memory (4-byte stores, 8 rows apart). From step 5 on, O_i / l_i goes to this warp's own rows
+    // of the Q tile in shared memory (only this warp ever read them), then leaves in 16-byte coalesced stores. The
+    // barrier matters only when n_tiles == 0, where nothing has waited for the copy of Q_i yet.
+    if constexpr (F::kStagedEpilogue) {
+        cp_async_wait<0>();
+        __syncthreads();
+    }
     T* sO = reinterpret_cast<T*>(smem);
+    T* O_out = O + (bh * Nq + q0) * kD;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -268,47 +424,65 @@ __global__ void __launch_bounds__(kThreads, 2)
             float l = l_i[mt][h];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            // l = 0 exactly when the row saw no key (otherwise its max element contributed exp2(0) = 1).
+            // l = 0 exactly when the row saw no key (otherwise its max element contributed exp(0) = 1).
             const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
             const int r = warp_row0 + mt * 16 + g + h * 8;
 #pragma unroll
             for (int dt = 0; dt < kDTiles; ++dt) {
-                *reinterpret_cast<uint32_t*>(&sO[r * kPitch<kD> + dt * 8 + 2 * t]) =
-                    pack2<T>(O_i[mt][dt][2 * h] * inv_l, O_i[mt][dt][2 * h + 1] * inv_l);
+                const uint32_t pair = pack2<T>(O_i[mt][dt][2 * h] * inv_l, O_i[mt][dt][2 * h + 1] * inv_l);
+                if constexpr (F::kStagedEpilogue)
+                    *reinterpret_cast<uint32_t*>(&sO[r * kPitch<kD, kStep> + dt * 8 + 2 * t]) = pair;
+                else if (q0 + r < Nq)
+                    *reinterpret_cast<uint32_t*>(&O_out[size_t(r) * kD + dt * 8 + 2 * t]) = pair;
             }
-            if (t == 0 && q0 + r < Nq)
-                LSE[bh * Nq + q0 + r] = l > 0.0f ? (m_i[mt][h] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+            // LSE in natural log, as tests/problem.h wants (m_i is in log2 units from the exp2 step on).
+            const float lse = F::kExp2 ? (m_i[mt][h] + log2f(l)) * 0.69314718055994531f : m_i[mt][h] + logf(l);
+            if (t == 0 && q0 + r < Nq) LSE[bh * Nq + q0 + r] = l > 0.0f ? lse : -INFINITY;
         }
     }
-    __syncwarp();
-    constexpr int kChunksPerRow = kD * 2 / 16;
-    T* O_out = O + (bh * Nq + q0) * kD;
+    if constexpr (F::kStagedEpilogue) {
+        __syncwarp();
+        constexpr int kChunksPerRow = kD * 2 / 16;
 #pragma unroll
-    for (int i = 0; i < kWarpRows * kChunksPerRow / 32; ++i) {
-        const int chunk = i * 32 + lane;
-        const int r = warp_row0 + chunk / kChunksPerRow;
-        const int c = chunk % kChunksPerRow * 8;
-        if (q0 + r < Nq)
-            *reinterpret_cast<uint4*>(&O_out[size_t(r) * kD + c]) =
-                *reinterpret_cast<const uint4*>(&sO[r * kPitch<kD> + c]);
+        for (int i = 0; i < kWarpRows * kChunksPerRow / 32; ++i) {
+            const int chunk = i * 32 + lane;
+            const int r = warp_row0 + chunk / kChunksPerRow;
+            const int c = chunk % kChunksPerRow * 8;
+            if (q0 + r < Nq)
+                *reinterpret_cast<uint4*>(&O_out[size_t(r) * kD + c]) =
+                    *reinterpret_cast<const uint4*>(&sO[r * kPitch<kD, kStep> + c]);
+        }
     }
 }
 
-template <typename T, int kD, int kBr, int kBc, bool kCausal>
+template <typename T, int kD, int kBr, int kBc, bool kCausal, int kStep>
 void launch(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE, cudaStream_t stream) {
-    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kCausal>;
-    constexpr int kSmem = smem_bytes<kBr, kBc, kD>();
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    const dim3 grid((p.Nq + kBr - 1) / kBr, p.B * p.H);
-    const float scale_log2 = p.resolved_scale() * 1.4426950408889634f;
+    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kCausal, kStep>;
+    constexpr int kSmem = smem_bytes<kBr, kBc, kD, kStep>();
+    // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
+    static const cudaError_t attribute_set =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    CUDA_CHECK(attribute_set);
+    const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);
+    const float scale = p.resolved_scale();
+    const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
     kernel<<<grid, kThreads, kSmem, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
                                              static_cast<const T*>(V), static_cast<T*>(O), LSE, p.Nq, p.Nk,
-                                             scale_log2);
+                                             scale_exp);
     CUDA_CHECK_LAUNCH();
 }
 
+template <typename T, int kD, int kBr, int kBc, int kStep>
+void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                          cudaStream_t stream) {
+    if (p.causal)
+        launch<T, kD, kBr, kBc, true, kStep>(p, Q, K, V, O, LSE, stream);
+    else
+        launch<T, kD, kBr, kBc, false, kStep>(p, Q, K, V, O, LSE, stream);
+}
+
 // Tile shapes (Br x Bc) per head dim. Measured on an H200 (fp16, hidden 2048, B*N = 16384, TFLOP/s at N = 1k .. 16k;
-// scratch benchmark, 2026-11-21), 4 warps a CTA in every case:
+// historical: scratch benchmark not in the repository, 2026-11-21), 4 warps a CTA in every case:
 //   d = 64,  non-causal: 128x64 291..307   128x128 281..296   64x64 255..269   64x128 227..242
 //   d = 64,  causal:     128x64 229..297   128x128 234..303   64x64 219..259   64x128 191..246
 //   d = 128, non-causal: 128x64 322..348   128x32  299..313   64x64 245..258   64x128 198..215
@@ -316,30 +490,45 @@ void launch(const Problem& p, const void* Q, const void* K, const void* V, void*
 // Br = 128 (32 rows a warp) halves the shared-memory reads of K_j and V_j per mma against Br = 64, which is what
 // separates the rows above; Bc = 64 keeps S (Br x Bc fp32) small enough next to O_i to stay in 255 registers with
 // no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
-// ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape.
-template <typename T, int kD, int kBr, int kBc>
-void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                          cudaStream_t stream) {
-    if (p.causal)
-        launch<T, kD, kBr, kBc, true>(p, Q, K, V, O, LSE, stream);
-    else
-        launch<T, kD, kBr, kBc, false>(p, Q, K, V, O, LSE, stream);
+// ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape, and so do
+// the steps before the final one (compiled for fp16 only).
+template <typename T, int kD>
+std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                        cudaStream_t stream) {
+    constexpr int kBr = 128, kBc = 64;
+    const int step = p.kernel == 0 ? kFinalStep : p.kernel;
+    if (step == kFinalStep) {
+        launch_causal_or_not<T, kD, kBr, kBc, kFinalStep>(p, Q, K, V, O, LSE, stream);
+        return "";
+    }
+    if constexpr (std::is_same_v<T, __half>) {
+        switch (step) {
+            case 1: launch_causal_or_not<T, kD, kBr, kBc, 1>(p, Q, K, V, O, LSE, stream); return "";
+            case 2: launch_causal_or_not<T, kD, kBr, kBc, 2>(p, Q, K, V, O, LSE, stream); return "";
+            case 3: launch_causal_or_not<T, kD, kBr, kBc, 3>(p, Q, K, V, O, LSE, stream); return "";
+            case 4: launch_causal_or_not<T, kD, kBr, kBc, 4>(p, Q, K, V, O, LSE, stream); return "";
+            default: break;
+        }
+    }
+    return "v2 mma forward has no step " + std::to_string(p.kernel) + " compiled for " + dtype_name(p.dtype);
 }
 
 template <typename T>
-void launch_for_head_dim(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                         cudaStream_t stream) {
+std::string launch_for_head_dim(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                                cudaStream_t stream) {
     switch (p.d) {
-        case 32: launch_causal_or_not<T, 32, 128, 64>(p, Q, K, V, O, LSE, stream); break;
-        case 64: launch_causal_or_not<T, 64, 128, 64>(p, Q, K, V, O, LSE, stream); break;
-        case 96: launch_causal_or_not<T, 96, 128, 64>(p, Q, K, V, O, LSE, stream); break;
-        case 128: launch_causal_or_not<T, 128, 128, 64>(p, Q, K, V, O, LSE, stream); break;
+        case 32: return launch_step<T, 32>(p, Q, K, V, O, LSE, stream);
+        case 64: return launch_step<T, 64>(p, Q, K, V, O, LSE, stream);
+        case 96: return launch_step<T, 96>(p, Q, K, V, O, LSE, stream);
+        case 128: return launch_step<T, 128>(p, Q, K, V, O, LSE, stream);
+        default: return "v2 mma forward has no instantiation for head dim " + std::to_string(p.d);
     }
 }
 
 }  // namespace v2_mma
 
 bool v2_mma_supports(const Problem& p, std::string* why) {
+    const int n_steps = int(v2_forward_steps().size());
     if (p.dtype != DType::fp16 && p.dtype != DType::bf16) {
         *why = std::string("v2 mma forward needs fp16 or bf16 inputs (tensor-core operands), got ") + dtype_name(p.dtype);
         return false;
@@ -357,18 +546,22 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
         *why = "v2 mma forward needs B*H <= 65535 (one grid row per head), got " + std::to_string(long(p.B) * p.H);
         return false;
     }
+    if (p.kernel < 0 || p.kernel > n_steps) {
+        *why = "v2 mma forward has steps 1.." + std::to_string(n_steps) + " (0 = the final one), got " +
+               std::to_string(p.kernel);
+        return false;
+    }
+    if (p.kernel != 0 && p.kernel != n_steps && p.dtype != DType::fp16) {
+        *why = "v2 mma forward steps before the final one are compiled for fp16 only (use --dtype fp16)";
+        return false;
+    }
     return true;
 }
 
-void v2_forward_mma(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                    cudaStream_t stream) {
+std::string v2_forward_mma(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                           cudaStream_t stream) {
     std::string why;
-    if (!v2_mma_supports(p, &why)) {
-        std::fprintf(stderr, "error: %s\n", why.c_str());
-        std::exit(1);
-    }
-    if (p.dtype == DType::fp16)
-        v2_mma::launch_for_head_dim<__half>(p, Q, K, V, O, LSE, stream);
-    else
-        v2_mma::launch_for_head_dim<__nv_bfloat16>(p, Q, K, V, O, LSE, stream);
+    if (!v2_mma_supports(p, &why)) return why;
+    if (p.dtype == DType::fp16) return v2_mma::launch_for_head_dim<__half>(p, Q, K, V, O, LSE, stream);
+    return v2_mma::launch_for_head_dim<__nv_bfloat16>(p, Q, K, V, O, LSE, stream);
 }

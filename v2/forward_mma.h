@@ -9,10 +9,12 @@
 
 #include "problem.h"
 
-// Returns true when (p.d, p.dtype) is supported (fp16 or bf16; d = 32, 64, 96 or 128; also Nq, Nk >= 1 and
-// B*H <= 65535); otherwise writes a one-line reason to *why.
+// Returns true when (p.d, p.dtype, p.kernel) is supported (fp16 or bf16; d = 32, 64, 96 or 128; also Nq, Nk >= 1,
+// B*H <= 65535, and p.kernel a step of v2_forward_steps(), 0 = the final kernel, the earlier steps fp16 only);
+// otherwise writes a one-line reason to *why.
 bool v2_mma_supports(const Problem& p, std::string* why);
 
 // Q, K, V, O are __half or __nv_bfloat16 per p.dtype, layout [B, H, N, d] contiguous; LSE float [B, H, Nq].
-void v2_forward_mma(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                    cudaStream_t stream = 0);
+// Launches forward step p.kernel and returns ""; or launches nothing and returns why (v2_mma_supports's reason).
+std::string v2_forward_mma(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                           cudaStream_t stream = 0);

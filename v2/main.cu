@@ -33,6 +33,8 @@ int main(int argc, char** argv) {
     s.backward_workspace_bytes = v2_backward_workspace_bytes;
     s.backward = v2_backward;
     s.cpu_backward = v2_model_backward;
+    s.forward_steps = v2_forward_steps();
+    s.backward_steps = v2_backward_steps();
     s.below_backward_workspace_bytes = naive_backward_workspace_bytes;
     s.below_backward = naive_backward;
     return stage_main(argc, argv, s);

@@ -1,6 +1,8 @@
 // mma.cuh: the PTX wrappers the v2 tensor-core kernels share (forward_mma.cu, backward_mma.cu): mma.sync
 // m16n8k16 for fp16 and bf16, packing two floats into one register of two 16-bit values, ldmatrix x4 (plain and
-// .trans), cp.async with its commit / wait, the shared-address conversion and a one-instruction exp2.
+// .trans) and its lane addressing, cp.async with its commit / wait, the shared-address conversion and a
+// one-instruction exp2. mma.sync m16n8k16 and cp.async need sm_80: compiled for an older GPU (make ARCH=sm_75) they
+// become a trap, and v2_unsupported refuses fp16/bf16 on such a device before anything launches.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
 //
@@ -35,15 +37,6 @@
 
 namespace v2_ptx {
 
-// mma.sync m16n8k16 and cp.async need sm_80 (Ampere) or newer. So that every other rung still builds for sm_75
-// (T4, RTX 20xx: `make ARCH=sm_75`), an sm_75 build compiles these wrappers to a trap; no such kernel is ever
-// launched there, because v2_unsupported refuses fp16/bf16 on a GPU older than sm_80 (v2/v2.cu).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-constexpr bool kTensorCorePtx = false;
-#else
-constexpr bool kTensorCorePtx = true;
-#endif
-
 // The 32-bit shared-state-space address of a pointer into shared memory (what ldmatrix and cp.async take).
 __device__ __forceinline__ uint32_t shared_addr(const void* smem_ptr) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
@@ -56,27 +49,27 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 template <>
 __device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                      uint32_t b1) {
-    if constexpr (!kTensorCorePtx) {
-        __trap();
-    } else {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // compiled for an older GPU: v2_unsupported refuses fp16/bf16 there before anything launches
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                             uint32_t b1) {
-    if constexpr (!kTensorCorePtx) {
-        __trap();
-    } else {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
 }
 
 // Two floats rounded (to nearest) to one register of two T values, lo in the low 16 bits (the fragment order).
@@ -108,22 +101,44 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
                  : "r"(smem_addr));
 }
 
+// ldmatrix lane addressing: the row and column (in elements), within a 16x16 block, of the address lane `lane`
+// gives ldmatrix_x4 so that the four registers come out in mma operand order (the matrix lists above).
+//   A from [m][k], plain:                           row = m, col = k
+__device__ __forceinline__ int ldm_a_row(int lane) { return lane % 8 + lane / 8 % 2 * 8; }
+__device__ __forceinline__ int ldm_a_col(int lane) { return lane / 16 * 8; }
+//   A from [k][m], .trans:                          row = k, col = m
+__device__ __forceinline__ int ldm_at_row(int lane) { return lane % 8 + lane / 16 * 8; }
+__device__ __forceinline__ int ldm_at_col(int lane) { return lane / 8 % 2 * 8; }
+//   B of two n8 tiles from [n][k], plain:           row = n, col = k
+__device__ __forceinline__ int ldm_b_row(int lane) { return lane % 8 + lane / 16 * 8; }
+__device__ __forceinline__ int ldm_b_col(int lane) { return lane / 8 % 2 * 8; }
+//   B of two n8 tiles from [k][n], .trans:          row = k, col = n
+__device__ __forceinline__ int ldm_bt_row(int lane) { return lane % 8 + lane / 8 % 2 * 8; }
+__device__ __forceinline__ int ldm_bt_col(int lane) { return lane / 16 * 8; }
+
 // Copies 16 bytes global -> shared without passing through registers. It reads src_bytes (16 or 0) bytes and
 // fills the rest with zeros: src_bytes = 0 reads nothing and writes 16 zero bytes, which is how rows past the end
 // of a matrix become zeros in shared memory (gmem must still be a valid address).
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem, int src_bytes) {
-    if constexpr (kTensorCorePtx)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+#else
+    __trap();
+#endif
 }
 // Closes the group of this thread's cp.async issued since the previous commit.
 __device__ __forceinline__ void cp_async_commit() {
-    if constexpr (kTensorCorePtx) asm volatile("cp.async.commit_group;\n" ::: "memory");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
 }
 // Waits until at most kPending of this thread's committed groups are still in flight (kPending = 0: all landed).
 // Other threads' copies are visible only after a __syncthreads() that follows the wait.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-    if constexpr (kTensorCorePtx) asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 
 // 2^x in one MUFU.EX2 instruction (flush-to-zero, relative error ~2^-22); exp2(-inf) = 0. exp2f itself, without

@@ -1,27 +1,36 @@
 // v2.cu: FlashAttention-2 by data type: fp32 runs the CUDA-core kernels (forward_fp32.cu, backward_fp32.cu),
 // fp16 and bf16 the tensor-core kernels (forward_mma.cu, backward_mma.cu). Same arguments, same conventions.
+#include <stdexcept>
+
 #include "backward_mma.h"
 #include "forward_mma.h"
 #include "v2.h"
 
-// fp16/bf16 run mma.sync m16n8k16 and cp.async, which need sm_80 or newer ("" when there is no GPU: the CPU model
-// runs then).
-static std::string tensor_cores_missing() {
-    if (!gpu_available() || gpu_compute_capability() >= 80) return "";
-    return "fp16 and bf16 need tensor cores of sm_80 or newer (A100, RTX 30xx, H100, ...); this GPU, " + gpu_name() +
-           ", is sm_" + std::to_string(gpu_compute_capability()) + ": use --dtype fp32";
+namespace {
+
+// What both passes refuse before their own limits: --kernel on fp32, tensor cores older than sm_80.
+std::string common_refusal(const Problem& p) {
+    if (p.dtype == DType::fp32 && p.kernel != 0)
+        return "v2 --kernel picks a tensor-core step; fp32 has one kernel per pass (use --dtype fp16)";
+    const int sm = gpu_available() ? gpu_compute_capability() : 0;  // 0: no GPU, the CPU model runs
+    if (p.dtype != DType::fp32 && sm != 0 && sm < 80)
+        return std::string("v2 ") + dtype_name(p.dtype) + " needs tensor cores of sm_80 or newer (mma.sync m16n8k16, "
+               "cp.async; found sm_" + std::to_string(sm) + ": use --dtype fp32)";
+    return "";
 }
 
+}  // namespace
+
 std::string v2_unsupported(const Problem& p) {
+    if (std::string why = common_refusal(p); !why.empty()) return why;
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);
-    if (const std::string why = tensor_cores_missing(); !why.empty()) return why;
     std::string why;
     return v2_mma_supports(p, &why) ? "" : why;
 }
 
 std::string v2_backward_unsupported(const Problem& p) {
+    if (std::string why = common_refusal(p); !why.empty()) return why;
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);
-    if (const std::string why = tensor_cores_missing(); !why.empty()) return why;
     std::string why;
     return v2_backward_mma_supports(p, &why) ? "" : why;
 }
@@ -29,10 +38,10 @@ std::string v2_backward_unsupported(const Problem& p) {
 size_t v2_workspace_bytes(const Problem&) { return 0; }
 
 void v2_forward(const Problem& p, const ForwardArgs& a) {
-    if (p.dtype == DType::fp32)
-        v2_forward_fp32(p, a);
-    else
-        v2_forward_mma(p, a.q, a.k, a.v, a.o, a.lse);
+    if (std::string why = v2_unsupported(p); !why.empty()) throw std::invalid_argument(why);
+    const std::string why = p.dtype == DType::fp32 ? v2_forward_fp32(p, a)
+                                                   : v2_forward_mma(p, a.q, a.k, a.v, a.o, a.lse);
+    if (!why.empty()) throw std::invalid_argument(why);
 }
 
 size_t v2_backward_workspace_bytes(const Problem& p) {
@@ -40,8 +49,10 @@ size_t v2_backward_workspace_bytes(const Problem& p) {
 }
 
 void v2_backward(const Problem& p, const BackwardArgs& a) {
-    if (p.dtype == DType::fp32)
-        v2_backward_fp32(p, a);
-    else
-        v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk, a.dv, a.workspace);
+    if (std::string why = v2_backward_unsupported(p); !why.empty()) throw std::invalid_argument(why);
+    const std::string why =
+        p.dtype == DType::fp32
+            ? v2_backward_fp32(p, a)
+            : v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk, a.dv, a.workspace);
+    if (!why.empty()) throw std::invalid_argument(why);
 }

@@ -23,11 +23,11 @@ constexpr int kV2MaxHeadDim = 128;
 V2Tiles v2_fp32_forward_tiles(int d);
 V2Tiles v2_fp32_backward_tiles();
 std::string v2_fp32_unsupported(const Problem& p);  // "" when the fp32 kernels accept p
-// Q, K, V, O fp32; no workspace.
-void v2_forward_fp32(const Problem& p, const ForwardArgs& a);
+// Q, K, V, O fp32; no workspace. Both passes launch and return "", or launch nothing and return why not.
+std::string v2_forward_fp32(const Problem& p, const ForwardArgs& a);
 // Workspace: D_i = rowsum(dO_i * O_i), one float per query row. dQ is accumulated in place (see backward_fp32.cu).
 size_t v2_backward_fp32_workspace_bytes(const Problem& p);
-void v2_backward_fp32(const Problem& p, const BackwardArgs& a);
+std::string v2_backward_fp32(const Problem& p, const BackwardArgs& a);
 
 // ---------------------------------------------------------------------------------------- CPU models (model.cu)
 // The same loops as the fp32 kernels, with the same tiles, in plain C++; device memory is Hbm (counted).
@@ -37,8 +37,17 @@ void v2_model_backward(const Problem& p, const HostTensors& in, const std::vecto
                        const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                        std::vector<float>* dv, ModelTraffic* t);
 
+// ---------------------------------------------------------------------- tensor-core optimisation steps (--kernel)
+// Each step adds one idea to the one before; the last is the final kernel (p.kernel = 0 runs it too). The steps
+// before the last are compiled for fp16 only. Forward: forward_mma.cu; backward: backward_mma.cu.
+const std::vector<KernelStep>& v2_forward_steps();
+const std::vector<KernelStep>& v2_backward_steps();
+
 // ------------------------------------------------------------------------------------- dispatch by p.dtype (v2.cu)
-// fp32 -> the CUDA-core kernels above; fp16/bf16 -> v2_forward_mma / v2_backward_mma.
+// fp32 -> the CUDA-core kernels above; fp16/bf16 -> v2_forward_mma / v2_backward_mma. The *_unsupported functions
+// also refuse --kernel with fp32 (only the tensor-core path has steps), a step out of range, and fp16/bf16 on a GPU
+// older than sm_80. v2_forward / v2_backward never exit: called with a problem *_unsupported refuses, they throw
+// std::invalid_argument with that reason and launch nothing.
 std::string v2_unsupported(const Problem& p);           // forward: "" or one line saying why not
 std::string v2_backward_unsupported(const Problem& p);  // backward: likewise
 size_t v2_workspace_bytes(const Problem& p);

@@ -50,8 +50,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor o = at::empty_like(q);
     at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-    v2_forward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
-                   at::cuda::getCurrentCUDAStream());
+    why = v2_forward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
+                         at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(why.empty(), "flash_scratch.attention: ", why);
     return {o, lse};
 }
 
@@ -70,8 +71,10 @@ std::vector<at::Tensor> backward(const at::Tensor& dO, const at::Tensor& q, cons
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     at::Tensor ws = at::empty({int64_t(v2_backward_mma_workspace_bytes(p))}, q.options().dtype(at::kByte));
-    v2_backward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(), dO.data_ptr(),
-                    dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
+    why = v2_backward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
+                          dO.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(),
+                          at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(why.empty(), "flash_scratch.attention backward: ", why);
     return {dq, dk, dv};
 }
 
