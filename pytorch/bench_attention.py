@@ -15,24 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "scripts")]
 from flash_scratch import attention  # noqa: E402
-
-
-def gpu_ms(fn, reps=50):
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+from torch_timing import time_cuda  # noqa: E402  (CUDA events, warm-up, L2 flushed, median)
 
 
 def host_us(fn, reps=200):
@@ -67,7 +53,7 @@ def main():
 
                 def ft():
                     torch.autograd.grad(theirs(), (q, k, v), do)
-            print(f"| {B}, {H}, {N}, {d} | {name} | {gpu_ms(fo):.3f} | {gpu_ms(ft):.3f} | {host_us(fo):.0f} | "
+            print(f"| {B}, {H}, {N}, {d} | {name} | {time_cuda(fo, 50):.3f} | {time_cuda(ft, 50):.3f} | {host_us(fo):.0f} | "
                   f"{host_us(ft):.0f} |", flush=True)
 
 

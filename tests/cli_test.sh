@@ -59,46 +59,35 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     # .npy round trip: save the outputs, feed the inputs back through --load, outputs must not change
     mkdir -p "$tmp/io"
     python3 - "$tmp/io" <<'PY' 2>/dev/null || continue
-import struct, sys, random
-def save(path, shape):
+import os, struct, sys, random
+def header(shape_text, descr="<f4"):  # a .npy header, padded to a multiple of 64 bytes
+    h = "{'descr': '%s', 'fortran_order': False, 'shape': (%s), }" % (descr, shape_text)
+    h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode()
+def save(path, shape, factor=1.0):  # random normal values times factor
     n = 1
     for s in shape: n *= s
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % ", ".join(map(str, shape))
-    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
     with open(path, "wb") as f:
-        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
-        f.write(struct.pack("<%df" % n, *[random.gauss(0, 1) for _ in range(n)]))
+        f.write(header(", ".join(map(str, shape))))
+        f.write(struct.pack("<%df" % n, *[random.gauss(0, 1) * factor for _ in range(n)]))
 d = sys.argv[1]
 save(d + "/q.npy", (1, 2, 9, 16)); save(d + "/k.npy", (1, 2, 13, 16)); save(d + "/v.npy", (1, 2, 13, 16))
 save(d + "/do.npy", (1, 2, 9, 16))
 def header_only(path, shape_text):  # a valid float32 header with the given shape text and 64 bytes of data
-    h = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % shape_text
-    h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
     with open(path, "wb") as f:
-        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode() + b"\0" * 64)
+        f.write(header(shape_text) + b"\0" * 64)
 # headers that lie: each must be refused in one line, before anything is allocated
 for name, text in (("huge", "1, 1, 1048576, 1048576"), ("toolong", "1, 1, 99999999999999999999999, 4"),
                    ("wrap", "1, 1, 4294967297, 4"), ("negative", "1, -2, 8, 16"), ("text", "1, two, 8, 16"),
                    ("float", "1, 2.5, 8, 16"), ("short", "1, 1, 4, 5")):
     header_only("%s/lie_%s.npy" % (d, name), text)
-def save_scaled(path, shape, factor):
-    n = 1
-    for s in shape: n *= s
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % ", ".join(map(str, shape))
-    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
-    with open(path, "wb") as f:
-        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
-        f.write(struct.pack("<%df" % n, *[random.gauss(0, 1) * factor for _ in range(n)]))
-import os
 for name, factor in (("overflow", 1e19), ("big", 1e5)):  # scores beyond fp32; values beyond fp16
     os.makedirs("%s/%s" % (d, name), exist_ok=True)
-    save_scaled("%s/%s/q.npy" % (d, name), (1, 2, 9, 16), factor)
-    save_scaled("%s/%s/k.npy" % (d, name), (1, 2, 13, 16), factor)
-    save_scaled("%s/%s/v.npy" % (d, name), (1, 2, 13, 16), 1.0)
+    save("%s/%s/q.npy" % (d, name), (1, 2, 9, 16), factor)
+    save("%s/%s/k.npy" % (d, name), (1, 2, 13, 16), factor)
+    save("%s/%s/v.npy" % (d, name), (1, 2, 13, 16), 1.0)
 with open(d + "/bad_dtype.npy", "wb") as f:
-    h = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, 1, 1), }"
-    h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
-    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode() + b"\0" * 8)
+    f.write(header("1, 1, 1, 1", "<f8") + b"\0" * 8)
 PY
     expect 0 "$prog" --load "$tmp/io" --save "$tmp/io/out" --check
     expect 2 "$prog" --load "$tmp/io/overflow"   # finite inputs whose scores overflow fp32 are refused
