@@ -1,29 +1,5 @@
 // naive/main.cu: the program bin/naive. Build and run it alone:
 //   nvcc -O3 -std=c++20 -arch=native -I. -Itests -o naive_attention naive/*.cu tests/harness/*.cu && ./naive_attention --check --bench
-#include <cstdio>
-#include <cstdlib>
+#include "naive/naive.h"
 
-#include "naive.h"
-
-int main(int argc, char** argv) {
-    Stage s{};
-    s.name = "naive";
-    s.unsupported = naive_unsupported;
-    s.workspace_bytes = naive_workspace_bytes;
-    s.forward = naive_forward;
-    s.cpu_forward = naive_model_forward;
-    s.cpu_model_score_matrices = 1;  // S (and P, dS in the backward) for one head at a time
-    s.describe = [](const Problem& p) {
-        std::printf("  the score matrix S (B*H*Nq*Nk fp32) takes %.1f MiB of device memory\n",
-                    naive_workspace_bytes(p) / 1048576.0);
-        std::string why;
-        if (!device_memory_fits(naive_workspace_bytes(p), &why)) {
-            std::fprintf(stderr, "error: naive: the score matrix S %s\n", why.c_str());
-            std::exit(3);
-        }
-    };
-    s.backward_workspace_bytes = naive_backward_workspace_bytes;
-    s.backward = naive_backward;
-    s.cpu_backward = naive_model_backward;
-    return stage_main(argc, argv, s);
-}
+int main(int argc, char** argv) { return stage_main(argc, argv, naive_stage()); }

@@ -44,3 +44,6 @@ void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<fl
 void naive_model_backward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
                           const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                           std::vector<float>* dv, ModelTraffic* t);
+
+// The stage as the harness runs it (stage.cu): the first rung, nothing below it.
+const Stage& naive_stage();

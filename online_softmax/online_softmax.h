@@ -36,3 +36,6 @@ void online_softmax_forward(const Problem& p, const ForwardArgs& a);
 // CPU model with the same steps, counting device-memory traffic (online_softmax/model.cu).
 void online_softmax_model_forward(const Problem& p, const HostTensors& in, std::vector<float>* o,
                                   std::vector<float>* lse, ModelTraffic* t);
+
+// The stage as the harness runs it (stage.cu): naive below it.
+const Stage& online_softmax_stage();

@@ -213,18 +213,13 @@ struct KernelStep {
 // What a stage program is: its name, its GPU passes, its CPU model, and the stage below it that --check compares
 // against. Functions left empty are features the stage does not have.
 struct Stage {
-    const char* name;
-    bool has_dtype;          // accepts --dtype fp16/bf16 (only the tensor-core rung)
-    const char* below_name;  // nullptr for the first rung
+    const char* name = "";
+    bool has_dtype = false;  // accepts --dtype fp16/bf16 (only the tensor-core rung)
     std::function<std::string(const Problem&)> unsupported;  // "" when the stage accepts p, else one line
     std::function<size_t(const Problem&)> workspace_bytes;
     std::function<void(const Problem&, const ForwardArgs&)> forward;
     CpuForward cpu_forward;
     std::function<void(const Problem&)> describe;  // optional: print stage facts (tile sizes, S bytes) once
-    // the stage below (fp32, on the same inputs)
-    std::function<std::string(const Problem&)> below_unsupported;
-    std::function<size_t(const Problem&)> below_workspace_bytes;
-    std::function<void(const Problem&, const ForwardArgs&)> below_forward;
     // backward (optional)
     std::function<std::string(const Problem&)> backward_unsupported;  // "" when --backward accepts p
     std::function<size_t(const Problem&)> backward_workspace_bytes;
@@ -233,8 +228,9 @@ struct Stage {
     int cpu_model_score_matrices = 0;  // Nq x Nk matrices the CPU model keeps per head (naive, online_softmax: 1)
     // Runnable steps (--kernel); empty when the stage has one kernel per pass. The last step is the final kernel.
     std::vector<KernelStep> forward_steps, backward_steps;
-    std::function<size_t(const Problem&)> below_backward_workspace_bytes;
-    std::function<void(const Problem&, const BackwardArgs&)> below_backward;
+    // The stage below (fp32, on the same inputs): --check compares the forward with it, and the backward with the
+    // nearest stage below that has a backward pass. nullptr for the first rung.
+    const Stage* below = nullptr;
 };
 // ------------------------------------------------------------------------------------- one GPU run, host in/out
 struct Outputs {

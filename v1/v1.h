@@ -45,3 +45,6 @@ void v1_forward(const Problem& p, const ForwardArgs& a);
 // CPU model with the same loops (v1/model.cu), for block sizes Br, Bc, counting device-memory traffic.
 void v1_model_forward(const Problem& p, const HostTensors& in, int Br, int Bc, std::vector<float>* o,
                       std::vector<float>* lse, ModelTraffic* t);
+
+// The stage as the harness runs it (stage.cu): online_softmax below it.
+const Stage& v1_stage();

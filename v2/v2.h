@@ -55,3 +55,6 @@ void v2_forward(const Problem& p, const ForwardArgs& a);
 size_t v2_backward_workspace_bytes(const Problem& p);
 // Call only when v2_backward_unsupported(p) is empty (the stage program checks it before --backward runs).
 void v2_backward(const Problem& p, const BackwardArgs& a);
+
+// The stage as the harness runs it (stage.cu): v1 below it (the naive backward for --backward --check).
+const Stage& v2_stage();

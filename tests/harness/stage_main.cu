@@ -287,20 +287,21 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
         const std::vector<Comparison> cs = compare_forward(p, in, O, LSE, rows, &note);
         if (!note.empty()) std::printf("  %s\n", note.c_str());
         const bool ok64 = report(cs, "float64", &sum);
-        if (s.below_forward && !o.cpu) {
+        if (s.below && !o.cpu) {
+            const Stage& b = *s.below;
             Problem below = p;
             below.dtype = DType::fp32;  // the stage below is fp32; the inputs are already rounded to p.dtype
             below.kernel = 0;
-            std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
+            std::string why = b.unsupported ? b.unsupported(below) : "";
             std::string mem_why;
             const size_t need = (below.q_elems() * 2 + below.kv_elems() * 2 + below.lse_elems()) * 4 +
-                                (s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0);
+                                (b.workspace_bytes ? b.workspace_bytes(below) : 0);
             if (why.empty() && !device_memory_fits(need, &mem_why)) why = mem_why;
             if (!why.empty()) {
-                std::printf("  vs %s: skipped (%s)\n", s.below_name, why.c_str());
-                sum.check = "vs " + std::string(s.below_name) + " skipped; ";
+                std::printf("  vs %s: skipped (%s)\n", b.name, why.c_str());
+                sum.check = "vs " + std::string(b.name) + " skipped; ";
             } else {
-                const Outputs want = gpu_forward(below, in, s.below_forward, s.below_workspace_bytes);
+                const Outputs want = gpu_forward(below, in, b.forward, b.workspace_bytes);
                 // Low precision: the fp32 stage below is as good as the float64 reference, so the same rule applies.
                 Tolerance tol = fp32_tolerance(p, in);
                 if (p.dtype != DType::fp32)
@@ -308,9 +309,9 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
                                                                          reference_forward(p, in, rows).o, rows, p.d));
                 const Comparison co = compare("O", O.data(), want.o.data(), o_layout(p), tol);
                 const Comparison cl = compare("LSE", LSE.data(), want.lse.data(), lse_layout(p), fp32_tolerance(p, in));
-                std::printf("  vs %s: %s\n  vs %s: %s\n", s.below_name, co.report.c_str(), s.below_name, cl.report.c_str());
+                std::printf("  vs %s: %s\n  vs %s: %s\n", b.name, co.report.c_str(), b.name, cl.report.c_str());
                 sum.ok = sum.ok && co.ok && cl.ok;
-                sum.check = std::string(co.ok && cl.ok ? "ok" : "FAIL") + " vs " + s.below_name + ", ";
+                sum.check = std::string(co.ok && cl.ok ? "ok" : "FAIL") + " vs " + b.name + ", ";
             }
         }
         sum.check += std::string(ok64 ? "ok" : "FAIL") + " vs float64";
@@ -320,24 +321,31 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
     return sum.ok ? 0 : 1;
 }
 
-// The stage below's backward (fp32, on the same inputs): its forward for O and LSE, then its backward.
-bool check_below_backward(const Stage& s, const Problem& p, const HostTensors& in, const HostGrads& got, Summary* sum) {
+// The nearest stage below that has a backward pass (for v2: naive; v1 and online_softmax have none).
+const Stage* below_with_backward(const Stage& s) {
+    const Stage* b = s.below;
+    while (b && !b->backward) b = b->below;
+    return b;
+}
+
+// Stage b's backward (fp32, on the same inputs): its own forward for O and LSE, then its backward.
+bool check_below_backward(const Stage& b, const Problem& p, const HostTensors& in, const HostGrads& got, Summary* sum) {
     Problem below = p;
     below.dtype = DType::fp32;
     below.kernel = 0;
-    const size_t fwd_ws = s.below_workspace_bytes ? s.below_workspace_bytes(below) : 0;
-    const size_t bwd_ws = s.below_backward_workspace_bytes ? s.below_backward_workspace_bytes(below) : 0;
-    std::string why = s.below_unsupported ? s.below_unsupported(below) : "";
+    const size_t fwd_ws = b.workspace_bytes ? b.workspace_bytes(below) : 0;
+    const size_t bwd_ws = b.backward_workspace_bytes ? b.backward_workspace_bytes(below) : 0;
+    std::string why = b.unsupported ? b.unsupported(below) : "";
+    if (why.empty() && b.backward_unsupported) why = b.backward_unsupported(below);
     const size_t need = (below.q_elems() * 6 + below.kv_elems() * 5) * 4 + std::max(fwd_ws, bwd_ws);
     std::string mem_why;
     if (why.empty() && !device_memory_fits(need, &mem_why)) why = mem_why;
     if (!why.empty()) {
-        std::printf("  vs %s backward: skipped (%s)\n", s.below_name, why.c_str());
+        std::printf("  vs %s backward: skipped (%s)\n", b.name, why.c_str());
         return true;
     }
-    const HostGrads want = gpu_backward(below, in, s.below_forward, s.below_workspace_bytes, s.below_backward,
-                                        s.below_backward_workspace_bytes);
-    const std::string against = std::string(s.below_name) + " backward";
+    const HostGrads want = gpu_backward(below, in, b.forward, b.workspace_bytes, b.backward, b.backward_workspace_bytes);
+    const std::string against = std::string(b.name) + " backward";
     return report(compare_grads(p, in, got, &want), against.c_str(), sum);
 }
 
@@ -407,7 +415,7 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
             sum.skipped = true;
         } else {
             bool ok = report(compare_grads(p, in, g), "float64", &sum);
-            if (s.below_backward && !o.cpu) ok = check_below_backward(s, p, in, g, &sum) && ok;
+            if (const Stage* b = below_with_backward(s); b && !o.cpu) ok = check_below_backward(*b, p, in, g, &sum) && ok;
             sum.check = std::string(ok ? "ok" : "FAIL") + " vs float64";
         }
     }
