@@ -1,7 +1,6 @@
 // naive/stage.cu: the naive stage as the shared harness sees it: its name, kernels, CPU model and the stage
 // below that --check compares against. bin/naive (main.cu) runs it; the stage above points at it.
 #include <cstdio>
-#include <cstdlib>
 
 #include "naive.h"
 
@@ -14,14 +13,11 @@ const Stage& naive_stage() {
         s.forward = naive_forward;
         s.cpu_forward = naive_model_forward;
         s.cpu_model_score_matrices = 1;  // S (and P, dS in the backward) for one head at a time
-        s.describe = [](const Problem& p) {
+        s.describe = [](const Problem& p) -> std::string {
             std::printf("  the score matrix S (B*H*Nq*Nk fp32) takes %.1f MiB of device memory\n",
                         naive_workspace_bytes(p) / 1048576.0);
             std::string why;
-            if (!device_memory_fits(naive_workspace_bytes(p), &why)) {
-                std::fprintf(stderr, "error: naive: the score matrix S %s\n", why.c_str());
-                std::exit(3);
-            }
+            return device_memory_fits(naive_workspace_bytes(p), &why) ? "" : "the score matrix S " + why;
         };
         s.backward_workspace_bytes = naive_backward_workspace_bytes;
         s.backward = naive_backward;

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "common/blocks.cuh"
 #include "cuda_check.h"
 #include "naive/naive.h"
 #include "online_softmax/online_softmax.h"
@@ -120,7 +121,7 @@ bool run_shape(int R, int C, const RowsOptions& o) {
     const size_t n = size_t(R) * C, bytes = n * sizeof(float);
     std::printf("R x C = %d x %d (%.0f MiB), scale 1\n", R, C, bytes / 1048576.0);
     DeviceBuffer X(bytes, "X"), Y(bytes, "Y"), lse(size_t(R) * sizeof(float), "LSE");
-    fill_scores<<<132 * 8, 256>>>(X.f32(), C, (long long)n);
+    fill_scores<<<device_sm_count() * 8, 256>>>(X.f32(), C, (long long)n);
     CUDA_CHECK_LAUNCH();
 
     const Timing copy = time_gpu([&] { CUDA_CHECK(cudaMemcpyAsync(Y.get(), X.get(), bytes, cudaMemcpyDeviceToDevice)); }, o.reps);

@@ -219,7 +219,9 @@ struct Stage {
     std::function<size_t(const Problem&)> workspace_bytes;
     std::function<void(const Problem&, const ForwardArgs&)> forward;
     CpuForward cpu_forward;
-    std::function<void(const Problem&)> describe;  // optional: print stage facts (tile sizes, S bytes) once
+    // Optional: prints stage facts (tile sizes, S bytes) once before a GPU run; returns "" or why the run cannot go
+    // on (the naive stages' score matrix does not fit in device memory: exit code 3).
+    std::function<std::string(const Problem&)> describe;
     // backward (optional)
     std::function<std::string(const Problem&)> backward_unsupported;  // "" when --backward accepts p
     std::function<size_t(const Problem&)> backward_workspace_bytes;

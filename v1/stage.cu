@@ -17,7 +17,7 @@ const Stage& v1_stage() {
             const V1Tiles tiles = v1_tiles(p);
             v1_model_forward(p, in, tiles.Br, tiles.Bc, o, lse, t);
         };
-        s.describe = [](const Problem& p) {
+        s.describe = [](const Problem& p) -> std::string {
             const V1Tiles t = v1_tiles(p);
             std::printf("  on-chip budget: M = %d floats (%.1f KB)", t.M, t.M * 4 / 1024.0);
             if (t.M < t.M_available)
@@ -26,6 +26,7 @@ const Stage& v1_stage() {
                         t.Bc, t.Br, (p.Nq + t.Br - 1) / t.Br, (p.Nk + t.Bc - 1) / t.Bc, t.smem_bytes);
             std::printf("  device memory: Q, K, V, O, LSE and l, m only, O(N d); no Nq x Nk matrix (naive's S would take %.1f MiB)\n",
                         double(p.B) * p.H * p.Nq * p.Nk * 4 / 1048576.0);
+            return "";
         };
         s.below = &online_softmax_stage();
         return s;

@@ -14,7 +14,7 @@ const Stage& v2_stage() {
         s.workspace_bytes = v2_workspace_bytes;
         s.forward = v2_forward;
         s.cpu_forward = v2_model_forward;
-        s.describe = [](const Problem& p) {
+        s.describe = [](const Problem& p) -> std::string {
             if (p.dtype == DType::fp32) {
                 const V2Tiles f = v2_fp32_forward_tiles(p.d), b = v2_fp32_backward_tiles();
                 std::printf("  fp32 on CUDA cores: forward tiles Br=%d Bc=%d (grid %d Q tiles x %d heads), "
@@ -23,6 +23,7 @@ const Stage& v2_stage() {
                 std::printf("  %s on tensor cores (mma.sync m16n8k16): tile sizes per head dim in v2/forward_mma.cu and "
                             "v2/backward_mma.cu\n", dtype_name(p.dtype));
             }
+            return "";
         };
         s.backward_unsupported = v2_backward_unsupported;
         s.backward_workspace_bytes = v2_backward_workspace_bytes;

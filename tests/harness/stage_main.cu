@@ -253,7 +253,10 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
         std::printf("  CPU model traffic: %.4g elements read, %.4g written (%.1f MiB in fp32)\n", t.reads, t.writes,
                     sum.traffic_mib);
     } else {
-        if (s.describe) s.describe(p);
+        if (const std::string why = s.describe ? s.describe(p) : ""; !why.empty()) {
+            std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
+            return 3;
+        }
         DeviceBuffer::reset_peak();
         const size_t before = DeviceBuffer::live_bytes();
         DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
