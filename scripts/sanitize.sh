@@ -17,6 +17,9 @@ runs=("bin/naive ${shape[*]} --d 40" "bin/naive ${shape[*]} --d 64 --backward"
       "bin/v2 ${shape[*]} --d 40" "bin/v2 ${shape[*]} --d 64 --backward"
       "bin/v2 ${shape[*]} --d 64 --dtype fp16" "bin/v2 ${shape[*]} --d 128 --dtype bf16"
       "bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 128 --dtype bf16 --backward")
+# v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
+for k in 1 2 3 4; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
+for k in 1 2; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done
 failed=0
 for tool in memcheck racecheck synccheck initcheck; do
     for run in "${runs[@]}"; do
