@@ -132,6 +132,17 @@ if [ -x bin/naive ]; then
     expect 2 bin/naive --dtype fp16
     expect 2 bin/naive --cpu --n 1048576 --d 1   # its score matrix alone is 4 TiB: refused, not std::bad_alloc
 fi
+# make run builds the programs only: it must not need doctest (bin/tests is not among its prerequisites)
+if make -n run 2>/dev/null | grep -q "bin/tests"; then echo "FAIL: make run would build bin/tests (doctest)"; fails=$((fails + 1))
+else echo "ok: make run does not build the tests"; fi
+
+# a long CPU-model run says so up front and shows progress, head by head, on stderr
+if [ -x bin/v2 ] && ! nvidia-smi >/dev/null 2>&1; then
+    expect 0 bin/v2 --batch 1 --heads 3 --n 4096 --d 128   # 2.6e10 FLOP, over the 2e10 that counts as long
+    grep -q "takes a while" "$tmp/out" && grep -q "head 3 of 3" "$tmp/err" ||
+        { echo "FAIL: a long CPU-model run must announce itself and show progress"; fails=$((fails + 1)); }
+fi
+
 # make sanitize without the tool says which tool is missing and where it comes from
 out=$(COMPUTE_SANITIZER=/nonexistent/compute-sanitizer bash scripts/sanitize.sh 2>&1)
 if [ $? = 1 ] && echo "$out" | grep -q "not on PATH"; then echo "ok: sanitize.sh without the tool -> 1 $out"
