@@ -38,7 +38,7 @@ kernel_objs  = $(patsubst %.cu,$(BUILD)/%.o,$(filter-out %main.cu,$(wildcard $(1
 TEST_SRC    := $(wildcard tests/*.cu)
 TEST_OBJ    := $(TEST_SRC:%.cu=$(BUILD)/%.o) $(foreach s,$(STAGES),$(call kernel_objs,$(s)))
 
-.PHONY: doctest all test run bench steps sanitize gpt clean
+.PHONY: doctest all test run bench steps sanitize gpt clean exercises starter check
 PROGRAMS := $(STAGES:%=bin/%) $(if $(wildcard online_softmax/rows_main.cu),bin/softmax_rows)
 all: $(PROGRAMS) bin/tests
 
@@ -92,6 +92,28 @@ sanitize: all
 
 gpt:
 	python3 pytorch/train_gpt.py
+
+# ---- The course kit (docs/exercises.md): exercises are marked regions of the code, checked by bin/check_cpu (CPU
+# models: builds only the models and the harness) or bin/check_gpu (kernels, needs sm_80+).
+#   make exercises                      list them          make check EX=name     run one exercise's checks
+#   make starter DIR=path [EX=a,b]      a copy with those regions (default: all) replaced by stubs
+EXERCISE_MODEL_OBJ := $(patsubst %.cu,$(BUILD)/%.o,naive/model.cu online_softmax/model.cu v1/model.cu v1/v1.cu \
+                      v2/model.cu v2/forward_fp32.cu v2/backward_fp32.cu)
+EXERCISE_OBJ       := $(BUILD)/exercises/runner.o $(BUILD)/exercises/checks_cpu.o
+bin/check_cpu: $(BUILD)/exercises/check_cpu_main.o $(EXERCISE_OBJ) $(EXERCISE_MODEL_OBJ) $(HARNESS_OBJ)
+	@mkdir -p bin
+	$(NVCC) $(FLAGS) $^ -o $@
+bin/check_gpu: $(BUILD)/exercises/check_gpu_main.o $(BUILD)/exercises/checks_gpu.o $(EXERCISE_OBJ) \
+               $(foreach s,$(STAGES),$(call kernel_objs,$(s))) $(HARNESS_OBJ)
+	@mkdir -p bin
+	$(NVCC) $(FLAGS) $^ -o $@
+bin/tests: $(BUILD)/exercises/checks_cpu.o $(BUILD)/exercises/checks_gpu.o
+exercises:
+	@python3 scripts/exercises.py list
+starter:
+	@python3 scripts/exercises.py starter "$(DIR)" "$(EX)"
+check:
+	@MAKE="$(MAKE)" python3 scripts/exercises.py check "$(EX)"
 
 clean:
 	rm -rf $(BUILD) bin

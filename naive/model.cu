@@ -43,12 +43,14 @@ void naive_model_forward(const Problem& p, const HostTensors& in, std::vector<fl
         model_scores(p, Q, K, bh, p.resolved_scale(), &S);
         // P = softmax(S), three passes over each row
         for (int i = 0; i < Nq; ++i) {
+            // EXERCISE(softmax-3pass-model): the safe softmax of row i of S in three passes (max, sum, normalise), and LSE
             const size_t row = size_t(i) * Nk;
             float m = -INFINITY, l = 0;
             for (int j = 0; j < Nk; ++j) m = std::fmax(m, S.read(row + j));
             for (int j = 0; j < Nk; ++j) l += m == -INFINITY ? 0.0f : std::exp(S.read(row + j) - m);
             for (int j = 0; j < Nk; ++j) S.write(row + j, m == -INFINITY ? 0.0f : std::exp(S.read(row + j) - m) / l);
             LSE.write(bh * Nq + i, m == -INFINITY ? -INFINITY : m + std::log(l));
+            // END EXERCISE
         }
         // O = P V
         model_pv(p, S, V, bh, &O);

@@ -20,8 +20,10 @@ __host__ __device__ inline float rescale_factor(float m_part, float m_merged) {
 }
 
 __host__ __device__ inline SoftmaxState merge(SoftmaxState a, SoftmaxState b) {
+    // EXERCISE(online-merge): the (m, l) of the union of two parts; the empty part (-inf, 0) is the identity
     const float m = fmaxf(a.m, b.m);
     return {m, a.l * rescale_factor(a.m, m) + b.l * rescale_factor(b.m, m)};
+    // END EXERCISE
 }
 
 // merge(a, {s, 1}): one more score s folded into a running state. The same result, but of merge's two exp

@@ -38,6 +38,7 @@ void softmax_rows_online_model(const Hbm& X, Hbm* Y, Hbm* LSE, size_t lse_first,
     for (int r = 0; r < R; ++r) {
         const size_t row = size_t(r) * C;
         // Pass 1: each thread's running (m, l), then the merge of all of them into the row's.
+        // EXERCISE(online-rows-model): pass 1, the row's (m, l) from one read of each score (add_score, then merge)
         std::vector<SoftmaxState> thread_state(THREADS, SoftmaxState{-INFINITY, 0.0f});
         for (int j = 0; j < C; ++j) {
             SoftmaxState& s = thread_state[j % THREADS];
@@ -45,6 +46,7 @@ void softmax_rows_online_model(const Hbm& X, Hbm* Y, Hbm* LSE, size_t lse_first,
         }
         SoftmaxState state = {-INFINITY, 0.0f};
         for (const SoftmaxState& s : thread_state) state = merge(state, s);
+        // END EXERCISE
         // Pass 2: y_j = exp(s_j - m) / l (0 for a row of -inf).
         const float inv_l = state.l > 0.0f ? 1.0f / state.l : 0.0f;
         for (int j = 0; j < C; ++j) Y->write(row + j, rescale_factor(scale * X.read(row + j), state.m) * inv_l);

@@ -197,6 +197,7 @@ struct BackwardArgs {
 // Host arrays of a CPU model: fp32 inputs and outputs, plus the traffic the model counted.
 struct ModelTraffic {
     double reads = 0, writes = 0;  // elements read from / written to the model's "device memory" arrays
+    double l_divisions = 0;        // reciprocals 1/l taken to normalise a row of O (inverse_l, below)
 };
 using CpuForward = std::function<void(const Problem&, const HostTensors&, std::vector<float>* o,
                                       std::vector<float>* lse, ModelTraffic*)>;
@@ -273,3 +274,9 @@ private:
     std::vector<float> data_;
     ModelTraffic* t_;
 };
+// 1/l, to normalise a row of O by its softmax sum l (0 for a row that saw no key), counted in t->l_divisions: the
+// FlashAttention models take it once per row and K/V tile (v1, Algorithm 1 line 12) or once per row (v2).
+inline float inverse_l(float l, ModelTraffic* t) {
+    t->l_divisions += 1;
+    return l > 0.0f ? 1.0f / l : 0.0f;
+}

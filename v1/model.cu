@@ -50,6 +50,7 @@ void v1_model_forward(const Problem& p, const HostTensors& in, int Br, int Bc, s
 
                 // Lines 10-11: m~_ij, P~_ij (in place of S_ij), l~_ij, then (m_new, l_new) by merge().
                 std::vector<float> m_tilde(rows), l_tilde(rows), m_new(rows), l_new(rows);
+                // EXERCISE(fa1-inner-loop-model): Algorithm 1, lines 10-12: m~, P~, l~, (m_new, l_new), the new O_i
                 for (int r = 0; r < rows; ++r) {
                     float* S_r = &S_ij[size_t(r) * cols];
                     float row_max = -INFINITY, row_sum = 0.0f;
@@ -69,7 +70,7 @@ void v1_model_forward(const Problem& p, const HostTensors& in, int Br, int Bc, s
                 for (int r = 0; r < rows; ++r) {
                     const float O_scale = l_i[r] * rescale_factor(m_i[r], m_new[r]);
                     const float PV_scale = rescale_factor(m_tilde[r], m_new[r]);
-                    const float inv_l_new = l_new[r] > 0.0f ? 1.0f / l_new[r] : 0.0f;
+                    const float inv_l_new = inverse_l(l_new[r], t);
                     for (int k = 0; k < d; ++k) {
                         float PV = 0.0f;
                         for (int c = 0; c < cols; ++c) PV += S_ij[size_t(r) * cols + c] * V_j[size_t(c) * d + k];
@@ -77,6 +78,7 @@ void v1_model_forward(const Problem& p, const HostTensors& in, int Br, int Bc, s
                         O.write((q0 + row0 + r) * d + k, O_i[size_t(r) * d + k]);
                     }
                 }
+                // END EXERCISE
                 // Line 13: l_i <- l_new, m_i <- m_new.
                 for (int r = 0; r < rows; ++r) {
                     l.write(q0 + row0 + r, l_new[r]);

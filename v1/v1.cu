@@ -246,7 +246,9 @@ size_t device_smem_per_block() {
 }  // namespace
 
 V1Tiles v1_paper_tiles(int M, int d) {
+    // EXERCISE(fa1-block-sizes): Algorithm 1, line 1: the block sizes Bc and Br from the on-chip budget M and d
     const int Bc = ceil_div(M, 4 * d), Br = std::min(Bc, d);
+    // END EXERCISE
     return {M, M, Br, Bc, size_t(shared_layout(Br, Bc, d).total) * sizeof(float)};
 }
 

@@ -8,7 +8,10 @@
 // above the diagonal are never loaded).
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 
+#include "common/blocks.cuh"
 #include "online_softmax/merge.cuh"
 #include "v2.h"
 
@@ -35,7 +38,9 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
             const std::vector<float> Q_i = load_tile(Q, bh, Nq, q0, rows, d);
             std::vector<float> O_i(size_t(rows) * d, 0.0f);
             std::vector<SoftmaxState> ml(rows, {-INFINITY, 0.0f});
+            // EXERCISE(causal-skip-model): the end of the keys this Q tile walks (causal: skip tiles above the diagonal)
             const int kv_end = p.causal ? std::min(Nk, causal_key_end(q0 + rows - 1, Nq, Nk)) : Nk;
+            // END EXERCISE
             for (int key0 = 0; key0 < kv_end; key0 += Bc) {
                 const int cols = std::min(Bc, Nk - key0);
                 const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
@@ -49,6 +54,7 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
                         S[c] = masked(p, q0 + r, key0 + c) ? -INFINITY : scale * s;
                         m_tile = std::fmax(m_tile, S[c]);
                     }
+                    // EXERCISE(fa2-deferred-norm-model): fold row r of this tile into (m_i, l_i) and the unnormalised O_i
                     const float m_new = std::fmax(ml[r].m, m_tile);
                     float l_tile = 0.0f;
                     for (float& s : S) {
@@ -64,68 +70,111 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
                         O_i[size_t(r) * d + k] = alpha * O_i[size_t(r) * d + k] + pv;
                     }
                     ml[r] = merge(ml[r], {m_new, l_tile});
+                    // END EXERCISE
                 }
             }
+            // EXERCISE(fa2-deferred-norm-model): after the last tile, O_i / l_i and LSE_i, written once
             for (int r = 0; r < rows; ++r) {  // normalise once, write once
-                const float inv_l = ml[r].l > 0.0f ? 1.0f / ml[r].l : 0.0f;
+                const float inv_l = inverse_l(ml[r].l, t);
                 for (int k = 0; k < d; ++k)  // O in the inputs' type, as the kernel stores it
                     O.write((bh * Nq + q0 + r) * d + k, round_to(p.dtype, O_i[size_t(r) * d + k] * inv_l));
                 LSE.write(bh * Nq + q0 + r, log_sum_exp(ml[r]));
             }
+            // END EXERCISE
         }
     *o = std::move(O.values());
     *lse = std::move(LSE.values());
 }
 
+namespace {
+
+// A Q tile of the backward pass, on chip: rows q0 .. q0 + rows - 1 of Q, dO, LSE and D.
+struct QTile {
+    int q0, rows;
+    std::vector<float> Q, dO, L, D;
+};
+QTile load_q_tile(const Hbm& Q, const Hbm& dO, const Hbm& LSE, const Hbm& D, size_t bh, int Nq, int q0, int rows, int d) {
+    return {q0, rows, load_tile(Q, bh, Nq, q0, rows, d), load_tile(dO, bh, Nq, q0, rows, d),
+            load_tile(LSE, bh, Nq, q0, rows, 1), load_tile(D, bh, Nq, q0, rows, 1)};
+}
+
+// Algorithm 2, lines 10-11 and 13-14, for one (Q tile, K/V tile) pair: P_ij = exp(scale * Q_i K_j^T - LSE_i), 0 where
+// masked or for a row that sees no key (LSE = -inf), and dS_ij = P_ij * (dP_ij - D_i) with dP_ij = dO_i V_j^T.
+void tile_gradients(const Problem& p, const QTile& q, int key0, int cols, const std::vector<float>& K_j,
+                    const std::vector<float>& V_j, std::vector<float>* P_ij, std::vector<float>* dS_ij) {
+    const int d = p.d;
+    const float scale = p.resolved_scale();
+    P_ij->assign(size_t(q.rows) * cols, 0.0f);
+    dS_ij->assign(size_t(q.rows) * cols, 0.0f);
+    for (int r = 0; r < q.rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+            float s = 0.0f, dp = 0.0f;
+            for (int k = 0; k < d; ++k) {
+                s += q.Q[size_t(r) * d + k] * K_j[size_t(c) * d + k];
+                dp += q.dO[size_t(r) * d + k] * V_j[size_t(c) * d + k];
+            }
+            // EXERCISE(backward-ds-model): P_ij recomputed from the forward's LSE, and dS_ij = P_ij * (dP_ij - D_i)
+            const bool visible = !masked(p, q.q0 + r, key0 + c) && q.L[r] != -INFINITY;
+            const float pij = visible ? std::exp(scale * s - q.L[r]) : 0.0f;
+            (*P_ij)[size_t(r) * cols + c] = pij;
+            (*dS_ij)[size_t(r) * cols + c] = pij * (dp - q.D[r]);
+            // END EXERCISE
+        }
+}
+
+}  // namespace
+
 void v2_model_backward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
                        const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                        std::vector<float>* dv, ModelTraffic* t) {
+    v2_model_backward_scheduled(p, in, o, lse, dq, dk, dv, t, 0, false);
+}
+
+void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                                 const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
+                                 std::vector<float>* dv, ModelTraffic* t, uint64_t block_order_seed,
+                                 bool deterministic_dq) {
     const int Nq = p.Nq, Nk = p.Nk, d = p.d;
     const auto [Br, Bc] = v2_fp32_backward_tiles();
     const float scale = p.resolved_scale();
     Hbm Q(in.q, t), K(in.k, t), V(in.v, t), dO(in.dO, t), O(o, t), LSE(lse, t);
     Hbm D(p.lse_elems(), t), dQ(p.q_elems(), t), dK(p.kv_elems(), t), dV(p.kv_elems(), t);
-    // Pre-pass: D_i = rowsum(dO_i * O_i). Then dQ = 0 (the kernel's memset).
+    // Pre-pass (Algorithm 2, line 4): D_i = rowsum(dO_i * O_i).
     for (size_t row = 0; row < p.lse_elems(); ++row) {
+        // EXERCISE(backward-ds-model): D_i = rowsum(dO_i * O_i), from device memory into D
         float acc = 0.0f;
         for (int k = 0; k < d; ++k) acc += dO.read(row * d + k) * O.read(row * d + k);
         D.write(row, acc);
+        // END EXERCISE
     }
-    for (size_t e = 0; e < dQ.size(); ++e) dQ.write(e, 0.0f);
+    // dQ = 0 (the kernel's memset), for the atomic additions of the K/V blocks.
+    if (!deterministic_dq)
+        for (size_t e = 0; e < dQ.size(); ++e) dQ.write(e, 0.0f);
 
+    // The order in which the GPU happens to run the K/V blocks (one block per K/V tile): in order for seed 0.
+    std::vector<int> block_order(ceil_div(Nk, Bc));
+    std::iota(block_order.begin(), block_order.end(), 0);
+    if (block_order_seed != 0) std::shuffle(block_order.begin(), block_order.end(), std::mt19937_64(block_order_seed));
+
+    std::vector<float> P_ij, dS_ij;
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
-        for (int key0 = 0; key0 < Nk; key0 += Bc) {  // one thread block per K/V tile
-            const int cols = std::min(Bc, Nk - key0);
+        for (int j : block_order) {  // one thread block per K/V tile
+            const int key0 = j * Bc, cols = std::min(Bc, Nk - key0);
             const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
             const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
             std::vector<float> dK_j(size_t(cols) * d, 0.0f), dV_j(size_t(cols) * d, 0.0f);
             const int first_row = p.causal ? std::max(0, key0 + Nq - Nk) : 0;
             for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
-                const int rows = std::min(Br, Nq - q0);
-                const std::vector<float> Q_i = load_tile(Q, bh, Nq, q0, rows, d);
-                const std::vector<float> dO_i = load_tile(dO, bh, Nq, q0, rows, d);
-                const std::vector<float> L_i = load_tile(LSE, bh, Nq, q0, rows, 1);
-                const std::vector<float> D_i = load_tile(D, bh, Nq, q0, rows, 1);
-                std::vector<float> P_ij(size_t(rows) * cols), dS_ij(size_t(rows) * cols);
-                for (int r = 0; r < rows; ++r)
-                    for (int c = 0; c < cols; ++c) {
-                        float s = 0.0f, dp = 0.0f;
-                        for (int k = 0; k < d; ++k) {
-                            s += Q_i[size_t(r) * d + k] * K_j[size_t(c) * d + k];
-                            dp += dO_i[size_t(r) * d + k] * V_j[size_t(c) * d + k];
-                        }
-                        const bool visible = !masked(p, q0 + r, key0 + c) && L_i[r] != -INFINITY;
-                        const float pij = visible ? std::exp(scale * s - L_i[r]) : 0.0f;
-                        P_ij[size_t(r) * cols + c] = pij;
-                        dS_ij[size_t(r) * cols + c] = pij * (dp - D_i[r]);
-                    }
+                const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
+                tile_gradients(p, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
                 for (int c = 0; c < cols; ++c)  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
                     for (int k = 0; k < d; ++k)
-                        for (int r = 0; r < rows; ++r) {
-                            dV_j[size_t(c) * d + k] += P_ij[size_t(r) * cols + c] * dO_i[size_t(r) * d + k];
-                            dK_j[size_t(c) * d + k] += dS_ij[size_t(r) * cols + c] * Q_i[size_t(r) * d + k];
+                        for (int r = 0; r < q.rows; ++r) {
+                            dV_j[size_t(c) * d + k] += P_ij[size_t(r) * cols + c] * q.dO[size_t(r) * d + k];
+                            dK_j[size_t(c) * d + k] += dS_ij[size_t(r) * cols + c] * q.Q[size_t(r) * d + k];
                         }
-                for (int r = 0; r < rows; ++r)  // dQ_i += scale * dS_ij K_j: the kernel's atomicAdd, a read and a write
+                if (deterministic_dq) continue;
+                for (int r = 0; r < q.rows; ++r)  // dQ_i += scale * dS_ij K_j: the kernel's atomicAdd, a read and a write
                     for (int k = 0; k < d; ++k) {
                         float acc = 0.0f;
                         for (int c = 0; c < cols; ++c) acc += dS_ij[size_t(r) * cols + c] * K_j[size_t(c) * d + k];
@@ -138,6 +187,27 @@ void v2_model_backward(const Problem& p, const HostTensors& in, const std::vecto
                 dV.write((bh * Nk + key0) * d + e, dV_j[e]);
             }
         }
+
+    if (deterministic_dq)
+        for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+            for (int q0 = 0; q0 < Nq; q0 += Br) {  // one thread block per Q tile, none of them sharing a dQ row
+                // EXERCISE(deterministic-dq-model): dQ_i = scale * sum_j dS_ij K_j over the K/V tiles in order, written once
+                const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
+                std::vector<float> dQ_i(size_t(q.rows) * d, 0.0f);
+                const int kv_end = p.causal ? std::min(Nk, causal_key_end(q0 + q.rows - 1, Nq, Nk)) : Nk;
+                for (int key0 = 0; key0 < kv_end; key0 += Bc) {
+                    const int cols = std::min(Bc, Nk - key0);
+                    const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
+                    const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
+                    tile_gradients(p, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                    for (int r = 0; r < q.rows; ++r)
+                        for (int k = 0; k < d; ++k)
+                            for (int c = 0; c < cols; ++c)
+                                dQ_i[size_t(r) * d + k] += dS_ij[size_t(r) * cols + c] * K_j[size_t(c) * d + k];
+                }
+                for (size_t e = 0; e < dQ_i.size(); ++e) dQ.write((bh * Nq + q0) * d + e, scale * dQ_i[e]);
+                // END EXERCISE
+            }
     *dq = std::move(dQ.values());
     *dk = std::move(dK.values());
     *dv = std::move(dV.values());

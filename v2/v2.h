@@ -36,6 +36,15 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
 void v2_model_backward(const Problem& p, const HostTensors& in, const std::vector<float>& o,
                        const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                        std::vector<float>* dv, ModelTraffic* t);
+// The backward model with two things the GPU decides: the order in which the K/V-tile blocks run (a permutation
+// drawn from block_order_seed; 0 = in order), which orders the atomic additions into dQ and so changes its last
+// bits; and deterministic_dq: dQ from a second pass over the Q tiles instead (each dQ_i summed over the K/V tiles
+// in order and written once, no atomics: the same bits in every block order, for 2 more products per tile pair).
+// v2_model_backward is (seed 0, atomics).
+void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                                 const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
+                                 std::vector<float>* dv, ModelTraffic* t, uint64_t block_order_seed,
+                                 bool deterministic_dq);
 
 // ---------------------------------------------------------------------- tensor-core optimisation steps (--kernel)
 // Each step adds one idea to the one before; the last is the final kernel (p.kernel = 0 runs it too). The steps

@@ -69,30 +69,70 @@ struct Mismatch {
     double got, want;
 };
 
-// A guess at the cause, from where the mismatches are. Heuristics, worded as such.
-std::string hint(const Layout& L, const Comparison& c, const std::vector<Mismatch>& bad_all) {
-    if (c.nan == c.bad && c.bad == c.checked) return "every value is NaN: look for (-inf) - (-inf) or 0/0 in the softmax";
+// What hint() knows about a row with a mismatch beyond its bad values: the 2-norms of the whole row, got and want.
+struct RowNorms {
+    double got = 0, want = 0;
+};
+
+// A guess at the cause, from where the mismatches are and what they look like. Heuristics, worded as such; each
+// classic bug of docs/exercises.md ("Classic bugs and their hints") lands on its own line (tests/test_hints.cu).
+std::string hint(const Layout& L, const Comparison& c, const std::vector<Mismatch>& bad_all,
+                 const std::map<size_t, RowNorms>& bad_rows) {
+    if (c.nan == c.bad && c.bad == c.checked)
+        return "every value is NaN: look for (-inf) - (-inf), 0/0 or 0 * inf in the softmax; an inverted rescale "
+               "factor 1/exp(m_old - m_new) is inf at the first tile (m_old = -inf), the stray ^-1 of FlashAttention-2's "
+               "Algorithm 1, line 10";
     if (c.nan > 0) return "NaN values: -inf arithmetic in a fully masked row or tile, or an output never written";
+    // Blame the last partial tile only when each head also has a full tile, all of whose checked rows are right.
     const size_t partial = L.rows % L.tile_rows;
-    bool only_last_tile = partial != 0;
+    bool only_last_tile = partial != 0 && L.rows > size_t(L.tile_rows);
     std::map<size_t, std::vector<const Mismatch*>> by_row;
     for (const Mismatch& m : bad_all) {
         if (m.row % L.rows < L.rows - partial) only_last_tile = false;
         by_row[m.row].push_back(&m);
     }
-    if (only_last_tile) return "only rows of the last partial tile are wrong: check the bounds guards on partial tiles";
-    // Whole rows off by one factor: got/want is the same for every column of each bad row.
-    if (L.cols > 1) {
-        bool scaled_rows = true;
-        for (auto& [row, ms] : by_row) {
-            if (ms.size() < std::min<size_t>(L.cols, 4)) { scaled_rows = false; break; }
-            double r0 = ms[0]->got / ms[0]->want;
-            for (const Mismatch* m : ms)
-                if (std::fabs(m->got / m->want - r0) > 1e-3 * std::fabs(r0)) { scaled_rows = false; break; }
-            if (!scaled_rows) break;
+    if (only_last_tile)
+        return "only rows of the last partial tile are wrong: check the tile count (ceil, not floor) and the bounds "
+               "guards on partial tiles";
+    if (L.cols == 1) {  // one value per row (LSE): which way is it off?
+        bool all_high = true, all_low = true;
+        for (const Mismatch& m : bad_all) {
+            all_high = all_high && std::isfinite(m.got) && std::isfinite(m.want) && m.got > m.want;
+            all_low = all_low && std::isfinite(m.got) && std::isfinite(m.want) && m.got < m.want;
         }
-        if (scaled_rows) return "whole rows are off by a constant factor: check the rescaling of O and l by exp(m_old - m_new)";
+        if (all_high)
+            return "LSE too large in every wrong row, so l is too large: the sum of the earlier tiles was not rescaled by "
+                   "exp(m_old - m_new) when the row max grew (or keys counted that the mask hides)";
+        if (all_low) return "LSE too small in every wrong row, so l is too small: keys were missed (a tile skipped, or a mask hiding too much)";
+        return "errors spread over rows and tiles: check indexing, or the causal mask if only some rows are wrong";
     }
+    // Whole rows off by one factor: got/want is the same for every column of each bad row.
+    bool scaled_rows = true, all_smaller = true, all_larger = true;
+    for (auto& [row, ms] : by_row) {
+        if (ms.size() < std::min<size_t>(L.cols, 4)) { scaled_rows = false; break; }
+        const double r0 = ms[0]->got / ms[0]->want;
+        for (const Mismatch* m : ms)
+            if (std::fabs(m->got / m->want - r0) > 1e-3 * std::fabs(r0)) { scaled_rows = false; break; }
+        if (!scaled_rows) break;
+        all_smaller = all_smaller && r0 > 0 && r0 < 1;
+        all_larger = all_larger && r0 > 1;
+    }
+    const std::string twice = "O divided by l more than once (normalise once, after the last tile; inside the loop "
+                              "FlashAttention-2 keeps O unnormalised)";
+    if (scaled_rows && all_smaller) return "whole rows are scaled down by a constant factor: " + twice;
+    if (scaled_rows && all_larger)
+        return "whole rows are scaled up by a constant factor: O was not divided by l at the end (or by too small an l)";
+    if (scaled_rows) return "whole rows are off by a constant factor: check the rescaling of O and l by exp(m_old - m_new)";
+    // Not one factor per row: compare the size of each wrong row with the size it should have.
+    size_t far_smaller = 0, larger = 0;
+    for (const auto& [row, n] : bad_rows) {
+        far_smaller += n.got < 0.5 * n.want;
+        larger += n.got > 1.02 * n.want;
+    }
+    if (far_smaller * 10 >= bad_rows.size() * 9) return "wrong rows are far too small: " + twice;
+    if (larger * 10 >= bad_rows.size() * 9)
+        return "wrong rows are too large (weights that sum to more than 1): O was not rescaled by exp(m_old - m_new) "
+               "when the row max grew";
     return "errors spread over rows and tiles: check indexing, or the causal mask if only some rows are wrong";
 }
 
@@ -101,7 +141,10 @@ Comparison compare_impl(const char* what, const float* got, const Ref* ref, cons
                         const std::vector<size_t>& only_rows) {
     Comparison c;
     std::vector<Mismatch> bad;
+    std::map<size_t, RowNorms> bad_rows;
     auto check_row = [&](size_t row) {
+        RowNorms norms;
+        bool row_bad = false;
         for (size_t col = 0; col < L.cols; ++col) {
             const size_t i = row * L.cols + col;
             const double x = got[i], y = double(ref[i]);
@@ -117,11 +160,15 @@ Comparison compare_impl(const char* what, const float* got, const Ref* ref, cons
             }
             if (std::isnan(x)) ++c.nan;
             if (std::isinf(x) && x != y) ++c.inf;
+            if (std::isfinite(x) && std::isfinite(y)) norms.got += x * x, norms.want += y * y;
             if (!ok) {
                 ++c.bad;
+                row_bad = true;
                 if (bad.size() < 100000) bad.push_back({row, col, x, y});
             }
         }
+        if (row_bad && bad_rows.size() < 100000)
+            bad_rows[row] = {std::sqrt(norms.got), std::sqrt(norms.want)};
     };
     if (only_rows.empty())
         for (size_t row = 0; row < L.outer * L.rows; ++row) check_row(row);
@@ -143,8 +190,106 @@ Comparison compare_impl(const char* what, const float* got, const Ref* ref, cons
                       outer / L.heads, outer % L.heads, r, m.col, r / L.tile_rows, m.got, m.want);
         c.report += line;
     }
-    c.report += "\n  hint: " + hint(L, c, bad);
+    c.report += "\n  hint: " + hint(L, c, bad, bad_rows);
     return c;
+}
+
+// Replaces the hint line of a failed comparison's report.
+void set_hint(Comparison* c, const std::string& hint) {
+    const size_t at = c->report.rfind("\n  hint: ");
+    if (!c->ok && at != std::string::npos) c->report = c->report.substr(0, at) + "\n  hint: " + hint;
+}
+
+// The first `keep` rows of every head of a [heads, n, d] tensor.
+std::vector<float> first_rows(const std::vector<float>& t, size_t heads, int n, int keep, int d) {
+    std::vector<float> out;
+    for (size_t h = 0; h < heads; ++h)
+        out.insert(out.end(), t.begin() + h * n * d, t.begin() + (h * n + keep) * d);
+    return out;
+}
+
+std::vector<size_t> all_rows(const Problem& p) {
+    std::vector<size_t> all(p.lse_elems());
+    for (size_t r = 0; r < all.size(); ++r) all[r] = r;
+    return all;
+}
+
+// Attention with the causal mask aligned top-left (row i sees keys j <= i, PyTorch's is_causal), on the rows listed
+// (all when empty), built from the bottom-right reference. With Nk >= Nq it is the bottom-right mask on the first Nq
+// keys. With Nk < Nq, rows i < Nk are the square bottom-right problem of the first Nk rows, and rows i >= Nk see
+// every key.
+Reference top_left_reference(const Problem& p, const HostTensors& in, const std::vector<size_t>& rows) {
+    const size_t heads = size_t(p.B) * p.H;
+    if (p.Nk >= p.Nq) {
+        Problem q = p;
+        q.Nk = p.Nq;
+        const HostTensors cut{in.q, first_rows(in.k, heads, p.Nk, p.Nq, p.d), first_rows(in.v, heads, p.Nk, p.Nq, p.d), {}};
+        return reference_forward(q, cut, rows);
+    }
+    std::vector<size_t> square_rows, full_rows;
+    for (size_t r : rows.empty() ? all_rows(p) : rows) {
+        const size_t bh = r / p.Nq, i = r % p.Nq;
+        if (i < size_t(p.Nk)) square_rows.push_back(bh * p.Nk + i);
+        else full_rows.push_back(r);
+    }
+    Problem square = p, unmasked = p;
+    square.Nq = p.Nk;
+    unmasked.causal = false;
+    const HostTensors first{first_rows(in.q, heads, p.Nq, p.Nk, p.d), in.k, in.v, {}};
+    const Reference a = square_rows.empty() ? Reference{} : reference_forward(square, first, square_rows);
+    Reference r;
+    if (full_rows.empty()) r.o.assign(p.q_elems(), NAN), r.lse.assign(p.lse_elems(), NAN);
+    else r = reference_forward(unmasked, in, full_rows);
+    for (size_t s : square_rows) {
+        const size_t row = s / p.Nk * p.Nq + s % p.Nk;
+        r.lse[row] = a.lse[s];
+        std::copy(a.o.begin() + s * p.d, a.o.begin() + (s + 1) * p.d, r.o.begin() + row * p.d);
+    }
+    return r;
+}
+
+// The hints of a forward check that need the problem and not only the numbers; they replace compare()'s guess.
+void refine_forward_hints(const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                          const std::vector<float>& lse, const std::vector<size_t>& rows, Tolerance tol, Comparison* co,
+                          Comparison* cl) {
+    if (co->ok && cl->ok) return;
+    // NaN exactly in the rows that see no key (causal, Nq > Nk: rows 0 .. Nq - Nk - 1 of every head).
+    const int empty_rows = p.causal ? std::max(0, p.Nq - p.Nk) : 0;
+    if (empty_rows > 0 && co->nan + cl->nan > 0) {
+        bool only_empty_rows = true;
+        for (size_t r : rows.empty() ? all_rows(p) : rows) {
+            bool nan = std::isnan(lse[r]);
+            for (int c = 0; c < p.d; ++c) nan = nan || std::isnan(o[r * p.d + c]);
+            only_empty_rows = only_empty_rows && (!nan || int(r % p.Nq) < empty_rows);
+        }
+        if (only_empty_rows) {
+            const std::string h = "NaN only in rows that see no key (causal, Nq > Nk): (-inf) - (-inf) = NaN; such a row "
+                                  "must end with O = 0 and LSE = -inf (an empty part's exp factor is 0: rescale_factor)";
+            set_hint(co, h), set_hint(cl, h);
+            return;
+        }
+    }
+    auto matches = [&](const Reference& r) {
+        return compare("O", o.data(), r.o.data(), o_layout(p), tol, rows).ok &&
+               compare("LSE", lse.data(), r.lse.data(), lse_layout(p), fp32_tolerance(p, in), rows).ok;
+    };
+    if (p.causal && p.Nq != p.Nk && matches(top_left_reference(p, in, rows))) {
+        const std::string h = "these are the outputs of a causal mask aligned top-left (key j <= i, PyTorch's is_causal); "
+                              "this project aligns it bottom-right: j <= i + Nk - Nq (causal_key_end, tests/problem.h)";
+        set_hint(co, h), set_hint(cl, h);
+        return;
+    }
+    if (p.causal) {
+        Problem unmasked = p;
+        unmasked.causal = false;
+        if (matches(reference_forward(unmasked, in, rows))) {
+            set_hint(co, "these are the outputs without the causal mask: the mask was not applied"), set_hint(cl, "the causal mask was not applied");
+            return;
+        }
+    }
+    if (!co->ok && !cl->ok && cl->report.find("LSE too large") != std::string::npos)
+        set_hint(co, "O wrong and LSE too large in every wrong row: l and O were not rescaled by exp(m_old - m_new) "
+                     "when the row max grew, so the earlier tiles weigh too much");
 }
 
 }  // namespace
@@ -173,8 +318,10 @@ std::vector<Comparison> compare_forward(const Problem& p, const HostTensors& in,
             *note = line;
         }
     }
-    return {compare("O", o.data(), ref.o.data(), o_layout(p), tol, rows),
-            compare("LSE", lse.data(), ref.lse.data(), lse_layout(p), fp32_tolerance(p, in), rows)};
+    Comparison co = compare("O", o.data(), ref.o.data(), o_layout(p), tol, rows);
+    Comparison cl = compare("LSE", lse.data(), ref.lse.data(), lse_layout(p), fp32_tolerance(p, in), rows);
+    refine_forward_hints(p, in, o, lse, rows, tol, &co, &cl);
+    return {co, cl};
 }
 
 std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const HostGrads& got,

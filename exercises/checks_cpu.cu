@@ -1,0 +1,406 @@
+// checks_cpu.cu: the checks of the exercises done in the CPU models (naive/model.cu, online_softmax/, v1/, v2/).
+// Every check runs the marked code on small problems and compares with the float64 reference; the shortcuts a
+// value check lets through are counted: reads of the scores (one pass for the normaliser), divisions by l (once
+// per row in FlashAttention-2), K/V tiles visited (causal skipping), dQ bits over two block orders (determinism).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "common/blocks.cuh"
+#include "exercises/checks.h"
+#include "harness.h"
+#include "naive/naive.h"
+#include "online_softmax/online_softmax.h"
+#include "v1/v1.h"
+#include "v2/v2.h"
+
+namespace {
+
+Problem problem(int Nq, int Nk, int d, bool causal, int B = 1, int H = 2) {
+    Problem p;
+    p.B = B, p.H = H, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal;
+    return p;
+}
+
+std::string describe(const Problem& p, Dist dist) {
+    char s[160];
+    std::snprintf(s, sizeof s, "B=%d H=%d Nq=%d Nk=%d d=%d%s %s", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? " causal" : "",
+                  dist_name(dist));
+    return s;
+}
+
+struct ForwardCase {
+    Problem p;
+    Dist dist;
+};
+
+// The forward problems of the value checks, in the order they run. The first one that fails is reported, so each
+// classic bug meets first the problem where its hint is clearest (docs/exercises.md, "Classic bugs and their hints").
+std::vector<ForwardCase> forward_cases() {
+    return {{problem(100, 200, 64, false), Dist::large},  // several K/V tiles, a partial last Q tile, a growing max
+            {problem(50, 120, 32, true), Dist::normal},   // causal, Nk > Nq: where the alignment shows
+            {problem(120, 50, 16, true), Dist::normal},   // causal, Nq > Nk: rows 0..69 see no key
+            {problem(17, 17, 40, true), Dist::outliers},
+            {problem(64, 64, 64, false), Dist::constant},
+            {problem(1, 1, 8, false), Dist::normal}};
+}
+
+CheckResult forward_values(const CpuForward& model) {
+    const std::vector<ForwardCase> cases = forward_cases();
+    for (const ForwardCase& c : cases) {
+        const HostTensors in = make_inputs(c.p, c.dist, 7);
+        std::vector<float> o, lse;
+        ModelTraffic t;
+        model(c.p, in, &o, &lse, &t);
+        for (const Comparison& cmp : compare_forward(c.p, in, o, lse))
+            if (!cmp.ok) return {false, describe(c.p, c.dist) + ", vs float64:\n" + cmp.report};
+    }
+    return {true, std::to_string(cases.size()) + " problems (causal, Nq != Nk, large logits) match float64"};
+}
+
+// Causal with Nq > Nk: rows 0 .. Nq - Nk - 1 see no key and must be exactly O = 0, LSE = -inf.
+CheckResult masked_rows(const CpuForward& model) {
+    const Problem p = problem(120, 50, 16, true);
+    const HostTensors in = make_inputs(p, Dist::large, 3);
+    std::vector<float> o, lse;
+    ModelTraffic t;
+    model(p, in, &o, &lse, &t);
+    for (size_t row = 0; row < p.lse_elems(); ++row) {
+        if (int(row % p.Nq) >= p.Nq - p.Nk) continue;
+        bool ok = lse[row] == -INFINITY;
+        for (int c = 0; c < p.d; ++c) ok = ok && o[row * p.d + c] == 0.0f;
+        if (!ok)
+            return {false, describe(p, Dist::large) + ": row " + std::to_string(row % p.Nq) + " sees no key: LSE " +
+                               std::to_string(lse[row]) + ", O[0] " + std::to_string(o[row * p.d])};
+    }
+    return {true, "rows that see no key give O = 0 and LSE = -inf exactly"};
+}
+
+CheckResult counted(bool ok, const std::string& what, double got, double want) {
+    char s[300];
+    std::snprintf(s, sizeof s, "%s: %.0f, closed form %.0f", what.c_str(), got, want);
+    return {ok, s};
+}
+
+// ------------------------------------------------------------------------------------------------------- naive
+
+Exercise softmax_3pass_model() {
+    return {"softmax-3pass-model",
+            {{"values", "m = max_j S_ij first (so every exp(S_ij - m) <= 1), then l, then S_ij <- exp(S_ij - m) / l; LSE_i = m + log l",
+              [] { return forward_values(naive_model_forward); }},
+             {"masked-rows", "a row of -inf has m = -inf, and S - m is then NaN: give it zeros and LSE = -inf without computing exp",
+              [] { return masked_rows(naive_model_forward); }},
+             {"three-passes", "read each score of the row three times (max, sum, normalise), write it once, and LSE once per row",
+              [] {
+                  const Problem p = problem(100, 37, 40, false);
+                  ModelTraffic t;
+                  std::vector<float> o, lse;
+                  naive_model_forward(p, make_inputs(p, Dist::normal, 1), &o, &lse, &t);
+                  const double BH = p.B * p.H, S = double(p.Nq) * p.Nk;
+                  // Q, K, V once (the products), S three times and P once (P V); writes: S, P, O, LSE
+                  const double reads = BH * (double(p.Nq) * p.d + 2.0 * p.Nk * p.d + 4 * S);
+                  const double writes = BH * (2 * S + double(p.Nq) * p.d + p.Nq);
+                  return counted(t.reads == reads && t.writes == writes, "elements read + written",
+                                 t.reads + t.writes, reads + writes);
+              }}}};
+}
+
+// ---------------------------------------------------------------------------------------------- online softmax
+
+// The (m, l) of scores x[begin, end) by add_score, which does not use merge.
+SoftmaxState fold(const std::vector<float>& x, size_t begin, size_t end) {
+    SoftmaxState s = {-INFINITY, 0.0f};
+    for (size_t j = begin; j < end; ++j) s = add_score(s, x[j]);
+    return s;
+}
+
+Exercise online_merge() {
+    const SoftmaxState empty = {-INFINITY, 0.0f};
+    return {"online-merge",
+            {{"identity", "the empty part (m = -inf, l = 0) must change nothing: its exp factor is 0 (rescale_factor), the other side's exp(0) = 1",
+              [empty] {
+                  for (SoftmaxState s : {SoftmaxState{0.5f, 3.0f}, {-1e4f, 1.0f}, {1e4f, 7.5f}})
+                      for (SoftmaxState r : {merge(empty, s), merge(s, empty)})
+                          if (r.m != s.m || r.l != s.l)
+                              return CheckResult{false, "merge((-inf, 0), (" + std::to_string(s.m) + ", " + std::to_string(s.l) +
+                                                            ")) gave (" + std::to_string(r.m) + ", " + std::to_string(r.l) + ")"};
+                  return CheckResult{true, "merge with (-inf, 0) returns the other part exactly"};
+              }},
+             {"empty-stays-empty", "two empty parts: exp(-inf - (-inf)) is NaN, so never compute an exp factor for a part whose m is -inf",
+              [empty] {
+                  const SoftmaxState r = merge(empty, empty);
+                  const bool ok = r.m == -INFINITY && r.l == 0.0f;
+                  return CheckResult{ok, "merge of two empty parts: (" + std::to_string(r.m) + ", " + std::to_string(r.l) + ")"};
+              }},
+             {"union", "m = max(m_a, m_b) and l = l_a exp(m_a - m) + l_b exp(m_b - m): each part's sum moves to the common max",
+              [] {
+                  std::mt19937 rng(11);
+                  std::normal_distribution<float> normal(0.0f, 1.0f);
+                  for (float spread : {1.0f, 100.0f, 1e4f})
+                      for (int C : {2, 31, 1000}) {
+                          std::vector<float> x(C);
+                          for (float& v : x) v = spread * normal(rng);
+                          std::vector<double> prob(C);
+                          double lse = 0;
+                          softmax_row_reference(x.data(), C, 1.0f, prob.data(), &lse);
+                          for (int trial = 0; trial < 10; ++trial) {
+                              std::vector<size_t> cuts = {0, size_t(C)};
+                              for (int k = 0; k < 4; ++k) cuts.push_back(std::uniform_int_distribution<size_t>(0, C)(rng));
+                              std::sort(cuts.begin(), cuts.end());
+                              SoftmaxState all = {-INFINITY, 0.0f};
+                              for (size_t k = 0; k + 1 < cuts.size(); ++k) all = merge(all, fold(x, cuts[k], cuts[k + 1]));
+                              const double got = log_sum_exp(all);
+                              if (!(std::fabs(got - lse) <= 1e-5 * std::max(1.0, std::fabs(lse))))
+                                  return CheckResult{false, "a row of " + std::to_string(C) + " scores (spread " + std::to_string(spread) +
+                                                                ") in 5 parts: log-sum-exp " + std::to_string(got) + ", want " + std::to_string(lse)};
+                          }
+                      }
+                  return CheckResult{true, "merging the parts of 90 split rows gives their log-sum-exp within 1e-5"};
+              }}}};
+}
+
+void online_rows(const std::vector<float>& x, int R, int C, float scale, std::vector<float>* y, std::vector<float>* lse,
+                 ModelTraffic* t) {
+    Hbm X(x, t), Y(x.size(), t), LSE(size_t(R), t);
+    softmax_rows_online_model(X, &Y, &LSE, 0, R, C, scale);
+    *y = std::move(Y.values());
+    *lse = std::move(LSE.values());
+}
+
+Exercise online_rows_model() {
+    return {"online-rows-model",
+            {{"values", "fold s_j = scale * x_j into a running (m, l) with add_score, per thread, then merge the threads' states",
+              [] {
+                  std::mt19937 rng(5);
+                  std::normal_distribution<float> normal(0.0f, 1.0f);
+                  for (float spread : {1.0f, 1e3f})
+                      for (int C : {1, 33, 1000})
+                          for (float scale : {1.0f, 0.3f}) {
+                              const int R = 3;
+                              std::vector<float> x(size_t(R) * C);
+                              for (size_t e = 0; e < x.size(); ++e) x[e] = e % 5 == 1 ? -INFINITY : spread * normal(rng);
+                              std::vector<float> y, lse;
+                              ModelTraffic t;
+                              online_rows(x, R, C, scale, &y, &lse, &t);
+                              std::vector<double> want(x.size()), want_lse(R);
+                              double max_score = 0;
+                              for (int r = 0; r < R; ++r)
+                                  softmax_row_reference(&x[size_t(r) * C], C, scale, &want[size_t(r) * C], &want_lse[r]);
+                              for (float v : x)
+                                  if (std::isfinite(v)) max_score = std::max(max_score, std::fabs(double(scale) * v));
+                              const Tolerance tol = softmax_rows_tolerance(C, max_score);
+                              const Layout rows{1, size_t(R), size_t(C), 1, 1}, lses{1, size_t(R), 1, 1, 1};
+                              for (const Comparison& c : {compare("Y", y.data(), want.data(), rows, tol),
+                                                          compare("LSE", lse.data(), want_lse.data(), lses, {tol.rtol, tol.rtol})})
+                                  if (!c.ok)
+                                      return CheckResult{false, std::to_string(R) + " rows of " + std::to_string(C) + " scores, spread " +
+                                                                    std::to_string(spread) + ", scale " + std::to_string(scale) + ":\n" + c.report};
+                          }
+                  return CheckResult{true, "rows of 1, 33 and 1000 scores, some -inf, spread up to 1e3, match float64"};
+              }},
+             {"masked-rows", "a row of -inf must stay (m, l) = (-inf, 0) through add_score and merge: zeros and LSE = -inf",
+              [] {
+                  const std::vector<float> x(2 * 300, -INFINITY);
+                  std::vector<float> y, lse;
+                  ModelTraffic t;
+                  online_rows(x, 2, 300, 1.0f, &y, &lse, &t);
+                  const bool ok = std::all_of(y.begin(), y.end(), [](float v) { return v == 0.0f; }) &&
+                                  std::all_of(lse.begin(), lse.end(), [](float v) { return v == -INFINITY; });
+                  return CheckResult{ok, "rows of -inf give zeros and LSE = -inf"};
+              }},
+             {"one-pass-normaliser", "(m, l) must come from ONE read of each score: a max pass and then a sum pass is the 3-pass softmax of naive/",
+              [] {
+                  const int R = 7, C = 4097;
+                  std::vector<float> x(size_t(R) * C), y, lse;
+                  for (size_t e = 0; e < x.size(); ++e) x[e] = float(e % 13) - 6.0f;
+                  ModelTraffic t;
+                  online_rows(x, R, C, 1.0f, &y, &lse, &t);
+                  return counted(t.reads == 2.0 * R * C, "reads of a 7 x 4097 score matrix (pass 1 + pass 2)", t.reads, 2.0 * R * C);
+              }},
+             {"attention", "the online_softmax stage's model uses this softmax on the score matrix (scale applied inside)",
+              [] { return forward_values(online_softmax_model_forward); }}}};
+}
+
+// ----------------------------------------------------------------------------------------------------------- v1
+
+Exercise fa1_block_sizes() {
+    return {"fa1-block-sizes",
+            {{"paper-formula", "Algorithm 1, line 1 (FlashAttention, Dao et al. 2022): Bc = ceil(M / 4d), Br = min(ceil(M / 4d), d); M counts floats",
+              [] {
+                  struct Want {
+                      int M, d, Bc, Br;
+                  };
+                  // The H100's 227 KB is 58112 floats: d = 64 gives 227 and 64, d = 128 gives 114 and 114.
+                  for (Want w : {Want{58112, 64, 227, 64}, {58112, 128, 114, 114}, {2048, 64, 8, 8}, {1000, 3, 84, 3},
+                                 {100, 7, 4, 4}, {12288, 48, 64, 48}}) {
+                      const V1Tiles t = v1_paper_tiles(w.M, w.d);
+                      if (t.Bc != w.Bc || t.Br != w.Br)
+                          return CheckResult{false, "M = " + std::to_string(w.M) + ", d = " + std::to_string(w.d) + ": Bc = " +
+                                                        std::to_string(t.Bc) + ", Br = " + std::to_string(t.Br) + "; want " +
+                                                        std::to_string(w.Bc) + ", " + std::to_string(w.Br)};
+                  }
+                  return CheckResult{true, "6 budgets: Bc = ceil(M / 4d), Br = min(Bc, d)"};
+              }},
+             {"fits", "v1_tiles lowers M by 4d until the kernel's whole shared layout fits; with the paper's formula it then fits for every d",
+              [] {
+                  for (size_t smem : {size_t(48 * 1024), size_t(163 * 1024), H100_SMEM_PER_BLOCK})
+                      for (int d = 1; d <= 128; ++d) {
+                          Problem p;
+                          p.d = d;
+                          const V1Tiles t = v1_tiles(p, smem);
+                          if (t.smem_bytes > smem || t.Bc != ceil_div(t.M, 4 * d) || t.Br != std::min(t.Bc, d))
+                              return CheckResult{false, "d = " + std::to_string(d) + ", " + std::to_string(smem) + " bytes: Bc " +
+                                                            std::to_string(t.Bc) + ", Br " + std::to_string(t.Br) + ", " +
+                                                            std::to_string(t.smem_bytes) + " bytes"};
+                      }
+                  return CheckResult{true, "every d from 1 to 128 fits in 48 KB, 163 KB and 227 KB"};
+              }}}};
+}
+
+// v1's model with the block sizes of a budget of M floats (the paper's formula) or of the H100's shared memory.
+CpuForward v1_model(int M) {
+    return [M](const Problem& p, const HostTensors& in, std::vector<float>* o, std::vector<float>* lse, ModelTraffic* t) {
+        const V1Tiles tiles = M > 0 ? v1_paper_tiles(M, p.d) : v1_tiles(p, H100_SMEM_PER_BLOCK);
+        v1_model_forward(p, in, tiles.Br, tiles.Bc, o, lse, t);
+    };
+}
+
+Exercise fa1_inner_loop_model() {
+    return {"fa1-inner-loop-model",
+            {{"values-small-blocks", "line 10: m~, P~ = exp(S - m~), l~; line 11: merge; line 12: O_i <- (l_i e^(m_i - m_new) O_i + e^(m~ - m_new) P~ V_j) / l_new",
+              [] { return forward_values(v1_model(2048)); }},
+             {"values-h100-blocks", "the same with the H100's block sizes (few, large blocks)",
+              [] { return forward_values(v1_model(0)); }},
+             {"masked-rows", "a block row that has seen no key keeps m = -inf, l = 0: its factors are 0 (rescale_factor), and 1/l_new is not taken",
+              [] { return masked_rows(v1_model(2048)); }},
+             {"normalised-every-tile", "Algorithm 1 keeps O normalised: line 12 divides by l_new on every (i, j), through inverse_l (which counts)",
+              [] {
+                  const Problem p = problem(100, 70, 16, false);
+                  const V1Tiles tiles = v1_paper_tiles(2048, p.d);
+                  std::vector<float> o, lse;
+                  ModelTraffic t;
+                  v1_model_forward(p, make_inputs(p, Dist::normal, 2), tiles.Br, tiles.Bc, &o, &lse, &t);
+                  const double want = double(p.B) * p.H * p.Nq * ceil_div(p.Nk, tiles.Bc);
+                  return counted(t.l_divisions == want, "divisions by l (rows x K/V blocks)", t.l_divisions, want);
+              }}}};
+}
+
+// ----------------------------------------------------------------------------------------------------------- v2
+
+Exercise fa2_deferred_norm_model() {
+    return {"fa2-deferred-norm-model",
+            {{"values", "per tile: m_new = max(m_i, rowmax), P = exp(S - m_new), O_i <- exp(m_i - m_new) O_i + P V_j, (m_i, l_i) merged; at the end O_i / l_i",
+              [] { return forward_values(v2_model_forward); }},
+             {"masked-rows", "a row that saw no key ends with l_i = 0: inverse_l gives 0, so O = 0, and log_sum_exp gives -inf",
+              [] { return masked_rows(v2_model_forward); }},
+             {"one-division-per-row", "FlashAttention-2 keeps O_i unnormalised inside the loop and divides once per row, after the last K/V tile, through inverse_l (which counts)",
+              [] {
+                  const Problem p = problem(100, 300, 64, false);
+                  std::vector<float> o, lse;
+                  ModelTraffic t;
+                  v2_model_forward(p, make_inputs(p, Dist::normal, 2), &o, &lse, &t);
+                  const double rows = double(p.B) * p.H * p.Nq;
+                  return counted(t.l_divisions == rows, "divisions by l for 200 query rows and 5 K/V tiles", t.l_divisions, rows);
+              }},
+             {"traffic", "Q_i loaded once, K_j and V_j once per Q tile, O_i and LSE_i written once: nothing else goes to device memory",
+              [] {
+                  const Problem p = problem(100, 300, 64, false);
+                  std::vector<float> o, lse;
+                  ModelTraffic t;
+                  v2_model_forward(p, make_inputs(p, Dist::normal, 2), &o, &lse, &t);
+                  const double BH = p.B * p.H, Tr = ceil_div(p.Nq, v2_fp32_forward_tiles(p.d).Br);
+                  const double reads = BH * (double(p.Nq) * p.d + Tr * 2.0 * p.Nk * p.d), writes = BH * (double(p.Nq) * p.d + p.Nq);
+                  return counted(t.reads == reads && t.writes == writes, "elements read + written", t.reads + t.writes, reads + writes);
+              }}}};
+}
+
+Exercise causal_skip_model() {
+    return {"causal-skip-model",
+            {{"values", "the mask itself is applied per score; skipping must never drop a tile a row can see (bottom-right: row i sees keys j <= i + Nk - Nq)",
+              [] { return forward_values(v2_model_forward); }},
+             {"tiles-visited", "a Q tile needs the K/V tiles up to the last key its LAST row sees (causal_key_end), none after; for B | Nq, Nk and Nk >= Nq that is Tq(Tq+1)/2 + Tq(Nk-Nq)/B tiles",
+              [] {
+                  for (auto [Nq, Nk, d] : {std::tuple{256, 256, 64}, {128, 384, 64}, {512, 512, 32}}) {
+                      Problem p = problem(Nq, Nk, d, true);
+                      const V2Tiles tiles = v2_fp32_forward_tiles(d);
+                      const int B = tiles.Bc, Tq = Nq / B;  // the cases have Br = Bc = B dividing Nq and Nk
+                      ModelTraffic t;
+                      std::vector<float> o, lse;
+                      v2_model_forward(p, make_inputs(p, Dist::normal, 4), &o, &lse, &t);
+                      const double BH = p.B * p.H, per_tile = 2.0 * B * d;  // K_j and V_j
+                      const double visited = (t.reads / BH - double(Nq) * d) / per_tile;
+                      const double want = Tq * (Tq + 1) / 2.0 + double(Tq) * (Nk - Nq) / B;
+                      if (visited != want)
+                          return counted(false, "K/V tiles visited per head, Nq=" + std::to_string(Nq) + " Nk=" + std::to_string(Nk) +
+                                                    " d=" + std::to_string(d) + " (tiles of " + std::to_string(B) + ")", visited, want);
+                  }
+                  return CheckResult{true, "K/V tiles visited equal Tq(Tq+1)/2 + Tq(Nk-Nq)/B on 3 causal problems"};
+              }}}};
+}
+
+struct Grads {
+    std::vector<float> dq, dk, dv;
+};
+// The backward model (its forward first, for O and LSE), seed and dQ mode as in v2_model_backward_scheduled.
+Grads backward(const Problem& p, const HostTensors& in, uint64_t seed, bool deterministic, ModelTraffic* t) {
+    std::vector<float> o, lse;
+    ModelTraffic forward_traffic;
+    v2_model_forward(p, in, &o, &lse, &forward_traffic);
+    Grads g;
+    v2_model_backward_scheduled(p, in, o, lse, &g.dq, &g.dk, &g.dv, t, seed, deterministic);
+    return g;
+}
+
+CheckResult backward_values(bool deterministic) {
+    for (auto [Nq, Nk, d, causal, dist] : {std::tuple{33, 70, 40, false, Dist::normal}, {70, 33, 64, true, Dist::normal},
+                                           {40, 50, 32, true, Dist::large}, {17, 17, 64, true, Dist::normal},
+                                           {1, 65, 8, false, Dist::normal}}) {
+        const Problem p = problem(Nq, Nk, d, causal);
+        const HostTensors in = make_inputs(p, dist, 5);
+        ModelTraffic t;
+        const Grads g = backward(p, in, 3, deterministic, &t);
+        for (const Comparison& c : compare_grads(p, in, {g.dq, g.dk, g.dv}))
+            if (!c.ok) return {false, describe(p, dist) + ", vs float64:\n" + c.report};
+    }
+    return {true, "dQ, dK, dV of 5 problems (causal, Nq != Nk, rows that see no key) match float64"};
+}
+
+Exercise backward_ds_model() {
+    return {"backward-ds-model",
+            {{"gradients", "D_i = sum_k dO_ik O_ik; P_ij = exp(scale s_ij - LSE_i) (0 where masked or LSE_i = -inf); dS_ij = P_ij (dP_ij - D_i)",
+              [] { return backward_values(false); }}}};
+}
+
+Exercise deterministic_dq_model() {
+    return {"deterministic-dq-model",
+            {{"gradients", "per Q tile: dQ_i = scale * sum_j dS_ij K_j over the K/V tiles it sees (tile_gradients gives dS_ij), then write dQ_i",
+              [] { return backward_values(true); }},
+             {"bitwise-repeatable", "each dQ element must be summed in one fixed order by one block; with atomics the order follows the blocks' schedule",
+              [] {
+                  const Problem p = problem(70, 300, 32, false);
+                  const HostTensors in = make_inputs(p, Dist::normal, 8);
+                  ModelTraffic t;
+                  const Grads a = backward(p, in, 1, true, &t), b = backward(p, in, 2, true, &t);
+                  const bool same = std::memcmp(a.dq.data(), b.dq.data(), a.dq.size() * sizeof(float)) == 0;
+                  return CheckResult{same, same ? "dQ bitwise equal for two block orders (10 K/V blocks)"
+                                                : "dQ differs between two orders of the K/V blocks"};
+              }},
+             {"dq-written-once", "no read-modify-write of dQ (that is the atomic's traffic): each dQ_i is computed on chip and written once",
+              [] {
+                  const Problem p = problem(70, 300, 32, false);
+                  ModelTraffic t;
+                  backward(p, make_inputs(p, Dist::normal, 8), 0, true, &t);
+                  const double BH = p.B * p.H, writes = BH * (p.Nq + double(p.Nq) * p.d + 2.0 * p.Nk * p.d);  // D, dQ, dK, dV
+                  return counted(t.writes == writes, "elements written (D, dQ, dK, dV)", t.writes, writes);
+              }}}};
+}
+
+}  // namespace
+
+const std::vector<Exercise>& cpu_exercises() {
+    static const std::vector<Exercise> all = {softmax_3pass_model(),     online_merge(),         online_rows_model(),
+                                              fa1_block_sizes(),         fa1_inner_loop_model(), fa2_deferred_norm_model(),
+                                              causal_skip_model(),       backward_ds_model(),    deterministic_dq_model()};
+    return all;
+}
