@@ -15,11 +15,18 @@
 #include "v1/v1.h"
 #include "v2/v2.h"
 
-namespace {
+ForwardRun cpu_run(const CpuForward& model) {
+    return [model](const Problem& p, const HostTensors& in) {
+        Outputs out;
+        ModelTraffic t;
+        model(p, in, &out.o, &out.lse, &t);
+        return out;
+    };
+}
 
-Problem problem(int Nq, int Nk, int d, bool causal, int B = 1, int H = 2) {
+Problem small_problem(int Nq, int Nk, int d, bool causal) {
     Problem p;
-    p.B = B, p.H = H, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal;
+    p.B = 1, p.H = 2, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal;
     return p;
 }
 
@@ -30,49 +37,38 @@ std::string describe(const Problem& p, Dist dist) {
     return s;
 }
 
-struct ForwardCase {
-    Problem p;
-    Dist dist;
-};
-
-// The forward problems of the value checks, in the order they run. The first one that fails is reported, so each
-// classic bug meets first the problem where its hint is clearest (docs/exercises.md, "Classic bugs and their hints").
-std::vector<ForwardCase> forward_cases() {
-    return {{problem(100, 200, 64, false), Dist::large},  // several K/V tiles, a partial last Q tile, a growing max
-            {problem(50, 120, 32, true), Dist::normal},   // causal, Nk > Nq: where the alignment shows
-            {problem(120, 50, 16, true), Dist::normal},   // causal, Nq > Nk: rows 0..69 see no key
-            {problem(17, 17, 40, true), Dist::outliers},
-            {problem(64, 64, 64, false), Dist::constant},
-            {problem(1, 1, 8, false), Dist::normal}};
-}
-
-CheckResult forward_values(const CpuForward& model) {
-    const std::vector<ForwardCase> cases = forward_cases();
-    for (const ForwardCase& c : cases) {
+CheckResult forward_values(const ForwardRun& run) {
+    struct Case {
+        Problem p;
+        Dist dist;
+    };
+    // In the order they run. The first one that fails is reported, so each classic bug meets first the problem where
+    // its hint is clearest (docs/exercises.md, "Classic bugs and their hints").
+    const Case cases[] = {{small_problem(100, 200, 64, false), Dist::large},  // K/V tiles, a partial Q tile, a growing max
+                          {small_problem(50, 120, 32, true), Dist::normal},   // causal, Nk > Nq: where the alignment shows
+                          {small_problem(120, 50, 16, true), Dist::normal},   // causal, Nq > Nk: rows 0..69 see no key
+                          {small_problem(17, 17, 40, true), Dist::outliers},
+                          {small_problem(64, 64, 64, false), Dist::constant},
+                          {small_problem(1, 1, 8, false), Dist::normal}};
+    for (const Case& c : cases) {
         const HostTensors in = make_inputs(c.p, c.dist, 7);
-        std::vector<float> o, lse;
-        ModelTraffic t;
-        model(c.p, in, &o, &lse, &t);
-        for (const Comparison& cmp : compare_forward(c.p, in, o, lse))
+        const Outputs out = run(c.p, in);
+        for (const Comparison& cmp : compare_forward(c.p, in, out.o, out.lse))
             if (!cmp.ok) return {false, describe(c.p, c.dist) + ", vs float64:\n" + cmp.report};
     }
-    return {true, std::to_string(cases.size()) + " problems (causal, Nq != Nk, large logits) match float64"};
+    return {true, "6 problems (causal, Nq != Nk, large logits) match float64"};
 }
 
-// Causal with Nq > Nk: rows 0 .. Nq - Nk - 1 see no key and must be exactly O = 0, LSE = -inf.
-CheckResult masked_rows(const CpuForward& model) {
-    const Problem p = problem(120, 50, 16, true);
-    const HostTensors in = make_inputs(p, Dist::large, 3);
-    std::vector<float> o, lse;
-    ModelTraffic t;
-    model(p, in, &o, &lse, &t);
+CheckResult masked_rows(const ForwardRun& run) {
+    const Problem p = small_problem(120, 50, 16, true);
+    const Outputs out = run(p, make_inputs(p, Dist::large, 3));
     for (size_t row = 0; row < p.lse_elems(); ++row) {
         if (int(row % p.Nq) >= p.Nq - p.Nk) continue;
-        bool ok = lse[row] == -INFINITY;
-        for (int c = 0; c < p.d; ++c) ok = ok && o[row * p.d + c] == 0.0f;
+        bool ok = out.lse[row] == -INFINITY;
+        for (int c = 0; c < p.d; ++c) ok = ok && out.o[row * p.d + c] == 0.0f;
         if (!ok)
             return {false, describe(p, Dist::large) + ": row " + std::to_string(row % p.Nq) + " sees no key: LSE " +
-                               std::to_string(lse[row]) + ", O[0] " + std::to_string(o[row * p.d])};
+                               std::to_string(out.lse[row]) + ", O[0] " + std::to_string(out.o[row * p.d])};
     }
     return {true, "rows that see no key give O = 0 and LSE = -inf exactly"};
 }
@@ -83,14 +79,18 @@ CheckResult counted(bool ok, const std::string& what, double got, double want) {
     return {ok, s};
 }
 
+namespace {
+
+Problem problem(int Nq, int Nk, int d, bool causal) { return small_problem(Nq, Nk, d, causal); }
+
 // ------------------------------------------------------------------------------------------------------- naive
 
 Exercise softmax_3pass_model() {
     return {"softmax-3pass-model",
             {{"values", "m = max_j S_ij first (so every exp(S_ij - m) <= 1), then l, then S_ij <- exp(S_ij - m) / l; LSE_i = m + log l",
-              [] { return forward_values(naive_model_forward); }},
+              [] { return forward_values(cpu_run(naive_model_forward)); }},
              {"masked-rows", "a row of -inf has m = -inf, and S - m is then NaN: give it zeros and LSE = -inf without computing exp",
-              [] { return masked_rows(naive_model_forward); }},
+              [] { return masked_rows(cpu_run(naive_model_forward)); }},
              {"three-passes", "read each score of the row three times (max, sum, normalise), write it once, and LSE once per row",
               [] {
                   const Problem p = problem(100, 37, 40, false);
@@ -219,7 +219,7 @@ Exercise online_rows_model() {
                   return counted(t.reads == 2.0 * R * C, "reads of a 7 x 4097 score matrix (pass 1 + pass 2)", t.reads, 2.0 * R * C);
               }},
              {"attention", "the online_softmax stage's model uses this softmax on the score matrix (scale applied inside)",
-              [] { return forward_values(online_softmax_model_forward); }}}};
+              [] { return forward_values(cpu_run(online_softmax_model_forward)); }}}};
 }
 
 // ----------------------------------------------------------------------------------------------------------- v1
@@ -269,11 +269,11 @@ CpuForward v1_model(int M) {
 Exercise fa1_inner_loop_model() {
     return {"fa1-inner-loop-model",
             {{"values-small-blocks", "line 10: m~, P~ = exp(S - m~), l~; line 11: merge; line 12: O_i <- (l_i e^(m_i - m_new) O_i + e^(m~ - m_new) P~ V_j) / l_new",
-              [] { return forward_values(v1_model(2048)); }},
+              [] { return forward_values(cpu_run(v1_model(2048))); }},
              {"values-h100-blocks", "the same with the H100's block sizes (few, large blocks)",
-              [] { return forward_values(v1_model(0)); }},
+              [] { return forward_values(cpu_run(v1_model(0))); }},
              {"masked-rows", "a block row that has seen no key keeps m = -inf, l = 0: its factors are 0 (rescale_factor), and 1/l_new is not taken",
-              [] { return masked_rows(v1_model(2048)); }},
+              [] { return masked_rows(cpu_run(v1_model(2048))); }},
              {"normalised-every-tile", "Algorithm 1 keeps O normalised: line 12 divides by l_new on every (i, j), through inverse_l (which counts)",
               [] {
                   const Problem p = problem(100, 70, 16, false);
@@ -291,9 +291,9 @@ Exercise fa1_inner_loop_model() {
 Exercise fa2_deferred_norm_model() {
     return {"fa2-deferred-norm-model",
             {{"values", "per tile: m_new = max(m_i, rowmax), P = exp(S - m_new), O_i <- exp(m_i - m_new) O_i + P V_j, (m_i, l_i) merged; at the end O_i / l_i",
-              [] { return forward_values(v2_model_forward); }},
+              [] { return forward_values(cpu_run(v2_model_forward)); }},
              {"masked-rows", "a row that saw no key ends with l_i = 0: inverse_l gives 0, so O = 0, and log_sum_exp gives -inf",
-              [] { return masked_rows(v2_model_forward); }},
+              [] { return masked_rows(cpu_run(v2_model_forward)); }},
              {"one-division-per-row", "FlashAttention-2 keeps O_i unnormalised inside the loop and divides once per row, after the last K/V tile, through inverse_l (which counts)",
               [] {
                   const Problem p = problem(100, 300, 64, false);
@@ -318,7 +318,7 @@ Exercise fa2_deferred_norm_model() {
 Exercise causal_skip_model() {
     return {"causal-skip-model",
             {{"values", "the mask itself is applied per score; skipping must never drop a tile a row can see (bottom-right: row i sees keys j <= i + Nk - Nq)",
-              [] { return forward_values(v2_model_forward); }},
+              [] { return forward_values(cpu_run(v2_model_forward)); }},
              {"tiles-visited", "a Q tile needs the K/V tiles up to the last key its LAST row sees (causal_key_end), none after; for B | Nq, Nk and Nk >= Nq that is Tq(Tq+1)/2 + Tq(Nk-Nq)/B tiles",
               [] {
                   for (auto [Nq, Nk, d] : {std::tuple{256, 256, 64}, {128, 384, 64}, {512, 512, 32}}) {

@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(THREADS) batched_matmul_kernel(int M, int N, i
         const MatrixView Bt{B.ptr, B.batch_stride, B.col_stride, B.row_stride};
         load_slab<BN, BK>(Bs, bm, Bt, n0, k0, N, K);
         __syncthreads();
+        // EXERCISE(tiled-matmul): this thread's 4 x 4 sub-tile of C accumulates the slab's BK rank-1 updates
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
             const float4 x = *reinterpret_cast<const float4*>(&As[k][tm]);
@@ -54,6 +55,7 @@ __global__ void __launch_bounds__(THREADS) batched_matmul_kernel(int M, int N, i
 #pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += xs[i] * ys[j];
         }
+        // END EXERCISE
         __syncthreads();  // the next slab overwrites As and Bs
     }
     for (int i = 0; i < 4; ++i)

@@ -85,6 +85,7 @@ struct RowBlock {
     // Butterfly shuffles inside each warp, then one value per warp through shared memory.
     template <class T, class Op>
     __device__ static T reduce(T value, Op op, T* scratch /* [THREADS / 32] */) {
+        // EXERCISE(block-reduction): combine one value per thread with op: shuffles in each warp, then across warps
         for (int offset = 16; offset > 0; offset /= 2) value = op(value, shuffle_xor(value, offset));
         if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
         __syncthreads();
@@ -92,6 +93,7 @@ struct RowBlock {
         for (int w = 1; w < THREADS / 32; ++w) value = op(value, scratch[w]);
         __syncthreads();  // scratch may be reused by the next reduction
         return value;
+        // END EXERCISE
     }
 };
 

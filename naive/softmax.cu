@@ -20,6 +20,7 @@ __global__ void __launch_bounds__(Rows::THREADS) softmax_3pass_kernel(const floa
     const float* x = X + (long long)blockIdx.x * C;
     float* y = Y + (long long)blockIdx.x * C;
 
+    // EXERCISE(softmax-3pass-kernel): the three passes over row x (max, sum, normalise into y), and its LSE
     // Pass 1: m = max_j x_j
     float m = -INFINITY;
     Rows::for_each(x, C, [&](float xj) { m = fmaxf(m, xj); });
@@ -35,6 +36,7 @@ __global__ void __launch_bounds__(Rows::THREADS) softmax_3pass_kernel(const floa
     const float inv_l = m == -INFINITY ? 0.0f : 1.0f / l;
     Rows::transform(x, y, C, [&](float xj) { return m == -INFINITY ? 0.0f : expf(scale * (xj - m)) * inv_l; });
     if (lse && threadIdx.x == 0) lse[blockIdx.x] = m == -INFINITY ? -INFINITY : scale * m + logf(l);
+    // END EXERCISE
 }
 
 }  // namespace

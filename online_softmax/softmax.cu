@@ -26,9 +26,11 @@ __global__ void __launch_bounds__(Rows::THREADS) softmax_online_kernel(const flo
     float* y = Y + (long long)blockIdx.x * C;
 
     // Pass 1: the running (m, l) of this thread's scores, then of the row.
+    // EXERCISE(online-rows-kernel): pass 1, the row's (m, l): each thread folds its scores, then the block merges
     SoftmaxState state = {-INFINITY, 0.0f};
     Rows::for_each(x, C, [&](float xj) { state = add_score(state, scale * xj); });
     const SoftmaxState row = Rows::reduce(state, [](SoftmaxState a, SoftmaxState b) { return merge(a, b); }, scratch);
+    // END EXERCISE
 
     // Pass 2: y_j = exp(s_j - m) / l, the single-score part (s_j, 1) rescaled to the row's max, over l. For a row
     // of -inf (m = -inf, l = 0) rescale_factor gives 0 instead of exp(-inf - (-inf)) = NaN, and 1 / l is not taken.

@@ -196,6 +196,7 @@ __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArg
 
             // Line 12, on chip: O_i <- diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~_ij - m_new) P~_ij V_j).
             // rescale_factor is e^(m_part - m_new), 0 for a part that has seen no key yet (m_part = -inf).
+            // EXERCISE(fa1-inner-loop-kernel): line 12 on chip: P~_ij V_j by block_matmul, and O_i rescaled and normalised
             block_matmul(S_ij, L.ld_c, V_j, L.ld_d, rows4, d4, cols, [&](int r, int c, const float (&PV)[4][4]) {
                 for (int x = 0; x < 4; ++x) {
                     const int row = r + x;
@@ -211,6 +212,7 @@ __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArg
                     o.w = (O_scale * o.w + PV_scale * PV[x][3]) * inv_l_new;
                 }
             });
+            // END EXERCISE
             __syncthreads();
 
             // Lines 12-13: write O_i, and l_i <- l_new, m_i <- m_new, to device memory.

@@ -86,11 +86,13 @@ __global__ void __launch_bounds__(kThreads) flash2_backward_fp32(const float* Q,
                 s += Q_i[r * pitch + k] * K_j[c * pitch + k];
                 dp += dO_i[r * pitch + k] * V_j[c * pitch + k];
             }
+            // EXERCISE(backward-ds-kernel): P_ij from LSE_i (0 where masked or the row saw no key), dS_ij = P_ij (dP_ij - D_i)
             const int key = key0 + c;
             const bool visible = key < Nk && (!causal || key < causal_key_end(q0 + r, Nq, Nk)) && L_i[r] != -INFINITY;
             const float p = visible ? expf(scale * s - L_i[r]) : 0.0f;
             P_ij[r * s_pitch + c] = p;
             dS_ij[r * s_pitch + c] = p * (dp - D_i[r]);
+            // END EXERCISE
         }
         __syncthreads();
 

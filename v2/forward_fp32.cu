@@ -89,7 +89,9 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
     }
 
     // K/V tiles this Q tile walks: all of them, or (causal) up to the last key its last row sees.
+    // EXERCISE(causal-skip-kernel): one past the last key this Q tile visits; causal: none above the diagonal
     const int kv_end = kCausal ? min(Nk, causal_key_end(min(q0 + Br, Nq) - 1, Nq, Nk)) : Nk;
+    // END EXERCISE
     const int Tc = kv_end > 0 ? ceil_div(kv_end, Bc) : 0;
 
     float O_i[4][kOCols] = {};  // line 5
@@ -140,6 +142,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
         // exp(m_i - m_new).
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
+            // EXERCISE(warp-softmax-fp32): row r's online softmax over its 8 lanes (m_tile, P, l_tile, O_i rescaled, ml[r])
             float m_tile = -INFINITY;
 #pragma unroll
             for (int c = 0; c < kSCols; ++c) m_tile = fmaxf(m_tile, S[r][c]);
@@ -156,6 +159,7 @@ __global__ void __launch_bounds__(kThreads) flash2_forward_fp32(const float* Q, 
 #pragma unroll
             for (int c = 0; c < kOCols; ++c) O_i[r][c] *= alpha;
             ml[r] = merge(ml[r], {m_new, l_tile});
+            // END EXERCISE
         }
 
         // line 10: P_ij -> this warp's slice of shared memory, transposed; then O_i += P_ij V_j.
