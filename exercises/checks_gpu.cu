@@ -80,10 +80,34 @@ Exercise softmax_3pass_kernel() {
               [] { return masked_rows(gpu_run(naive_forward, naive_workspace_bytes)); }}}};
 }
 
+// C = alpha A B for 2 batches of odd sizes, with A read through a transposed view, against a float64 product.
+CheckResult matmul_values() {
+    const int batches = 2, M = 65, N = 130, K = 17;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> a(size_t(batches) * K * M), b(size_t(batches) * K * N);  // A stored as A^T (K x M), B as K x N
+    for (float& v : a) v = normal(rng);
+    for (float& v : b) v = normal(rng);
+    std::vector<double> want(size_t(batches) * M * N, 0.0);
+    for (int t = 0; t < batches; ++t)
+        for (int i = 0; i < M; ++i)
+            for (int j = 0; j < N; ++j)
+                for (int k = 0; k < K; ++k)
+                    want[(size_t(t) * M + i) * N + j] += 0.5 * a[(size_t(t) * K + k) * M + i] * b[(size_t(t) * K + k) * N + j];
+    const DeviceBuffer A = upload(a, DType::fp32, "A"), B = upload(b, DType::fp32, "B");
+    DeviceBuffer C(want.size() * sizeof(float), "C");
+    C.poison();
+    batched_matmul(batches, M, N, K, 0.5f, MatrixView{A.f32(), (long long)K * M, 1, M}, MatrixView{B.f32(), (long long)K * N, N, 1},
+                   C.f32());
+    const std::vector<float> got = download(C, want.size(), DType::fp32);
+    const Comparison c = compare("C", got.data(), want.data(), Layout{size_t(batches), size_t(M), size_t(N), 1, 64}, {1e-4, 1e-4});
+    return {c.ok, c.ok ? "2 batches of 65 x 17 times 17 x 130 (A through a transposed view) match float64" : c.report};
+}
+
 Exercise tiled_matmul() {
     return {"tiled-matmul",
-            {{"attention", "acc[i][j] += As[k][tm + i] * Bs[k][tn + j] for every k of the slab; the slab loads and the bounds are already done for you",
-              [] { return forward_values(gpu_run(naive_forward, naive_workspace_bytes)); }},
+            {{"products", "acc[i][j] += As[k][tm + i] * Bs[k][tn + j] for every k of the slab; the slab loads and the bounds are already done for you",
+              matmul_values},
              {"backward", "the backward's five products use the same kernel with transposed views (dV = P^T dO, dK = dS^T Q)",
               [] {
                   const Problem p = small_problem(70, 33, 40, true);

@@ -8,7 +8,8 @@
                                       1: a check failed, 2: no such exercise, 4: needs a GPU of sm_80+ and none here)
 
 and directly, for the CI proof (scripts/exercises_ci.sh): `plant BUG DIR` (a copy with one classic bug of
-exercises/bugs.json planted in a CPU model) and `names cpu|gpu`.
+exercises/bugs.json planted in a CPU model), `names cpu|gpu` and `independent EX cpu|gpu` (the exercises whose
+checks must still pass with only EX blanked: those that do not list EX in `after`, directly or through another).
 
 An exercise is a region of the reference code between a line `// EXERCISE(name): what to write` and a line
 `// END EXERCISE`; exercises/stubs/<name>.stub holds what a starter copy puts there, one block per region (regions in
@@ -124,11 +125,12 @@ def selected(exercises, ex):
 
 def cmd_list():
     exercises, found = consistent(project_files())
-    print(f"{'exercise':<26} {'rung':<15} {'runs on':<11} {'diff':<4} {'time':>6}  files (make check EX=name)")
+    print(f"{'exercise':<26} {'rung':<15} {'runs on':<11} {'diff':<4} {'time':>6}  {'files':<26} after")
     for e in exercises:
         where = "CPU" if e["kind"] == "cpu" else "GPU sm_80+"
         files = ", ".join(sorted({r[0] for r in found[e["name"]]}))
-        print(f"{e['name']:<26} {e['rung']:<15} {where:<11} {e['difficulty']:<4} {e['minutes']:>4} m  {files}")
+        after = ", ".join(e["after"]) or "-"
+        print(f"{e['name']:<26} {e['rung']:<15} {where:<11} {e['difficulty']:<4} {e['minutes']:>4} m  {files:<26} {after}")
     cpu = sum(e["kind"] == "cpu" for e in exercises)
     print(f"{len(exercises)} exercises, {cpu} checked on the CPU; docs/exercises.md describes each")
 
@@ -191,11 +193,34 @@ def cmd_plant(bug, dest):
         if path != b["file"]:
             return None
         text = "\n".join(lines)
-        if text.count(b["find"]) != 1:
-            fail(f"bug {bug}: the text to replace occurs {text.count(b['find'])} times in {path}, not once")
-        return text.replace(b["find"], b["replace"]).split("\n")
+        for find, replace in b["edits"]:
+            if text.count(find) != 1:
+                fail(f"bug {bug}: the text to replace occurs {text.count(find)} times in {path}, not once: {find!r}")
+            text = text.replace(find, replace)
+        return text.split("\n")
 
     write_copy(dest, project_files(), plant)
+
+
+def depends_on(exercises, name, blanked):
+    """Does exercise `name` run the code of `blanked` (itself, or through its `after` list, transitively)?"""
+    by_name = {e["name"]: e for e in exercises}
+    todo, seen = [name], set()
+    while todo:
+        n = todo.pop()
+        if n == blanked:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo += by_name[n]["after"]
+    return False
+
+
+def cmd_independent(blanked, kind):
+    """The exercises of `kind` whose checks must still pass in a copy with only `blanked` blanked."""
+    exercises = registry()
+    selected(exercises, blanked)
+    print(" ".join(e["name"] for e in exercises if e["kind"] == kind and not depends_on(exercises, e["name"], blanked)))
 
 
 def cmd_check(ex):
@@ -228,10 +253,16 @@ def main(argv):
         cmd_check(argv[2])
     elif len(argv) == 4 and argv[1] == "plant":
         cmd_plant(argv[2], argv[3])
+    elif len(argv) == 4 and argv[1] == "independent":
+        cmd_independent(argv[2], argv[3])
     elif len(argv) == 3 and argv[1] == "names":
         print(" ".join(e["name"] for e in registry() if e["kind"] == argv[2]))
+    elif len(argv) == 2 and argv[1] == "bugs":  # name, exercise, expected hint: one bug a line, tab-separated
+        with open(BUGS) as f:
+            for b in json.load(f)["bugs"]:
+                print(f"{b['name']}\t{b['exercise']}\t{b['hint']}")
     else:
-        fail("usage: exercises.py list | starter DIR EX | check EX | plant BUG DIR | names cpu|gpu")
+        fail("usage: exercises.py list | starter DIR EX | check EX | plant BUG DIR | names cpu|gpu | independent EX cpu|gpu")
 
 
 if __name__ == "__main__":

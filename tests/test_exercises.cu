@@ -17,8 +17,8 @@ void run_exercise(const std::vector<Exercise>& all, const char* name) {
     REQUIRE_MESSAGE(e != nullptr, "no exercise " << name);
     for (const ExerciseCheck& c : e->checks) {
         const CheckResult r = c.run();
-        CHECK_MESSAGE(r.ok, "exercise " << name << ", check " << c.name << ": FAIL\n" << r.detail << "\n  hint: " << c.hint
-                                        << "\n  (make check EX=" << name << ")");
+        CHECK_MESSAGE(r.ok, "exercise " << std::string(name) << ", check " << std::string(c.name) << ": FAIL\n" << r.detail
+                                        << "\n  hint: " << std::string(c.hint) << "\n  (make check EX=" << std::string(name) << ")");
     }
 }
 

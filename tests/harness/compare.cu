@@ -69,9 +69,10 @@ struct Mismatch {
     double got, want;
 };
 
-// What hint() knows about a row with a mismatch beyond its bad values: the 2-norms of the whole row, got and want.
+// What hint() knows about a row with a mismatch beyond its bad values, over all its finite columns: |got|^2,
+// |want|^2 and got . want.
 struct RowNorms {
-    double got = 0, want = 0;
+    double got = 0, want = 0, dot = 0;
 };
 
 // A guess at the cause, from where the mismatches are and what they look like. Heuristics, worded as such; each
@@ -86,11 +87,8 @@ std::string hint(const Layout& L, const Comparison& c, const std::vector<Mismatc
     // Blame the last partial tile only when each head also has a full tile, all of whose checked rows are right.
     const size_t partial = L.rows % L.tile_rows;
     bool only_last_tile = partial != 0 && L.rows > size_t(L.tile_rows);
-    std::map<size_t, std::vector<const Mismatch*>> by_row;
-    for (const Mismatch& m : bad_all) {
+    for (const Mismatch& m : bad_all)
         if (m.row % L.rows < L.rows - partial) only_last_tile = false;
-        by_row[m.row].push_back(&m);
-    }
     if (only_last_tile)
         return "only rows of the last partial tile are wrong: check the tile count (ceil, not floor) and the bounds "
                "guards on partial tiles";
@@ -106,31 +104,26 @@ std::string hint(const Layout& L, const Comparison& c, const std::vector<Mismatc
         if (all_low) return "LSE too small in every wrong row, so l is too small: keys were missed (a tile skipped, or a mask hiding too much)";
         return "errors spread over rows and tiles: check indexing, or the causal mask if only some rows are wrong";
     }
-    // Whole rows off by one factor: got/want is the same for every column of each bad row.
-    bool scaled_rows = true, all_smaller = true, all_larger = true;
-    for (auto& [row, ms] : by_row) {
-        if (ms.size() < std::min<size_t>(L.cols, 4)) { scaled_rows = false; break; }
-        const double r0 = ms[0]->got / ms[0]->want;
-        for (const Mismatch* m : ms)
-            if (std::fabs(m->got / m->want - r0) > 1e-3 * std::fabs(r0)) { scaled_rows = false; break; }
-        if (!scaled_rows) break;
-        all_smaller = all_smaller && r0 > 0 && r0 < 1;
-        all_larger = all_larger && r0 > 1;
+    // Each wrong row against the row it should be: the factor r that best maps want onto got (least squares over the
+    // whole row), and whether the error lies along want, i.e. the row is want scaled by r (within 1% of the error).
+    size_t scaled = 0, smaller = 0, larger = 0;
+    for (const auto& [row, n] : bad_rows) {
+        const double r = n.want > 0 ? n.dot / n.want : 0;
+        const double off_line = std::max(0.0, n.got - (n.want > 0 ? n.dot * n.dot / n.want : 0));  // squared
+        const double err = std::max(0.0, n.got - 2 * n.dot + n.want);                               // squared
+        scaled += off_line <= 1e-4 * err && r != 0;
+        smaller += r > 0 && r < 1;
+        larger += r > 1.02;
     }
+    const size_t rows = bad_rows.size();
     const std::string twice = "O divided by l more than once (normalise once, after the last tile; inside the loop "
                               "FlashAttention-2 keeps O unnormalised)";
-    if (scaled_rows && all_smaller) return "whole rows are scaled down by a constant factor: " + twice;
-    if (scaled_rows && all_larger)
+    if (scaled == rows && smaller == rows) return "whole rows are scaled down by a constant factor: " + twice;
+    if (scaled == rows && larger == rows)
         return "whole rows are scaled up by a constant factor: O was not divided by l at the end (or by too small an l)";
-    if (scaled_rows) return "whole rows are off by a constant factor: check the rescaling of O and l by exp(m_old - m_new)";
-    // Not one factor per row: compare the size of each wrong row with the size it should have.
-    size_t far_smaller = 0, larger = 0;
-    for (const auto& [row, n] : bad_rows) {
-        far_smaller += n.got < 0.5 * n.want;
-        larger += n.got > 1.02 * n.want;
-    }
-    if (far_smaller * 10 >= bad_rows.size() * 9) return "wrong rows are far too small: " + twice;
-    if (larger * 10 >= bad_rows.size() * 9)
+    if (scaled == rows) return "whole rows are off by a constant factor: check the rescaling of O and l by exp(m_old - m_new)";
+    if (smaller * 10 >= rows * 9) return "wrong rows are too small: " + twice;
+    if (larger * 10 >= rows * 9)
         return "wrong rows are too large (weights that sum to more than 1): O was not rescaled by exp(m_old - m_new) "
                "when the row max grew";
     return "errors spread over rows and tiles: check indexing, or the causal mask if only some rows are wrong";
@@ -160,15 +153,14 @@ Comparison compare_impl(const char* what, const float* got, const Ref* ref, cons
             }
             if (std::isnan(x)) ++c.nan;
             if (std::isinf(x) && x != y) ++c.inf;
-            if (std::isfinite(x) && std::isfinite(y)) norms.got += x * x, norms.want += y * y;
+            if (std::isfinite(x) && std::isfinite(y)) norms.got += x * x, norms.want += y * y, norms.dot += x * y;
             if (!ok) {
                 ++c.bad;
                 row_bad = true;
                 if (bad.size() < 100000) bad.push_back({row, col, x, y});
             }
         }
-        if (row_bad && bad_rows.size() < 100000)
-            bad_rows[row] = {std::sqrt(norms.got), std::sqrt(norms.want)};
+        if (row_bad && bad_rows.size() < 100000) bad_rows[row] = norms;
     };
     if (only_rows.empty())
         for (size_t row = 0; row < L.outer * L.rows; ++row) check_row(row);
@@ -287,9 +279,17 @@ void refine_forward_hints(const Problem& p, const HostTensors& in, const std::ve
             return;
         }
     }
-    if (!co->ok && !cl->ok && cl->report.find("LSE too large") != std::string::npos)
+    if (co->ok || cl->ok || cl->report.find("LSE too large") == std::string::npos) return;
+    // l too large: by keys that should not count (O then shrinks by one factor per row, l_true / l), or by earlier
+    // tiles that were not rescaled (O's weights are then wrong, not just scaled).
+    if (co->report.find("scaled down by a constant factor") != std::string::npos) {
+        const std::string h = "O scaled down and LSE too large: keys counted in l that no row may see, e.g. zero-padded "
+                              "keys past Nk in the last K/V tile scored 0 and not masked (an unguarded last tile)";
+        set_hint(co, h), set_hint(cl, h);
+    } else {
         set_hint(co, "O wrong and LSE too large in every wrong row: l and O were not rescaled by exp(m_old - m_new) "
                      "when the row max grew, so the earlier tiles weigh too much");
+    }
 }
 
 }  // namespace
