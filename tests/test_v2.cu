@@ -334,6 +334,7 @@ TEST_CASE("GPU v2 fp32 backward matches float64 and the naive backward") {
         const HostTensors in = make_inputs(c.p, c.dist, 9);
         const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
         check_grads_against_reference("v2 fp32 backward " + c.name(), c.p, in, g);
+        check_grads_against_naive("v2 fp32 backward vs naive " + c.name(), c.p, in, g);
     }
 }
 
