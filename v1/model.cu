@@ -38,7 +38,7 @@ void v1_model_forward(const Problem& p, const HostTensors& in, int Br, int Bc, s
                 std::vector<float> O_i = O.read_block((q0 + row0) * d, size_t(rows) * d);
                 const std::vector<float> l_i = l.read_block(q0 + row0, rows), m_i = m.read_block(q0 + row0, rows);
 
-                // Line 9: S_ij = tau Q_i K_j^T, -inf where the causal mask hides a key.
+                // Line 9: S_ij = tau Q_i K_j^T (the scale and the mask as in the paper's Algorithm 2), -inf where hidden.
                 std::vector<float> S_ij(size_t(rows) * cols);
                 for (int r = 0; r < rows; ++r)
                     for (int c = 0; c < cols; ++c) {

@@ -254,7 +254,7 @@ V1Tiles v1_paper_tiles(int M, int d) {
     return {M, M, Br, Bc, size_t(shared_layout(Br, Bc, d).total) * sizeof(float)};
 }
 
-// The paper's M counts the four d-wide blocks K_j, V_j, Q_i, O_i (each at most Bc x d floats, hence Bc = M / 4d).
+// The paper's M counts the four d-wide blocks K_j, V_j, Q_i, O_i (Bc x d floats at most each, so about M / 4d).
 // The kernel also keeps S_ij (Br x Bc floats), six statistics per row and the padding of shared_layout on chip, so
 // the paper's sizes for M = all of shared memory do not fit (for d = 128 on an H100 they need over 300 KB). Lower M
 // one K/V row (4d floats, so Bc drops by exactly one) at a time until everything fits.
