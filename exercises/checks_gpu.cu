@@ -80,44 +80,45 @@ Exercise softmax_3pass_kernel() {
               [] { return masked_rows(gpu_run(naive_forward, naive_workspace_bytes)); }}}};
 }
 
-// C = alpha A B for 2 batches of odd sizes, with A read through a transposed view, against a float64 product.
-CheckResult matmul_values() {
-    const int batches = 2, M = 65, N = 130, K = 17;
+// C = alpha A B for 2 batches of odd sizes against a float64 product. transposed_a: A is read through a transposed
+// view (as P^T in dV = P^T dO), else B is (as K^T in S = Q K^T), and then the causal mask of the scores is applied
+// (causal_Nq = M: entries a query may not see are -inf).
+CheckResult matmul_values(bool transposed_a) {
+    const int batches = 2, M = 65, N = 130, K = transposed_a ? 17 : 40;
     std::mt19937 rng(3);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<float> a(size_t(batches) * K * M), b(size_t(batches) * K * N);  // A stored as A^T (K x M), B as K x N
+    std::vector<float> a(size_t(batches) * M * K), b(size_t(batches) * K * N);
     for (float& v : a) v = normal(rng);
     for (float& v : b) v = normal(rng);
+    // Element (r, c) of a matrix in a batch is base[r * row_stride + c * col_stride] (MatrixView, naive/naive.h).
+    const int a_row = transposed_a ? 1 : K, a_col = transposed_a ? M : 1, b_row = transposed_a ? N : 1, b_col = transposed_a ? 1 : K;
     std::vector<double> want(size_t(batches) * M * N, 0.0);
     for (int t = 0; t < batches; ++t)
         for (int i = 0; i < M; ++i)
-            for (int j = 0; j < N; ++j)
+            for (int j = 0; j < N; ++j) {
+                double acc = 0;
                 for (int k = 0; k < K; ++k)
-                    want[(size_t(t) * M + i) * N + j] += 0.5 * a[(size_t(t) * K + k) * M + i] * b[(size_t(t) * K + k) * N + j];
+                    acc += double(a[size_t(t) * M * K + i * a_row + k * a_col]) * b[size_t(t) * K * N + k * b_row + j * b_col];
+                const bool masked = !transposed_a && j >= causal_key_end(i, M, N);
+                want[(size_t(t) * M + i) * N + j] = masked ? -INFINITY : 0.5 * acc;
+            }
     const DeviceBuffer A = upload(a, DType::fp32, "A"), B = upload(b, DType::fp32, "B");
     DeviceBuffer C(want.size() * sizeof(float), "C");
     C.poison();
-    batched_matmul(batches, M, N, K, 0.5f, MatrixView{A.f32(), (long long)K * M, 1, M}, MatrixView{B.f32(), (long long)K * N, N, 1},
-                   C.f32());
+    batched_matmul(batches, M, N, K, 0.5f, MatrixView{A.f32(), (long long)M * K, a_row, a_col},
+                   MatrixView{B.f32(), (long long)K * N, b_row, b_col}, C.f32(), transposed_a ? 0 : M);
     const std::vector<float> got = download(C, want.size(), DType::fp32);
     const Comparison c = compare("C", got.data(), want.data(), Layout{size_t(batches), size_t(M), size_t(N), 1, 64}, {1e-4, 1e-4});
-    return {c.ok, c.ok ? "2 batches of 65 x 17 times 17 x 130 (A through a transposed view) match float64" : c.report};
+    const std::string what = transposed_a ? "2 batches of (17 x 65)^T times 17 x 130" : "2 batches of 65 x 40 times (130 x 40)^T, causal";
+    return {c.ok, c.ok ? what + " match float64" : what + ":\n" + c.report};
 }
 
 Exercise tiled_matmul() {
     return {"tiled-matmul",
             {{"products", "acc[i][j] += As[k][tm + i] * Bs[k][tn + j] for every k of the slab; the slab loads and the bounds are already done for you",
-              matmul_values},
-             {"backward", "the backward's five products use the same kernel with transposed views (dV = P^T dO, dK = dS^T Q)",
-              [] {
-                  const Problem p = small_problem(70, 33, 40, true);
-                  const HostTensors in = make_inputs(p, Dist::normal, 9);
-                  const HostGrads g = gpu_backward(p, in, naive_forward, naive_workspace_bytes, naive_backward,
-                                                   naive_backward_workspace_bytes);
-                  for (const Comparison& c : compare_grads(p, in, g))
-                      if (!c.ok) return CheckResult{false, describe(p, Dist::normal) + ":\n" + c.report};
-                  return CheckResult{true, "dQ, dK, dV of the naive backward match float64"};
-              }}}};
+              [] { return matmul_values(true); }},
+             {"scores", "the same kernel computes S = scale Q K^T with K read transposed and the causal mask applied where C is stored",
+              [] { return matmul_values(false); }}}};
 }
 
 Exercise online_rows_kernel() {

@@ -32,6 +32,13 @@ for ex in $exercises; do
 done
 echo "reference: every $kind exercise's checks pass ($(echo $exercises | wc -w) exercises)"
 
+# the commands refuse what they should: a non-empty DIR, an unknown exercise
+mkdir -p "$work/full" && touch "$work/full/keep"
+if make -s starter DIR="$work/full" EX=online-merge > /dev/null 2>&1; then fail "make starter wrote into a non-empty DIR"; fi
+if python3 scripts/exercises.py check no-such-exercise > /dev/null 2>&1; then fail "make check accepted an unknown exercise"; fi
+[ "$(ls "$work/full")" = keep ] || fail "make starter touched a non-empty DIR"
+echo "make starter refuses a non-empty DIR; make check refuses an unknown exercise"
+
 # copy DIR: a copy made by COMMAND (make starter / plant), seeded with the reference's objects
 seeded_copy() {
     local dir=$1
