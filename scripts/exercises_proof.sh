@@ -11,6 +11,7 @@
 #                                          caught with its own hint.
 #   bash scripts/exercises_proof.sh gpu    on a GPU of sm_80+ (scripts/exercises_gpu_proof.sh logs it): the same
 #                                          fail-then-pass proof for every GPU exercise.
+#   bash scripts/exercises_proof.sh KIND EX...   the same for the exercises named only (to split a long run).
 #
 # A copy reuses the reference's build/ (file times are kept), so only what the blanking changes is rebuilt.
 set -euo pipefail
@@ -27,6 +28,8 @@ fail() { echo "exercises proof: FAIL: $*"; exit 1; }
 make -s -j"$jobs" "$binary"
 [ "$kind" = cpu ] || make -s -j"$jobs" bin/check_cpu  # the GPU copies' build seed needs the CPU objects too
 exercises=$(python3 scripts/exercises.py names "$kind")
+shift
+[ $# -eq 0 ] || exercises="$*"
 for ex in $exercises; do
     "$binary" "$ex" > "$work/reference.log" || { cat "$work/reference.log"; fail "$ex: its checks fail in the reference"; }
 done
@@ -70,7 +73,7 @@ for ex in $exercises; do
     rm -rf "$dir"
 done
 
-if [ "$kind" = cpu ]; then
+if [ "$kind" = cpu ] && [ $# -eq 0 ]; then
     for ex in $(python3 scripts/exercises.py names gpu); do
         dir="$work/$ex"
         seeded_copy "$dir" make -s starter DIR="$dir" EX="$ex"
