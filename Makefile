@@ -72,10 +72,11 @@ bin/tests: $(TEST_OBJ) $(HARNESS_OBJ)
 	$(NVCC) $(FLAGS) $^ -o $@
 
 # REQUIRE_GPU=1 make test fails when any GPU test was skipped.
+# The doctest suites run last so that their summary ends the output.
 test: all
-	./bin/tests
 	bash tests/cli_test.sh
 	bash scripts/pytorch_tests.sh
+	./bin/tests
 
 run: $(PROGRAMS)
 	@bash scripts/ladder.sh
