@@ -3,10 +3,12 @@
 // skipping is checked by what a skipped tile may not touch: V rows no query of a Q tile may see are NaN, so a visit,
 // even a fully masked one, makes that tile's outputs NaN (0 * NaN).
 #include <cmath>
+#include <cstdio>
 #include <random>
 
 #include "exercises/checks.h"
 #include "naive/naive.h"
+#include "naive/rows.cuh"
 #include "online_softmax/online_softmax.h"
 #include "v1/v1.h"
 #include "v2/v2.h"
@@ -62,12 +64,65 @@ CheckResult row_softmax_shapes(RowSoftmax softmax) {
     return {true, "256-thread blocks (3000 rows) and 1024-thread blocks (5 rows), vector and scalar loads, match float64"};
 }
 
+// The block reduction alone (RowBlock::reduce, naive/rows.cuh), not through a softmax kernel: the row softmax
+// kernels are exercises of their own. Every thread of a block contributes a (count, max) pair, two 32-bit words,
+// so both must be shuffled; two reductions run back to back through the same scratch, as the kernels' passes do.
+struct CountMax {
+    int count;
+    float max;
+};
+
+template <class Block>
+__global__ void block_reduce_probe(const float* x, CountMax* first, CountMax* second) {
+    __shared__ CountMax scratch[Block::THREADS / 32];
+    const int t = blockIdx.x * Block::THREADS + threadIdx.x;
+    const auto op = [](CountMax a, CountMax b) { return CountMax{a.count + b.count, fmaxf(a.max, b.max)}; };
+    first[t] = Block::reduce(CountMax{1 + int(threadIdx.x % 3), x[t]}, op, scratch);
+    second[t] = Block::reduce(CountMax{2 * int(threadIdx.x % 5), -x[t]}, op, scratch);
+}
+
+template <class Block>
+CheckResult block_reduce_values(int blocks) {
+    const int T = Block::THREADS, n = blocks * T;
+    std::mt19937 rng(5u + T);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> x(n);
+    for (float& v : x) v = normal(rng);
+    const DeviceBuffer X = upload(x, DType::fp32, "x");
+    DeviceBuffer first(n * sizeof(CountMax), "first"), second(n * sizeof(CountMax), "second");
+    first.poison(), second.poison();
+    block_reduce_probe<Block><<<blocks, T>>>(X.f32(), static_cast<CountMax*>(first.get()), static_cast<CountMax*>(second.get()));
+    CUDA_CHECK_LAUNCH();
+    std::vector<CountMax> got1(n), got2(n);
+    CUDA_CHECK(cudaMemcpy(got1.data(), first.get(), n * sizeof(CountMax), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(got2.data(), second.get(), n * sizeof(CountMax), cudaMemcpyDeviceToHost));
+    for (int b = 0; b < blocks; ++b) {
+        CountMax want1{0, -INFINITY}, want2{0, -INFINITY};
+        for (int i = 0; i < T; ++i) {
+            want1 = {want1.count + 1 + i % 3, std::max(want1.max, x[b * T + i])};
+            want2 = {want2.count + 2 * (i % 5), std::max(want2.max, -x[b * T + i])};
+        }
+        for (int i = 0; i < T; ++i) {
+            const CountMax g1 = got1[b * T + i], g2 = got2[b * T + i];
+            if (g1.count != want1.count || g1.max != want1.max || g2.count != want2.count || g2.max != want2.max) {
+                char line[256];
+                std::snprintf(line, sizeof line,
+                              "%d-thread block %d, thread %d: got (%d, %g) then (%d, %g), want (%d, %g) then (%d, %g)",
+                              T, b, i, g1.count, g1.max, g2.count, g2.max, want1.count, want1.max, want2.count, want2.max);
+                return {false, line};
+            }
+        }
+    }
+    return {true, std::to_string(blocks) + " blocks of " + std::to_string(T) +
+                      " threads: every thread holds the block's (count, max), twice through one scratch"};
+}
+
 Exercise block_reduction() {
     return {"block-reduction",
-            {{"3pass-rows", "every lane must end with the whole block's value: shuffles over offsets 16..1, then one value per warp in scratch, with a barrier before scratch is read and another before it is reused",
-              [] { return row_softmax_shapes(softmax_rows_3pass); }},
-             {"online-rows", "the same reduction merges (m, l) states in the online kernel: op must be applied to whole values, one shuffle per 32-bit word (shuffle_xor)",
-              [] { return row_softmax_shapes(softmax_rows_online); }}}};
+            {{"256-threads", "every lane must end with the whole block's value: shuffles over offsets 16..1, then one value per warp in scratch, with a barrier before scratch is read and another before it is reused",
+              [] { return block_reduce_values<RowBlock<256, 4, 4>>(40); }},
+             {"1024-threads", "op must be applied to whole values (shuffle_xor moves every 32-bit word) and to all THREADS / 32 warp values",
+              [] { return block_reduce_values<RowBlock<1024, 2, 1>>(3); }}}};
 }
 
 Exercise softmax_3pass_kernel() {

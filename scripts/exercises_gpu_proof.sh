@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log=${LOG:-docs/measured/exercises_gpu_proof.log}
 {
-    echo "# bash scripts/exercises_gpu_proof.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    X
     nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
     bash scripts/exercises_proof.sh gpu "$@"
 } 2>&1 | tee "$log"
