@@ -12,17 +12,25 @@
 namespace {
 
 bool g_gpu = false;
-std::vector<std::string> g_skipped;  // GPU tests filtered out because there is no GPU
+std::vector<std::string> g_skipped;           // GPU tests filtered out because there is no GPU
+std::vector<std::string> g_failed_exercises;  // exercises whose checks failed (tests/test_exercises.cu)
 
-// Collects the GPU tests doctest skipped, to list them by name after its summary.
-struct SkippedGpuTests : doctest::IReporter {
-    explicit SkippedGpuTests(const doctest::ContextOptions&) {}
+// Collects the GPU tests doctest skipped and the exercises whose test case failed, to list them by name after its
+// summary: in a starter copy (make starter) the list is the exercises still to do.
+struct TestListener : doctest::IReporter {
+    explicit TestListener(const doctest::ContextOptions&) {}
+    const char* current = "";
     void report_query(const doctest::QueryData&) override {}
     void test_run_start() override {}
     void test_run_end(const doctest::TestRunStats&) override {}
-    void test_case_start(const doctest::TestCaseData&) override {}
+    void test_case_start(const doctest::TestCaseData& t) override { current = t.m_name; }
     void test_case_reenter(const doctest::TestCaseData&) override {}
-    void test_case_end(const doctest::CurrentTestCaseStats&) override {}
+    void test_case_end(const doctest::CurrentTestCaseStats& stats) override {
+        const bool failed = !stats.testCaseSuccess;
+        for (const char* prefix : {"exercise ", "GPU exercise "})
+            if (failed && std::strncmp(current, prefix, std::strlen(prefix)) == 0)
+                g_failed_exercises.push_back(current + std::strlen(prefix));
+    }
     void test_case_exception(const doctest::TestCaseException&) override {}
     void subcase_start(const doctest::SubcaseSignature&) override {}
     void subcase_end() override {}
@@ -32,7 +40,7 @@ struct SkippedGpuTests : doctest::IReporter {
         if (!g_gpu && std::strncmp(t.m_name, "GPU ", 4) == 0) g_skipped.push_back(t.m_name);
     }
 };
-REGISTER_LISTENER("skipped-gpu-tests", 1, SkippedGpuTests);
+REGISTER_LISTENER("skipped-gpu-tests-failed-exercises", 1, TestListener);
 
 }  // namespace
 
@@ -89,6 +97,11 @@ int main(int argc, char** argv) {
     if (!g_gpu) context.addFilter("test-case-exclude", "GPU *");  // doctest then counts them as skipped
     const int failed = context.run();
     if (context.shouldExit()) return failed;
+    if (!g_failed_exercises.empty()) {
+        std::printf("\nexercises whose checks fail (make check EX=name for each, with hints):");
+        for (const std::string& name : g_failed_exercises) std::printf(" %s", name.c_str());
+        std::printf("\n");
+    }
     if (!g_skipped.empty()) {
         std::printf("\nno CUDA device: skipped %zu GPU tests:\n", g_skipped.size());
         for (const std::string& name : g_skipped) std::printf("  skipped: %s\n", name.c_str());
