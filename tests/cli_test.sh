@@ -56,6 +56,17 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     [ -e ./--check ] && { echo "FAIL: a directory named --check was made"; fails=$((fails + 1)); rm -rf ./--check; }
     expect 2 "$prog" --load "$tmp/missing"
     expect 0 "$prog" $small --causal --check
+    expect 2 "$prog" --window 3                # L,R
+    expect 2 "$prog" --window 3,-2
+    expect 2 "$prog" --dropout 1
+    expect 2 "$prog" --dropout nan
+    expect 2 "$prog" --load "$tmp" --seed 3 --dropout 0  # --seed with --load keys only a dropout mask
+    if [ "$prog" = bin/v2 ]; then             # the extensions run in v2's CPU model only so far
+        expect 0 "$prog" $small --window 4,1 --dropout 0.3 --cpu --check
+        expect 0 "$prog" $small --window 4,1 --dropout 0.3 --cpu --check --backward
+    else
+        expect 2 "$prog" $small --window 4,1
+    fi
     # .npy round trip: save the outputs, feed the inputs back through --load, outputs must not change
     mkdir -p "$tmp/io"
     python3 - "$tmp/io" <<'PY' 2>/dev/null || continue

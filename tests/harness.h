@@ -229,6 +229,8 @@ struct Stage {
     std::function<void(const Problem&, const BackwardArgs&)> backward;
     CpuBackward cpu_backward;
     int cpu_model_score_matrices = 0;  // Nq x Nk matrices the CPU model keeps per head (naive, online_softmax: 1)
+    // The CPU model runs the extensions (Problem::has_extensions: --window, --dropout); no GPU kernel has them yet.
+    bool cpu_model_extensions = false;
     // Runnable steps (--kernel); empty when the stage has one kernel per pass. The last step is the final kernel.
     std::vector<KernelStep> forward_steps, backward_steps;
     // The stage below (fp32, on the same inputs): --check compares the forward with it, and the backward with the

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cmath>
 
 enum class DType { fp32, fp16, bf16 };
@@ -23,8 +24,17 @@ struct Problem {
     // Which of the stage's runnable optimisation steps runs (--kernel K, listed by --kernel list): 1 is the first
     // step, 0 the stage's final kernel. A stage's *_unsupported(p) refuses a step it does not have.
     int kernel = 0;
+    // The features users turn on (docs/conventions.md, "Extensions"). The float64 reference and v2's CPU model
+    // have them; a stage or kernel without them refuses such a problem in one line (has_extensions()).
+    int window_left = -1, window_right = -1;  // --window L,R: row i sees keys i' - L .. i' + R, i' = i + Nk - Nq;
+                                              // -1: unbounded on that side (causal is the window (-1, 0))
+    float dropout = 0.0f;                    // --dropout p: each weight P_ij dropped with probability p, kept ones / (1 - p)
+    uint64_t dropout_seed = 1;               // --seed: keys the dropout mask (common/philox.cuh)
+    int head_offset = 0;                     // flattened index (b * H + h) of this problem's first head in the whole
+                                             // batch: a CPU model run head by head keys each head's mask by it
 
     float resolved_scale() const { return scale > 0.0f ? scale : 1.0f / std::sqrt(float(d)); }
+    bool has_extensions() const { return window_left >= 0 || window_right >= 0 || dropout > 0.0f; }
     size_t q_elems() const { return size_t(B) * H * Nq * d; }
     size_t kv_elems() const { return size_t(B) * H * Nk * d; }
     size_t lse_elems() const { return size_t(B) * H * Nq; }
@@ -36,3 +46,17 @@ struct Problem {
 
 // The last key index row i may see, plus one (bottom-right causal alignment). May be <= 0: row sees nothing.
 __host__ __device__ inline int causal_key_end(int i, int Nq, int Nk) { return i + Nk - Nq + 1; }
+
+// The keys row i sees, [begin, end) (empty when begin >= end): the causal mask and the window, both aligned
+// bottom-right (row i sits at key position i + Nk - Nq).
+struct KeyRange {
+    int begin, end;
+};
+inline KeyRange visible_keys(const Problem& p, int i) {
+    const long diagonal = long(i) + p.Nk - p.Nq;
+    long begin = 0, end = p.Nk;
+    if (p.causal) end = std::min(end, diagonal + 1);
+    if (p.window_right >= 0) end = std::min(end, diagonal + p.window_right + 1);
+    if (p.window_left >= 0) begin = std::max(begin, diagonal - p.window_left);
+    return {int(std::clamp(begin, 0L, long(p.Nk))), int(std::clamp(end, 0L, long(p.Nk)))};
+}

@@ -2,9 +2,11 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 
 #include "cuda_check.h"
 #include "test_support.h"
@@ -89,6 +91,28 @@ void check_against(const std::string& label, const Problem& p, const HostTensors
 void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const HostGrads& got) {
     for (const Comparison& c : compare_grads(p, in, got))
         CHECK_MESSAGE(c.ok, label << " vs float64: " << c.report);
+}
+
+void check_reference_backward_by_finite_differences(const std::string& label, const Problem& p, const HostTensors& in) {
+    auto loss = [&](const HostTensors& x) {
+        const Reference r = reference_forward(p, x);
+        double L = 0;
+        for (size_t i = 0; i < r.o.size(); ++i) L += r.o[i] * x.dO[i];
+        return L;
+    };
+    const ReferenceGrads g = reference_backward(p, in);
+    const float h = 1e-2f;
+    for (auto [name, which, grad] : {std::tuple{"dQ", 0, &g.dq}, {"dK", 1, &g.dk}, {"dV", 2, &g.dv}})
+        for (size_t idx = 0; idx < grad->size(); ++idx) {
+            HostTensors plus = in, minus = in;
+            std::vector<float>* tp = which == 0 ? &plus.q : which == 1 ? &plus.k : &plus.v;
+            std::vector<float>* tm = which == 0 ? &minus.q : which == 1 ? &minus.k : &minus.v;
+            (*tp)[idx] += h;
+            (*tm)[idx] -= h;
+            const double fd = (loss(plus) - loss(minus)) / (double((*tp)[idx]) - (*tm)[idx]);
+            CHECK_MESSAGE(std::fabs(fd - (*grad)[idx]) <= 1e-3 + 1e-3 * std::fabs(fd),
+                          label << " " << name << "[" << idx << "]: finite difference " << fd << ", backward " << (*grad)[idx]);
+        }
 }
 
 int main(int argc, char** argv) {

@@ -6,38 +6,11 @@
 #include "naive/naive.h"
 #include "test_support.h"
 
-namespace {
-
-// Loss L = sum(O * dO), so dL/dX is exactly what the backward pass computes for upstream gradient dO.
-double loss(const Problem& p, const HostTensors& in) {
-    const Reference r = reference_forward(p, in);
-    double L = 0;
-    for (size_t i = 0; i < r.o.size(); ++i) L += r.o[i] * in.dO[i];
-    return L;
-}
-
-}  // namespace
-
 TEST_CASE("reference backward matches finite differences of the reference forward") {
     for (bool causal : {false, true}) {
         Problem p;
         p.B = 1, p.H = 1, p.Nq = 5, p.Nk = 7, p.d = 4, p.causal = causal;
-        const HostTensors in = make_inputs(p, Dist::normal, 7);
-        const ReferenceGrads g = reference_backward(p, in);
-        const float h = 1e-2f;
-        for (auto [name, which, grad] : {std::tuple{"dQ", 0, &g.dq}, {"dK", 1, &g.dk}, {"dV", 2, &g.dv}}) {
-            for (size_t idx = 0; idx < grad->size(); ++idx) {
-                HostTensors plus = in, minus = in;
-                std::vector<float>* tp = which == 0 ? &plus.q : which == 1 ? &plus.k : &plus.v;
-                std::vector<float>* tm = which == 0 ? &minus.q : which == 1 ? &minus.k : &minus.v;
-                (*tp)[idx] += h;
-                (*tm)[idx] -= h;
-                const double fd = (loss(p, plus) - loss(p, minus)) / (double((*tp)[idx]) - (*tm)[idx]);
-                CHECK_MESSAGE(std::fabs(fd - (*grad)[idx]) <= 1e-3 + 1e-3 * std::fabs(fd),
-                              name << "[" << idx << "] causal=" << causal << ": finite difference " << fd
-                                   << ", backward " << (*grad)[idx]);
-            }
-        }
+        check_reference_backward_by_finite_differences(causal ? "causal" : "no mask", p, make_inputs(p, Dist::normal, 7));
     }
 }
 

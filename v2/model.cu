@@ -12,6 +12,7 @@
 #include <random>
 
 #include "common/blocks.cuh"
+#include "common/philox.cuh"
 #include "online_softmax/merge.cuh"
 #include "v2.h"
 
@@ -22,7 +23,34 @@ std::vector<float> load_tile(const Hbm& a, size_t bh, int N, int row0, int rows,
     return a.read_block((bh * N + row0) * d, size_t(rows) * d);
 }
 
-bool masked(const Problem& p, int row, int key) { return p.causal && key >= causal_key_end(row, p.Nq, p.Nk); }
+// Is (row, key) outside what the row sees (the causal mask, the window)?
+bool masked(const Problem& p, int row, int key) {
+    const KeyRange keys = visible_keys(p, row);
+    return key < keys.begin || key >= keys.end;
+}
+
+// Dropout (--dropout p): the factor of weight (row, key) of head bh, 0 if dropped, 1 / (1 - p) if kept, from the
+// counter-based generator the float64 reference uses too (common/philox.cuh): the backward regenerates the mask.
+float dropout_factor(const Problem& p, size_t bh, int row, int key) {
+    if (p.dropout == 0.0f) return 1.0f;
+    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), row, key, p.dropout) ? 1.0f / (1.0f - p.dropout) : 0.0f;
+}
+
+// Does a window leave every (row, key) of this Q tile and K/V tile outside the band? The band moves right with the
+// row, so the tile is skipped when it ends before the first row's band begins or starts after the last row's ends.
+bool window_skips(const Problem& p, int q0, int rows, int key0, int cols) {
+    if (p.window_left < 0 && p.window_right < 0) return false;
+    return key0 + cols <= visible_keys(p, q0).begin || key0 >= visible_keys(p, q0 + rows - 1).end;
+}
+// The K/V tiles a Q tile of rows [q0, q0 + rows) walks, with a window: from the tile holding the first key its
+// first row sees (the tiles left of the band are skipped) to kv_end (the causal walk), narrowed to the window's
+// right edge for its last row. Without a window: 0 and kv_end.
+int first_tile_key(const Problem& p, int q0, int Bc) { return visible_keys(p, q0).begin / Bc * Bc; }
+int last_key_end(const Problem& p, int q0, int rows, int kv_end) {
+    if (p.window_right < 0) return kv_end;
+    const long edge = long(q0 + rows - 1) + p.Nk - p.Nq + p.window_right + 1;
+    return int(std::clamp(edge, 0L, long(kv_end)));
+}
 
 }  // namespace
 
@@ -41,7 +69,7 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
             // EXERCISE(causal-skip-model): the end of the keys this Q tile walks (causal: skip tiles above the diagonal)
             const int kv_end = p.causal ? std::min(Nk, causal_key_end(q0 + rows - 1, Nq, Nk)) : Nk;
             // END EXERCISE
-            for (int key0 = 0; key0 < kv_end; key0 += Bc) {
+            for (int key0 = first_tile_key(p, q0, Bc); key0 < last_key_end(p, q0, rows, kv_end); key0 += Bc) {
                 const int cols = std::min(Bc, Nk - key0);
                 const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
                 const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
@@ -62,8 +90,9 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
                         l_tile += s;
                     }
                     const float alpha = rescale_factor(ml[r].m, m_new);
-                    // fp16/bf16: the tensor-core kernel rounds P to 16 bits for P V (l sums the unrounded P)
-                    for (float& s : S) s = round_to(p.dtype, s);
+                    // fp16/bf16: the tensor-core kernel rounds P to 16 bits for P V (l sums the unrounded P);
+                    // dropout scales P V's weights, not l
+                    for (int c = 0; c < cols; ++c) S[c] = round_to(p.dtype, S[c]) * dropout_factor(p, bh, q0 + r, key0 + c);
                     for (int k = 0; k < d; ++k) {
                         float pv = 0.0f;
                         for (int c = 0; c < cols; ++c) pv += S[c] * V_j[size_t(c) * d + k];
@@ -100,7 +129,7 @@ QTile load_q_tile(const Hbm& Q, const Hbm& dO, const Hbm& LSE, const Hbm& D, siz
 
 // Algorithm 2, lines 10-11 and 13-14, for one (Q tile, K/V tile) pair: P_ij = exp(scale * Q_i K_j^T - LSE_i), 0 where
 // masked or for a row that sees no key (LSE = -inf), and dS_ij = P_ij * (dP_ij - D_i) with dP_ij = dO_i V_j^T.
-void tile_gradients(const Problem& p, const QTile& q, int key0, int cols, const std::vector<float>& K_j,
+void tile_gradients(const Problem& p, size_t bh, const QTile& q, int key0, int cols, const std::vector<float>& K_j,
                     const std::vector<float>& V_j, std::vector<float>* P_ij, std::vector<float>* dS_ij) {
     const int d = p.d;
     const float scale = p.resolved_scale();
@@ -113,12 +142,15 @@ void tile_gradients(const Problem& p, const QTile& q, int key0, int cols, const 
                 s += q.Q[size_t(r) * d + k] * K_j[size_t(c) * d + k];
                 dp += q.dO[size_t(r) * d + k] * V_j[size_t(c) * d + k];
             }
+            const float z = dropout_factor(p, bh, q.q0 + r, key0 + c);
+            dp *= z;  // dropout: dP_ij = Z_ij dO_i V_j^T
             // EXERCISE(backward-ds-model): P_ij recomputed from the forward's LSE, and dS_ij = P_ij * (dP_ij - D_i)
             const bool visible = !masked(p, q.q0 + r, key0 + c) && q.L[r] != -INFINITY;
             const float pij = visible ? std::exp(scale * s - q.L[r]) : 0.0f;
             (*P_ij)[size_t(r) * cols + c] = pij;
             (*dS_ij)[size_t(r) * cols + c] = pij * (dp - q.D[r]);
             // END EXERCISE
+            (*P_ij)[size_t(r) * cols + c] *= z;  // dV_j = (P_ij Z_ij)^T dO_i: dropout's weights
         }
 }
 
@@ -165,8 +197,9 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
             std::vector<float> dK_j(size_t(cols) * d, 0.0f), dV_j(size_t(cols) * d, 0.0f);
             const int first_row = p.causal ? std::max(0, key0 + Nq - Nk) : 0;
             for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
+                if (window_skips(p, q0, std::min(Br, Nq - q0), key0, cols)) continue;
                 const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
-                tile_gradients(p, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
                 for (int c = 0; c < cols; ++c)  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
                     for (int k = 0; k < d; ++k)
                         for (int r = 0; r < q.rows; ++r) {
@@ -195,11 +228,11 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
                 const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
                 std::vector<float> dQ_i(size_t(q.rows) * d, 0.0f);
                 const int kv_end = p.causal ? std::min(Nk, causal_key_end(q0 + q.rows - 1, Nq, Nk)) : Nk;
-                for (int key0 = 0; key0 < kv_end; key0 += Bc) {
+                for (int key0 = first_tile_key(p, q0, Bc); key0 < last_key_end(p, q0, q.rows, kv_end); key0 += Bc) {
                     const int cols = std::min(Bc, Nk - key0);
                     const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
                     const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
-                    tile_gradients(p, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                    tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
                     for (int r = 0; r < q.rows; ++r)
                         for (int k = 0; k < d; ++k)
                             for (int c = 0; c < cols; ++c)

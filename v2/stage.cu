@@ -29,6 +29,7 @@ const Stage& v2_stage() {
         s.backward_workspace_bytes = v2_backward_workspace_bytes;
         s.backward = v2_backward;
         s.cpu_backward = v2_model_backward;
+        s.cpu_model_extensions = true;  // --window, --dropout (the GPU kernels refuse them)
         s.forward_steps = v2_forward_steps();
         s.backward_steps = v2_backward_steps();
         s.below = &v1_stage();

@@ -37,7 +37,11 @@ std::string v2_backward_unsupported(const Problem& p) {
 
 size_t v2_workspace_bytes(const Problem&) { return 0; }
 
+// The GPU kernels do not have the extensions yet (the CPU model does: Stage::cpu_model_extensions).
+const char* const kNoGpuExtensions = "the GPU kernels do not have --window or --dropout yet (the CPU model does: --cpu)";
+
 void v2_forward(const Problem& p, const ForwardArgs& a) {
+    if (p.has_extensions()) throw std::invalid_argument(kNoGpuExtensions);
     if (std::string why = v2_unsupported(p); !why.empty()) throw std::invalid_argument(why);
     const std::string why = p.dtype == DType::fp32 ? v2_forward_fp32(p, a)
                                                    : v2_forward_mma(p, a.q, a.k, a.v, a.o, a.lse);
@@ -49,6 +53,7 @@ size_t v2_backward_workspace_bytes(const Problem& p) {
 }
 
 void v2_backward(const Problem& p, const BackwardArgs& a) {
+    if (p.has_extensions()) throw std::invalid_argument(kNoGpuExtensions);
     if (std::string why = v2_backward_unsupported(p); !why.empty()) throw std::invalid_argument(why);
     const std::string why =
         p.dtype == DType::fp32

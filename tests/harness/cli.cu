@@ -69,7 +69,10 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --causal       causal mask, aligned bottom-right (query i sees keys j <= i + Nk - Nq)\n"
         "  --scale X      softmax scale (default 1/sqrt(d))\n"
         "  --seed S       random seed (default 1)\n"
-        "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n";
+        "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n"
+        "  --window L,R   sliding window: query i sees keys i' - L .. i' + R (i' = i + Nk - Nq; -1: unbounded)\n"
+        "  --dropout P    drop each attention weight with probability P (0 <= P < 1), keep the rest / (1 - P);\n"
+        "                 the mask comes from a counter-based generator keyed by --seed (with --load too)\n";
     if (allow_dtype) u += "  --dtype T      fp32 (CUDA cores), fp16 or bf16 (tensor cores) (default fp32)\n";
     if (allow_backward) u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n";
     u += "  --kernel K     run optimisation step K (number or name) instead of the final kernel, where the stage\n"
@@ -107,15 +110,17 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     auto takes_value = [&](const std::string& f) {
         return f == "--batch" || f == "--heads" || f == "--n" || f == "--nq" || f == "--nk" || f == "--d" ||
                f == "--seed" || f == "--dist" || f == "--scale" || f == "--reps" || f == "--load" || f == "--save" ||
-               f == "--kernel" ||
+               f == "--kernel" || f == "--window" || f == "--dropout" ||
                (allow_dtype && f == "--dtype");
     };
     std::string sized_by;  // the first flag that sets a size or the inputs, which --load takes from its files
+    bool have_seed = false;
     for (int a = 1; a < argc; ++a) {
         std::string flag, value;
         if (!next_flag(argc, argv, &a, takes_value, &flag, &value, err)) return false;
-        for (const char* f : {"--batch", "--heads", "--n", "--nq", "--nk", "--d", "--seed", "--dist"})
+        for (const char* f : {"--batch", "--heads", "--n", "--nq", "--nk", "--d", "--dist"})
             if (flag == f && sized_by.empty()) sized_by = flag;
+        if (flag == "--seed") have_seed = true;
         long v = 0;
         if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); }
         else if (flag == "--heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.H = int(v); }
@@ -138,6 +143,22 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             else if (value == "bf16") r.p.dtype = DType::bf16;
             else return *err = "--dtype expects fp32, fp16 or bf16, got '" + printable(value) + "'", false;
         }
+        else if (flag == "--window") {
+            const size_t comma = value.find(',');
+            long left = 0, right = 0;
+            if (comma == std::string::npos)
+                return *err = "--window expects L,R (keys to the left and right of the diagonal, -1: unbounded), got '" + printable(value) + "'", false;
+            if (!parse_int("--window L", value.substr(0, comma), -1, INT_MAX, &left, err) ||
+                !parse_int("--window R", value.substr(comma + 1), -1, INT_MAX, &right, err))
+                return false;
+            r.p.window_left = int(left), r.p.window_right = int(right);
+        }
+        else if (flag == "--dropout") {
+            char* end = nullptr;
+            r.p.dropout = std::strtof(value.c_str(), &end);
+            if (value.empty() || *end != '\0' || !(r.p.dropout >= 0.0f && r.p.dropout < 1.0f))
+                return *err = "--dropout expects a probability P with 0 <= P < 1, got '" + printable(value) + "'", false;
+        }
         else if (flag == "--kernel") r.kernel = value;
         else if (flag == "--load") r.load_dir = value;
         else if (flag == "--save") r.save_dir = value;
@@ -152,6 +173,9 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     if (have_n && (have_nq || have_nk)) return *err = "give either --n or --nq/--nk, not both", false;
     if (!r.load_dir.empty() && !sized_by.empty())
         return *err = "--load takes the sizes and values from its files; " + sized_by + " cannot be combined with it", false;
+    if (!r.load_dir.empty() && have_seed && r.p.dropout == 0.0f)
+        return *err = "--load takes the values from its files; --seed only keys the dropout mask there (give --dropout)", false;
+    r.p.dropout_seed = r.seed;
     if (have_n) r.p.Nq = r.p.Nk = int(n);
     if (const std::string why = problem_size_unsupported(r.p); !why.empty()) return *err = why, false;
     *o = r;

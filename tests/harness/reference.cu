@@ -4,41 +4,45 @@
 #include <cmath>
 #include <limits>
 
+#include "common/philox.cuh"
 #include "harness.h"
 
 namespace {
 
-// Number of keys query row i sees (0 for a fully masked row).
-int keys_seen(const Problem& p, int i) {
-    if (!p.causal) return p.Nk;
-    return std::clamp(causal_key_end(i, p.Nq, p.Nk), 0, p.Nk);
+// The dropout factor of weight (row i, key j) of flattened head bh: 0 if dropped, 1 / (1 - p) if kept.
+double dropout_factor(const Problem& p, size_t bh, int i, int j) {
+    if (p.dropout == 0.0f) return 1.0;
+    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), i, j, p.dropout) ? 1.0 / (1.0 - p.dropout) : 0.0;
 }
 
-// One query row: s_j = scale * q.k_j, P = softmax(s), O = P V, LSE = max + log(sum exp(s - max)).
+// One query row: s_j = scale * q.k_j over the keys it sees, P = softmax(s), O = (P * Z) V with Z the dropout
+// factors, LSE = max + log(sum exp(s - max)) (dropout does not change the softmax's normaliser).
 void forward_row(const Problem& p, const HostTensors& in, size_t row, DType round_p, double* o, double* lse) {
     const size_t bh = row / p.Nq;
-    const int i = int(row % p.Nq), d = p.d, n = keys_seen(p, i);
+    const int i = int(row % p.Nq), d = p.d;
+    const KeyRange keys = visible_keys(p, i);
     const float* q = &in.q[row * d];
     const float* K = &in.k[bh * p.Nk * d];
     const float* V = &in.v[bh * p.Nk * d];
     std::fill(o, o + d, 0.0);
-    if (n == 0) {
+    if (keys.begin >= keys.end) {
         *lse = -std::numeric_limits<double>::infinity();
         return;
     }
-    std::vector<double> s(n);
+    std::vector<double> s(keys.end - keys.begin);
     double m = -std::numeric_limits<double>::infinity();
-    for (int j = 0; j < n; ++j) {
+    for (int j = keys.begin; j < keys.end; ++j) {
         double dot = 0;
         for (int c = 0; c < d; ++c) dot += double(q[c]) * K[size_t(j) * d + c];
-        s[j] = double(p.resolved_scale()) * dot;
-        m = std::max(m, s[j]);
+        s[j - keys.begin] = double(p.resolved_scale()) * dot;
+        m = std::max(m, s[j - keys.begin]);
     }
     double l = 0;
-    for (int j = 0; j < n; ++j) l += std::exp(s[j] - m);
-    for (int j = 0; j < n; ++j) {
-        double pj = std::exp(s[j] - m) / l;
+    for (double sj : s) l += std::exp(sj - m);
+    for (int j = keys.begin; j < keys.end; ++j) {
+        double pj = std::exp(s[j - keys.begin] - m) / l;
         if (round_p != DType::fp32) pj = round_to(round_p, float(pj));
+        pj *= dropout_factor(p, bh, i, j);
         for (int c = 0; c < d; ++c) o[c] += pj * V[size_t(j) * d + c];
     }
     if (round_p != DType::fp32)
@@ -60,8 +64,10 @@ Reference reference_forward(const Problem& p, const HostTensors& in, const std::
     return r;
 }
 
-// Gradients of O = softmax(scale Q K^T) V for one head at a time:
-//   dV = P^T dO,  dP = dO V^T,  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
+// Gradients of O = (P * Z) V, P = softmax(scale Q K^T) (Z: the dropout factors, 1 without dropout), one head at
+// a time:
+//   dV = (P * Z)^T dO,  dP = Z * (dO V^T),  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,
+//   dK = scale dS^T Q.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type) {
     // The same-precision reference starts from the same-precision forward: its O is rounded, as the O a
     // low-precision kernel reads back is, and D = rowsum(dO * O) inherits that rounding. With large logits P is
@@ -82,24 +88,24 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
         double* dK = &g.dk[bh * Nk * d];
         double* dV = &g.dv[bh * Nk * d];
         for (int i = 0; i < Nq; ++i) {
-            const int n = keys_seen(p, i);
-            if (n == 0) continue;  // a fully masked row has P = 0 and contributes nothing
+            const KeyRange keys = visible_keys(p, i);  // a fully masked row has P = 0 and contributes nothing
             double D = 0;
             for (int c = 0; c < d; ++c) D += double(dO[size_t(i) * d + c]) * fwd.o[(bh * Nq + i) * d + c];
-            for (int j = 0; j < n; ++j) {
-                double s = 0, dP = 0;
+            for (int j = keys.begin; j < keys.end; ++j) {
+                double s = 0, dOv = 0;
                 for (int c = 0; c < d; ++c) {
                     s += double(Q[size_t(i) * d + c]) * K[size_t(j) * d + c];
-                    dP += double(dO[size_t(i) * d + c]) * V[size_t(j) * d + c];
+                    dOv += double(dO[size_t(i) * d + c]) * V[size_t(j) * d + c];
                 }
-                double P = std::exp(scale * s - fwd.lse[bh * Nq + i]);
-                double dS = P * (dP - D);
+                const double Z = dropout_factor(p, bh, i, j);
+                const double P = std::exp(scale * s - fwd.lse[bh * Nq + i]);
+                double PZ = P * Z, dS = P * (Z * dOv - D);
                 if (round_to_type != DType::fp32) {
-                    P = round_to(round_to_type, float(P));
+                    PZ = round_to(round_to_type, float(PZ));
                     dS = round_to(round_to_type, float(dS));
                 }
                 for (int c = 0; c < d; ++c) {
-                    dV[size_t(j) * d + c] += P * dO[size_t(i) * d + c];
+                    dV[size_t(j) * d + c] += PZ * dO[size_t(i) * d + c];
                     dQ[size_t(i) * d + c] += scale * dS * K[size_t(j) * d + c];
                     dK[size_t(j) * d + c] += scale * dS * Q[size_t(i) * d + c];
                 }

@@ -188,6 +188,7 @@ void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::v
     LSE->assign(p.lse_elems(), 0.0f);
     by_head_with_progress(p, p.forward_flops(), "CPU model", [&](int bh) {
         std::vector<float> o, lse;
+        one.head_offset = p.head_offset + bh;  // the head's own dropout mask
         s.cpu_forward(one, head_inputs(p, in, bh), &o, &lse, t);
         put_head(O, bh, o);
         put_head(LSE, bh, lse);
@@ -203,6 +204,7 @@ void cpu_backward(const Stage& s, const Problem& p, const HostTensors& in, const
     g->dv.assign(p.kv_elems(), 0.0f);
     by_head_with_progress(p, p.backward_flops(), "CPU model backward", [&](int bh) {
         std::vector<float> dq, dk, dv;
+        one.head_offset = p.head_offset + bh;
         s.cpu_backward(one, head_inputs(p, in, bh), head_slice(O, bh, size_t(p.Nq) * p.d),
                        head_slice(LSE, bh, size_t(p.Nq)), &dq, &dk, &dv, t);
         put_head(&g->dq, bh, dq);
@@ -475,6 +477,15 @@ int stage_main(int argc, char** argv, const Stage& s) {
         std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
         return 2;
     }
+    if (p.has_extensions() && !s.cpu_model_extensions) {
+        std::fprintf(stderr, "error: %s: --window and --dropout are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
+        return 2;
+    }
+    if (p.has_extensions() && !o.cpu && gpu_available()) {
+        std::fprintf(stderr, "error: %s: --window and --dropout run in the CPU model only so far (add --cpu); the GPU "
+                     "kernels do not have them yet\n", s.name);
+        return 2;
+    }
     if (!o.cpu && !gpu_available()) {
         std::printf("no CUDA device found: running the CPU model of %s instead\n", s.name);
         o.cpu = true;
@@ -488,6 +499,9 @@ int stage_main(int argc, char** argv, const Stage& s) {
                 o.backward ? " (backward)" : "", p.kernel > 0 ? (" step " + std::to_string(p.kernel) + " " + steps[p.kernel - 1].name).c_str() : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
                 (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
+    if (p.has_extensions())
+        std::printf("  window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu)\n", p.window_left,
+                    p.window_right, p.dropout, (unsigned long long)p.dropout_seed);
     if (o.bench && o.cpu) {
         std::printf("--bench: nothing is timed, the CPU model runs instead of the GPU kernels (timings need a CUDA "
                     "device)\n");

@@ -1,0 +1,182 @@
+// test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (the GPU kernels do
+// not have them yet and refuse them): the sliding window (--window L,R) and dropout (--dropout p) with its
+// counter-based mask (common/philox.cuh). The reference is checked on its own (hand-computed key ranges, the
+// window's limits equal causal and no mask bitwise, finite differences through a fixed mask), then the model
+// against it, in both passes, and the window's tile skipping by the model's counted traffic.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <stdexcept>
+
+#include "common/philox.cuh"
+#include "test_support.h"
+#include "v1/v1.h"
+#include "v2/v2.h"
+
+namespace {
+
+Problem small(int Nq, int Nk, int d) {
+    Problem p;
+    p.B = 2, p.H = 3, p.Nq = Nq, p.Nk = Nk, p.d = d;
+    return p;
+}
+
+}  // namespace
+
+TEST_CASE("Philox4x32-10 reproduces the known-answer vectors of the reference implementation") {
+    auto check = [](Philox4 c, uint32_t k0, uint32_t k1, Philox4 want) {
+        const Philox4 got = philox4x32_10(c, k0, k1);
+        for (int w = 0; w < 4; ++w) CHECK(got.x[w] == want.x[w]);
+    };
+    check({{0, 0, 0, 0}}, 0, 0, {{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}});
+    check({{~0u, ~0u, ~0u, ~0u}}, ~0u, ~0u, {{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}});
+    check({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u,
+          {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}});
+}
+
+TEST_CASE("dropout keeps a fraction 1 - p of the weights, for every word of a counter, and each seed and head has its own mask") {
+    const int N = 512;  // 262,144 draws per case: the kept fraction's standard deviation is at most 0.001
+    for (float p : {0.1f, 0.5f, 0.9f}) {
+        double kept[4] = {0, 0, 0, 0};
+        for (int i = 0; i < N; ++i)
+            for (int j = 0; j < N; ++j) kept[j & 3] += dropout_keep(7, 5, i, j, p);
+        const double per_word = N * N / 4.0, sigma = std::sqrt(p * (1.0 - p) / per_word);
+        for (int w = 0; w < 4; ++w)
+            CHECK_MESSAGE(std::fabs(kept[w] / per_word - (1.0 - p)) < 6 * sigma,
+                          "p=" << p << " word " << w << ": kept " << kept[w] / per_word << ", want " << 1 - p);
+    }
+    int same_seed = 0, same_head = 0;
+    for (int i = 0; i < 64; ++i)
+        for (int j = 0; j < 64; ++j) {
+            same_seed += dropout_keep(7, 5, i, j, 0.5f) == dropout_keep(8, 5, i, j, 0.5f);
+            same_head += dropout_keep(7, 5, i, j, 0.5f) == dropout_keep(7, 6, i, j, 0.5f);
+        }
+    CHECK(std::abs(same_seed - 2048) < 6 * 32);  // independent masks agree on half the weights (sigma 32)
+    CHECK(std::abs(same_head - 2048) < 6 * 32);
+    CHECK(dropout_keep(7, 5, 3, 4, 0.0f));  // p = 0 keeps everything
+}
+
+TEST_CASE("visible_keys: the window and the causal mask, aligned bottom-right, by hand") {
+    Problem p = small(4, 6, 8);  // row i sits at key position i + 2
+    auto keys = [&](int i) { const KeyRange r = visible_keys(p, i); return std::pair{r.begin, r.end}; };
+    CHECK(keys(0) == std::pair{0, 6});
+    p.window_left = 1, p.window_right = 1;
+    CHECK(keys(0) == std::pair{1, 4});
+    CHECK(keys(3) == std::pair{4, 6});  // cut at Nk
+    p.causal = true;                    // the window's right edge and the diagonal: the nearer one wins
+    CHECK(keys(0) == std::pair{1, 3});
+    p.window_left = -1, p.window_right = 0, p.causal = false;  // the window (-1, 0) is the causal mask
+    for (int i = 0; i < 4; ++i) CHECK(keys(i) == std::pair{0, causal_key_end(i, 4, 6)});
+    p = small(6, 2, 8);  // rows 0..3 sit left of key 0
+    p.window_left = 0, p.window_right = 0;
+    CHECK(keys(3).first >= keys(3).second);  // sees nothing
+    CHECK(keys(4) == std::pair{0, 1});
+}
+
+TEST_CASE("reference: the window (-1, 0) is the causal mask and a window wider than the keys is no mask, bitwise") {
+    Problem p = small(37, 70, 16);
+    const HostTensors in = make_inputs(p, Dist::normal, 3);
+    Problem causal = p, band = p, wide = p;
+    causal.causal = true;
+    band.window_left = -1, band.window_right = 0;
+    wide.window_left = wide.window_right = 1000;
+    CHECK(reference_forward(causal, in).o == reference_forward(band, in).o);
+    CHECK(reference_forward(causal, in).lse == reference_forward(band, in).lse);
+    CHECK(reference_forward(p, in).o == reference_forward(wide, in).o);
+}
+
+TEST_CASE("reference backward with a window and dropout matches finite differences of the reference forward") {
+    Problem p = small(5, 7, 4);
+    p.B = p.H = 1;
+    p.window_left = 2, p.window_right = 1, p.dropout = 0.3f, p.dropout_seed = 11;
+    const HostTensors in = make_inputs(p, Dist::normal, 7);
+    int dropped = 0;
+    for (int i = 0; i < p.Nq; ++i)
+        for (int j = 0; j < p.Nk; ++j) dropped += !dropout_keep(p.dropout_seed, 0, i, j, p.dropout);
+    REQUIRE(dropped > 0);  // the mask does something on this problem
+    check_reference_backward_by_finite_differences("window 2,1 dropout 0.3", p, in);
+}
+
+TEST_CASE("v2 CPU model with a window and dropout matches the float64 reference in both passes") {
+    struct Setting {
+        int L, R;
+        bool causal;
+        float dropout;
+    };
+    for (const Setting s : {Setting{20, 5, false, 0.0f}, {-1, 0, false, 0.2f}, {0, -1, false, 0.0f}, {3, 3, true, 0.1f},
+                            {-1, -1, true, 0.9f}, {64, 64, false, 0.5f}})
+        for (auto [Nq, Nk, d] : {std::tuple{1, 1, 16}, {77, 130, 32}, {140, 45, 32}, {200, 200, 64}}) {
+            Problem p = small(Nq, Nk, d);
+            p.window_left = s.L, p.window_right = s.R, p.causal = s.causal, p.dropout = s.dropout, p.dropout_seed = 5;
+            const HostTensors in = make_inputs(p, Dist::normal, 9);
+            Outputs got;
+            ModelTraffic t;
+            v2_model_forward(p, in, &got.o, &got.lse, &t);
+            const std::string label = "window " + std::to_string(s.L) + "," + std::to_string(s.R) + " causal=" +
+                                      std::to_string(s.causal) + " dropout=" + std::to_string(s.dropout) + " Nq=" +
+                                      std::to_string(Nq) + " Nk=" + std::to_string(Nk);
+            check_against_reference(label, p, in, got);
+            HostGrads g;
+            v2_model_backward(p, in, got.o, got.lse, &g.dq, &g.dk, &g.dv, &t);
+            check_grads_against_reference(label, p, in, g);
+        }
+    for (DType t : {DType::fp16, DType::bf16}) {  // the same-precision rule, as for the kernels
+        Problem p = small(77, 130, 64);
+        p.dtype = t, p.window_left = 30, p.window_right = 2, p.dropout = 0.25f;
+        const HostTensors in = make_inputs(p, Dist::normal, 4);
+        Outputs got;
+        ModelTraffic tr;
+        v2_model_forward(p, in, &got.o, &got.lse, &tr);
+        check_against_reference(std::string("window and dropout in ") + dtype_name(t), p, in, got);
+    }
+}
+
+TEST_CASE("v2 CPU model: a window skips the K/V tiles outside the band, so K/V traffic grows like N, not N^2") {
+    double band_reads[2] = {0, 0};
+    for (int N : {1024, 2048}) {
+        Problem p = small(N, N, 16);
+        p.B = p.H = 1;
+        p.window_left = 100, p.window_right = 20;
+        const HostTensors in = make_inputs(p, Dist::normal, 1);
+        const V2Tiles tiles = v2_fp32_forward_tiles(p.d);
+        ModelTraffic t;
+        std::vector<float> o, lse;
+        v2_model_forward(p, in, &o, &lse, &t);
+        // Each Q tile of Br rows sees keys i - 100 .. i + 20 for its rows: a band of Br + 120 keys, which tiles of
+        // Bc keys cover with at most Br + 120 + 2 Bc keys read (one partial tile at each end).
+        const double Tr = N / tiles.Br, kv_reads_bound = Tr * 2.0 * (tiles.Br + 120 + 2 * tiles.Bc) * p.d;
+        const double q_o_lse = 2.0 * N * p.d + N;
+        CHECK(t.reads + t.writes - q_o_lse <= kv_reads_bound);
+        ModelTraffic full;
+        p.window_left = p.window_right = -1;
+        v2_model_forward(p, in, &o, &lse, &full);
+        CHECK(full.reads > 3 * t.reads);  // the whole K/V walked per Q tile
+        band_reads[N / 2048] = t.reads;
+    }
+    CHECK(band_reads[1] / band_reads[0] == doctest::Approx(2.0).epsilon(0.05));  // twice the rows, twice the reads
+    Problem p = small(300, 300, 32);  // the backward skips the same tiles: its counted reads shrink too
+    p.window_left = 10, p.window_right = 10;
+    const HostTensors in = make_inputs(p, Dist::normal, 2);
+    std::vector<float> o, lse, dq, dk, dv;
+    ModelTraffic f, band, full;
+    v2_model_forward(p, in, &o, &lse, &f);
+    v2_model_backward(p, in, o, lse, &dq, &dk, &dv, &band);
+    Problem unmasked = p;
+    unmasked.window_left = unmasked.window_right = -1;
+    v2_model_backward(unmasked, in, o, lse, &dq, &dk, &dv, &full);
+    CHECK(band.reads < full.reads / 2);
+}
+
+TEST_CASE("the stages without the extensions refuse them: v2's GPU entry points before any launch, one reason") {
+    Problem p = small(64, 64, 64);
+    p.dtype = DType::fp16;
+    p.window_left = 8, p.window_right = 0;
+    CHECK(p.has_extensions());
+    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
+    p.window_left = p.window_right = -1, p.dropout = 0.1f;
+    CHECK(p.has_extensions());
+    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
+    CHECK(v2_stage().cpu_model_extensions);
+    CHECK_FALSE(v1_stage().cpu_model_extensions);
+}
