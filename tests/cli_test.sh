@@ -61,11 +61,15 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     expect 2 "$prog" --dropout 1
     expect 2 "$prog" --dropout nan
     expect 2 "$prog" --load "$tmp" --seed 3 --dropout 0  # --seed with --load keys only a dropout mask
+    expect 2 "$prog" --heads 6 --kv-heads 4     # K/V heads must divide the query heads
+    expect 2 "$prog" --load "$tmp" --kv-heads 2  # --load takes them from k.npy
     if [ "$prog" = bin/v2 ]; then             # the extensions run in v2's CPU model only so far
         expect 0 "$prog" $small --window 4,1 --dropout 0.3 --cpu --check
         expect 0 "$prog" $small --window 4,1 --dropout 0.3 --cpu --check --backward
+        expect 0 "$prog" --batch 2 --heads 4 --kv-heads 2 --n 40 --d 16 --dropout 0.2 --cpu --check --backward
     else
         expect 2 "$prog" $small --window 4,1
+        expect 2 "$prog" --heads 4 --kv-heads 2
     fi
     # .npy round trip: save the outputs, feed the inputs back through --load, outputs must not change
     mkdir -p "$tmp/io"

@@ -1,7 +1,7 @@
 // problem.h: the one description of an attention problem that every stage, kernel and test shares.
 //
 // Conventions (docs/conventions.md explains them):
-//   Q, O are [B, H, Nq, d]; K, V are [B, H, Nk, d]; row-major, contiguous.
+//   Q, O are [B, H, Nq, d]; K, V are [B, Hk, Nk, d] (Hk = H unless --kv-heads); row-major, contiguous.
 //   LSE is [B, H, Nq], float32: the natural log of sum_j exp(scale * q_i . k_j) over the keys row i sees.
 //   Causal masks are aligned bottom-right: query row i sees key j when j <= i + Nk - Nq.
 //   A row that sees no key (possible when Nq > Nk and causal) has O = 0 and LSE = -inf.
@@ -26,6 +26,7 @@ struct Problem {
     int kernel = 0;
     // The features users turn on (docs/conventions.md, "Extensions"). The float64 reference and v2's CPU model
     // have them; a stage or kernel without them refuses such a problem in one line (has_extensions()).
+    int Hk = 0;                              // K/V heads (--kv-heads; 0: H): query head h reads K/V head h / (H / Hk)
     int window_left = -1, window_right = -1;  // --window L,R: row i sees keys i' - L .. i' + R, i' = i + Nk - Nq;
                                               // -1: unbounded on that side (causal is the window (-1, 0))
     float dropout = 0.0f;                    // --dropout p: each weight P_ij dropped with probability p, kept ones / (1 - p)
@@ -34,9 +35,13 @@ struct Problem {
                                              // batch: a CPU model run head by head keys each head's mask by it
 
     float resolved_scale() const { return scale > 0.0f ? scale : 1.0f / std::sqrt(float(d)); }
-    bool has_extensions() const { return window_left >= 0 || window_right >= 0 || dropout > 0.0f; }
+    int kv_heads() const { return Hk > 0 ? Hk : H; }
+    int group() const { return H / kv_heads(); }  // query heads per K/V head
+    // The K/V head (flattened, b * Hk + hk) that flattened query head bh = b * H + h reads.
+    size_t kv_head(size_t bh) const { return bh / H * kv_heads() + bh % H / group(); }
+    bool has_extensions() const { return kv_heads() != H || window_left >= 0 || window_right >= 0 || dropout > 0.0f; }
     size_t q_elems() const { return size_t(B) * H * Nq * d; }
-    size_t kv_elems() const { return size_t(B) * H * Nk * d; }
+    size_t kv_elems() const { return size_t(B) * kv_heads() * Nk * d; }
     size_t lse_elems() const { return size_t(B) * H * Nq; }
     // Forward FLOPs as the FlashAttention papers count them: 2 matrix products of 2*Nq*Nk*d each,
     // halved when causal (the convention of the published benchmark tables).

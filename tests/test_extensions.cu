@@ -1,10 +1,11 @@
 // test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (the GPU kernels do
-// not have them yet and refuse them): the sliding window (--window L,R) and dropout (--dropout p) with its
-// counter-based mask (common/philox.cuh). The reference is checked on its own (hand-computed key ranges, the
+// not have them yet and refuse them): grouped-query attention (--kv-heads), the sliding window (--window L,R) and
+// dropout (--dropout p) with its counter-based mask (common/philox.cuh). The reference is checked on its own (hand-computed key ranges, the
 // window's limits equal causal and no mask bitwise, finite differences through a fixed mask), then the model
 // against it, in both passes, and the window's tile skipping by the model's counted traffic.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -97,22 +98,53 @@ TEST_CASE("reference backward with a window and dropout matches finite differenc
     check_reference_backward_by_finite_differences("window 2,1 dropout 0.3", p, in);
 }
 
-TEST_CASE("v2 CPU model with a window and dropout matches the float64 reference in both passes") {
+TEST_CASE("reference: grouped-query attention is attention with each K/V head repeated over its group") {
+    Problem p = small(37, 50, 16);
+    p.H = 6, p.Hk = 2, p.causal = true;
+    const HostTensors in = make_inputs(p, Dist::normal, 3);
+    CHECK(in.k.size() == size_t(p.B) * 2 * p.Nk * p.d);
+    Problem full = p;  // every query head with its own copy of its K/V head
+    full.Hk = 0;
+    HostTensors rep{in.q, {}, {}, in.dO};
+    for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+        for (auto [src, dst] : {std::pair{&in.k, &rep.k}, {&in.v, &rep.v}})
+            dst->insert(dst->end(), src->begin() + p.kv_head(bh) * p.Nk * p.d, src->begin() + (p.kv_head(bh) + 1) * p.Nk * p.d);
+    CHECK(reference_forward(p, in).o == reference_forward(full, rep).o);
+    // dK, dV of a K/V head: the sum of its group's dK, dV with the heads repeated
+    const ReferenceGrads g = reference_backward(p, in), f = reference_backward(full, rep);
+    CHECK(g.dq == f.dq);
+    double worst = 0;
+    for (size_t bkv = 0; bkv < size_t(p.B) * p.Hk; ++bkv)
+        for (size_t e = 0; e < size_t(p.Nk) * p.d; ++e) {
+            double sk = 0, sv = 0;
+            for (int m = 0; m < p.group(); ++m) {
+                const size_t bh = bkv / p.Hk * p.H + bkv % p.Hk * p.group() + m;
+                sk += f.dk[bh * p.Nk * p.d + e], sv += f.dv[bh * p.Nk * p.d + e];
+            }
+            worst = std::max({worst, std::fabs(sk - g.dk[bkv * p.Nk * p.d + e]), std::fabs(sv - g.dv[bkv * p.Nk * p.d + e])});
+        }
+    CHECK(worst < 1e-12);
+}
+
+TEST_CASE("v2 CPU model with grouped-query attention, a window and dropout matches the float64 reference in both passes") {
     struct Setting {
         int L, R;
         bool causal;
         float dropout;
+        int Hk;
     };
-    for (const Setting s : {Setting{20, 5, false, 0.0f}, {-1, 0, false, 0.2f}, {0, -1, false, 0.0f}, {3, 3, true, 0.1f},
-                            {-1, -1, true, 0.9f}, {64, 64, false, 0.5f}})
+    for (const Setting s : {Setting{20, 5, false, 0.0f, 0}, {-1, 0, false, 0.2f, 0}, {0, -1, false, 0.0f, 3},
+                            {3, 3, true, 0.1f, 1}, {-1, -1, true, 0.9f, 0}, {64, 64, false, 0.5f, 1}, {-1, -1, false, 0.0f, 1},
+                            {-1, -1, true, 0.0f, 3}})
         for (auto [Nq, Nk, d] : {std::tuple{1, 1, 16}, {77, 130, 32}, {140, 45, 32}, {200, 200, 64}}) {
             Problem p = small(Nq, Nk, d);
             p.window_left = s.L, p.window_right = s.R, p.causal = s.causal, p.dropout = s.dropout, p.dropout_seed = 5;
+            p.Hk = s.Hk;  // H = 3: 3 is one K/V head per query head, 1 is multi-query attention
             const HostTensors in = make_inputs(p, Dist::normal, 9);
             Outputs got;
             ModelTraffic t;
             v2_model_forward(p, in, &got.o, &got.lse, &t);
-            const std::string label = "window " + std::to_string(s.L) + "," + std::to_string(s.R) + " causal=" +
+            const std::string label = "kv_heads " + std::to_string(p.kv_heads()) + " window " + std::to_string(s.L) + "," + std::to_string(s.R) + " causal=" +
                                       std::to_string(s.causal) + " dropout=" + std::to_string(s.dropout) + " Nq=" +
                                       std::to_string(Nq) + " Nk=" + std::to_string(Nk);
             check_against_reference(label, p, in, got);
@@ -122,12 +154,12 @@ TEST_CASE("v2 CPU model with a window and dropout matches the float64 reference 
         }
     for (DType t : {DType::fp16, DType::bf16}) {  // the same-precision rule, as for the kernels
         Problem p = small(77, 130, 64);
-        p.dtype = t, p.window_left = 30, p.window_right = 2, p.dropout = 0.25f;
+        p.dtype = t, p.window_left = 30, p.window_right = 2, p.dropout = 0.25f, p.Hk = 1;
         const HostTensors in = make_inputs(p, Dist::normal, 4);
         Outputs got;
         ModelTraffic tr;
         v2_model_forward(p, in, &got.o, &got.lse, &tr);
-        check_against_reference(std::string("window and dropout in ") + dtype_name(t), p, in, got);
+        check_against_reference(std::string("multi-query, window and dropout in ") + dtype_name(t), p, in, got);
     }
 }
 
@@ -177,6 +209,12 @@ TEST_CASE("the stages without the extensions refuse them: v2's GPU entry points 
     p.window_left = p.window_right = -1, p.dropout = 0.1f;
     CHECK(p.has_extensions());
     CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
+    p.dropout = 0.0f, p.Hk = 2;
+    p.H = 4;
+    CHECK(p.has_extensions());
+    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("--kv-heads"), std::invalid_argument);
+    p.Hk = 4;  // as many K/V heads as query heads: plain attention
+    CHECK_FALSE(p.has_extensions());
     CHECK(v2_stage().cpu_model_extensions);
     CHECK_FALSE(v1_stage().cpu_model_extensions);
 }

@@ -71,8 +71,8 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
             // END EXERCISE
             for (int key0 = first_tile_key(p, q0, Bc); key0 < last_key_end(p, q0, rows, kv_end); key0 += Bc) {
                 const int cols = std::min(Bc, Nk - key0);
-                const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
-                const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
+                const std::vector<float> K_j = load_tile(K, p.kv_head(bh), Nk, key0, cols, d);
+                const std::vector<float> V_j = load_tile(V, p.kv_head(bh), Nk, key0, cols, d);
                 for (int r = 0; r < rows; ++r) {
                     std::vector<float> S(cols);  // row r of S_ij, then of P_ij
                     float m_tile = -INFINITY;
@@ -189,35 +189,40 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
     if (block_order_seed != 0) std::shuffle(block_order.begin(), block_order.end(), std::mt19937_64(block_order_seed));
 
     std::vector<float> P_ij, dS_ij;
-    for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
-        for (int j : block_order) {  // one thread block per K/V tile
+    for (size_t bkv = 0; bkv < size_t(p.B) * p.kv_heads(); ++bkv)
+        for (int j : block_order) {  // one thread block per K/V tile (of a K/V head)
             const int key0 = j * Bc, cols = std::min(Bc, Nk - key0);
-            const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
-            const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
+            const std::vector<float> K_j = load_tile(K, bkv, Nk, key0, cols, d);
+            const std::vector<float> V_j = load_tile(V, bkv, Nk, key0, cols, d);
             std::vector<float> dK_j(size_t(cols) * d, 0.0f), dV_j(size_t(cols) * d, 0.0f);
             const int first_row = p.causal ? std::max(0, key0 + Nq - Nk) : 0;
-            for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
-                if (window_skips(p, q0, std::min(Br, Nq - q0), key0, cols)) continue;
-                const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
-                tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
-                for (int c = 0; c < cols; ++c)  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
-                    for (int k = 0; k < d; ++k)
-                        for (int r = 0; r < q.rows; ++r) {
-                            dV_j[size_t(c) * d + k] += P_ij[size_t(r) * cols + c] * q.dO[size_t(r) * d + k];
-                            dK_j[size_t(c) * d + k] += dS_ij[size_t(r) * cols + c] * q.Q[size_t(r) * d + k];
+            // Grouped-query attention: the block walks the Q tiles of every query head that reads this K/V head, so
+            // dK_j and dV_j sum over the group on chip and are written once.
+            const size_t first_head = bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();
+            for (size_t bh = first_head; bh < first_head + p.group(); ++bh) {
+                for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
+                    if (window_skips(p, q0, std::min(Br, Nq - q0), key0, cols)) continue;
+                    const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
+                    tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                    for (int c = 0; c < cols; ++c)  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
+                        for (int k = 0; k < d; ++k)
+                            for (int r = 0; r < q.rows; ++r) {
+                                dV_j[size_t(c) * d + k] += P_ij[size_t(r) * cols + c] * q.dO[size_t(r) * d + k];
+                                dK_j[size_t(c) * d + k] += dS_ij[size_t(r) * cols + c] * q.Q[size_t(r) * d + k];
+                            }
+                    if (deterministic_dq) continue;
+                    for (int r = 0; r < q.rows; ++r)  // dQ_i += scale * dS_ij K_j: the kernel's atomicAdd, a read and a write
+                        for (int k = 0; k < d; ++k) {
+                            float acc = 0.0f;
+                            for (int c = 0; c < cols; ++c) acc += dS_ij[size_t(r) * cols + c] * K_j[size_t(c) * d + k];
+                            const size_t e = (bh * Nq + q0 + r) * d + k;
+                            dQ.write(e, dQ.read(e) + scale * acc);
                         }
-                if (deterministic_dq) continue;
-                for (int r = 0; r < q.rows; ++r)  // dQ_i += scale * dS_ij K_j: the kernel's atomicAdd, a read and a write
-                    for (int k = 0; k < d; ++k) {
-                        float acc = 0.0f;
-                        for (int c = 0; c < cols; ++c) acc += dS_ij[size_t(r) * cols + c] * K_j[size_t(c) * d + k];
-                        const size_t e = (bh * Nq + q0 + r) * d + k;
-                        dQ.write(e, dQ.read(e) + scale * acc);
-                    }
+                }
             }
             for (size_t e = 0; e < dK_j.size(); ++e) {
-                dK.write((bh * Nk + key0) * d + e, scale * dK_j[e]);
-                dV.write((bh * Nk + key0) * d + e, dV_j[e]);
+                dK.write((bkv * Nk + key0) * d + e, scale * dK_j[e]);
+                dV.write((bkv * Nk + key0) * d + e, dV_j[e]);
             }
         }
 
@@ -230,8 +235,8 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
                 const int kv_end = p.causal ? std::min(Nk, causal_key_end(q0 + q.rows - 1, Nq, Nk)) : Nk;
                 for (int key0 = first_tile_key(p, q0, Bc); key0 < last_key_end(p, q0, q.rows, kv_end); key0 += Bc) {
                     const int cols = std::min(Bc, Nk - key0);
-                    const std::vector<float> K_j = load_tile(K, bh, Nk, key0, cols, d);
-                    const std::vector<float> V_j = load_tile(V, bh, Nk, key0, cols, d);
+                    const std::vector<float> K_j = load_tile(K, p.kv_head(bh), Nk, key0, cols, d);
+                    const std::vector<float> V_j = load_tile(V, p.kv_head(bh), Nk, key0, cols, d);
                     tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
                     for (int r = 0; r < q.rows; ++r)
                         for (int k = 0; k < d; ++k)

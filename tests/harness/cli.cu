@@ -70,6 +70,7 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --scale X      softmax scale (default 1/sqrt(d))\n"
         "  --seed S       random seed (default 1)\n"
         "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n"
+        "  --kv-heads HK  grouped-query attention: HK K/V heads (HK divides H), each read by H / HK query heads\n"
         "  --window L,R   sliding window: query i sees keys i' - L .. i' + R (i' = i + Nk - Nq; -1: unbounded)\n"
         "  --dropout P    drop each attention weight with probability P (0 <= P < 1), keep the rest / (1 - P);\n"
         "                 the mask comes from a counter-based generator keyed by --seed (with --load too)\n";
@@ -110,7 +111,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     auto takes_value = [&](const std::string& f) {
         return f == "--batch" || f == "--heads" || f == "--n" || f == "--nq" || f == "--nk" || f == "--d" ||
                f == "--seed" || f == "--dist" || f == "--scale" || f == "--reps" || f == "--load" || f == "--save" ||
-               f == "--kernel" || f == "--window" || f == "--dropout" ||
+               f == "--kernel" || f == "--window" || f == "--dropout" || f == "--kv-heads" ||
                (allow_dtype && f == "--dtype");
     };
     std::string sized_by;  // the first flag that sets a size or the inputs, which --load takes from its files
@@ -118,7 +119,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
     for (int a = 1; a < argc; ++a) {
         std::string flag, value;
         if (!next_flag(argc, argv, &a, takes_value, &flag, &value, err)) return false;
-        for (const char* f : {"--batch", "--heads", "--n", "--nq", "--nk", "--d", "--dist"})
+        for (const char* f : {"--batch", "--heads", "--n", "--nq", "--nk", "--d", "--dist", "--kv-heads"})
             if (flag == f && sized_by.empty()) sized_by = flag;
         if (flag == "--seed") have_seed = true;
         long v = 0;
@@ -143,6 +144,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             else if (value == "bf16") r.p.dtype = DType::bf16;
             else return *err = "--dtype expects fp32, fp16 or bf16, got '" + printable(value) + "'", false;
         }
+        else if (flag == "--kv-heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Hk = int(v); }
         else if (flag == "--window") {
             const size_t comma = value.find(',');
             long left = 0, right = 0;
@@ -177,6 +179,8 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
         return *err = "--load takes the values from its files; --seed only keys the dropout mask there (give --dropout)", false;
     r.p.dropout_seed = r.seed;
     if (have_n) r.p.Nq = r.p.Nk = int(n);
+    if (r.p.Hk > 0 && r.p.H % r.p.Hk != 0)
+        return *err = "--kv-heads " + std::to_string(r.p.Hk) + " must divide --heads " + std::to_string(r.p.H), false;
     if (const std::string why = problem_size_unsupported(r.p); !why.empty()) return *err = why, false;
     *o = r;
     return true;

@@ -42,7 +42,7 @@ Layout o_layout(const Problem& p, int tile_rows) {
 }
 Layout lse_layout(const Problem& p, int tile_rows) { return {size_t(p.B) * p.H, size_t(p.Nq), 1, p.H, tile_rows}; }
 Layout kv_layout(const Problem& p, int tile_rows) {
-    return {size_t(p.B) * p.H, size_t(p.Nk), size_t(p.d), p.H, tile_rows};
+    return {size_t(p.B) * p.kv_heads(), size_t(p.Nk), size_t(p.d), p.kv_heads(), tile_rows};
 }
 
 double max_abs_error(const std::vector<double>& a, const std::vector<double>& ref, const std::vector<size_t>& rows,
@@ -215,7 +215,8 @@ Reference top_left_reference(const Problem& p, const HostTensors& in, const std:
     if (p.Nk >= p.Nq) {
         Problem q = p;
         q.Nk = p.Nq;
-        const HostTensors cut{in.q, first_rows(in.k, heads, p.Nk, p.Nq, p.d), first_rows(in.v, heads, p.Nk, p.Nq, p.d), {}};
+        const size_t kv_heads = size_t(p.B) * p.kv_heads();
+        const HostTensors cut{in.q, first_rows(in.k, kv_heads, p.Nk, p.Nq, p.d), first_rows(in.v, kv_heads, p.Nk, p.Nq, p.d), {}};
         return reference_forward(q, cut, rows);
     }
     std::vector<size_t> square_rows, full_rows;

@@ -63,9 +63,9 @@ float normal(uint64_t seed, uint64_t stream, uint64_t index) {
     return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2));
 }
 
-// Fills a [B*H, N, d] tensor from one stream of normals, then applies the distribution's row scaling.
-std::vector<float> tensor(const Problem& p, int N, Dist dist, uint64_t seed, uint64_t stream, bool is_qk) {
-    std::vector<float> t(size_t(p.B) * p.H * N * p.d);
+// Fills a [B*heads, N, d] tensor from one stream of normals, then applies the distribution's row scaling.
+std::vector<float> tensor(const Problem& p, int heads, int N, Dist dist, uint64_t seed, uint64_t stream, bool is_qk) {
+    std::vector<float> t(size_t(p.B) * heads * N * p.d);
     parallel_for(t.size() / p.d, [&](size_t row) {
         float factor = 1.0f;
         if (dist == Dist::large && is_qk) factor = 10.0f;
@@ -82,12 +82,12 @@ std::vector<float> tensor(const Problem& p, int N, Dist dist, uint64_t seed, uin
 
 HostTensors make_inputs(const Problem& p, Dist dist, uint64_t seed) {
     HostTensors in;
-    in.q = tensor(p, p.Nq, dist, seed, 1, true);
-    in.k = tensor(p, p.Nk, dist, seed, 2, true);
-    in.v = tensor(p, p.Nk, dist, seed, 3, false);
-    in.dO = tensor(p, p.Nq, dist, seed, 4, false);
+    in.q = tensor(p, p.H, p.Nq, dist, seed, 1, true);
+    in.k = tensor(p, p.kv_heads(), p.Nk, dist, seed, 2, true);
+    in.v = tensor(p, p.kv_heads(), p.Nk, dist, seed, 3, false);
+    in.dO = tensor(p, p.H, p.Nq, dist, seed, 4, false);
     if (dist == Dist::constant) {  // every key row of a head equal to that head's first key row
-        for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+        for (size_t bh = 0; bh < size_t(p.B) * p.kv_heads(); ++bh)
             for (int j = 1; j < p.Nk; ++j)
                 std::memcpy(&in.k[(bh * p.Nk + j) * p.d], &in.k[bh * p.Nk * p.d], p.d * sizeof(float));
     }

@@ -22,8 +22,8 @@ void forward_row(const Problem& p, const HostTensors& in, size_t row, DType roun
     const int i = int(row % p.Nq), d = p.d;
     const KeyRange keys = visible_keys(p, i);
     const float* q = &in.q[row * d];
-    const float* K = &in.k[bh * p.Nk * d];
-    const float* V = &in.v[bh * p.Nk * d];
+    const float* K = &in.k[p.kv_head(bh) * p.Nk * d];
+    const float* V = &in.v[p.kv_head(bh) * p.Nk * d];
     std::fill(o, o + d, 0.0);
     if (keys.begin >= keys.end) {
         *lse = -std::numeric_limits<double>::infinity();
@@ -64,8 +64,8 @@ Reference reference_forward(const Problem& p, const HostTensors& in, const std::
     return r;
 }
 
-// Gradients of O = (P * Z) V, P = softmax(scale Q K^T) (Z: the dropout factors, 1 without dropout), one head at
-// a time:
+// Gradients of O = (P * Z) V, P = softmax(scale Q K^T) (Z: the dropout factors, 1 without dropout), one K/V head
+// at a time with the query heads that read it (grouped-query attention: their dK and dV add up):
 //   dV = (P * Z)^T dO,  dP = Z * (dO V^T),  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,
 //   dK = scale dS^T Q.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type) {
@@ -79,38 +79,40 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
     g.dv.assign(p.kv_elems(), 0.0);
     const int d = p.d, Nq = p.Nq, Nk = p.Nk;
     const double scale = p.resolved_scale();
-    parallel_for(size_t(p.B) * p.H, [&](size_t bh) {
-        const float* Q = &in.q[bh * Nq * d];
-        const float* K = &in.k[bh * Nk * d];
-        const float* V = &in.v[bh * Nk * d];
-        const float* dO = &in.dO[bh * Nq * d];
-        double* dQ = &g.dq[bh * Nq * d];
-        double* dK = &g.dk[bh * Nk * d];
-        double* dV = &g.dv[bh * Nk * d];
-        for (int i = 0; i < Nq; ++i) {
-            const KeyRange keys = visible_keys(p, i);  // a fully masked row has P = 0 and contributes nothing
-            double D = 0;
-            for (int c = 0; c < d; ++c) D += double(dO[size_t(i) * d + c]) * fwd.o[(bh * Nq + i) * d + c];
-            for (int j = keys.begin; j < keys.end; ++j) {
-                double s = 0, dOv = 0;
-                for (int c = 0; c < d; ++c) {
-                    s += double(Q[size_t(i) * d + c]) * K[size_t(j) * d + c];
-                    dOv += double(dO[size_t(i) * d + c]) * V[size_t(j) * d + c];
-                }
-                const double Z = dropout_factor(p, bh, i, j);
-                const double P = std::exp(scale * s - fwd.lse[bh * Nq + i]);
-                double PZ = P * Z, dS = P * (Z * dOv - D);
-                if (round_to_type != DType::fp32) {
-                    PZ = round_to(round_to_type, float(PZ));
-                    dS = round_to(round_to_type, float(dS));
-                }
-                for (int c = 0; c < d; ++c) {
-                    dV[size_t(j) * d + c] += PZ * dO[size_t(i) * d + c];
-                    dQ[size_t(i) * d + c] += scale * dS * K[size_t(j) * d + c];
-                    dK[size_t(j) * d + c] += scale * dS * Q[size_t(i) * d + c];
+    parallel_for(size_t(p.B) * p.kv_heads(), [&](size_t bkv) {
+        const float* K = &in.k[bkv * Nk * d];
+        const float* V = &in.v[bkv * Nk * d];
+        double* dK = &g.dk[bkv * Nk * d];
+        double* dV = &g.dv[bkv * Nk * d];
+        const size_t first = bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();
+        for (size_t bh = first; bh < first + p.group(); ++bh)
+            for (int i = 0; i < Nq; ++i) {
+                const float* q = &in.q[(bh * Nq + i) * d];
+                const float* dO = &in.dO[(bh * Nq + i) * d];
+                double* dQ = &g.dq[(bh * Nq + i) * d];
+                const KeyRange keys = visible_keys(p, i);  // a fully masked row has P = 0 and contributes nothing
+                double D = 0;
+                for (int c = 0; c < d; ++c) D += double(dO[c]) * fwd.o[(bh * Nq + i) * d + c];
+                for (int j = keys.begin; j < keys.end; ++j) {
+                    double s = 0, dOv = 0;
+                    for (int c = 0; c < d; ++c) {
+                        s += double(q[c]) * K[size_t(j) * d + c];
+                        dOv += double(dO[c]) * V[size_t(j) * d + c];
+                    }
+                    const double Z = dropout_factor(p, bh, i, j);
+                    const double P = std::exp(scale * s - fwd.lse[bh * Nq + i]);
+                    double PZ = P * Z, dS = P * (Z * dOv - D);
+                    if (round_to_type != DType::fp32) {
+                        PZ = round_to(round_to_type, float(PZ));
+                        dS = round_to(round_to_type, float(dS));
+                    }
+                    for (int c = 0; c < d; ++c) {
+                        dV[size_t(j) * d + c] += PZ * dO[c];
+                        dQ[c] += scale * dS * K[size_t(j) * d + c];
+                        dK[size_t(j) * d + c] += scale * dS * q[c];
+                    }
                 }
             }
-        }
     });
     if (round_to_type != DType::fp32)
         for (auto* t : {&g.dq, &g.dk, &g.dv})

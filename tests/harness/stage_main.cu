@@ -60,9 +60,10 @@ bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err
         !load_tensor(o.load_dir, "v.npy", &in->v, &sv, err))
         return false;
     if (sk != sv) return *err = "k.npy and v.npy must have the same shape", false;
-    if (sq[0] != sk[0] || sq[1] != sk[1] || sq[3] != sk[3])
-        return *err = "q.npy and k.npy must agree in B, H and d", false;
+    if (sq[0] != sk[0] || sq[3] != sk[3] || sk[1] == 0 || sq[1] % sk[1] != 0)
+        return *err = "q.npy and k.npy must agree in B and d, and k.npy's heads must divide q.npy's (grouped-query attention)", false;
     p->B = int(sq[0]), p->H = int(sq[1]), p->Nq = int(sq[2]), p->Nk = int(sk[2]), p->d = int(sq[3]);
+    p->Hk = int(sk[1]);
     if (o.backward) {
         if (!load_tensor(o.load_dir, "do.npy", &in->dO, &sdo, err)) return false;
         if (sdo != sq) return *err = "do.npy must have the shape of q.npy", false;
@@ -100,7 +101,7 @@ bool save_outputs(const std::string& dir, const Problem& p, const std::vector<st
     for (auto& [name, data] : files) {
         std::vector<size_t> shape = {size_t(p.B), size_t(p.H), size_t(p.Nq), size_t(p.d)};
         if (std::strcmp(name, "lse.npy") == 0) shape.pop_back();
-        if (std::strcmp(name, "dk.npy") == 0 || std::strcmp(name, "dv.npy") == 0) shape[2] = size_t(p.Nk);
+        if (std::strcmp(name, "dk.npy") == 0 || std::strcmp(name, "dv.npy") == 0) shape[1] = size_t(p.kv_heads()), shape[2] = size_t(p.Nk);
         std::string err;
         if (!npy_write(dir + "/" + name, *data, shape, &err)) {
             std::fprintf(stderr, "error: %s\n", err.c_str());
@@ -113,14 +114,15 @@ bool save_outputs(const std::string& dir, const Problem& p, const std::vector<st
 
 // ------------------------------------------------------------------------------------------- CPU model runs
 // A CPU model works on one core; long runs go head by head (every model treats the B*H heads independently, so the
-// results and the counted traffic are the same) with a progress line on stderr, which stays free of error lines.
+// results and the counted traffic are the same; with grouped-query attention, K/V head by K/V head with the query
+// heads that read it) with a progress line on stderr, which stays free of error lines.
 double now_seconds() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 template <typename RunHead>
 void by_head_with_progress(const Problem& p, double flops, const char* what, const RunHead& run_head) {
-    const int heads = p.B * p.H;
+    const int heads = p.B * p.kv_heads();
     const bool long_run = flops > 2e10;  // several seconds for the models (a few GFLOP/s on one core)
     if (long_run)
         std::printf("  %s: about %.3g GFLOP on one CPU core, so this takes a while; progress on stderr\n", what,
@@ -165,7 +167,8 @@ bool host_memory_fits(const Stage& s, const Options& o, std::string* why) {
     return false;
 }
 
-// The part of a [B, H, rows, d] (or [B, H, rows]) tensor that belongs to head bh, and its inverse.
+// Part number bh of a tensor cut into equal consecutive parts of per_head elements (a head, or a group of heads, of
+// a [B, H, rows, d] or [B, H, rows] tensor), and its inverse.
 std::vector<float> head_slice(const std::vector<float>& t, int bh, size_t per_head) {
     return std::vector<float>(t.begin() + bh * per_head, t.begin() + (bh + 1) * per_head);
 }
@@ -173,43 +176,45 @@ void put_head(std::vector<float>* t, int bh, const std::vector<float>& part) {
     std::copy(part.begin(), part.end(), t->begin() + size_t(bh) * part.size());
 }
 
-HostTensors head_inputs(const Problem& p, const HostTensors& in, int bh) {
-    const size_t qn = size_t(p.Nq) * p.d, kn = size_t(p.Nk) * p.d;
-    HostTensors h{head_slice(in.q, bh, qn), head_slice(in.k, bh, kn), head_slice(in.v, bh, kn), {}};
-    if (!in.dO.empty()) h.dO = head_slice(in.dO, bh, qn);
+// The inputs of one K/V head and the query heads that read it (one head when there is no grouping): a problem of
+// its own with B = 1, H = the group and Hk = 1, whose first head is head_offset = b * H + h of the whole batch.
+HostTensors group_inputs(const Problem& p, const HostTensors& in, int bkv) {
+    const size_t qn = size_t(p.group()) * p.Nq * p.d, kn = size_t(p.Nk) * p.d;
+    HostTensors h{head_slice(in.q, bkv, qn), head_slice(in.k, bkv, kn), head_slice(in.v, bkv, kn), {}};
+    if (!in.dO.empty()) h.dO = head_slice(in.dO, bkv, qn);
     return h;
+}
+Problem group_problem(const Problem& p, int bkv) {
+    Problem one = p;
+    one.B = 1, one.H = p.group(), one.Hk = 1;
+    one.head_offset = p.head_offset + bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();  // dropout's key
+    return one;
 }
 
 void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::vector<float>* O,
                  std::vector<float>* LSE, ModelTraffic* t) {
-    Problem one = p;
-    one.B = one.H = 1;
     O->assign(p.q_elems(), 0.0f);
     LSE->assign(p.lse_elems(), 0.0f);
-    by_head_with_progress(p, p.forward_flops(), "CPU model", [&](int bh) {
+    by_head_with_progress(p, p.forward_flops(), "CPU model", [&](int bkv) {
         std::vector<float> o, lse;
-        one.head_offset = p.head_offset + bh;  // the head's own dropout mask
-        s.cpu_forward(one, head_inputs(p, in, bh), &o, &lse, t);
-        put_head(O, bh, o);
-        put_head(LSE, bh, lse);
+        s.cpu_forward(group_problem(p, bkv), group_inputs(p, in, bkv), &o, &lse, t);
+        put_head(O, bkv, o);
+        put_head(LSE, bkv, lse);
     });
 }
 
 void cpu_backward(const Stage& s, const Problem& p, const HostTensors& in, const std::vector<float>& O,
                   const std::vector<float>& LSE, HostGrads* g, ModelTraffic* t) {
-    Problem one = p;
-    one.B = one.H = 1;
     g->dq.assign(p.q_elems(), 0.0f);
     g->dk.assign(p.kv_elems(), 0.0f);
     g->dv.assign(p.kv_elems(), 0.0f);
-    by_head_with_progress(p, p.backward_flops(), "CPU model backward", [&](int bh) {
+    by_head_with_progress(p, p.backward_flops(), "CPU model backward", [&](int bkv) {
         std::vector<float> dq, dk, dv;
-        one.head_offset = p.head_offset + bh;
-        s.cpu_backward(one, head_inputs(p, in, bh), head_slice(O, bh, size_t(p.Nq) * p.d),
-                       head_slice(LSE, bh, size_t(p.Nq)), &dq, &dk, &dv, t);
-        put_head(&g->dq, bh, dq);
-        put_head(&g->dk, bh, dk);
-        put_head(&g->dv, bh, dv);
+        s.cpu_backward(group_problem(p, bkv), group_inputs(p, in, bkv), head_slice(O, bkv, size_t(p.group()) * p.Nq * p.d),
+                       head_slice(LSE, bkv, size_t(p.group()) * p.Nq), &dq, &dk, &dv, t);
+        put_head(&g->dq, bkv, dq);
+        put_head(&g->dk, bkv, dk);
+        put_head(&g->dv, bkv, dv);
     });
 }
 
@@ -478,12 +483,12 @@ int stage_main(int argc, char** argv, const Stage& s) {
         return 2;
     }
     if (p.has_extensions() && !s.cpu_model_extensions) {
-        std::fprintf(stderr, "error: %s: --window and --dropout are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
+        std::fprintf(stderr, "error: %s: --kv-heads, --window and --dropout are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
         return 2;
     }
     if (p.has_extensions() && !o.cpu && gpu_available()) {
-        std::fprintf(stderr, "error: %s: --window and --dropout run in the CPU model only so far (add --cpu); the GPU "
-                     "kernels do not have them yet\n", s.name);
+        std::fprintf(stderr, "error: %s: --kv-heads, --window and --dropout run in the CPU model only so far (add --cpu); "
+                     "the GPU kernels do not have them yet\n", s.name);
         return 2;
     }
     if (!o.cpu && !gpu_available()) {
@@ -500,8 +505,8 @@ int stage_main(int argc, char** argv, const Stage& s) {
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
                 (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
     if (p.has_extensions())
-        std::printf("  window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu)\n", p.window_left,
-                    p.window_right, p.dropout, (unsigned long long)p.dropout_seed);
+        std::printf("  kv_heads=%d window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu)\n", p.kv_heads(),
+                    p.window_left, p.window_right, p.dropout, (unsigned long long)p.dropout_seed);
     if (o.bench && o.cpu) {
         std::printf("--bench: nothing is timed, the CPU model runs instead of the GPU kernels (timings need a CUDA "
                     "device)\n");
