@@ -190,6 +190,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     using F = Features<kStep>;
     using L = Tiles<kD, kStep>;
     static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
+    static_assert(L::kBc == 128, "S is one wgmma n128 accumulator: online_softmax's key columns assume Bc = 128");
 
     extern __shared__ unsigned char smem_raw[];
     const uint32_t sQ = (shared_addr(smem_raw) + 1023) & ~1023u;
@@ -242,9 +243,12 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             return;
         }
         setmaxnreg_inc<kConsumerRegs>();
-    } else if (threadIdx.x == 0) {
-        load_q();
-        for (int j = 0; j < min(L::kStages - 1, kv.n_tiles); ++j) load_kv(j);
+    } else {
+        if (threadIdx.x == 0) {
+            load_q();
+            for (int j = 0; j < min(L::kStages - 1, kv.n_tiles); ++j) load_kv(j);
+        }
+        __syncwarp();
     }
 
     // ------------------------------------------------------------------------------------------- consumer (line 12)
@@ -281,6 +285,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     if constexpr (!F::kPingPong) {
         for (int j = 0; j < n; ++j) {  // line 14
             if (!F::kWarpSpecialised && threadIdx.x == 0 && j + L::kStages - 1 < n) load_kv(j + L::kStages - 1);
+            __syncwarp();  // warp 0 whole again before the .aligned wgmma instructions
             wait_full(j);  // line 15
             fence_registers(S);
             wgmma_fence();
