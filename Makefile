@@ -21,16 +21,18 @@ else
 endif
 NVCCFLAGS ?= -O3 -std=c++20 -lineinfo -Xcompiler -Wall,-Wextra -Werror all-warnings
 FLAGS    := $(NVCCFLAGS) $(GENCODE) -I. -Itests
+V3_FLAGS := $(NVCCFLAGS) -gencode arch=compute_90a,code=sm_90a -I. -Itests $(if $(V3_DEBUG),-DV3_HANG_CHECK)
 BUILD    := build
 
 # Each stage is a folder; its program links its own sources and the kernels of the stages it reuses or checks
 # against (the rung below). main.cu of a folder belongs to that folder's program only; online_softmax/rows_main.cu
 # is a second program, bin/softmax_rows (row softmax three ways, on its own).
-STAGES              := naive online_softmax v1 v2
+STAGES              := naive online_softmax v1 v2 v3
 DEPS_naive          :=
 DEPS_online_softmax := naive
 DEPS_v1             := online_softmax naive
 DEPS_v2             := v1 online_softmax naive
+DEPS_v3             := v2 v1 online_softmax naive
 
 HARNESS_SRC := $(wildcard tests/harness/*.cu)
 HARNESS_OBJ := $(HARNESS_SRC:%.cu=$(BUILD)/%.o)
@@ -45,11 +47,21 @@ all: $(PROGRAMS) bin/tests
 # The compiler and flags of the last build, rewritten only when they change: every object depends on it, so
 # `make ARCH=sm_75` after a default build recompiles everything instead of linking stale objects.
 FLAGS_STAMP := $(BUILD)/flags.txt
-$(shell mkdir -p $(BUILD) && (echo '$(NVCC) $(FLAGS)' | cmp -s - $(FLAGS_STAMP) || echo '$(NVCC) $(FLAGS)' > $(FLAGS_STAMP)))
+$(shell mkdir -p $(BUILD) && (echo '$(NVCC) $(FLAGS) $(V3_FLAGS)' | cmp -s - $(FLAGS_STAMP) || echo '$(NVCC) $(FLAGS) $(V3_FLAGS)' > $(FLAGS_STAMP)))
 
 $(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(FLAGS) -c $< -o $@
+
+# v3 (FlashAttention-3) is Hopper code: TMA, wgmma and setmaxnreg exist only on sm_90a, so v3/ is compiled for it
+# whatever ARCH is (nvcc needs no GPU for that; the program says so and runs its CPU model elsewhere). ptxas's
+# "wgmma serialized" notes (C7513, C7515...: correct but slow) fail the build. make V3_DEBUG=1: mbarrier waits that report
+# the barrier, stage and parity and trap after about 2^28 polls instead of hanging.
+$(BUILD)/v3/%.o: v3/%.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(V3_FLAGS) -c $< -o $@ >$@.log 2>&1; status=$$?; cat $@.log; test $$status = 0
+	@! grep -q "wgmma.mma_async instructions are serialized" $@.log || \
+	    { echo "error: $<: ptxas serialised wgmma (C751x), see $@.log"; rm -f $@; exit 1; }
 
 # The test suites need doctest: installed here when it is missing and that is possible, else one line says how.
 $(TEST_SRC:%.cu=$(BUILD)/%.o): | doctest

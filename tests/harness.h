@@ -217,6 +217,9 @@ struct Stage {
     const char* name = "";
     bool has_dtype = false;  // accepts --dtype fp16/bf16 (only the tensor-core rung)
     std::function<std::string(const Problem&)> unsupported;  // "" when the stage accepts p, else one line
+    // Optional: "" when the stage's kernels run on this machine's GPU, else one line why not (v3 needs Hopper); the
+    // program then says so and runs the CPU model, as it does without a GPU.
+    std::function<std::string()> gpu_unusable;
     std::function<size_t(const Problem&)> workspace_bytes;
     std::function<void(const Problem&, const ForwardArgs&)> forward;
     CpuForward cpu_forward;

@@ -494,6 +494,11 @@ int stage_main(int argc, char** argv, const Stage& s) {
     if (!o.cpu && !gpu_available()) {
         std::printf("no CUDA device found: running the CPU model of %s instead\n", s.name);
         o.cpu = true;
+    } else if (!o.cpu && s.gpu_unusable) {
+        if (const std::string gpu_why = s.gpu_unusable(); !gpu_why.empty()) {
+            std::printf("%s: running the CPU model of %s instead\n", gpu_why.c_str(), s.name);
+            o.cpu = true;
+        }
     }
     if (!host_memory_fits(s, o, &why)) {
         std::fprintf(stderr, "error: %s\n", why.c_str());

@@ -1,0 +1,224 @@
+// test_v3.cu: FlashAttention-3 on Hopper (v3/). On the CPU: the host-side rules (tensor-map shapes, the K/V tile
+// schedule against brute force, the steps' configurations and register budget, the refusals). On a Hopper GPU: every
+// step over the shape matrix against float64 (the same-precision rule) and against v2, the rung below, on the same
+// rounded inputs, LSE included.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "test_support.h"
+#include "v2/v2.h"
+#include "v3/schedule.h"
+#include "v3/v3.h"
+
+namespace {
+
+Case make_case(int Nq, int Nk, int d, bool causal, Dist dist, DType dtype) {
+    Problem p;
+    p.B = 1, p.H = 2, p.Nq = Nq, p.Nk = Nk, p.d = d, p.causal = causal, p.dtype = dtype;
+    return {p, dist};
+}
+
+// The shape matrix's cases v3 takes (d = 64 and 128), plus d = 128 with Nq != Nk both ways, several K/V tiles and a
+// partial last one, a fully masked block of rows (Nq > Nk, causal), and large logits.
+std::vector<Case> v3_cases(DType t) {
+    std::vector<Case> cases;
+    for (Case c : shape_matrix()) {
+        c.p.dtype = t;
+        if (v3_unsupported(c.p).empty()) cases.push_back(c);
+    }
+    for (bool causal : {false, true}) {
+        for (auto [Nq, Nk] : {std::pair{17, 300}, {300, 17}, {129, 257}, {257, 129}, {1, 1000}, {700, 300}})
+            cases.push_back(make_case(Nq, Nk, 128, causal, Dist::normal, t));
+        cases.push_back(make_case(300, 300, 128, causal, Dist::large, t));
+    }
+    return cases;
+}
+
+// v2 (fp32) on the same, already rounded, inputs: the rung below, as bin/v3 --check compares.
+Outputs v2_on(const Problem& p, const HostTensors& in) {
+    Problem p32 = p;
+    p32.dtype = DType::fp32, p32.kernel = 0;
+    return gpu_forward(p32, in, v2_forward, v2_workspace_bytes);
+}
+
+bool one_line(const std::string& why) { return !why.empty() && why.find('\n') == std::string::npos; }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------------- CPU
+
+TEST_CASE("v3 tensor maps: 3-D (column, row, head), 64-column boxes, byte strides, and the bytes a box delivers") {
+    for (int d : {64, 128})
+        for (auto [heads, rows, box_rows] : {std::tuple{1, 1, 64}, {32, 1000, 128}, {7, 4096, 64}}) {
+            V3TensorMapShape s;
+            REQUIRE(v3_tensor_map_shape(heads, rows, d, box_rows, &s).empty());
+            CHECK(s.dims[0] == uint64_t(d));
+            CHECK(s.dims[1] == uint64_t(rows));
+            CHECK(s.dims[2] == uint64_t(heads));
+            CHECK(s.strides[0] == uint64_t(d) * 2);
+            CHECK(s.strides[1] == uint64_t(d) * 2 * rows);
+            CHECK(s.strides[0] % 16 == 0);  // TMA's rule for global strides
+            CHECK(s.strides[1] % 16 == 0);
+            CHECK(s.box[0] * 2 == 128);  // the 128-byte swizzle's width, which the wgmma descriptors assume
+            CHECK(s.box[1] == uint32_t(box_rows));
+            CHECK(s.box[2] == 1);
+            // expect_tx announces the whole box, rows past the tensor included (TMA zero-fills and counts them)
+            CHECK(s.box_bytes == s.box[0] * s.box[1] * 2);
+        }
+    V3TensorMapShape s;
+    CHECK(one_line(v3_tensor_map_shape(2, 100, 40, 64, &s)));
+    CHECK(v3_tensor_map_shape(2, 100, 40, 64, &s).find("40") != std::string::npos);
+    CHECK(one_line(v3_tensor_map_shape(2, 100, 64, 257, &s)));
+    CHECK(one_line(v3_tensor_map_shape(0, 100, 64, 64, &s)));
+}
+
+TEST_CASE("v3 tile schedule: visited K/V tiles hold every key a row sees, no tile is wasted, unmasked tiles need no mask") {
+    const int Bc = 128;
+    for (bool causal : {false, true})
+        for (int Br : {64, 128})
+            for (auto [Nq, Nk] : {std::pair{1, 1}, {17, 17}, {113, 113}, {1000, 1000}, {17, 300}, {300, 17}, {1, 1000},
+                                  {1000, 1}, {129, 257}, {257, 129}, {256, 256}, {700, 300}}) {
+                INFO("causal " << causal << " Br " << Br << " Nq " << Nq << " Nk " << Nk);
+                for (int q0 = 0; q0 < Nq; q0 += Br) {
+                    const V3KvTiles t = v3_kv_tiles(q0, Br, Nq, Nk, Bc, causal);
+                    bool last_tile_used = false, any_seen = false;
+                    for (int i = q0; i < std::min(q0 + Br, Nq); ++i) {
+                        const int sees = causal ? std::min(Nk, causal_key_end(i, Nq, Nk)) : Nk;  // keys [0, sees)
+                        if (sees > 0) any_seen = true;
+                        CHECK(sees <= t.n_tiles * Bc);                              // every seen key is visited
+                        CHECK(t.first_masked * Bc <= std::max(sees, 0));            // unmasked tiles: all seen
+                        if (t.n_tiles > 0 && sees > (t.n_tiles - 1) * Bc) last_tile_used = true;
+                    }
+                    CHECK(any_seen == (t.n_tiles > 0));
+                    if (t.n_tiles > 0) CHECK(last_tile_used);  // the last visited tile holds a key some row sees
+                    CHECK(t.first_masked <= t.n_tiles);
+                }
+            }
+    // Causal skips the tiles above the diagonal: about half the work of the non-causal loop at N = 4096.
+    int causal_tiles = 0, all_tiles = 0;
+    for (int q0 = 0; q0 < 4096; q0 += 128) {
+        causal_tiles += v3_kv_tiles(q0, 128, 4096, 4096, Bc, true).n_tiles;
+        all_tiles += v3_kv_tiles(q0, 128, 4096, 4096, Bc, false).n_tiles;
+    }
+    CHECK(all_tiles == 32 * 32);
+    CHECK(causal_tiles == 32 * 33 / 2);
+}
+
+TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file and the tiles fit shared memory") {
+    REQUIRE(v3_forward_steps().size() == 5);
+    for (int d : {64, 128}) {
+        V3Config prev{};
+        for (int k = 1; k <= 5; ++k) {
+            INFO("d " << d << " step " << k);
+            V3Config c;
+            REQUIRE(v3_config(k, d, &c).empty());
+            CHECK(c.Br == 64 * c.consumers);
+            CHECK(c.threads == 128 * (c.consumers + (c.warp_specialised ? 1 : 0)));
+            CHECK(c.smem_bytes <= 227 * 1024);  // the most an sm_90 block may ask for
+            CHECK(c.stages >= 2);
+            if (c.warp_specialised) CHECK(128 * 24 + 128 * c.consumers * 240 <= 65536);  // setmaxnreg totals
+            const int added = (c.warp_specialised != prev.warp_specialised) + (c.ping_pong != prev.ping_pong) +
+                              (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store);
+            CHECK(added == (k == 1 ? 0 : 1));
+            prev = c;
+        }
+    }
+    V3Config c;
+    CHECK(one_line(v3_config(0, 64, &c)));
+    CHECK(one_line(v3_config(6, 64, &c)));
+    CHECK(one_line(v3_config(1, 96, &c)));
+}
+
+TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry points never exit") {
+    Problem p;
+    p.d = 64, p.dtype = DType::fp16;
+    for (int k = 0; k <= 5; ++k) {
+        p.kernel = k;
+        CHECK_MESSAGE(v3_unsupported(p).empty(), "step " << k);
+    }
+    std::vector<std::string> refusals;
+    p.kernel = 6;
+    refusals.push_back(v3_unsupported(p));
+    p.kernel = -1;
+    refusals.push_back(v3_unsupported(p));
+    p.kernel = 1, p.dtype = DType::bf16;  // the steps before the final one are compiled for fp16 only
+    refusals.push_back(v3_unsupported(p));
+    p.kernel = 0, p.dtype = DType::fp32;
+    refusals.push_back(v3_unsupported(p));
+    p.dtype = DType::fp16, p.d = 96;
+    refusals.push_back(v3_unsupported(p));
+    p.d = 64, p.B = 1000, p.H = 1000;
+    refusals.push_back(v3_unsupported(p));
+    for (const std::string& why : refusals) CHECK(one_line(why));
+    p.kernel = 5, p.dtype = DType::bf16, p.B = 1, p.H = 1;
+    CHECK(v3_unsupported(p).empty());
+    // Null pointers: a launch would fault, so the reason must come back before anything launches.
+    p.d = 96;
+    CHECK(v3_forward_launch(p, ForwardArgs{}).find("96") != std::string::npos);
+    CHECK_THROWS_AS(v3_forward(p, ForwardArgs{}), std::invalid_argument);
+    p.d = 64;
+    if (!v3_gpu_unusable().empty()) {  // no Hopper GPU here: the reason, one line, nothing launched
+        CHECK(one_line(v3_gpu_unusable()));
+        CHECK(v3_forward_launch(p, ForwardArgs{}) == v3_gpu_unusable());
+    }
+}
+
+TEST_CASE("v3 stage: v2 below it, v2's CPU model as its model, which matches float64 in fp16 and bf16") {
+    const Stage& s = v3_stage();
+    CHECK(s.below == &v2_stage());
+    CHECK(s.forward_steps.size() == v3_forward_steps().size());
+    CHECK(!s.backward);
+    for (DType t : {DType::fp16, DType::bf16})
+        for (const Case& c : {make_case(113, 300, 128, true, Dist::normal, t), make_case(300, 113, 64, true, Dist::large, t)}) {
+            const HostTensors in = make_inputs(c.p, c.dist, 41);
+            Outputs got;
+            ModelTraffic traffic;
+            s.cpu_forward(c.p, in, &got.o, &got.lse, &traffic);
+            check_against_reference("v3 CPU model " + c.name(), c.p, in, got);
+        }
+}
+
+// ------------------------------------------------------------------------------------------------------- GPU
+
+// Every step in fp16 (the final one in bf16 too) against float64 and against v2 on the same rounded inputs.
+TEST_CASE("GPU v3 every step matches float64 and v2 over the shape matrix") {
+    if (const std::string why = v3_gpu_unusable(); !why.empty()) {
+        MESSAGE("v3 GPU tests not run: " << why);
+        return;
+    }
+    const int steps = int(v3_forward_steps().size());
+    for (DType t : {DType::fp16, DType::bf16})
+        for (const Case& c : v3_cases(t)) {
+            const HostTensors in = make_inputs(c.p, c.dist, 29);  // rounded to c.p.dtype
+            const Outputs v2 = v2_on(c.p, in);
+            for (int k = t == DType::fp16 ? 1 : steps; k <= steps; ++k) {
+                Problem p = c.p;
+                p.kernel = k;
+                REQUIRE(v3_unsupported(p).empty());
+                const Outputs got = gpu_forward(p, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                const std::string label = "v3 step " + std::to_string(k) + " " + v3_forward_steps()[k - 1].name + " ";
+                check_against_reference(label + c.name(), p, in, got);
+                check_against(label + "vs v2 " + c.name(), p, in, got, v2);
+            }
+        }
+}
+
+// Run twice, the same bits: a missing wgmma wait or barrier shows up as outputs that change from run to run.
+TEST_CASE("GPU v3 every step gives the same bits on every run") {
+    if (const std::string why = v3_gpu_unusable(); !why.empty()) {
+        MESSAGE("v3 GPU tests not run: " << why);
+        return;
+    }
+    const Case c = make_case(1000, 1000, 128, true, Dist::normal, DType::fp16);
+    const HostTensors in = make_inputs(c.p, c.dist, 3);
+    for (int k = 1; k <= int(v3_forward_steps().size()); ++k) {
+        Problem p = c.p;
+        p.kernel = k;
+        const Outputs a = gpu_forward(p, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+        const Outputs b = gpu_forward(p, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+        CHECK_MESSAGE(a.o == b.o, "step " << k);
+        CHECK_MESSAGE(a.lse == b.lse, "step " << k);
+    }
+}

@@ -1,0 +1,550 @@
+// forward.cu: the FlashAttention-3 forward pass on Hopper (Shah et al., 2024, Algorithm 1 for the warp-specialised
+// kernel, Algorithm 2 for the softmax/product overlap), fp16 and bf16, head dims 64 and 128.
+//
+// One CTA owns one Q tile Q_i of Br rows of one (batch, head). Each consumer warpgroup owns 64 of those rows (one
+// wgmma m64 tile) and walks the K/V tiles K_j, V_j of Bc = 128 keys:
+//
+//     S    = Q_i K_j^T                          wgmma m64n128k16, Q and K from shared memory, fp32 accumulators
+//     m'   = max(m_i, rowmax(S) * scale log2 e)  statistics in the log2 domain, fp32
+//     P    = exp2(S * scale log2 e - m')         one FFMA + one EX2 per score; P rounded to 16 bits, in registers
+//     l_i  = l_i exp2(m_i - m') + rowsum(P)
+//     O_i  = O_i exp2(m_i - m') + P V_j          wgmma m64n64k16 per 64 columns, P from registers, V from shared
+//
+// and at the end writes O_i / l_i and LSE_i = (m_i + log2 l_i) ln 2. Symbols as in v2/forward_mma.cu; `// line N`
+// comments are the lines of Algorithm 1 of the FlashAttention-3 paper (producer: lines 3-11, consumer: 12-24).
+//
+// Data movement: the K/V tiles live in a ring of kStages stages in shared memory, each guarded by two mbarriers:
+// full[s] (the producer announces the stage's bytes with expect_tx; TMA completes them) and empty[s] (every consumer
+// warp arrives once it has finished reading the stage). Q_i has its own barrier. All tiles are stored the way TMA
+// writes them with a 128-byte swizzle (hopper.cuh), and the wgmma descriptors use the same swizzle.
+//
+// The steps (bin/v3 --kernel K) are one template, Features<kStep>, each switching on one more idea:
+//   1 tma-wgmma    one warpgroup: its thread 0 issues the copies (one K/V tile ahead), the warpgroup computes
+//   2 warp-spec    a producer warpgroup (24 registers a thread) issues the copies, two consumers (240) compute
+//   3 ping-pong    the consumers take turns at the tensor cores (named barriers): one's softmax runs while the
+//                  other's products do; the product block of a turn is S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+//   4 overlap      inside a warpgroup, the softmax of S_j runs while O += P_{j-1} V_{j-1} is still in flight
+//   5 tma-store    O_i leaves through shared memory (Q_i's space) and a TMA store
+#include "v3.h"
+#include "cuda_check.h"
+#include "common/blocks.cuh"
+#include "hopper.cuh"
+#include "schedule.h"
+#include "v2/mma.cuh"  // pack2, exp2_approx, shared_addr
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace v3_fwd {
+
+using namespace v3_ptx;
+using v2_ptx::exp2_approx;
+using v2_ptx::pack2;
+using v2_ptx::shared_addr;
+
+template <int kStep>
+struct Features {
+    static constexpr bool kWarpSpecialised = kStep >= 2;
+    static constexpr bool kPingPong = kStep >= 3;
+    static constexpr bool kOverlap = kStep >= 4;
+    static constexpr bool kTmaStore = kStep >= 5;
+    static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
+    static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
+};
+constexpr int kFinalStep = 5;
+
+// Registers per thread after setmaxnreg (multiples of 8): 128 x 24 + 256 x 240 = 64,512 of the 65,536.
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// Named barriers 1 and 2: the turns of consumer 0 and consumer 1 (ping-pong); 3 and 4: each consumer's own
+// warpgroup before its TMA store.
+constexpr int kTurnBarrier = 1, kStoreBarrier = 3;
+
+// Tile sizes and the shared-memory map of one instantiation. Every tile is d/64 blocks of rows x 128 bytes (one TMA
+// box each), 1024-byte aligned so that the 128-byte swizzle pattern starts at each 8-row group.
+template <int kD, int kStep>
+struct Tiles {
+    static constexpr int kBr = 64 * Features<kStep>::kConsumers;
+    static constexpr int kBc = 128;
+    static constexpr int kStages = 2;
+    static constexpr int kColBlocks = kD / 64;                  // 64-column (128-byte) blocks of a row
+    static constexpr int kQBytes = kBr * kD * 2;
+    static constexpr int kKVBytes = kBc * kD * 2;               // one K tile (or one V tile)
+    static constexpr int kBarrierBytes = 8 * (2 * kStages + 1);  // full[], empty[], Q
+    static constexpr int kSmem = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;  // 1024: alignment slack
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The consumer's pieces. A warpgroup's thread (warp w, lane = 4g + t) holds rows 16w + g and 16w + g + 8 of its 64.
+
+// Issues S = Q_i K_j^T (d/16 wgmma of k = 16). sQ_rows: this warpgroup's 64 rows of block 0 of Q_i; sK: stage's K.
+template <typename T, int kD, int kStep>
+__device__ __forceinline__ void issue_s(float (&S)[64], uint32_t sQ_rows, uint32_t sK) {
+    using L = Tiles<kD, kStep>;
+#pragma unroll
+    for (int k = 0; k < kD / 16; ++k) {
+        const uint32_t block = k / 4, in_row = k % 4 * 32;  // 64-column block, byte offset of the k step in a row
+        const uint64_t a = smem_descriptor(sQ_rows + block * L::kBr * 128 + in_row, 16, 1024);
+        const uint64_t b = smem_descriptor(sK + block * L::kBc * 128 + in_row, 16, 1024);
+        wgmma_m64n128k16_ss<T>(S, a, b, k > 0);
+    }
+}
+
+// Issues O += P V_j: for each 64-column block of O, Bc/16 wgmma of k = 16 keys, P's k block from registers.
+template <typename T, int kD, int kStep>
+__device__ __forceinline__ void issue_pv(float (&O)[kD / 64][32], const uint32_t (&P)[8][4], uint32_t sV) {
+    using L = Tiles<kD, kStep>;
+#pragma unroll
+    for (int n = 0; n < kD / 64; ++n) {
+#pragma unroll
+        for (int k = 0; k < L::kBc / 16; ++k) {
+            const uint64_t b = smem_descriptor(sV + n * L::kBc * 128 + k * 16 * 128, L::kBc * 128, 1024);
+            wgmma_m64n64k16_rs<T>(O[n], P[k], b, 1);
+        }
+    }
+}
+
+template <int kD>
+__device__ __forceinline__ void fence_o(float (&O)[kD / 64][32]) {
+#pragma unroll
+    for (int n = 0; n < kD / 64; ++n) fence_registers(O[n]);
+}
+
+// The online softmax of one tile (lines 19-21 of Algorithm 1): masks S, updates m and l, and turns S into P in
+// place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
+// thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles). A row with no
+// key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens.
+template <bool kCausal>
+__device__ __forceinline__ void online_softmax(float (&S)[64], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                               const int (&row)[2], int j, bool masked, int Nq, int Nk,
+                                               float scale_log2) {
+    if (masked) {
+        const int col0 = j * 128 + 2 * (threadIdx.x % 4);  // key of S[4i + 2h + e] is col0 + 8i + e
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int sees = kCausal ? min(Nk, causal_key_end(row[h], Nq, Nk)) : Nk;  // keys [0, sees) visible
+#pragma unroll
+            for (int i = 0; i < 16; ++i)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (col0 + 8 * i + e >= sees) S[4 * i + 2 * h + e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(S[4 * i + 2 * h], S[4 * i + 2 * h + 1]));
+        mx = warp_max<4>(mx);  // the 4 lanes of a quad hold one row
+        const float m_new = fmaxf(m[h], mx * scale_log2);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[h] = exp2_approx(m[h] - m_use);
+        m[h] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float& s = S[4 * i + 2 * h + e];
+                s = exp2_approx(fmaf(s, scale_log2, -m_use));
+                sum += s;
+            }
+        l[h] = l[h] * alpha[h] + sum;  // this thread's columns only; the quad adds them up at the end
+    }
+}
+
+// P, 16-bit, as the A fragments of P V: accumulators of n8 blocks 2k, 2k+1 packed pairwise = k block k
+// (hopper.cuh). In the overlap step this runs only once the previous P V is done: registers that a later wgmma
+// reads, written while another wgmma is in flight, make ptxas serialise the pipeline (C7513).
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&S)[64], uint32_t (&P)[8][4]) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        P[k][0] = pack2<T>(S[8 * k + 0], S[8 * k + 1]);
+        P[k][1] = pack2<T>(S[8 * k + 2], S[8 * k + 3]);
+        P[k][2] = pack2<T>(S[8 * k + 4], S[8 * k + 5]);
+        P[k][3] = pack2<T>(S[8 * k + 6], S[8 * k + 7]);
+    }
+}
+
+template <int kD>
+__device__ __forceinline__ void rescale_o(float (&O)[kD / 64][32], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < kD / 64; ++n)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) O[n][i] *= alpha[i % 4 / 2];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The kernel. Grid: (ceil(Nq / Br), B * H). Block: Features<kStep>::kThreads. scale_log2 = scale * log2 e.
+
+template <typename T, int kD, bool kCausal, int kStep>
+__global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
+    forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_o,
+                   T* __restrict__ O_out, float* __restrict__ LSE, int Nq, int Nk, float scale_log2) {
+    using F = Features<kStep>;
+    using L = Tiles<kD, kStep>;
+    static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
+    static_assert(L::kBc == 128, "S is one wgmma n128 accumulator: online_softmax's key columns assume Bc = 128");
+
+    extern __shared__ unsigned char smem_raw[];
+    const uint32_t sQ = (shared_addr(smem_raw) + 1023) & ~1023u;
+    const uint32_t sK = sQ + L::kQBytes;                  // kStages K tiles
+    const uint32_t sV = sK + L::kStages * L::kKVBytes;    // kStages V tiles
+    const uint32_t bars = sV + L::kStages * L::kKVBytes;  // full[kStages], empty[kStages], Q
+    auto full = [&](int s) { return bars + 8 * s; };
+    auto empty = [&](int s) { return bars + 8 * (L::kStages + s); };
+    const uint32_t q_full = bars + 16 * L::kStages;
+
+    // Causal: the last Q tiles see the most keys; launching them first shortens the tail of the grid.
+    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int q0 = q_tile * L::kBr, bh = blockIdx.y;
+    const V3KvTiles kv = v3_kv_tiles(q0, L::kBr, Nq, Nk, L::kBc, kCausal);
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < L::kStages; ++s) {
+            mbarrier_init(full(s), 1);                     // the producer's arrive (with the bytes)
+            mbarrier_init(empty(s), 4 * F::kConsumers);    // one arrive per consumer warp
+        }
+        mbarrier_init(q_full, 1);
+        fence_barrier_init();
+    }
+    __syncthreads();
+
+    // The producer's two jobs (lines 4-5 and 7-9). One thread issues every copy.
+    auto load_q = [&] {
+        mbarrier_arrive_expect_tx(q_full, L::kQBytes);
+        for (int c = 0; c < L::kColBlocks; ++c) tma_load_3d(sQ + c * L::kBr * 128, &tm_q, q_full, 64 * c, q0, bh);
+    };
+    auto load_kv = [&](int j) {
+        const int s = j % L::kStages;
+        mbarrier_wait(empty(s), (j / L::kStages + 1) % 2, "empty", s);  // the first lap passes at once
+        mbarrier_arrive_expect_tx(full(s), 2 * L::kKVBytes);
+        for (int c = 0; c < L::kColBlocks; ++c) {
+            const uint32_t at = s * L::kKVBytes + c * L::kBc * 128;
+            tma_load_3d(sK + at, &tm_k, full(s), 64 * c, j * L::kBc, bh);
+            tma_load_3d(sV + at, &tm_v, full(s), 64 * c, j * L::kBc, bh);
+        }
+    };
+
+    const int wg = threadIdx.x / 128;
+    if constexpr (F::kWarpSpecialised) {
+        if (wg == 0) {  // the producer warpgroup (line 3)
+            setmaxnreg_dec<kProducerRegs>();
+            if (threadIdx.x == 0) {
+                load_q();
+                for (int j = 0; j < kv.n_tiles; ++j) load_kv(j);  // line 6
+            }
+            return;
+        }
+        setmaxnreg_inc<kConsumerRegs>();
+    } else {
+        if (threadIdx.x == 0) {
+            load_q();
+            for (int j = 0; j < min(L::kStages - 1, kv.n_tiles); ++j) load_kv(j);
+        }
+        __syncwarp();
+    }
+
+    // ------------------------------------------------------------------------------------------- consumer (line 12)
+    const int c = F::kWarpSpecialised ? wg - 1 : 0;  // this consumer warpgroup: rows 64c .. 64c + 63 of Q_i
+    const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+    const int row[2] = {q0 + 64 * c + 16 * warp + lane / 4, q0 + 64 * c + 16 * warp + lane / 4 + 8};
+    const uint32_t sQ_rows = sQ + 64 * c * 128;
+
+    float O[kD / 64][32];
+#pragma unroll
+    for (int n = 0; n < kD / 64; ++n)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) O[n][i] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
+    float S[64];
+    uint32_t P[8][4];
+    const int n = kv.n_tiles;
+
+    mbarrier_wait(q_full, 0, "Q", 0);  // line 13
+    auto wait_full = [&](int j) { mbarrier_wait(full(j % L::kStages), j / L::kStages % 2, "full", j % L::kStages); };
+    auto release = [&](int j) {  // line 23: this warp is done reading stage j
+        if (lane == 0) mbarrier_arrive(empty(j % L::kStages));
+    };
+    // Ping-pong: consumer c may issue products only in its turn; it hands the turn over after issuing them.
+    // Consumer 1 opens with a hand-over so consumer 0 goes first; it skips its last one (nobody would wait for it).
+    auto take_turn = [&] {
+        if constexpr (F::kPingPong) named_barrier_sync(kTurnBarrier + c, 256);
+    };
+    auto hand_over = [&](bool last) {
+        if constexpr (F::kPingPong)
+            if (!(last && c == 1)) named_barrier_arrive(kTurnBarrier + 1 - c, 256);
+    };
+
+    if constexpr (!F::kPingPong) {
+        for (int j = 0; j < n; ++j) {  // line 14
+            if (!F::kWarpSpecialised && threadIdx.x == 0 && j + L::kStages - 1 < n) load_kv(j + L::kStages - 1);
+            __syncwarp();  // warp 0 whole again before the .aligned wgmma instructions
+            wait_full(j);  // line 15
+            fence_registers(S);
+            wgmma_fence();
+            issue_s<T, kD, kStep>(S, sQ_rows, sK + j % L::kStages * L::kKVBytes);  // line 16
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(S);
+            online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+            pack_p<T>(S, P);
+            rescale_o<kD>(O, alpha);  // line 22, first half
+            fence_o<kD>(O);
+            fence_registers(P);
+            wgmma_fence();
+            issue_pv<T, kD, kStep>(O, P, sV + j % L::kStages * L::kKVBytes);  // line 22: O += P V_j
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_o<kD>(O);
+            fence_registers(P);
+            release(j);
+        }
+    } else if (n > 0) {
+        // Products of a turn: S_j = Q K_j^T and O += P_{j-1} V_{j-1} (Algorithm 2's order), softmax of S_j after.
+        if (c == 1) named_barrier_arrive(kTurnBarrier, 256);
+        wait_full(0);
+        take_turn();
+        fence_registers(S);
+        wgmma_fence();
+        issue_s<T, kD, kStep>(S, sQ_rows, sK);
+        wgmma_commit();
+        hand_over(false);
+        wgmma_wait<0>();
+        fence_registers(S);
+        online_softmax<kCausal>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk, scale_log2);  // O is 0 still
+        pack_p<T>(S, P);
+        for (int j = 1; j < n; ++j) {
+            wait_full(j);
+            take_turn();
+            fence_registers(S);
+            fence_registers(P);
+            fence_o<kD>(O);
+            wgmma_fence();
+            issue_s<T, kD, kStep>(S, sQ_rows, sK + j % L::kStages * L::kKVBytes);
+            wgmma_commit();
+            issue_pv<T, kD, kStep>(O, P, sV + (j - 1) % L::kStages * L::kKVBytes);
+            wgmma_commit();
+            hand_over(false);
+            if constexpr (F::kOverlap) {
+                wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+                fence_registers(S);
+                online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                wgmma_wait<0>();
+                fence_o<kD>(O);
+                fence_registers(P);
+            } else {
+                wgmma_wait<0>();
+                fence_registers(S);
+                fence_o<kD>(O);
+                fence_registers(P);
+                online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+            }
+            release(j - 1);
+            pack_p<T>(S, P);  // P_j replaces P_{j-1}, whose product is done
+            rescale_o<kD>(O, alpha);
+        }
+        take_turn();
+        fence_registers(P);
+        fence_o<kD>(O);
+        wgmma_fence();
+        issue_pv<T, kD, kStep>(O, P, sV + (n - 1) % L::kStages * L::kKVBytes);
+        wgmma_commit();
+        hand_over(true);
+        wgmma_wait<0>();
+        fence_o<kD>(O);
+        fence_registers(P);
+        release(n - 1);
+    }
+
+    // Line 24: O_i / l_i and LSE_i. A row that saw no key has l = 0: O = 0 and LSE = -inf.
+    float inv_l[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float l_row = warp_sum<4>(l[h]);
+        inv_l[h] = l_row > 0.0f ? 1.0f / l_row : 0.0f;
+        const float lse = l_row > 0.0f ? (m[h] + __log2f(l_row)) * 0.6931471805599453f : -INFINITY;
+        if (lane % 4 == 0 && row[h] < Nq) LSE[size_t(bh) * Nq + row[h]] = lse;
+    }
+    const int t = lane % 4;
+    if constexpr (!F::kTmaStore) {
+        T* O_bh = O_out + size_t(bh) * Nq * kD;
+#pragma unroll
+        for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    if (row[h] < Nq)
+                        *reinterpret_cast<uint32_t*>(&O_bh[size_t(row[h]) * kD + 64 * n_blk + 8 * i + 2 * t]) =
+                            pack2<T>(O[n_blk][4 * i + 2 * h] * inv_l[h], O[n_blk][4 * i + 2 * h + 1] * inv_l[h]);
+    } else {
+        // Into this warpgroup's rows of Q_i's space (its last S product is done), in the swizzled layout of the
+        // O tensor map: 16-byte chunk q of row r at chunk q ^ (r % 8). Then one thread stores each 64-column block.
+        const uint32_t sO = sQ_rows;
+#pragma unroll
+        for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 16 * warp + lane / 4 + 8 * h;  // row within the warpgroup's 64
+                    const uint32_t at = sO + n_blk * L::kBr * 128 + r * 128 + ((i ^ (r % 8)) * 16) + 4 * t;
+                    const uint32_t v = pack2<T>(O[n_blk][4 * i + 2 * h] * inv_l[h], O[n_blk][4 * i + 2 * h + 1] * inv_l[h]);
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(v) : "memory");
+                }
+        fence_async_shared();
+        named_barrier_sync(kStoreBarrier + c, 128);
+        if (tid == 0 && q0 + 64 * c < Nq) {
+            for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
+                tma_store_3d(&tm_o, sO + n_blk * L::kBr * 128, 64 * n_blk, q0 + 64 * c, bh);
+            tma_store_commit_and_wait_read();
+        }
+    }
+}
+
+// --------------------------------------------------------------------------------------------------- host side
+
+// cuTensorMapEncodeTiled from the driver, found at run time (the program does not link libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(std::string* why) {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    static std::string error;
+    static bool looked = false;
+    if (!looked) {
+        looked = true;
+        void* p = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found);
+        if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || p == nullptr)
+            error = "v3: the driver has no cuTensorMapEncodeTiled (needs a CUDA 12 driver or newer)";
+        else
+            fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+    }
+    *why = error;
+    return fn;
+}
+
+template <typename T>
+std::string encode(CUtensorMap* map, const void* base, int heads, int rows, int d, int box_rows) {
+    V3TensorMapShape s;
+    if (std::string why = v3_tensor_map_shape(heads, rows, d, box_rows, &s); !why.empty()) return why;
+    std::string why;
+    const auto fn = tensor_map_encoder(&why);
+    if (!fn) return why;
+    const cuuint32_t element_strides[3] = {1, 1, 1};
+    const CUresult r = fn(map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                          3, const_cast<void*>(base), s.dims, s.strides, s.box, element_strides,
+                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) return "v3: cuTensorMapEncodeTiled failed with error " + std::to_string(int(r));
+    return "";
+}
+
+template <typename T, int kD, bool kCausal, int kStep>
+std::string launch(const Problem& p, const ForwardArgs& a) {
+    using L = Tiles<kD, kStep>;
+    const int heads = p.B * p.H;
+    CUtensorMap tq, tk, tv, to;
+    for (const std::string& why : {encode<T>(&tq, a.q, heads, p.Nq, kD, L::kBr), encode<T>(&tk, a.k, heads, p.Nk, kD, L::kBc),
+                                   encode<T>(&tv, a.v, heads, p.Nk, kD, L::kBc), encode<T>(&to, a.o, heads, p.Nq, kD, 64)})
+        if (!why.empty()) return why;
+    auto kernel = forward_kernel<T, kD, kCausal, kStep>;
+    // Once per instantiation, at its first launch: later (timed) launches do no host work but encoding and launching.
+    static const cudaError_t attribute_set =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmem);
+    CUDA_CHECK(attribute_set);
+    const dim3 grid(ceil_div(p.Nq, L::kBr), heads);
+    kernel<<<grid, Features<kStep>::kThreads, L::kSmem>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq, p.Nk,
+                                                          p.resolved_scale() * 1.4426950408889634f);
+    CUDA_CHECK_LAUNCH();
+    return "";
+}
+
+template <typename T, int kD, int kStep>
+std::string launch_causal_or_not(const Problem& p, const ForwardArgs& a) {
+    return p.causal ? launch<T, kD, true, kStep>(p, a) : launch<T, kD, false, kStep>(p, a);
+}
+
+template <typename T, int kD>
+std::string launch_step(const Problem& p, const ForwardArgs& a) {
+    const int step = p.kernel == 0 ? kFinalStep : p.kernel;
+    if (step == kFinalStep) return launch_causal_or_not<T, kD, kFinalStep>(p, a);
+    if constexpr (std::is_same_v<T, __half>) {
+        switch (step) {
+            case 1: return launch_causal_or_not<T, kD, 1>(p, a);
+            case 2: return launch_causal_or_not<T, kD, 2>(p, a);
+            case 3: return launch_causal_or_not<T, kD, 3>(p, a);
+            case 4: return launch_causal_or_not<T, kD, 4>(p, a);
+            default: break;
+        }
+    }
+    return "v3 has no step " + std::to_string(p.kernel) + " compiled for " + dtype_name(p.dtype);
+}
+
+template <typename T>
+std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a) {
+    switch (p.d) {
+        case 64: return launch_step<T, 64>(p, a);
+        case 128: return launch_step<T, 128>(p, a);
+        default: return "v3 has no instantiation for head dim " + std::to_string(p.d);
+    }
+}
+
+template <int kStep>
+V3Config config_of(int d) {
+    using F = Features<kStep>;
+    V3Config c;
+    c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
+    c.tma_store = F::kTmaStore, c.consumers = F::kConsumers, c.threads = F::kThreads;
+    if (d == 64) {
+        using L = Tiles<64, kStep>;
+        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem;
+    } else {
+        using L = Tiles<128, kStep>;
+        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem;
+    }
+    return c;
+}
+
+}  // namespace v3_fwd
+
+const std::vector<KernelStep>& v3_forward_steps() {
+    static const std::vector<KernelStep> steps = {
+        {"tma-wgmma", "one warpgroup: TMA copies into a 2-stage mbarrier ring, wgmma for S = Q K^T and O += P V"},
+        {"warp-spec", "a producer warpgroup issues the copies; two consumer warpgroups compute (setmaxnreg 24/240)"},
+        {"ping-pong", "the two consumers take turns at the tensor cores: one's softmax runs under the other's products"},
+        {"overlap", "inside a warpgroup, the softmax of tile j runs while O += P V of tile j-1 is in flight"},
+        {"tma-store", "O leaves through shared memory and a TMA store"},
+    };
+    static_assert(v3_fwd::kFinalStep == 5, "one entry per step");
+    return steps;
+}
+
+std::string v3_config(int step, int d, V3Config* c) {
+    if (d != 64 && d != 128) return "v3 supports head dims 64 and 128, got " + std::to_string(d);
+    switch (step) {
+        case 1: *c = v3_fwd::config_of<1>(d); return "";
+        case 2: *c = v3_fwd::config_of<2>(d); return "";
+        case 3: *c = v3_fwd::config_of<3>(d); return "";
+        case 4: *c = v3_fwd::config_of<4>(d); return "";
+        case 5: *c = v3_fwd::config_of<5>(d); return "";
+        default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
+    }
+}
+
+std::string v3_forward_launch(const Problem& p, const ForwardArgs& a) {
+    if (std::string why = v3_unsupported(p); !why.empty()) return why;
+    if (std::string why = v3_gpu_unusable(); !why.empty()) return why;
+    return p.dtype == DType::fp16 ? v3_fwd::launch_for_head_dim<__half>(p, a)
+                                  : v3_fwd::launch_for_head_dim<__nv_bfloat16>(p, a);
+}
+
+void v3_forward(const Problem& p, const ForwardArgs& a) {
+    if (std::string why = v3_forward_launch(p, a); !why.empty()) throw std::invalid_argument(why);
+}

@@ -1,0 +1,58 @@
+// v3.h: FlashAttention-3 (Shah et al., 2024) forward on Hopper (sm_90a), fp16 and bf16, head dims 64 and 128.
+//
+// What changes from FlashAttention-2 (v2/): the loops and the math are the same (one CTA per Q tile, the K/V tiles
+// walked inside, online softmax in the log2 domain); what changes is who moves the data and how the products run.
+// TMA copies whole tiles with one instruction and signals an mbarrier; wgmma runs 64-row products from shared memory
+// asynchronously for a whole warpgroup; warp specialisation gives the copies to a producer warpgroup and the
+// registers to the consumers; and the softmax of one tile hides behind products (ping-pong between two consumer
+// warpgroups, and the next tile's product inside one). docs/v3.md walks through it, forward.cu is the kernel.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+
+// ---------------------------------------------------------------------------------------------- steps (--kernel)
+// p.kernel = k runs step k (1-based; 0 = the final step). The steps before the final one are compiled for fp16 only.
+const std::vector<KernelStep>& v3_forward_steps();
+
+// What a step is made of, as the kernel template sees it at compile time (forward.cu, Features<kStep>), for the
+// host and the tests: warpgroups, tile sizes and the pipeline depth.
+struct V3Config {
+    bool warp_specialised;  // a producer warpgroup issues the copies (step 2 on)
+    bool ping_pong;         // two consumer warpgroups take turns at the tensor cores (step 3 on)
+    bool overlap;           // softmax of tile j overlaps P V of tile j-1 inside a warpgroup (step 4 on)
+    bool tma_store;         // O leaves through shared memory and a TMA store (step 5)
+    int consumers;          // consumer warpgroups (64 query rows each)
+    int threads;            // 128 per warpgroup, producer included
+    int Br, Bc, stages;     // Q tile rows, K/V tile rows, K/V ring depth
+    int smem_bytes;         // dynamic shared memory the launch asks for
+};
+// "" and *c filled when (step, d) is compiled (step 1..steps, d = 64 or 128), else one line saying why not.
+std::string v3_config(int step, int d, V3Config* c);
+
+// -------------------------------------------------------------------------------------------- tensor maps (host)
+// One tensor [B*H, N, d] of 16-bit elements seen by TMA as a 3-D tensor (column, row, head), so a box that runs past
+// row N of a head is zero-filled on load (and dropped on store) instead of reading the next head's rows.
+struct V3TensorMapShape {
+    uint64_t dims[3];     // d, N, B*H (innermost first, as cuTensorMapEncodeTiled wants)
+    uint64_t strides[2];  // bytes from one row to the next, from one head to the next (multiples of 16)
+    uint32_t box[3];      // 64 columns (128 bytes: the widest box a 128-byte swizzle allows), box_rows, 1
+    uint32_t box_bytes;   // bytes one copy delivers, out-of-bounds zeros included: what expect_tx must announce
+};
+// "" and *s filled, or one line saying why TMA cannot describe the tensor (d not a multiple of 64, box too tall).
+std::string v3_tensor_map_shape(int heads, int rows, int d, int box_rows, V3TensorMapShape* s);
+
+// --------------------------------------------------------------------------------------------- the stage entry
+std::string v3_unsupported(const Problem& p);  // "" when bin/v3 accepts p (fp16/bf16, d = 64 or 128, ...)
+// "" on a Hopper GPU (sm_90), else one line saying why the kernels cannot run here (the stage runs its CPU model).
+std::string v3_gpu_unusable();
+// Launches step p.kernel on the current device and returns "", or launches nothing and returns why not (the reason
+// v3_unsupported gives, no Hopper GPU, or the driver's tensor-map encoder unavailable). Never exits.
+std::string v3_forward_launch(const Problem& p, const ForwardArgs& a);
+// The harness-facing form: throws std::invalid_argument with v3_forward_launch's reason when it launched nothing.
+void v3_forward(const Problem& p, const ForwardArgs& a);
+
+// The stage as the harness runs it (stage.cu): v2 below it, v2's CPU model as its CPU model.
+const Stage& v3_stage();
