@@ -228,6 +228,7 @@ struct Stage {
     std::function<size_t(const Problem&)> backward_workspace_bytes;
     std::function<void(const Problem&, const BackwardArgs&)> backward;
     CpuBackward cpu_backward;
+    bool has_deterministic = false;  // --deterministic: its backward_unsupported decides which problems it covers
     int cpu_model_score_matrices = 0;  // Nq x Nk matrices the CPU model keeps per head (naive, online_softmax: 1)
     // Runnable steps (--kernel); empty when the stage has one kernel per pass. The last step is the final kernel.
     std::vector<KernelStep> forward_steps, backward_steps;
