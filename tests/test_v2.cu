@@ -35,7 +35,7 @@ std::vector<Case> backward_cases(const std::vector<int>& head_dims) {
     return cases;
 }
 
-// The forward cases of the tensor-core path: the shape matrix's cases with a head dim it supports (64 and 128),
+// The forward cases of the tensor-core path: the shape matrix's cases with a head dim it supports (multiples of 8),
 // plus d = 32 and d = 96, including a fully masked block of rows and large logits.
 std::vector<Case> mma_forward_cases(DType t) {
     std::vector<Case> cases;
@@ -360,6 +360,7 @@ TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on t
 TEST_CASE("GPU v2 every forward step (tensor cores, fp16) matches float64 and v1") {
     for (int k = 1; k <= int(v2_forward_steps().size()); ++k)
         for (Case c : mma_forward_cases(DType::fp16)) {
+            if (c.p.d % 32 != 0 || c.p.d > 128) continue;  // the steps keep their head dims (32, 64, 96, 128)
             c.p.kernel = k;
             REQUIRE(v2_unsupported(c.p).empty());
             const HostTensors in = make_inputs(c.p, c.dist, 23);
@@ -480,7 +481,9 @@ TEST_CASE("GPU v2 --deterministic backward is bitwise identical over repeated ru
             Problem atomic = p;
             atomic.deterministic = false;
             const HostGrads a = run(atomic), b = run(atomic);
-            MESSAGE("d = " << d << (causal ? " causal" : "") << ": the atomic dQ was "
-                    << (same_bits(a.dq, b.dq) ? "the same" : "different") << " over two runs");
+            const std::string shape = "d = " + std::to_string(d) + (causal ? " causal" : "");
+            const std::string note = shape + ": the atomic dQ was " +
+                                     (same_bits(a.dq, b.dq) ? "the same" : "different") + " over two runs";
+            MESSAGE(note);
         }
 }

@@ -19,8 +19,8 @@
 // Head dims: any multiple of 8 from 8 to 256 runs the tile kD = 64, 128, 192 or 256 that holds it
 // (v2_backward_mma_head_dim_tile); columns d..kD-1 of every shared tile are zero-filled by cp.async (nothing past
 // column d is read from device memory) and are never stored. Past kD = 128 one warp's dK_j and dV_j rows would need
-// kD registers a thread, so the K/V tile shrinks to 64 keys (4 warps) and the columns of dK_j, dV_j and dQ_i are
-// split in two halves, one thread block each (grid z): both recompute S_ij and dP_ij over all kD columns.
+// kD registers a thread, so the K/V tile shrinks to 64 keys and two warps share each 16 keys, one half of the
+// columns of dK_j and dV_j each (8 warps): both compute S_ij^T and dP_ij^T of their 16 keys over all kD columns.
 //
 // The `// line N` comments are the lines of Algorithm 2 of the FlashAttention-2 paper (as in backward_fp32.cu).
 //
@@ -78,16 +78,20 @@ struct Features {
 // each, per thread). d = 128 takes 64, since dK_j and dV_j already need 128 registers per thread.
 // (kD is the head-dim tile.) Past 128, Br = 64 and the column split below keep the same register budget as kD = 128.
 __host__ __device__ constexpr int q_tile_rows(int kD, bool br128_at_d64) { return kD == 64 && br128_at_d64 ? 128 : 64; }
-// The K/V tile of one dk_dv thread block: Bc keys, one warp per 16 of them, and kParts column parts of dK_j, dV_j
-// (and of dQ_i's atomics), one thread block each. Past kD = 128, 64 keys and two parts: K_j, V_j, and two stages
-// of Q_i, dO_i then take 201 KiB of shared memory at kD = 256, and each thread holds kD / 2 columns of its dK_j, dV_j
-// rows (128 registers, as at kD = 128).
+// The K/V tile of one dk_dv thread block: Bc keys, kParts warps per 16 of them, each owning kD / kParts columns of
+// those keys' dK_j, dV_j rows. Past kD = 128, 64 keys and two parts: K_j, V_j, and two stages of Q_i, dO_i then take
+// 201 KiB of shared memory at kD = 256 (one block of 8 warps an SM), and each thread holds kD / 2 columns of its
+// dK_j, dV_j rows (128 registers, as at kD = 128). The price: the two warps of a part pair both compute S_ij^T and
+// dP_ij^T, 2 of the 5 products, for their 16 keys (7 products' work instead of 5). (Measured on an H200, d = 256,
+// N = 4096, fp16: the two parts as two thread blocks of 4 warps each, one block an SM, ran at 0.53x
+// FlashAttention-2 non-causal, 0.58x causal.)
 template <int kD>
 struct KVTile {
     static constexpr int Bc = kD <= 128 ? 128 : 64;
-    static constexpr int kWarps = Bc / 16;
-    static constexpr int kThreads = kWarps * 32;
     static constexpr int kParts = kD <= 128 ? 1 : 2;
+    static constexpr int kKeyWarps = Bc / 16;  // warps of one part: one per 16 keys
+    static constexpr int kWarps = kKeyWarps * kParts;
+    static constexpr int kThreads = kWarps * 32;
     static constexpr int kPartCols = kD / kParts;
 };
 constexpr float kLog2e = 1.4426950408889634f;
@@ -163,7 +167,7 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
     static constexpr int bytes = D + kStages * Br * 4;
 };
 
-// Grid: (ceil(Nk / Bc), B * H, kParts). d is the head dim in device memory, kD its tile. dQ_accum is [Nq_pad, kD]
+// Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile. dQ_accum is [Nq_pad, kD]
 // per head; with atomic_dq false (--deterministic) nothing goes to it and the dq kernel computes dQ.
 template <typename T, int kD, int kStep>
 __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
@@ -174,7 +178,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     using F = Features<kStep>;
     constexpr int Br = q_tile_rows(kD, F::kBr128AtD64);
     constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
-    constexpr int kPartCols = KVTile<kD>::kPartCols;  // columns of dK_j, dV_j, dQ_i this block owns
+    constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1>;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t s = shared_addr(smem);
@@ -182,7 +186,6 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     const float* s_D = reinterpret_cast<const float*>(smem + L::D);
 
     const int bh = blockIdx.y, j0 = blockIdx.x * Bc;  // line 5: the grid walks the K/V tiles
-    const int col0 = blockIdx.z * kPartCols;          // this block's column part
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     Q += size_t(bh) * Nq * d;
     dO += size_t(bh) * Nq * d;
@@ -213,10 +216,11 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     load_q_tile(first_tile, 0);
     cp_async_commit();
 
-    // line 7: this warp's 16 keys x this block's kPartCols columns, as m16n8 fragments
+    // line 7: this warp's 16 keys x its part's kPartCols columns, as m16n8 fragments
     float dK_j[kPartCols / 8][4] = {}, dV_j[kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
-    const int key_row = warp * 16;  // first row of this warp within K_j
+    const int key_row = warp % kKeyWarps * 16;      // first row of this warp within K_j
+    const int col0 = warp / kKeyWarps * kPartCols;  // first column of this warp's part of dK_j, dV_j
 
     for (int tile = first_tile; tile < n_tiles; ++tile) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
         const int stage = F::kDoubleBuffer ? (tile - first_tile) & 1 : 0, i0 = tile * Br;
@@ -271,7 +275,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         }
 
         // line 12: dV_j += P_ij^T dO_i: A = P^T straight from the accumulators (fragments n, n+1 form one 16x16 A
-        // block), B = dO_i stored [query][d], read with .trans (this block's columns).
+        // block), B = dO_i stored [query][d], read with .trans (this warp's columns).
 #pragma unroll
         for (int n = 0; n < Br / 8; n += 2) {
             const uint32_t a[4] = {pack2<T>(S[n][0], S[n][1]), pack2<T>(S[n][2], S[n][3]),
@@ -295,13 +299,13 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
             dS[n][0] = pack2<T>(scale * S[n][0] * (dP[n][0] - D0), scale * S[n][1] * (dP[n][1] - D1));
             dS[n][1] = pack2<T>(scale * S[n][2] * (dP[n][2] - D0), scale * S[n][3] * (dP[n][3] - D1));
-            if (atomic_dq) {
+            if (atomic_dq && col0 == 0) {  // one warp of a part pair writes the pair's (identical) dS
                 *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g, q)) = dS[n][0];
                 *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g + 8, q)) = dS[n][1];
             }
         }
 
-        // line 16: dK_j += dS_ij^T Q_i, B = Q_i stored [query][d], read with .trans (this block's columns).
+        // line 16: dK_j += dS_ij^T Q_i, B = Q_i stored [query][d], read with .trans (this warp's columns).
 #pragma unroll
         for (int n = 0; n < Br / 8; n += 2) {
             const uint32_t a[4] = {dS[n][0], dS[n][1], dS[n + 1][0], dS[n + 1][1]};
@@ -316,10 +320,9 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         __syncthreads();  // all of dS_ij^T is in shared memory (one stage: every warp is done with Q_i, dO_i)
         if (!atomic_dq) continue;  // --deterministic: the dq kernel computes dQ
 
-        // line 15: dQ_i += dS_ij K_j, Br x kPartCols. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows
-        // 32 wm.., columns col0 + kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored
-        // [key][d], with .trans.
-        constexpr int kWarpsN = kWarps / (Br / 32), kCols = kPartCols / kWarpsN;
+        // line 15: dQ_i += dS_ij K_j, Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
+        // columns kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
+        constexpr int kWarpsN = kWarps / (Br / 32), kCols = kD / kWarpsN;
         static_assert(kCols % 16 == 0, "whole x4 B fragments");
         const int wm = warp / kWarpsN, wn = warp % kWarpsN;
         float dQ_i[2][kCols / 8][4] = {};
@@ -332,7 +335,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 #pragma unroll
             for (int c = 0; c < kCols / 8; c += 2) {
                 uint32_t b[4];
-                ldmatrix_x4_trans(b, s + L::K + swizzle<kD>(k + ldm_bt_row(lane), col0 + wn * kCols + c * 8 + ldm_bt_col(lane)));
+                ldmatrix_x4_trans(b, s + L::K + swizzle<kD>(k + ldm_bt_row(lane), wn * kCols + c * 8 + ldm_bt_col(lane)));
 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
                     mma_m16n8k16<T>(dQ_i[m][c], a[m], b[0], b[1]);
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         for (int m = 0; m < 2; ++m)
 #pragma unroll
             for (int c = 0; c < kCols / 8; ++c) {
-                const int col = col0 + wn * kCols + c * 8;
+                const int col = wn * kCols + c * 8;
                 if (col >= d) continue;
                 float* row = dQ_accum + size_t(i0 + wm * 32 + m * 16 + g) * kD + col + 2 * t;
                 atomic_add2(row, dQ_i[m][c][0], dQ_i[m][c][1]);
@@ -375,8 +378,9 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 // accumulator fragment of dS_ij is the A operand of dQ_i += dS_ij K_j, as P's is of P V in the forward; K_j and V_j
 // are double-buffered. Grid: (Nq_pad / 64, B * H). dQ is [B, H, Nq, d] of T, written once.
 constexpr int kDqRows = 64, kDqWarps = 4, kDqThreads = kDqWarps * 32;
+// Keys per K/V tile: each thread holds kD / 2 registers of dQ_i and Bc / 2 each of S_ij and dP_ij.
 template <int kD>
-__host__ __device__ constexpr int dq_key_rows() { return kD <= 128 ? 64 : 32; }  // dQ_i is kD / 2 registers a thread; S, dP 4 Bc / 8 each
+__host__ __device__ constexpr int dq_key_rows() { return kD <= 128 ? 64 : 32; }
 template <int kD>
 constexpr int dq_smem_bytes() { return (2 * kDqRows + 4 * dq_key_rows<kD>()) * kD * 2; }  // Q_i, dO_i; K_j, V_j x2
 
@@ -541,7 +545,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), BH, KVTile<kD>::kParts);
+    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), BH);
     dk_dv_kernel<T, kD, kStep><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(),
         !p.deterministic);

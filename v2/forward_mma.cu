@@ -1,7 +1,7 @@
 // forward_mma.cu: the FlashAttention-2 forward pass (Dao, 2023, Algorithm 1) on tensor cores.
 //
-// One CTA of 4 warps owns one tile Q_i of Br query rows of one (batch, head) and walks the key/value tiles
-// K_j, V_j of Bc rows each:
+// One CTA of 4 warps (8 past head dim 128) owns one tile Q_i of Br query rows of one (batch, head) and walks the
+// key/value tiles K_j, V_j of Bc rows each:
 //
 //     S    = Q_i K_j^T                                   mma.sync m16n8k16, fp32 accumulators
 //     m'   = max(m_i, rowmax(S) * scale * log2 e)        softmax statistics in the log2 domain, fp32
@@ -13,7 +13,7 @@
 // The `// line N` comments in the kernel are the lines of Algorithm 1 of the FlashAttention-2 paper; symbols as in
 // forward_fp32.cu, plus m_i, l_i held in the log2 domain from the exp2 step on.
 //
-// Work split: each warp owns Br/4 contiguous query rows of Q_i (32 rows = two m16 tiles when Br = 128), so the
+// Work split: each warp owns Br / kWarps contiguous query rows of Q_i (32 rows = two m16 tiles with 4 warps), so the
 // warps never exchange softmax statistics; the Q loop is the grid (one CTA per Q tile), the K/V loop is in the CTA.
 //
 // Data movement:
@@ -52,9 +52,6 @@
 namespace v2_mma {
 
 using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
-
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The optimisation steps (bin/v2 --dtype fp16 --kernel K; v2_forward_steps() below names them). One kernel
@@ -124,7 +121,7 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
 // Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass, so that every
 // shared address below is a per-thread base plus a compile-time offset. (kD = 96 has 12 chunks a row: 120 threads
 // copy.) kAsync: cp.async, which the caller commits and waits for; otherwise a load and a store per chunk.
-template <int kRows, int kD, int kPitchBytes, bool kAsync, typename T>
+template <int kRows, int kD, int kPitchBytes, int kThreads, bool kAsync, typename T>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N, int d) {
     constexpr int kChunksPerRow = kD / 8;
     constexpr int kRowsPerPass = kThreads / kChunksPerRow;
@@ -201,15 +198,17 @@ __device__ __forceinline__ float softmax_exp(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: 4 warps. scale_exp is scale * log2 e from the exp2 step on,
-// the softmax scale before it. d is the head dim in device memory, kD the tile's (d <= kD): columns d..kD-1 of the
+// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 past kD = 128: see Tile below), 8 warps an
+// SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
+// scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the tile's (d <= kD): columns d..kD-1 of the
 // shared tiles are zeros, so they add nothing to S and give O_i columns that are never stored.
 
-template <typename T, int kD, int kBr, int kBc, bool kCausal, int kStep>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                          T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, int d, float scale_exp) {
     using F = Features<kStep>;
+    constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
     constexpr int kMTiles = kWarpRows / 16;   // m16 tiles per warp
     constexpr int kNTiles = kBc / 8;          // n8 tiles of S = Q_i K_j^T
@@ -243,11 +242,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
     const int n_tiles = kv_end > 0 ? ceil_div(kv_end, kBc) : 0;
 
-    load_tile<kBr, kD, kPitchBytes, F::kCpAsync>(sQ, Q_i, 0, Nq - q0, d);  // line 4 (and line 7 for K_0, V_0)
+    load_tile<kBr, kD, kPitchBytes, kThreads, F::kCpAsync>(sQ, Q_i, 0, Nq - q0, d);  // line 4 (line 7: K_0, V_0)
     if constexpr (F::kCpAsync) {
         if (n_tiles > 0) {
-            load_tile<kBc, kD, kPitchBytes, true>(sK, K_bh, 0, Nk, d);
-            load_tile<kBc, kD, kPitchBytes, true>(sV, V_bh, 0, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, 0, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, 0, Nk, d);
         }
         cp_async_commit();
     }
@@ -276,16 +275,17 @@ __global__ void __launch_bounds__(kThreads, 2)
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
             // The group is committed even when empty so that "wait until one group is pending" always means tile j.
             if (j + 1 < n_tiles) {
-                load_tile<kBc, kD, kPitchBytes, true>(sK + (j + 1) % 2 * kKVTileBytes, K_bh, (j + 1) * kBc, Nk, d);
-                load_tile<kBc, kD, kPitchBytes, true>(sV + (j + 1) % 2 * kKVTileBytes, V_bh, (j + 1) * kBc, Nk, d);
+                const uint32_t next = (j + 1) % 2 * kKVTileBytes;
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK + next, K_bh, (j + 1) * kBc, Nk, d);
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV + next, V_bh, (j + 1) * kBc, Nk, d);
             }
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             // line 7. One buffer: the CTA waits for tile j's loads before any mma (the barrier at the end of iteration
             // j-1 made the buffer free).
-            load_tile<kBc, kD, kPitchBytes, false>(sK, K_bh, j * kBc, Nk, d);
-            load_tile<kBc, kD, kPitchBytes, false>(sV, V_bh, j * kBc, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sK, K_bh, j * kBc, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sV, V_bh, j * kBc, Nk, d);
         }
         __syncthreads();
         const uint32_t K_j = k_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
@@ -457,9 +457,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 }
 
-template <typename T, int kD, int kBr, int kBc, bool kCausal, int kStep>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
 void launch(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE, cudaStream_t stream) {
-    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kCausal, kStep>;
+    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep>;
     constexpr int kSmem = smem_bytes<kBr, kBc, kD, kStep>();
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
     static const cudaError_t attribute_set =
@@ -468,19 +468,10 @@ void launch(const Problem& p, const void* Q, const void* K, const void* V, void*
     const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);
     const float scale = p.resolved_scale();
     const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
-    kernel<<<grid, kThreads, kSmem, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
-                                             static_cast<const T*>(V), static_cast<T*>(O), LSE, p.Nq, p.Nk, p.d,
-                                             scale_exp);
+    kernel<<<grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
+                                                 static_cast<const T*>(V), static_cast<T*>(O), LSE, p.Nq, p.Nk, p.d,
+                                                 scale_exp);
     CUDA_CHECK_LAUNCH();
-}
-
-template <typename T, int kD, int kBr, int kBc, int kStep>
-void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                          cudaStream_t stream) {
-    if (p.causal)
-        launch<T, kD, kBr, kBc, true, kStep>(p, Q, K, V, O, LSE, stream);
-    else
-        launch<T, kD, kBr, kBc, false, kStep>(p, Q, K, V, O, LSE, stream);
 }
 
 // Tile shapes (Br x Bc) per head-dim tile kD. Measured on an H200 (fp16, hidden 2048, B*N = 16384, TFLOP/s at
@@ -493,14 +484,28 @@ void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const 
 // separates the rows above; Bc = 64 keeps S (Br x Bc fp32) small enough next to O_i to stay in 255 registers with
 // no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
 // ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape.
-// Past 128 the accumulator O_i alone is kD / 2 registers a thread per m16 tile (128 at kD = 256), so the warps take
-// 16 rows each (Br = 64, as FlashAttention-2 does at d = 256); Bc = 32 keeps two CTAs on an SM: at kD = 256 the
-// tiles take (64 + 2 * 2 * 32) rows * 528 bytes = 99 KiB (Bc = 64 would take 165 KiB, one CTA of 4 warps an SM).
+// Past 128 the accumulator O_i alone is kD / 2 registers a thread per m16 tile (128 at kD = 256), so a warp takes 16
+// rows, and 8 warps make Br = 128, as FlashAttention-2 does at d = 256: K_j and V_j, read from device memory once
+// per CTA, then serve 128 rows. Bc = 64 and the double buffer take (128 + 2 * 2 * 64) rows * 528 bytes = 198 KiB at
+// kD = 256: one CTA of 8 warps an SM. (Measured on an H200, d = 256, N = 4096, fp16, against FlashAttention-2: 4
+// warps with Br = 64, Bc = 32, two CTAs an SM, 0.76x non-causal, 0.78x causal.)
 template <int kD>
 struct Tile {
-    static constexpr int kBr = kD <= 128 ? 128 : 64;
-    static constexpr int kBc = kD <= 128 ? 64 : 32;
+    static constexpr int kWarps = kD <= 128 ? 4 : 8;
+    static constexpr int kBr = 128;
+    static constexpr int kBc = 64;
 };
+
+template <typename T, int kD, int kStep>
+void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                          cudaStream_t stream) {
+    using Tl = Tile<kD>;
+    if (p.causal)
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep>(p, Q, K, V, O, LSE, stream);
+    else
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep>(p, Q, K, V, O, LSE, stream);
+}
+
 
 // The steps before the final one are compiled for these head dims and fp16 only.
 bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
@@ -508,18 +513,17 @@ bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
                         cudaStream_t stream) {
-    constexpr int kBr = Tile<kD>::kBr, kBc = Tile<kD>::kBc;
     const int step = p.kernel == 0 ? kFinalStep : p.kernel;
     if (step == kFinalStep) {
-        launch_causal_or_not<T, kD, kBr, kBc, kFinalStep>(p, Q, K, V, O, LSE, stream);
+        launch_causal_or_not<T, kD, kFinalStep>(p, Q, K, V, O, LSE, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
-            case 1: launch_causal_or_not<T, kD, kBr, kBc, 1>(p, Q, K, V, O, LSE, stream); return "";
-            case 2: launch_causal_or_not<T, kD, kBr, kBc, 2>(p, Q, K, V, O, LSE, stream); return "";
-            case 3: launch_causal_or_not<T, kD, kBr, kBc, 3>(p, Q, K, V, O, LSE, stream); return "";
-            case 4: launch_causal_or_not<T, kD, kBr, kBc, 4>(p, Q, K, V, O, LSE, stream); return "";
+            case 1: launch_causal_or_not<T, kD, 1>(p, Q, K, V, O, LSE, stream); return "";
+            case 2: launch_causal_or_not<T, kD, 2>(p, Q, K, V, O, LSE, stream); return "";
+            case 3: launch_causal_or_not<T, kD, 3>(p, Q, K, V, O, LSE, stream); return "";
+            case 4: launch_causal_or_not<T, kD, 4>(p, Q, K, V, O, LSE, stream); return "";
             default: break;
         }
     }
