@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         __syncthreads();
         const uint32_t K_j = sK + j % 2 * kTile, V_j = sV + j % 2 * kTile;
 
-        // S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T: 16 queries x Bc keys per warp.
+        // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.
         float S[Bc / 8][4] = {}, dP[Bc / 8][4] = {};
 #pragma unroll
         for (int k = 0; k < kD; k += 16) {
@@ -454,9 +454,10 @@ __global__ void __launch_bounds__(kDqThreads, 1)
             }
         }
 
-        // P_ij = exp2(S * scale * log2 e - LSE_i * log2 e) and dS_ij = P_ij * (dP_ij - D_i), in place of S. Element e
-        // of fragment n: row g + 8 (e / 2), key 8n + 2t + e % 2. Masked: keys past Nk, and causal keys right of the
-        // diagonal (only tiles that reach past this warp's first row's last key take the branch).
+        // lines 11 and 14 again: P_ij = exp2(S * scale * log2 e - LSE_i * log2 e), dS_ij = P_ij * (dP_ij - D_i), in
+        // place of S. Element e of fragment n: row g + 8 (e / 2), key 8n + 2t + e % 2. Masked: keys past Nk, and
+        // causal keys right of the diagonal (only tiles that reach past this warp's first row's last key take the
+        // branch).
         const int key0 = j * Bc;
         const bool needs_mask = key0 + Bc > Nk || (causal && key0 + Bc - 1 > i0 + warp * 16 + shift);
 #pragma unroll
@@ -471,8 +472,8 @@ __global__ void __launch_bounds__(kDqThreads, 1)
                 S[n][e] = p * (dP[n][e] - Di[e / 2]);
             }
 
-        // dQ_i += dS_ij K_j: A = dS_ij from the accumulators (fragments 2kk, 2kk + 1 form one 16x16 A block), B =
-        // K_j stored [key][d], read with .trans.
+        // line 15: dQ_i += dS_ij K_j: A = dS_ij from the accumulators (fragments 2kk, 2kk + 1 form one 16x16 A
+        // block), B = K_j stored [key][d], read with .trans.
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {
             const uint32_t a[4] = {pack2<T>(S[2 * kk][0], S[2 * kk][1]), pack2<T>(S[2 * kk][2], S[2 * kk][3]),

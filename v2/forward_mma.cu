@@ -200,8 +200,9 @@ __device__ __forceinline__ float softmax_exp(float x) {
 // ---------------------------------------------------------------------------------------------------------------
 // The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 past kD = 128: see Tile below), 8 warps an
 // SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
-// scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the tile's (d <= kD): columns d..kD-1 of the
-// shared tiles are zeros, so they add nothing to S and give O_i columns that are never stored.
+// scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
+// tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
+// are never stored.
 
 template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
