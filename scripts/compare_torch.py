@@ -6,9 +6,11 @@ Needs PyTorch with CUDA (nothing else in the project does). Two parts:
      torch.nn.functional.scaled_dot_product_attention on the same inputs (and with autograd for dq, dk, dv);
   2. speed: the FlashAttention-2 benchmark shapes (hidden 2048, batch x N = 16384), torch's flash backend timed
      with CUDA events (warm-up, median of reps, L2 flushed before each rep, as bin/v2 --bench does), our numbers
-     from `bin/v2 --bench`, and the ratio ours / FlashAttention-2.
+     from `bin/v2 --bench`, and the ratio ours / FlashAttention-2. Pass bwd-det is our backward with
+     --deterministic (dQ without atomics) against FlashAttention-2's ordinary backward: the ratio is its cost.
 
-Usage: python3 scripts/compare_torch.py [--ns 1024,2048] [--dtypes fp16,bf16] [--passes fwd,bwd] [--reps 20]
+Usage: python3 scripts/compare_torch.py [--ns 1024,2048] [--dtypes fp16,bf16] [--passes fwd,bwd,bwd-det]
+                                        [--ds 64,128,256] [--reps 20]
 """
 import argparse, os, subprocess, sys, tempfile
 
@@ -23,9 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V2 = os.path.join(ROOT, "bin", "v2")
 
 
-def ours_ms(B, H, N, d, causal, dtype, bwd, reps):
+def ours_ms(B, H, N, d, causal, dtype, bwd, reps, deterministic=False):
     cmd = [V2, "--batch", str(B), "--heads", str(H), "--n", str(N), "--d", str(d), "--dtype", dtype,
-           "--bench", "--reps", str(reps)] + (["--causal"] if causal else []) + (["--backward"] if bwd else [])
+           "--bench", "--reps", str(reps)] + (["--causal"] if causal else []) + (["--backward"] if bwd else []) \
+        + (["--deterministic"] if deterministic else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("csv,"):
@@ -78,6 +81,7 @@ def main():
     ap.add_argument("--ns", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--passes", default="fwd,bwd")
+    ap.add_argument("--ds", default="64,128", help="head dims; H = 2048 // d heads")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-check", action="store_true")
     a = ap.parse_args()
@@ -87,23 +91,24 @@ def main():
     if not a.skip_check:
         print("\n## Correctness through --load/--save (max abs error vs float64; torch's flash backend on the same inputs)")
         for dtype in a.dtypes.split(","):
-            for bwd in [p == "bwd" for p in a.passes.split(",")]:
+            for bwd in [p == "bwd" for p in a.passes.split(",") if p != "bwd-det"]:
                 for causal, Nq, Nk, d in ((False, 257, 300, 64), (True, 300, 300, 128), (False, 1000, 77, 128)):
                     print(f"- {dtype} {'bwd' if bwd else 'fwd'} causal={int(causal)} Nq={Nq} Nk={Nk} d={d}: "
                           + check(dtype, causal, Nq, Nk, d, bwd))
     print("\n## Speed: TFLOP/s, ours / FlashAttention-2 (PyTorch flash backend), same GPU, same run")
     print("| pass | dtype | d | causal | N | FA2 TFLOP/s | ours TFLOP/s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for bwd in [p == "bwd" for p in a.passes.split(",")]:
+    for pas in a.passes.split(","):
+        bwd, det = pas != "fwd", pas == "bwd-det"
         for dtype in a.dtypes.split(","):
-            for d in (64, 128):
+            for d in map(int, a.ds.split(",")):
                 for causal in (False, True):
                     for N in map(int, a.ns.split(",")):
                         B, H = 16384 // N, 2048 // d
                         f = flops(B, H, N, d, causal, bwd)
                         t_ref = torch_ms(B, H, N, d, causal, dtype, bwd, a.reps)
-                        t_ours = ours_ms(B, H, N, d, causal, dtype, bwd, a.reps)
-                        print(f"| {'bwd' if bwd else 'fwd'} | {dtype} | {d} | {int(causal)} | {N} | "
+                        t_ours = ours_ms(B, H, N, d, causal, dtype, bwd, a.reps, det)
+                        print(f"| {pas} | {dtype} | {d} | {int(causal)} | {N} | "
                               f"{f / t_ref / 1e9:.1f} | {f / t_ours / 1e9:.1f} | {t_ref / t_ours:.2f} |", flush=True)
 
 

@@ -125,7 +125,10 @@ PY
 done
 if [ -x bin/v2 ]; then
     expect 2 bin/v2 --dtype fp8
-    expect 2 bin/v2 --dtype fp16 --d 40
+    expect 2 bin/v2 --dtype fp16 --d 12                 # head dims are multiples of 8 from 8 to 256
+    expect 2 bin/v2 --deterministic                     # a backward flag without --backward
+    expect 2 bin/v2 --backward --deterministic          # fp32: the CUDA-core backward has atomics only
+    expect 2 bin/naive --backward --deterministic       # a stage without such a backward says so
     expect 2 bin/v2 --dtype fp16 --load "$tmp/io/big"   # 1e5 is no fp16 value
     expect 0 bin/v2 $small --backward --check
     # a check too large to run is not a pass: its own exit code, a row that says so, a size that is checked

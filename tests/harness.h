@@ -231,6 +231,7 @@ struct Stage {
     std::function<size_t(const Problem&)> backward_workspace_bytes;
     std::function<void(const Problem&, const BackwardArgs&)> backward;
     CpuBackward cpu_backward;
+    bool has_deterministic = false;  // --deterministic: its backward_unsupported decides which problems it covers
     int cpu_model_score_matrices = 0;  // Nq x Nk matrices the CPU model keeps per head (naive, online_softmax: 1)
     // The CPU model runs the extensions (Problem::has_extensions: --window, --dropout); no GPU kernel has them yet.
     bool cpu_model_extensions = false;

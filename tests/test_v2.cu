@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 #include "naive/naive.h"
@@ -34,7 +35,7 @@ std::vector<Case> backward_cases(const std::vector<int>& head_dims) {
     return cases;
 }
 
-// The forward cases of the tensor-core path: the shape matrix's cases with a head dim it supports (64 and 128),
+// The forward cases of the tensor-core path: the shape matrix's cases with a head dim it supports (multiples of 8),
 // plus d = 32 and d = 96, including a fully masked block of rows and large logits.
 std::vector<Case> mma_forward_cases(DType t) {
     std::vector<Case> cases;
@@ -199,11 +200,11 @@ TEST_CASE("v2 steps: --kernel refuses fp32, a step out of range and early steps 
 TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason back, nothing launched, no exit") {
     // Every pointer is null: a launch would fault, so an empty reason here would also fail the test run.
     Problem p;
-    p.d = 96, p.dtype = DType::fp16;  // forward has d = 96, the backward has not (it used to run d = 128)
+    p.d = 12, p.dtype = DType::fp16;  // not a multiple of 8: no tile runs it (it would need a row stride of 24 bytes)
     CHECK(v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                          nullptr).find("96") != std::string::npos);
-    p.d = 48;
-    CHECK(v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).find("48") != std::string::npos);
+                          nullptr).find("12") != std::string::npos);
+    p.d = 264;
+    CHECK(v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).find("264") != std::string::npos);
     p.d = 64, p.kernel = 99;
     CHECK(!v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).empty());
     CHECK(!v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
@@ -213,8 +214,68 @@ TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason 
     CHECK(v2_backward_fp32(p, BackwardArgs{}).find("200") != std::string::npos);
     // The harness-facing functions throw the reason rather than exit or run another instantiation.
     CHECK_THROWS_AS(v2_forward(p, ForwardArgs{}), std::invalid_argument);
-    p.dtype = DType::fp16, p.d = 96;
+    p.dtype = DType::fp16, p.d = 0;
     CHECK_THROWS_AS(v2_backward(p, BackwardArgs{}), std::invalid_argument);
+}
+
+// Every multiple of 8 from 8 to 256 runs the next larger tile in both passes; anything else is refused in one line.
+TEST_CASE("v2 head-dim dispatch: the tile each d runs, and d = 12, 264, 0 refused in one line") {
+    const std::vector<std::pair<int, int>> forward = {{8, 32},   {32, 32},   {40, 64},   {64, 64},   {72, 96},
+                                                      {80, 96},  {96, 96},   {104, 128}, {128, 128}, {136, 192},
+                                                      {160, 192}, {192, 192}, {200, 256}, {256, 256}};
+    for (auto [d, tile] : forward) CHECK_MESSAGE(v2_mma_head_dim_tile(d) == tile, "forward d = " << d);
+    const std::vector<std::pair<int, int>> backward = {{8, 64},    {40, 64},   {64, 64},   {72, 128},
+                                                       {80, 128},  {96, 128},  {128, 128}, {136, 192},
+                                                       {160, 192}, {192, 192}, {200, 256}, {256, 256}};
+    for (auto [d, tile] : backward) CHECK_MESSAGE(v2_backward_mma_head_dim_tile(d) == tile, "backward d = " << d);
+    for (int d : {0, 4, 12, 36, 100, 252, 264, 512}) {
+        CHECK_MESSAGE(v2_mma_head_dim_tile(d) == 0, "forward d = " << d);
+        CHECK_MESSAGE(v2_backward_mma_head_dim_tile(d) == 0, "backward d = " << d);
+    }
+    Problem p;
+    for (DType t : {DType::fp16, DType::bf16}) {
+        p.dtype = t;
+        for (int d = 8; d <= 256; d += 8) {
+            p.d = d;
+            CHECK_MESSAGE(v2_unsupported(p).empty(), dtype_name(t) << " d = " << d);
+            CHECK_MESSAGE(v2_backward_unsupported(p).empty(), dtype_name(t) << " d = " << d);
+        }
+        for (int d : {12, 264, 0}) {
+            p.d = d;
+            for (const std::string& why : {v2_unsupported(p), v2_backward_unsupported(p)}) {
+                CHECK_MESSAGE(why.find(std::to_string(d)) != std::string::npos, why);
+                CHECK(why.find('\n') == std::string::npos);
+            }
+        }
+    }
+    // The steps before the final one keep their head dims: d = 40 is refused there, in one line.
+    p.dtype = DType::fp16, p.d = 40, p.kernel = 1;
+    for (const std::string& why : {v2_unsupported(p), v2_backward_unsupported(p)}) {
+        CHECK_MESSAGE(why.find("40") != std::string::npos, why);
+        CHECK(why.find('\n') == std::string::npos);
+    }
+}
+
+TEST_CASE("v2 --deterministic: parsed with --backward only, refused on fp32, no dQ accumulator in its workspace") {
+    Options o;
+    std::string err;
+    const char* with[] = {"v2", "--backward", "--deterministic", "--dtype", "bf16"};
+    REQUIRE(parse_options(5, with, true, true, &o, &err));
+    CHECK(o.p.deterministic);
+    CHECK(v2_backward_unsupported(o.p).empty());
+    const char* without[] = {"v2", "--deterministic"};
+    CHECK_FALSE(parse_options(2, without, true, true, &o, &err));
+    CHECK(err.find("--backward") != std::string::npos);
+    CHECK(usage("v2", true, true).find("--deterministic") != std::string::npos);
+    Problem p;
+    p.deterministic = true;  // fp32: the CUDA-core backward adds dQ with atomics
+    CHECK(!v2_backward_unsupported(p).empty());
+    // fp16: LSE and D only (2 floats a row), linear in N; with atomics also the fp32 dQ accumulator (tile floats a row).
+    p.dtype = DType::fp16, p.d = 200, p.Nq = p.Nk = 4096;
+    const size_t rows = size_t(p.B) * p.H * 4096;
+    CHECK(v2_backward_workspace_bytes(p) == rows * 2 * sizeof(float));
+    p.deterministic = false;
+    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 256) * sizeof(float));
 }
 
 TEST_CASE("v2 says in one line which problems it does not support") {
@@ -223,13 +284,13 @@ TEST_CASE("v2 says in one line which problems it does not support") {
     CHECK(v2_unsupported(p).empty());
     p.d = 129;
     CHECK(v2_unsupported(p).find("129") != std::string::npos);
-    p.d = 40, p.dtype = DType::fp16;
+    p.d = 44, p.dtype = DType::fp16;
     CHECK(!v2_unsupported(p).empty());
     p.d = 64, p.dtype = DType::bf16;
     CHECK(v2_unsupported(p).empty());
-    p.d = 96, p.dtype = DType::fp16;
+    p.d = 260, p.dtype = DType::fp16;
     CHECK(!v2_backward_unsupported(p).empty());
-    p.dtype = DType::fp32;
+    p.d = 96, p.dtype = DType::fp32;
     CHECK(v2_backward_unsupported(p).empty());
     for (const std::string& why : {v2_unsupported(Problem{1, 1, 8, 8, 200}), v2_backward_unsupported(Problem{1, 1, 8, 8, 200})})
         CHECK(why.find('\n') == std::string::npos);
@@ -299,6 +360,7 @@ TEST_CASE("GPU v2 fp16 and bf16 forward (tensor cores) match float64 and v1 on t
 TEST_CASE("GPU v2 every forward step (tensor cores, fp16) matches float64 and v1") {
     for (int k = 1; k <= int(v2_forward_steps().size()); ++k)
         for (Case c : mma_forward_cases(DType::fp16)) {
+            if (c.p.d % 32 != 0 || c.p.d > 128) continue;  // the steps keep their head dims (32, 64, 96, 128)
             c.p.kernel = k;
             REQUIRE(v2_unsupported(c.p).empty());
             const HostTensors in = make_inputs(c.p, c.dist, 23);
@@ -347,5 +409,81 @@ TEST_CASE("GPU v2 fp16 and bf16 backward (tensor cores) match float64 and the na
             const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
             check_grads_against_reference("v2 backward " + c.name(), c.p, in, g);
             check_grads_against_naive("v2 backward vs naive " + c.name(), c.p, in, g);
+        }
+}
+
+// Head dims between and past the original tiles, in both passes (and the backward in both dQ modes): odd N,
+// Nq != Nk both ways, a fully masked block of rows (Nq > Nk, causal), large logits; fp16 and bf16 against float64
+// with the same-precision rule.
+static std::vector<Case> head_dim_cases(int d, DType t) {
+    std::vector<Case> cases;
+    for (bool causal : {false, true}) {
+        for (auto [Nq, Nk] : {std::pair{1, 1}, {17, 17}, {113, 113}, {17, 300}, {300, 17}, {1, 113}})
+            cases.push_back(make_case(Nq, Nk, d, causal, Dist::normal, t));
+        cases.push_back(make_case(113, 300, d, causal, Dist::large, t));
+    }
+    return cases;
+}
+static const int kNewHeadDims[] = {8, 40, 72, 80, 96, 160, 200, 256};
+
+static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+TEST_CASE("GPU v2 fp16 and bf16 forward at head dims 8 to 256 (zero-filled tiles) matches float64") {
+    for (int d : kNewHeadDims)
+        for (DType t : {DType::fp16, DType::bf16})
+            for (const Case& c : head_dim_cases(d, t)) {
+                REQUIRE(v2_unsupported(c.p).empty());
+                const HostTensors in = make_inputs(c.p, c.dist, 23);
+                const Outputs got = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
+                check_against_reference("v2 " + c.name(), c.p, in, got);
+            }
+}
+
+TEST_CASE("GPU v2 fp16 and bf16 backward at head dims 8 to 256, atomic and deterministic dQ, matches float64") {
+    for (int d : kNewHeadDims)
+        for (DType t : {DType::fp16, DType::bf16})
+            for (bool deterministic : {false, true})
+                for (Case c : head_dim_cases(d, t)) {
+                    c.p.deterministic = deterministic;
+                    REQUIRE(v2_backward_unsupported(c.p).empty());
+                    const HostTensors in = make_inputs(c.p, c.dist, 9);
+                    const HostGrads g = gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward,
+                                                     v2_backward_workspace_bytes);
+                    check_grads_against_reference(std::string("v2 backward") + (deterministic ? " deterministic " : " ") +
+                                                  c.name(), c.p, in, g);
+                }
+}
+
+// Bitwise: the same inputs, five runs, the same bits in dQ, dK and dV. The shapes are large enough (many K/V blocks
+// adding into each dQ row) that the atomic dQ differs from run to run in its last bits; the test reports whether
+// it did, so a reader can see that the comparison has teeth on this GPU.
+TEST_CASE("GPU v2 --deterministic backward is bitwise identical over repeated runs") {
+    for (int d : {64, 128, 200, 256})
+        for (bool causal : {false, true}) {
+            Problem p;
+            p.B = 2, p.H = 4, p.Nq = 1531, p.Nk = 2049, p.d = d, p.causal = causal, p.dtype = DType::bf16;
+            p.deterministic = true;
+            const HostTensors in = make_inputs(p, Dist::normal, 5);
+            auto run = [&](const Problem& q) {
+                return gpu_backward(q, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
+            };
+            const HostGrads first = run(p);
+            for (int rep = 1; rep < 5; ++rep) {
+                const HostGrads again = run(p);
+                const std::string at = "d = " + std::to_string(d) + (causal ? " causal" : "") + ", run " + std::to_string(rep);
+                CHECK_MESSAGE(same_bits(again.dq, first.dq), "dQ differs, " << at);
+                CHECK_MESSAGE(same_bits(again.dk, first.dk), "dK differs, " << at);
+                CHECK_MESSAGE(same_bits(again.dv, first.dv), "dV differs, " << at);
+            }
+            for (float x : first.dq) REQUIRE(std::isfinite(x));
+            Problem atomic = p;
+            atomic.deterministic = false;
+            const HostGrads a = run(atomic), b = run(atomic);
+            const std::string shape = "d = " + std::to_string(d) + (causal ? " causal" : "");
+            const std::string note = shape + ": the atomic dQ was " +
+                                     (same_bits(a.dq, b.dq) ? "the same" : "different") + " over two runs";
+            MESSAGE(note);
         }
 }

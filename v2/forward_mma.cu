@@ -1,7 +1,7 @@
 // forward_mma.cu: the FlashAttention-2 forward pass (Dao, 2023, Algorithm 1) on tensor cores.
 //
-// One CTA of 4 warps owns one tile Q_i of Br query rows of one (batch, head) and walks the key/value tiles
-// K_j, V_j of Bc rows each:
+// One CTA of 4 warps (8 past head dim 128) owns one tile Q_i of Br query rows of one (batch, head) and walks the
+// key/value tiles K_j, V_j of Bc rows each:
 //
 //     S    = Q_i K_j^T                                   mma.sync m16n8k16, fp32 accumulators
 //     m'   = max(m_i, rowmax(S) * scale * log2 e)        softmax statistics in the log2 domain, fp32
@@ -13,7 +13,7 @@
 // The `// line N` comments in the kernel are the lines of Algorithm 1 of the FlashAttention-2 paper; symbols as in
 // forward_fp32.cu, plus m_i, l_i held in the log2 domain from the exp2 step on.
 //
-// Work split: each warp owns Br/4 contiguous query rows of Q_i (32 rows = two m16 tiles when Br = 128), so the
+// Work split: each warp owns Br / kWarps contiguous query rows of Q_i (32 rows = two m16 tiles with 4 warps), so the
 // warps never exchange softmax statistics; the Q loop is the grid (one CTA per Q tile), the K/V loop is in the CTA.
 //
 // Data movement:
@@ -25,8 +25,8 @@
 //
 // Shared-memory layout: every tile row holds d elements plus 8 elements (16 bytes) of padding. ldmatrix reads
 // 8 rows of 16 bytes per 8x8 matrix; with a row pitch of 2d + 16 bytes = an odd number of 16-byte chunks, the 8 rows
-// start in 8 different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head dim
-// (32, 64, 96, 128). We pad rather than XOR-swizzle because one rule then covers all four head dims (a 64-byte row
+// start in 8 different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile
+// (32, 64, 96, 128, 192, 256). We pad rather than XOR-swizzle because one rule then covers all six tiles (a 64-byte row
 // of d = 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a
 // compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding
 // (row pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
@@ -52,9 +52,6 @@
 namespace v2_mma {
 
 using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
-
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The optimisation steps (bin/v2 --dtype fp16 --kernel K; v2_forward_steps() below names them). One kernel
@@ -119,23 +116,24 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
                  : "memory");
 }
 
-// Copies rows [row0, row0 + kRows) of a [N, kD] matrix into a shared tile of row pitch kPitchBytes; rows >= N
-// become zeros. Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass,
-// so that every address below is a per-thread base plus a compile-time offset. (d = 96 has 12 chunks a row: 120
-// threads copy.) kAsync: cp.async, which the caller commits and waits for; otherwise a load and a store per chunk.
-template <int kRows, int kD, int kPitchBytes, bool kAsync, typename T>
-__device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N) {
+// Copies rows [row0, row0 + kRows) of a [N, d] matrix (d <= kD, a multiple of 8) into a shared tile of kD columns
+// and row pitch kPitchBytes; rows >= N and columns >= d become zeros (nothing past row N or column d is read).
+// Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass, so that every
+// shared address below is a per-thread base plus a compile-time offset. (kD = 96 has 12 chunks a row: 120 threads
+// copy.) kAsync: cp.async, which the caller commits and waits for; otherwise a load and a store per chunk.
+template <int kRows, int kD, int kPitchBytes, int kThreads, bool kAsync, typename T>
+__device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N, int d) {
     constexpr int kChunksPerRow = kD / 8;
     constexpr int kRowsPerPass = kThreads / kChunksPerRow;
     constexpr bool kEven = kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
     const int r0 = threadIdx.x / kChunksPerRow, c = threadIdx.x % kChunksPerRow * 8;
-    const T* tile = gmem + size_t(row0) * kD;  // row0 < N always, so this is a valid address for zero-fills too
+    const T* tile = gmem + size_t(row0) * d;  // row0 < N always, so this is a valid address for zero-fills too
 #pragma unroll
     for (int i = 0; i < ceil_div(kRows, kRowsPerPass); ++i) {
         const int r = r0 + i * kRowsPerPass;
         if (!kEven && (r0 >= kRowsPerPass || r >= kRows)) continue;
-        const bool in_range = r < N - row0;
-        const T* src = tile + (in_range ? r * kD + c : 0);
+        const bool in_range = r < N - row0 && c < d;
+        const T* src = tile + (in_range ? r * d + c : 0);
         if constexpr (kAsync)
             cp_async_16(smem_tile + r * kPitchBytes + c * 2, src, in_range ? 16 : 0);
         else
@@ -200,14 +198,18 @@ __device__ __forceinline__ float softmax_exp(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: 4 warps. scale_exp is scale * log2 e from the exp2 step on,
-// the softmax scale before it.
+// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 past kD = 128: see Tile below), 8 warps an
+// SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
+// scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
+// tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
+// are never stored.
 
-template <typename T, int kD, int kBr, int kBc, bool kCausal, int kStep>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, float scale_exp) {
+                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, int d, float scale_exp) {
     using F = Features<kStep>;
+    constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
     constexpr int kMTiles = kWarpRows / 16;   // m16 tiles per warp
     constexpr int kNTiles = kBc / 8;          // n8 tiles of S = Q_i K_j^T
@@ -232,20 +234,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // line 3: the grid walks the Q tiles
     const int q0 = q_tile * kBr;
     const size_t bh = blockIdx.y;
-    const T* Q_i = Q + (bh * Nq + q0) * kD;
-    const T* K_bh = K + bh * Nk * kD;
-    const T* V_bh = V + bh * Nk * kD;
+    const T* Q_i = Q + (bh * Nq + q0) * d;
+    const T* K_bh = K + bh * Nk * d;
+    const T* V_bh = V + bh * Nk * d;
 
     // Keys this Q tile visits: all of them, or (causal) up to the last key its last real row sees.
     const int q_end = min(q0 + kBr, Nq);
     const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
     const int n_tiles = kv_end > 0 ? ceil_div(kv_end, kBc) : 0;
 
-    load_tile<kBr, kD, kPitchBytes, F::kCpAsync>(sQ, Q_i, 0, Nq - q0);  // line 4 (and line 7 for K_0, V_0)
+    load_tile<kBr, kD, kPitchBytes, kThreads, F::kCpAsync>(sQ, Q_i, 0, Nq - q0, d);  // line 4 (line 7: K_0, V_0)
     if constexpr (F::kCpAsync) {
         if (n_tiles > 0) {
-            load_tile<kBc, kD, kPitchBytes, true>(sK, K_bh, 0, Nk);
-            load_tile<kBc, kD, kPitchBytes, true>(sV, V_bh, 0, Nk);
+            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, 0, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, 0, Nk, d);
         }
         cp_async_commit();
     }
@@ -274,16 +276,17 @@ __global__ void __launch_bounds__(kThreads, 2)
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
             // The group is committed even when empty so that "wait until one group is pending" always means tile j.
             if (j + 1 < n_tiles) {
-                load_tile<kBc, kD, kPitchBytes, true>(sK + (j + 1) % 2 * kKVTileBytes, K_bh, (j + 1) * kBc, Nk);
-                load_tile<kBc, kD, kPitchBytes, true>(sV + (j + 1) % 2 * kKVTileBytes, V_bh, (j + 1) * kBc, Nk);
+                const uint32_t next = (j + 1) % 2 * kKVTileBytes;
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK + next, K_bh, (j + 1) * kBc, Nk, d);
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV + next, V_bh, (j + 1) * kBc, Nk, d);
             }
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             // line 7. One buffer: the CTA waits for tile j's loads before any mma (the barrier at the end of iteration
             // j-1 made the buffer free).
-            load_tile<kBc, kD, kPitchBytes, false>(sK, K_bh, j * kBc, Nk);
-            load_tile<kBc, kD, kPitchBytes, false>(sV, V_bh, j * kBc, Nk);
+            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sK, K_bh, j * kBc, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sV, V_bh, j * kBc, Nk, d);
         }
         __syncthreads();
         const uint32_t K_j = k_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
@@ -416,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         __syncthreads();
     }
     T* sO = reinterpret_cast<T*>(smem);
-    T* O_out = O + (bh * Nq + q0) * kD;
+    T* O_out = O + (bh * Nq + q0) * d;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -432,8 +435,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                 const uint32_t pair = pack2<T>(O_i[mt][dt][2 * h] * inv_l, O_i[mt][dt][2 * h + 1] * inv_l);
                 if constexpr (F::kStagedEpilogue)
                     *reinterpret_cast<uint32_t*>(&sO[r * kPitch<kD, kStep> + dt * 8 + 2 * t]) = pair;
-                else if (q0 + r < Nq)
-                    *reinterpret_cast<uint32_t*>(&O_out[size_t(r) * kD + dt * 8 + 2 * t]) = pair;
+                else if (q0 + r < Nq && dt * 8 < d)
+                    *reinterpret_cast<uint32_t*>(&O_out[size_t(r) * d + dt * 8 + 2 * t]) = pair;
             }
             // LSE in natural log, as tests/problem.h wants (m_i is in log2 units from the exp2 step on).
             const float lse = F::kExp2 ? (m_i[mt][h] + log2f(l)) * 0.69314718055994531f : m_i[mt][h] + logf(l);
@@ -448,16 +451,16 @@ __global__ void __launch_bounds__(kThreads, 2)
             const int chunk = i * 32 + lane;
             const int r = warp_row0 + chunk / kChunksPerRow;
             const int c = chunk % kChunksPerRow * 8;
-            if (q0 + r < Nq)
-                *reinterpret_cast<uint4*>(&O_out[size_t(r) * kD + c]) =
+            if (q0 + r < Nq && c < d)
+                *reinterpret_cast<uint4*>(&O_out[size_t(r) * d + c]) =
                     *reinterpret_cast<const uint4*>(&sO[r * kPitch<kD, kStep> + c]);
         }
     }
 }
 
-template <typename T, int kD, int kBr, int kBc, bool kCausal, int kStep>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
 void launch(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE, cudaStream_t stream) {
-    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kCausal, kStep>;
+    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep>;
     constexpr int kSmem = smem_bytes<kBr, kBc, kD, kStep>();
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
     static const cudaError_t attribute_set =
@@ -466,23 +469,14 @@ void launch(const Problem& p, const void* Q, const void* K, const void* V, void*
     const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);
     const float scale = p.resolved_scale();
     const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
-    kernel<<<grid, kThreads, kSmem, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
-                                             static_cast<const T*>(V), static_cast<T*>(O), LSE, p.Nq, p.Nk,
-                                             scale_exp);
+    kernel<<<grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
+                                                 static_cast<const T*>(V), static_cast<T*>(O), LSE, p.Nq, p.Nk, p.d,
+                                                 scale_exp);
     CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, int kD, int kBr, int kBc, int kStep>
-void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                          cudaStream_t stream) {
-    if (p.causal)
-        launch<T, kD, kBr, kBc, true, kStep>(p, Q, K, V, O, LSE, stream);
-    else
-        launch<T, kD, kBr, kBc, false, kStep>(p, Q, K, V, O, LSE, stream);
-}
-
-// Tile shapes (Br x Bc) per head dim. Measured on an H200 (fp16, hidden 2048, B*N = 16384, TFLOP/s at N = 1k .. 16k;
-// historical: scratch benchmark not in the repository, 2026-11-21), 4 warps a CTA in every case:
+// Tile shapes (Br x Bc) per head-dim tile kD. Measured on an H200 (fp16, hidden 2048, B*N = 16384, TFLOP/s at
+// N = 1k .. 16k; historical: scratch benchmark not in the repository, 2026-11-21), 4 warps a CTA in every case:
 //   d = 64,  non-causal: 128x64 291..307   128x128 281..296   64x64 255..269   64x128 227..242
 //   d = 64,  causal:     128x64 229..297   128x128 234..303   64x64 219..259   64x128 191..246
 //   d = 128, non-causal: 128x64 322..348   128x32  299..313   64x64 245..258   64x128 198..215
@@ -490,42 +484,77 @@ void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const 
 // Br = 128 (32 rows a warp) halves the shared-memory reads of K_j and V_j per mma against Br = 64, which is what
 // separates the rows above; Bc = 64 keeps S (Br x Bc fp32) small enough next to O_i to stay in 255 registers with
 // no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
-// ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape, and so do
-// the steps before the final one (compiled for fp16 only).
+// ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape.
+// Past 128 the accumulator O_i alone is kD / 2 registers a thread per m16 tile (128 at kD = 256), so a warp takes 16
+// rows, and 8 warps make Br = 128, as FlashAttention-2 does at d = 256: K_j and V_j, read from device memory once
+// per CTA, then serve 128 rows. Bc = 64 and the double buffer take (128 + 2 * 2 * 64) rows * 528 bytes = 198 KiB at
+// kD = 256: one CTA of 8 warps an SM. (Measured on an H200, d = 256, N = 4096, fp16, against FlashAttention-2: 4
+// warps with Br = 64, Bc = 32, two CTAs an SM, 0.76x non-causal, 0.78x causal.)
+template <int kD>
+struct Tile {
+    static constexpr int kWarps = kD <= 128 ? 4 : 8;
+    static constexpr int kBr = 128;
+    static constexpr int kBc = 64;
+};
+
+template <typename T, int kD, int kStep>
+void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
+                          cudaStream_t stream) {
+    using Tl = Tile<kD>;
+    if (p.causal)
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep>(p, Q, K, V, O, LSE, stream);
+    else
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep>(p, Q, K, V, O, LSE, stream);
+}
+
+
+// The steps before the final one are compiled for these head dims and fp16 only.
+bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
+
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
                         cudaStream_t stream) {
-    constexpr int kBr = 128, kBc = 64;
     const int step = p.kernel == 0 ? kFinalStep : p.kernel;
     if (step == kFinalStep) {
-        launch_causal_or_not<T, kD, kBr, kBc, kFinalStep>(p, Q, K, V, O, LSE, stream);
+        launch_causal_or_not<T, kD, kFinalStep>(p, Q, K, V, O, LSE, stream);
         return "";
     }
-    if constexpr (std::is_same_v<T, __half>) {
+    if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
-            case 1: launch_causal_or_not<T, kD, kBr, kBc, 1>(p, Q, K, V, O, LSE, stream); return "";
-            case 2: launch_causal_or_not<T, kD, kBr, kBc, 2>(p, Q, K, V, O, LSE, stream); return "";
-            case 3: launch_causal_or_not<T, kD, kBr, kBc, 3>(p, Q, K, V, O, LSE, stream); return "";
-            case 4: launch_causal_or_not<T, kD, kBr, kBc, 4>(p, Q, K, V, O, LSE, stream); return "";
+            case 1: launch_causal_or_not<T, kD, 1>(p, Q, K, V, O, LSE, stream); return "";
+            case 2: launch_causal_or_not<T, kD, 2>(p, Q, K, V, O, LSE, stream); return "";
+            case 3: launch_causal_or_not<T, kD, 3>(p, Q, K, V, O, LSE, stream); return "";
+            case 4: launch_causal_or_not<T, kD, 4>(p, Q, K, V, O, LSE, stream); return "";
             default: break;
         }
     }
-    return "v2 mma forward has no step " + std::to_string(p.kernel) + " compiled for " + dtype_name(p.dtype);
+    return "v2 mma forward has no step " + std::to_string(p.kernel) + " compiled for " + dtype_name(p.dtype) +
+           " at head dim " + std::to_string(p.d);
 }
 
+// The dispatch table: head dim d runs the tile v2_mma_head_dim_tile(d).
 template <typename T>
 std::string launch_for_head_dim(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
                                 cudaStream_t stream) {
-    switch (p.d) {
+    switch (v2_mma_head_dim_tile(p.d)) {
         case 32: return launch_step<T, 32>(p, Q, K, V, O, LSE, stream);
         case 64: return launch_step<T, 64>(p, Q, K, V, O, LSE, stream);
         case 96: return launch_step<T, 96>(p, Q, K, V, O, LSE, stream);
         case 128: return launch_step<T, 128>(p, Q, K, V, O, LSE, stream);
-        default: return "v2 mma forward has no instantiation for head dim " + std::to_string(p.d);
+        case 192: return launch_step<T, 192>(p, Q, K, V, O, LSE, stream);
+        case 256: return launch_step<T, 256>(p, Q, K, V, O, LSE, stream);
+        default: return "v2 mma forward has no tile for head dim " + std::to_string(p.d);
     }
 }
 
 }  // namespace v2_mma
+
+int v2_mma_head_dim_tile(int d) {
+    if (d < 8 || d > 256 || d % 8 != 0) return 0;
+    for (int tile : {32, 64, 96, 128, 192, 256})
+        if (d <= tile) return tile;
+    return 0;
+}
 
 bool v2_mma_supports(const Problem& p, std::string* why) {
     const int n_steps = int(v2_forward_steps().size());
@@ -533,8 +562,8 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
         *why = std::string("v2 mma forward needs fp16 or bf16 inputs (tensor-core operands), got ") + dtype_name(p.dtype);
         return false;
     }
-    if (p.d != 32 && p.d != 64 && p.d != 96 && p.d != 128) {
-        *why = "v2 mma forward supports head dims 32, 64, 96 and 128, got " + std::to_string(p.d);
+    if (v2_mma_head_dim_tile(p.d) == 0) {
+        *why = "v2 mma forward supports head dims that are multiples of 8 from 8 to 256, got " + std::to_string(p.d);
         return false;
     }
     if (p.Nq < 1 || p.Nk < 1) {
@@ -551,8 +580,9 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
                std::to_string(p.kernel);
         return false;
     }
-    if (p.kernel != 0 && p.kernel != n_steps && p.dtype != DType::fp16) {
-        *why = "v2 mma forward steps before the final one are compiled for fp16 only (use --dtype fp16)";
+    if (p.kernel != 0 && p.kernel != n_steps && (p.dtype != DType::fp16 || !v2_mma::step_head_dim(p.d))) {
+        *why = "v2 mma forward steps before the final one are compiled for fp16 and head dims 32, 64, 96, 128 only "
+               "(got " + std::string(dtype_name(p.dtype)) + ", d = " + std::to_string(p.d) + ")";
         return false;
     }
     return true;

@@ -9,9 +9,13 @@
 
 #include "problem.h"
 
-// Returns true when (p.d, p.dtype, p.kernel) is supported (fp16 or bf16; d = 32, 64, 96 or 128; also Nq, Nk >= 1,
-// B*H <= 65535, and p.kernel a step of v2_forward_steps(), 0 = the final kernel, the earlier steps fp16 only);
-// otherwise writes a one-line reason to *why.
+// The head-dim tile the forward runs for head dim d: the smallest of 32, 64, 96, 128, 192, 256 that holds d, for d
+// a multiple of 8 from 8 to 256 (columns d..tile-1 are zeros in shared memory and never stored); 0 for any other d.
+int v2_mma_head_dim_tile(int d);
+
+// Returns true when (p.d, p.dtype, p.kernel) is supported (fp16 or bf16; d a multiple of 8 from 8 to 256; also
+// Nq, Nk >= 1, B*H <= 65535, and p.kernel a step of v2_forward_steps(), 0 = the final kernel, the earlier steps
+// fp16 and d = 32, 64, 96, 128 only); otherwise writes a one-line reason to *why.
 bool v2_mma_supports(const Problem& p, std::string* why);
 
 // Q, K, V, O are __half or __nv_bfloat16 per p.dtype, layout [B, H, N, d] contiguous; LSE float [B, H, Nq].

@@ -28,6 +28,7 @@ const Stage& v2_stage() {
         s.backward_unsupported = v2_backward_unsupported;
         s.backward_workspace_bytes = v2_backward_workspace_bytes;
         s.backward = v2_backward;
+        s.has_deterministic = true;
         s.cpu_backward = v2_model_backward;
         s.cpu_model_extensions = true;  // --window, --dropout (the GPU kernels refuse them)
         s.forward_steps = v2_forward_steps();

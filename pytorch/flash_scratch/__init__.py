@@ -89,8 +89,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
               return_lse: bool = False):
     """softmax(scale * q k^T [+ causal mask]) v with the v2 FlashAttention-2 kernels; differentiable in q, k, v.
 
-    Head dims: those the v2 tensor-core kernels take (forward 32, 64, 96, 128; backward 64, 128); others raise
-    with the kernels' own message. Returns O, or (O, LSE) with return_lse=True.
+    Head dims: those the v2 tensor-core kernels take, any multiple of 8 from 8 to 256 in both passes; others
+    raise with the kernels' own message. Returns O, or (O, LSE) with return_lse=True.
     """
     _check(q, k, v, scale)
     o, lse = attention_forward(q, k, v, bool(causal), 0.0 if scale is None else float(scale))

@@ -75,7 +75,10 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --dropout P    drop each attention weight with probability P (0 <= P < 1), keep the rest / (1 - P);\n"
         "                 the mask comes from a counter-based generator keyed by --seed (with --load too)\n";
     if (allow_dtype) u += "  --dtype T      fp32 (CUDA cores), fp16 or bf16 (tensor cores) (default fp32)\n";
-    if (allow_backward) u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n";
+    if (allow_backward)
+        u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n"
+             "  --deterministic  with --backward: gradients without atomic additions, the same bits on every run,\n"
+             "                 where the stage has such a backward (v2 fp16/bf16)\n";
     u += "  --kernel K     run optimisation step K (number or name) instead of the final kernel, where the stage\n"
          "                 has steps; --kernel list names them\n";
     u += "  --check        compare with the stage below and the float64 reference; exit 1 on a mismatch\n"
@@ -169,10 +172,12 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
         else if (flag == "--bench") r.bench = true;
         else if (flag == "--cpu") r.cpu = true;
         else if (flag == "--backward" && allow_backward) r.backward = true;
+        else if (flag == "--deterministic" && allow_backward) r.p.deterministic = true;
         else if (flag == "--help" || flag == "-h") r.help = true;
         else return *err = "unknown option '" + printable(flag) + "' (see --help)", false;
     }
     if (have_n && (have_nq || have_nk)) return *err = "give either --n or --nq/--nk, not both", false;
+    if (r.p.deterministic && !r.backward) return *err = "--deterministic is about the backward pass: add --backward", false;
     if (!r.load_dir.empty() && !sized_by.empty())
         return *err = "--load takes the sizes and values from its files; " + sized_by + " cannot be combined with it", false;
     if (!r.load_dir.empty() && have_seed && r.p.dropout == 0.0f)

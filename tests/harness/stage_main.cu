@@ -343,6 +343,7 @@ bool check_below_backward(const Stage& b, const Problem& p, const HostTensors& i
     Problem below = p;
     below.dtype = DType::fp32;
     below.kernel = 0;
+    below.deterministic = false;  // --deterministic is this stage's; the stage below runs its own backward
     const size_t fwd_ws = b.workspace_bytes ? b.workspace_bytes(below) : 0;
     const size_t bwd_ws = b.backward_workspace_bytes ? b.backward_workspace_bytes(below) : 0;
     std::string why = b.unsupported ? b.unsupported(below) : "";
@@ -478,6 +479,7 @@ int stage_main(int argc, char** argv, const Stage& s) {
     std::string why = problem_size_unsupported(p);
     if (why.empty() && s.unsupported) why = s.unsupported(p);
     if (why.empty() && o.backward && s.backward_unsupported) why = s.backward_unsupported(p);
+    if (why.empty() && p.deterministic && !s.has_deterministic) why = "this stage has no --deterministic backward";
     if (!why.empty()) {
         std::fprintf(stderr, "error: %s: %s\n", s.name, why.c_str());
         return 2;
