@@ -432,10 +432,16 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(std::string* why) {
     return fn;
 }
 
+// The tensor map of one [B*H, rows, d] tensor, copied in boxes of box_rows rows. tile_bytes: what the kernel counts
+// for one tile of it (the expect_tx of Q, of K or V; the staged O rows): it must be the d/64 boxes' bytes, or the
+// barrier's phase would never complete (a hang) or complete early (a race). Checked here, before any launch.
 template <typename T>
-std::string encode(CUtensorMap* map, const void* base, int heads, int rows, int d, int box_rows) {
+std::string encode(CUtensorMap* map, const void* base, int heads, int rows, int d, int box_rows, int tile_bytes) {
     V3TensorMapShape s;
     if (std::string why = v3_tensor_map_shape(heads, rows, d, box_rows, &s); !why.empty()) return why;
+    if (uint64_t(d / 64) * s.box_bytes != uint64_t(tile_bytes))
+        return "v3: a tile of " + std::to_string(tile_bytes) + " bytes is not the " + std::to_string(d / 64) +
+               " boxes of " + std::to_string(s.box_bytes) + " bytes TMA delivers";
     std::string why;
     const auto fn = tensor_map_encoder(&why);
     if (!fn) return why;
@@ -453,8 +459,10 @@ std::string launch(const Problem& p, const ForwardArgs& a) {
     using L = Tiles<kD, kStep>;
     const int heads = p.B * p.H;
     CUtensorMap tq, tk, tv, to;
-    for (const std::string& why : {encode<T>(&tq, a.q, heads, p.Nq, kD, L::kBr), encode<T>(&tk, a.k, heads, p.Nk, kD, L::kBc),
-                                   encode<T>(&tv, a.v, heads, p.Nk, kD, L::kBc), encode<T>(&to, a.o, heads, p.Nq, kD, 64)})
+    for (const std::string& why : {encode<T>(&tq, a.q, heads, p.Nq, kD, L::kBr, L::kQBytes),
+                                   encode<T>(&tk, a.k, heads, p.Nk, kD, L::kBc, L::kKVBytes),
+                                   encode<T>(&tv, a.v, heads, p.Nk, kD, L::kBc, L::kKVBytes),
+                                   encode<T>(&to, a.o, heads, p.Nq, kD, 64, 64 * kD * 2)})
         if (!why.empty()) return why;
     auto kernel = forward_kernel<T, kD, kCausal, kStep>;
     // Once per instantiation, at its first launch: later (timed) launches do no host work but encoding and launching.
