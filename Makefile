@@ -56,11 +56,12 @@ $(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $
 # v3 (FlashAttention-3) is Hopper code: TMA, wgmma and setmaxnreg exist only on sm_90a, so v3/ is compiled for it
 # whatever ARCH is (nvcc needs no GPU for that; the program says so and runs its CPU model elsewhere). ptxas's
 # "wgmma serialized" notes (C7513, C7515...: correct but slow) fail the build. make V3_DEBUG=1: mbarrier waits that report
-# the barrier, stage and parity and trap after about 2^28 polls instead of hanging.
+# the barrier, stage and parity and trap after about 2^28 polls instead of hanging (their printf serialises wgmma,
+# C7510, so that build skips the check: it is for finding hangs, not for timing).
 $(BUILD)/v3/%.o: v3/%.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(V3_FLAGS) -c $< -o $@ >$@.log 2>&1; status=$$?; cat $@.log; test $$status = 0
-	@! grep -q "wgmma.mma_async instructions are serialized" $@.log || \
+	@[ -n "$(V3_DEBUG)" ] || ! grep -q "wgmma.mma_async instructions are serialized" $@.log || \
 	    { echo "error: $<: ptxas serialised wgmma (C751x), see $@.log"; rm -f $@; exit 1; }
 
 # The test suites need doctest: installed here when it is missing and that is possible, else one line says how.

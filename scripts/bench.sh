@@ -10,6 +10,9 @@ if ! nvidia-smi >/dev/null 2>&1; then echo "make bench needs a CUDA device (none
 csv=${BENCH_CSV:-bench.csv}
 Ns=${BENCH_NS:-"512 1024 2048 4096 8192 16384"}
 runs=${BENCH_RUNS:-"naive:fp32 online_softmax:fp32 v1:fp32 v2:fp32 v2:fp16 v2:bf16 v2:fp16:bwd v2:bf16:bwd v2:fp16:bwd-det v2:bf16:bwd-det"}
+# v3 (FlashAttention-3) has kernels only for Hopper (sm_90); elsewhere it would time nothing and run its CPU model.
+hopper=$([ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)" = 9.0 ] && echo 1)
+[ -z "${BENCH_RUNS:-}" ] && [ -n "$hopper" ] && runs="$runs v3:fp16 v3:bf16"
 reps=${BENCH_REPS:-10}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
 echo "# $gpu, $(date -u +%Y-%m-%d), make bench (reps $reps, median)"

@@ -26,6 +26,11 @@ if [ -x bin/v2 ] && nvidia-smi >/dev/null 2>&1; then
     run bin/v2 --dtype fp16
     run bin/v2 --dtype bf16
 fi
+# v3 is fp16/bf16 only; without a Hopper GPU it says so and runs its CPU model (v2's algorithm).
+if [ -x bin/v3 ]; then
+    run bin/v3 --dtype fp16
+    run bin/v3 --dtype bf16
+fi
 # The backward pass, on a problem small enough for the float64 reference backward to check every gradient.
 backward=(--backward)
 nvidia-smi >/dev/null 2>&1 && backward+=(--batch 2 --heads 4 --n 512)

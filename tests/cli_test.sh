@@ -161,6 +161,20 @@ if [ -x bin/v2 ] && ! nvidia-smi >/dev/null 2>&1; then
         { echo "FAIL: a long CPU-model run must announce itself and show progress"; fails=$((fails + 1)); }
 fi
 
+# v3 (Hopper): refusals in one line; without a Hopper GPU one line says so and the CPU model runs and checks
+if [ -x bin/v3 ]; then
+    expect 2 bin/v3 --n 33                                # fp32: wgmma operands are 16-bit
+    expect 2 bin/v3 --dtype fp16 --d 96
+    expect 2 bin/v3 --dtype fp16 --kernel 9
+    expect 2 bin/v3 --dtype bf16 --kernel 1               # the early steps are fp16 only
+    expect 0 bin/v3 --kernel list
+    expect 0 bin/v3 --dtype bf16 --batch 1 --heads 2 --nq 77 --nk 45 --causal --check
+    if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1)" != 9.0 ]; then
+        grep -q "running the CPU model of v3 instead" "$tmp/out" ||
+            { echo "FAIL: bin/v3 without a Hopper GPU must say so and run its CPU model"; fails=$((fails + 1)); }
+    fi
+fi
+
 # make sanitize without the tool says which tool is missing and where it comes from
 out=$(COMPUTE_SANITIZER=/nonexistent/compute-sanitizer bash scripts/sanitize.sh 2>&1)
 if [ $? = 1 ] && echo "$out" | grep -q "not on PATH"; then echo "ok: sanitize.sh without the tool -> 1 $out"

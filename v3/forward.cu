@@ -11,7 +11,8 @@
 //     O_i  = O_i exp2(m_i - m') + P V_j          wgmma m64n64k16 per 64 columns, P from registers, V from shared
 //
 // and at the end writes O_i / l_i and LSE_i = (m_i + log2 l_i) ln 2. Symbols as in v2/forward_mma.cu; `// line N`
-// comments are the lines of Algorithm 1 of the FlashAttention-3 paper (producer: lines 3-11, consumer: 12-24).
+// comments are the lines of Algorithm 1 of the FlashAttention-3 paper (arXiv 2407.08608; producer warpgroup:
+// lines 3-11, consumers: lines 12-26). Algorithm 2 (steps 3-5 here) moves line 22 of tile j-1 after line 18 of j.
 //
 // Data movement: the K/V tiles live in a ring of kStages stages in shared memory, each guarded by two mbarriers:
 // full[s] (the producer announces the stage's bytes with expect_tx; TMA completes them) and empty[s] (every consumer
@@ -114,7 +115,7 @@ __device__ __forceinline__ void fence_o(float (&O)[kD / 64][32]) {
     for (int n = 0; n < kD / 64; ++n) fence_registers(O[n]);
 }
 
-// The online softmax of one tile (lines 19-21 of Algorithm 1): masks S, updates m and l, and turns S into P in
+// The online softmax of one tile (lines 19-20 of Algorithm 1): masks S, updates m and l, and turns S into P in
 // place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
 // thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles). A row with no
 // key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens.
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     }
     __syncthreads();
 
-    // The producer's two jobs (lines 4-5 and 7-9). One thread issues every copy.
+    // The producer's two jobs (lines 5-6 and 8-10). One thread issues every copy.
     auto load_q = [&] {
         mbarrier_arrive_expect_tx(q_full, L::kQBytes);
         for (int c = 0; c < L::kColBlocks; ++c) tma_load_3d(sQ + c * L::kBr * 128, &tm_q, q_full, 64 * c, q0, bh);
@@ -235,14 +236,14 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     const int wg = threadIdx.x / 128;
     if constexpr (F::kWarpSpecialised) {
         if (wg == 0) {  // the producer warpgroup (line 3)
-            setmaxnreg_dec<kProducerRegs>();
+            setmaxnreg_dec<kProducerRegs>();  // line 4
             if (threadIdx.x == 0) {
                 load_q();
-                for (int j = 0; j < kv.n_tiles; ++j) load_kv(j);  // line 6
+                for (int j = 0; j < kv.n_tiles; ++j) load_kv(j);  // line 7
             }
             return;
         }
-        setmaxnreg_inc<kConsumerRegs>();
+        setmaxnreg_inc<kConsumerRegs>();  // line 13
     } else {
         if (threadIdx.x == 0) {
             load_q();
@@ -252,6 +253,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     }
 
     // ------------------------------------------------------------------------------------------- consumer (line 12)
+    // Line 14: O = 0, l = 0, m = -inf.
     const int c = F::kWarpSpecialised ? wg - 1 : 0;  // this consumer warpgroup: rows 64c .. 64c + 63 of Q_i
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
     const int row[2] = {q0 + 64 * c + 16 * warp + lane / 4, q0 + 64 * c + 16 * warp + lane / 4 + 8};
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     uint32_t P[8][4];
     const int n = kv.n_tiles;
 
-    mbarrier_wait(q_full, 0, "Q", 0);  // line 13
+    mbarrier_wait(q_full, 0, "Q", 0);  // line 15
     auto wait_full = [&](int j) { mbarrier_wait(full(j % L::kStages), j / L::kStages % 2, "full", j % L::kStages); };
     auto release = [&](int j) {  // line 23: this warp is done reading stage j
         if (lane == 0) mbarrier_arrive(empty(j % L::kStages));
@@ -283,13 +285,13 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     };
 
     if constexpr (!F::kPingPong) {
-        for (int j = 0; j < n; ++j) {  // line 14
+        for (int j = 0; j < n; ++j) {  // line 16
             if (!F::kWarpSpecialised && threadIdx.x == 0 && j + L::kStages - 1 < n) load_kv(j + L::kStages - 1);
             __syncwarp();  // warp 0 whole again before the .aligned wgmma instructions
-            wait_full(j);  // line 15
+            wait_full(j);  // lines 17 and 21: K_j and V_j share a stage
             fence_registers(S);
             wgmma_fence();
-            issue_s<T, kD, kStep>(S, sQ_rows, sK + j % L::kStages * L::kKVBytes);  // line 16
+            issue_s<T, kD, kStep>(S, sQ_rows, sK + j % L::kStages * L::kKVBytes);  // line 18
             wgmma_commit();
             wgmma_wait<0>();
             fence_registers(S);
@@ -363,7 +365,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
         release(n - 1);
     }
 
-    // Line 24: O_i / l_i and LSE_i. A row that saw no key has l = 0: O = 0 and LSE = -inf.
+    // Lines 25-26: O_i / l_i and LSE_i. A row that saw no key has l = 0: O = 0 and LSE = -inf.
     float inv_l[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -430,10 +432,16 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(std::string* why) {
     return fn;
 }
 
+// The tensor map of one [B*H, rows, d] tensor, copied in boxes of box_rows rows. tile_bytes: what the kernel counts
+// for one tile of it (the expect_tx of Q, of K or V; the staged O rows): it must be the d/64 boxes' bytes, or the
+// barrier's phase would never complete (a hang) or complete early (a race). Checked here, before any launch.
 template <typename T>
-std::string encode(CUtensorMap* map, const void* base, int heads, int rows, int d, int box_rows) {
+std::string encode(CUtensorMap* map, const void* base, int heads, int rows, int d, int box_rows, int tile_bytes) {
     V3TensorMapShape s;
     if (std::string why = v3_tensor_map_shape(heads, rows, d, box_rows, &s); !why.empty()) return why;
+    if (uint64_t(d / 64) * s.box_bytes != uint64_t(tile_bytes))
+        return "v3: a tile of " + std::to_string(tile_bytes) + " bytes is not the " + std::to_string(d / 64) +
+               " boxes of " + std::to_string(s.box_bytes) + " bytes TMA delivers";
     std::string why;
     const auto fn = tensor_map_encoder(&why);
     if (!fn) return why;
@@ -451,8 +459,10 @@ std::string launch(const Problem& p, const ForwardArgs& a) {
     using L = Tiles<kD, kStep>;
     const int heads = p.B * p.H;
     CUtensorMap tq, tk, tv, to;
-    for (const std::string& why : {encode<T>(&tq, a.q, heads, p.Nq, kD, L::kBr), encode<T>(&tk, a.k, heads, p.Nk, kD, L::kBc),
-                                   encode<T>(&tv, a.v, heads, p.Nk, kD, L::kBc), encode<T>(&to, a.o, heads, p.Nq, kD, 64)})
+    for (const std::string& why : {encode<T>(&tq, a.q, heads, p.Nq, kD, L::kBr, L::kQBytes),
+                                   encode<T>(&tk, a.k, heads, p.Nk, kD, L::kBc, L::kKVBytes),
+                                   encode<T>(&tv, a.v, heads, p.Nk, kD, L::kBc, L::kKVBytes),
+                                   encode<T>(&to, a.o, heads, p.Nq, kD, 64, 64 * kD * 2)})
         if (!why.empty()) return why;
     auto kernel = forward_kernel<T, kD, kCausal, kStep>;
     // Once per instantiation, at its first launch: later (timed) launches do no host work but encoding and launching.
