@@ -16,7 +16,10 @@ runs=("bin/naive ${shape[*]} --d 40" "bin/naive ${shape[*]} --d 64 --backward"
       "bin/v1 ${shape[*]} --d 40" "bin/v1 ${shape[*]} --d 128"
       "bin/v2 ${shape[*]} --d 40" "bin/v2 ${shape[*]} --d 64 --backward"
       "bin/v2 ${shape[*]} --d 64 --dtype fp16" "bin/v2 ${shape[*]} --d 128 --dtype bf16"
-      "bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 128 --dtype bf16 --backward")
+      "bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 128 --dtype bf16 --backward"
+      # head dims between tiles (zero-filled columns) and past 128 (8 warps), and the deterministic backward
+      "bin/v2 ${shape[*]} --d 200 --dtype bf16" "bin/v2 ${shape[*]} --d 72 --dtype fp16 --backward"
+      "bin/v2 ${shape[*]} --d 256 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 40 --dtype bf16 --backward --deterministic")
 # v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
 for k in 1 2 3 4; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
 for k in 1 2; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done

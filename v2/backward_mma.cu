@@ -167,15 +167,17 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
     static constexpr int bytes = D + kStages * Br * 4;
 };
 
-// Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile. dQ_accum is [Nq_pad, kD]
-// per head; with atomic_dq false (--deterministic) nothing goes to it and the dq kernel computes dQ.
-template <typename T, int kD, int kStep>
+// Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile; kExactD: d == kD, known at compile
+// time (see kExactVariant below). dQ_accum is [Nq_pad, kD] per head; with atomic_dq false (--deterministic) nothing
+// goes to it and the dq kernel computes dQ.
+template <typename T, int kD, int kStep, bool kExactD>
 __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
-                 T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int d, bool causal, float scale,
-                 bool atomic_dq) {
+                 T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
+                 float scale, bool atomic_dq) {
     using F = Features<kStep>;
+    const int d = kExactD ? kD : head_dim;
     constexpr int Br = q_tile_rows(kD, F::kBr128AtD64);
     constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
     constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
@@ -220,7 +222,9 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     float dK_j[kPartCols / 8][4] = {}, dV_j[kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
     const int key_row = warp % kKeyWarps * 16;      // first row of this warp within K_j
-    const int col0 = warp / kKeyWarps * kPartCols;  // first column of this warp's part of dK_j, dV_j
+    // First column of this warp's part of dK_j, dV_j (a constant 0 with one part, so that the swizzled addresses
+    // below stay a per-lane base plus compile-time offsets).
+    const int col0 = KVTile<kD>::kParts == 1 ? 0 : warp / kKeyWarps * kPartCols;
 
     for (int tile = first_tile; tile < n_tiles; ++tile) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
         const int stage = F::kDoubleBuffer ? (tile - first_tile) & 1 : 0, i0 = tile * Br;
@@ -507,11 +511,14 @@ __global__ void __launch_bounds__(kDqThreads, 1)
 
 // dQ = the fp32 accumulator [B*H, Nq_pad, kD] without its padding rows and columns, rounded to T; 4 elements per
 // thread (d is a multiple of 8, so the 4 never straddle a row).
+// Indices fit in 32 bits (one tensor has at most 2^31 - 1 elements: problem_size_unsupported), so the divisions are
+// 32-bit ones.
 template <typename T>
 __global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_pad, int d, int kD, size_t n_elems) {
     const size_t e = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
     if (e >= n_elems) return;
-    const size_t row = e / d, col = e % d, bh = row / Nq, i = row % Nq;
+    const unsigned row = unsigned(e) / unsigned(d), col = unsigned(e) % unsigned(d);
+    const size_t bh = row / unsigned(Nq), i = row % unsigned(Nq);
     const float4 v = *reinterpret_cast<const float4*>(dQ_accum + (bh * Nq_pad + i) * kD + col);
     *reinterpret_cast<uint2*>(dQ + e) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
 }
@@ -524,7 +531,7 @@ int padded_rows(const Problem& p) {
     return ceil_div(p.Nq, Br) * Br;
 }
 
-template <typename T, int kD, int kStep>
+template <typename T, int kD, int kStep, bool kExactD>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
             T* dK, T* dV, void* workspace, cudaStream_t stream) {
     const int BH = p.B * p.H, Nq_pad = padded_rows(p);
@@ -544,10 +551,10 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launches.
     static const cudaError_t attribute_set =
-        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
     const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), BH);
-    dk_dv_kernel<T, kD, kStep><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
+    dk_dv_kernel<T, kD, kStep, kExactD><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(),
         !p.deterministic);
     CUDA_CHECK_LAUNCH();
@@ -569,6 +576,14 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     CUDA_CHECK_LAUNCH();
 }
 
+// Tiles whose final dk_dv kernel also has a variant for d == kD with d a compile-time constant, beside the one for
+// any d <= kD (as in forward_mma.cu): the head dims of the benchmarks (64, 128) and 256. Why: on an H200 the
+// runtime-d backward alone ran 10% (d = 64) and 7% (d = 128) slower than the one before it, which had d = kD (fp16,
+// N = 4096, B = 4, hidden 2048; docs/measured/v2_head_dims_run2.log). Part of that may be col0 above, which was a
+// runtime value then. That this variant wins the time back is not yet measured.
+template <int kD>
+constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
+
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
@@ -577,19 +592,26 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
-        launch<T, kD, kFinalStep>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV), workspace,
-                                  stream);
+        if constexpr (kExactVariant<kD>) {
+            if (p.d == kD) {
+                launch<T, kD, kFinalStep, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                                workspace, stream);
+                return "";
+            }
+        }
+        launch<T, kD, kFinalStep, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                         workspace, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
             case 1:
-                launch<T, kD, 1>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV), workspace,
-                                 stream);
+                launch<T, kD, 1, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                       workspace, stream);
                 return "";
             case 2:
-                launch<T, kD, 2>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV), workspace,
-                                 stream);
+                launch<T, kD, 2, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                       workspace, stream);
                 return "";
             default: break;
         }

@@ -202,13 +202,14 @@ __device__ __forceinline__ float softmax_exp(float x) {
 // SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
 // scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
-// are never stored.
+// are never stored. kExactD: d == kD, known at compile time (see kExactVariant below).
 
-template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, int d, float scale_exp) {
+                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, int head_dim, float scale_exp) {
     using F = Features<kStep>;
+    const int d = kExactD ? kD : head_dim;
     constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
     constexpr int kMTiles = kWarpRows / 16;   // m16 tiles per warp
@@ -458,9 +459,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     }
 }
 
-template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD>
 void launch(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE, cudaStream_t stream) {
-    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep>;
+    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep, kExactD>;
     constexpr int kSmem = smem_bytes<kBr, kBc, kD, kStep>();
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
     static const cudaError_t attribute_set =
@@ -497,34 +498,49 @@ struct Tile {
     static constexpr int kBc = 64;
 };
 
-template <typename T, int kD, int kStep>
+template <typename T, int kD, int kStep, bool kExactD>
 void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
                           cudaStream_t stream) {
     using Tl = Tile<kD>;
     if (p.causal)
-        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep>(p, Q, K, V, O, LSE, stream);
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep, kExactD>(p, Q, K, V, O, LSE, stream);
     else
-        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep>(p, Q, K, V, O, LSE, stream);
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD>(p, Q, K, V, O, LSE, stream);
 }
 
-
-// The steps before the final one are compiled for these head dims and fp16 only.
+// The steps before the final one are compiled for these head dims and fp16 only, with d == kD at compile time.
 bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
+
+// Tiles whose final kernel also has a variant for d == kD with d a compile-time constant, beside the one for any
+// d <= kD: the head dims of the benchmarks (64, 128) and 256. With d known, every global address in load_tile is a
+// per-thread base plus a compile-time offset again, and the column bounds fold away. Why: on an H200 the runtime-d
+// kernel alone ran 4% (d = 64) and 6% (d = 128) slower than the kernel before it, which had d = kD (fp16, N = 4096,
+// B = 4, hidden 2048; docs/measured/v2_head_dims_run2.log), and ptxas gives it 8 and 20 bytes of spills at d = 128
+// (none before). That this variant wins the time back is not yet measured. The other tiles keep one kernel: 12 more
+// instantiations, not 24.
+template <int kD>
+constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
                         cudaStream_t stream) {
     const int step = p.kernel == 0 ? kFinalStep : p.kernel;
     if (step == kFinalStep) {
-        launch_causal_or_not<T, kD, kFinalStep>(p, Q, K, V, O, LSE, stream);
+        if constexpr (kExactVariant<kD>) {
+            if (p.d == kD) {
+                launch_causal_or_not<T, kD, kFinalStep, true>(p, Q, K, V, O, LSE, stream);
+                return "";
+            }
+        }
+        launch_causal_or_not<T, kD, kFinalStep, false>(p, Q, K, V, O, LSE, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
-            case 1: launch_causal_or_not<T, kD, 1>(p, Q, K, V, O, LSE, stream); return "";
-            case 2: launch_causal_or_not<T, kD, 2>(p, Q, K, V, O, LSE, stream); return "";
-            case 3: launch_causal_or_not<T, kD, 3>(p, Q, K, V, O, LSE, stream); return "";
-            case 4: launch_causal_or_not<T, kD, 4>(p, Q, K, V, O, LSE, stream); return "";
+            case 1: launch_causal_or_not<T, kD, 1, true>(p, Q, K, V, O, LSE, stream); return "";
+            case 2: launch_causal_or_not<T, kD, 2, true>(p, Q, K, V, O, LSE, stream); return "";
+            case 3: launch_causal_or_not<T, kD, 3, true>(p, Q, K, V, O, LSE, stream); return "";
+            case 4: launch_causal_or_not<T, kD, 4, true>(p, Q, K, V, O, LSE, stream); return "";
             default: break;
         }
     }
