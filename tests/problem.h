@@ -24,8 +24,8 @@ struct Problem {
     // Which of the stage's runnable optimisation steps runs (--kernel K, listed by --kernel list): 1 is the first
     // step, 0 the stage's final kernel. A stage's *_unsupported(p) refuses a step it does not have.
     int kernel = 0;
-    // Backward only (--deterministic): gradients with no atomic additions, the same bits on every run. A stage's
-    // backward_unsupported(p) refuses it where the stage has no such backward.
+    // Backward only (--deterministic): gradients with no atomic additions, the same bits on every run. A stage
+    // without such a backward refuses it (Stage::has_deterministic; v2 fp32 in its backward_unsupported).
     bool deterministic = false;
     // The features users turn on (docs/conventions.md, "Extensions"). The float64 reference and v2's CPU model
     // have them; a stage or kernel without them refuses such a problem in one line (has_extensions()).
