@@ -360,7 +360,7 @@ CheckResult backward_values(bool deterministic) {
         const HostTensors in = make_inputs(p, dist, 5);
         ModelTraffic t;
         const Grads g = backward(p, in, 3, deterministic, &t);
-        for (const Comparison& c : compare_grads(p, in, {g.dq, g.dk, g.dv}))
+        for (const Comparison& c : compare_grads(p, in, {g.dq, g.dk, g.dv, {}}))
             if (!c.ok) return {false, describe(p, dist) + ", vs float64:\n" + c.report};
     }
     return {true, "dQ, dK, dV of 5 problems (causal, Nq != Nk, rows that see no key) match float64"};

@@ -67,9 +67,12 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
         expect 0 "$prog" $small --window 4,1 --dropout 0.3 --cpu --check
         expect 0 "$prog" $small --window 4,1 --dropout 0.3 --cpu --check --backward
         expect 0 "$prog" --batch 2 --heads 4 --kv-heads 2 --n 40 --d 16 --dropout 0.2 --cpu --check --backward
+        expect 0 "$prog" $small --bias --alibi --causal --cpu --check --backward --save "$tmp/bias"
+        [ -f "$tmp/bias/dbias.npy" ] || { echo "FAIL: --bias --backward --save wrote no dbias.npy"; fails=$((fails + 1)); }
     else
         expect 2 "$prog" $small --window 4,1
         expect 2 "$prog" --heads 4 --kv-heads 2
+        expect 2 "$prog" $small --alibi
     fi
     # .npy round trip: save the outputs, feed the inputs back through --load, outputs must not change
     mkdir -p "$tmp/io"

@@ -30,8 +30,9 @@ const char* dist_name(Dist d);
 bool parse_dist(const std::string& s, Dist* d);
 
 struct HostTensors {
-    std::vector<float> q, k, v;  // inputs, [B,H,Nq,d] and [B,H,Nk,d]
+    std::vector<float> q, k, v;  // inputs, [B,H,Nq,d] and [B,Hk,Nk,d]
     std::vector<float> dO;       // upstream gradient for the backward pass, [B,H,Nq,d]
+    std::vector<float> bias;     // --bias: [bias_batch, bias_heads, Nq, Nk] (empty without)
 };
 // Deterministic for a given (problem shape, dist, seed) on every platform. When p.dtype is fp16/bf16 the values
 // are rounded to that type, so every stage (fp32 ones too) sees exactly the numbers the low-precision stage sees.
@@ -50,10 +51,14 @@ Reference reference_forward(const Problem& p, const HostTensors& in, const std::
                             DType round_p = DType::fp32);
 struct ReferenceGrads {
     std::vector<double> dq, dk, dv;
+    std::vector<double> dbias;  // with --bias: dS summed over the bias's broadcast dimensions
 };
 // round_to_type fp16/bf16 gives the same-precision reference: P and dS rounded to that type before the products
 // that consume them (as the tensor-core kernels do) and the gradients rounded at the end.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type = DType::fp32);
+// What --bias and --alibi add to the scaled score of (row i, key j) of flattened head bh (0 without them): the one
+// definition, used by the reference and the CPU models.
+double score_bias(const Problem& p, const HostTensors& in, size_t bh, int i, int j);
 // The rows the programs check on large problems: all rows when the reference would be cheap, otherwise a fixed
 // sample that always includes the first and last row of every head checked and the last partial tile.
 std::vector<size_t> rows_to_check(const Problem& p, double max_flops = 2e9);
@@ -104,6 +109,7 @@ std::vector<Comparison> compare_forward(const Problem& p, const HostTensors& in,
 // gradients instead (another implementation's, e.g. the stage below), with the tolerances of the float64 check.
 struct HostGrads {
     std::vector<float> dq, dk, dv;
+    std::vector<float> dbias;  // with --bias (see ReferenceGrads)
 };
 std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, const HostGrads& got,
                                       const HostGrads* want = nullptr);
@@ -201,9 +207,10 @@ struct ModelTraffic {
 };
 using CpuForward = std::function<void(const Problem&, const HostTensors&, std::vector<float>* o,
                                       std::vector<float>* lse, ModelTraffic*)>;
+struct HostGrads;
+// A CPU model's backward: fills g's dq, dk, dv (and dbias when p has a bias).
 using CpuBackward = std::function<void(const Problem&, const HostTensors&, const std::vector<float>& o,
-                                       const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
-                                       std::vector<float>* dv, ModelTraffic*)>;
+                                       const std::vector<float>& lse, HostGrads* g, ModelTraffic*)>;
 
 // One runnable optimisation step of a stage's kernel (bin/v2 --kernel list): p.kernel = k runs steps[k-1].
 struct KernelStep {

@@ -32,6 +32,11 @@ struct Problem {
     int Hk = 0;                              // K/V heads (--kv-heads; 0: H): query head h reads K/V head h / (H / Hk)
     int window_left = -1, window_right = -1;  // --window L,R: row i sees keys i' - L .. i' + R, i' = i + Nk - Nq;
                                               // -1: unbounded on that side (causal is the window (-1, 0))
+    int bias_batch = 0, bias_heads = 0;      // --bias: an additive bias [bias_batch, bias_heads, Nq, Nk] on the scaled
+                                             // scores, broadcast over B and H where 1; 0: none
+    bool alibi = false;                      // --alibi: the bias -slope_h |i' - j|, computed, never stored (alibi_slope)
+    int alibi_H = 0;                         // the H the slopes are computed for (the whole problem's H): set by the
+                                             // harness, kept when a CPU model runs a part of the heads
     float dropout = 0.0f;                    // --dropout p: each weight P_ij dropped with probability p, kept ones / (1 - p)
     uint64_t dropout_seed = 1;               // --seed: keys the dropout mask (common/philox.cuh)
     int head_offset = 0;                     // flattened index (b * H + h) of this problem's first head in the whole
@@ -42,7 +47,17 @@ struct Problem {
     int group() const { return H / kv_heads(); }  // query heads per K/V head
     // The K/V head (flattened, b * Hk + hk) that flattened query head bh = b * H + h reads.
     size_t kv_head(size_t bh) const { return bh / H * kv_heads() + bh % H / group(); }
-    bool has_extensions() const { return kv_heads() != H || window_left >= 0 || window_right >= 0 || dropout > 0.0f; }
+    bool has_bias() const { return bias_heads > 0; }
+    // Where head bh's [Nq, Nk] slice of the bias starts (broadcast dimensions read slice 0).
+    size_t bias_offset(size_t bh) const {
+        const size_t b = bias_batch == 1 ? 0 : bh / H, h = bias_heads == 1 ? 0 : bh % H;
+        return (b * bias_heads + h) * Nq * Nk;
+    }
+    size_t bias_elems() const { return size_t(bias_batch) * bias_heads * Nq * Nk; }
+    int alibi_heads() const { return alibi_H > 0 ? alibi_H : H; }
+    bool has_extensions() const {
+        return kv_heads() != H || window_left >= 0 || window_right >= 0 || dropout > 0.0f || has_bias() || alibi;
+    }
     size_t q_elems() const { return size_t(B) * H * Nq * d; }
     size_t kv_elems() const { return size_t(B) * kv_heads() * Nk * d; }
     size_t lse_elems() const { return size_t(B) * H * Nq; }
@@ -54,6 +69,15 @@ struct Problem {
 
 // The last key index row i may see, plus one (bottom-right causal alignment). May be <= 0: row sees nothing.
 __host__ __device__ inline int causal_key_end(int i, int Nq, int Nk) { return i + Nk - Nq + 1; }
+
+// ALiBi's slope of head h of H (Press, Smith and Lewis, 2022): 2^(-8 (h + 1) / H), the geometric sequence of the
+// paper for H a power of two, used as written for every H. The bias of (row i, key j) is -slope |i + Nk - Nq - j|:
+// the distance from the diagonal, aligned bottom-right like the causal mask.
+__host__ __device__ inline float alibi_slope(int h, int H) { return exp2f(-8.0f * float(h + 1) / float(H)); }
+__host__ __device__ inline float alibi_bias(float slope, int i, int j, int Nq, int Nk) {
+    const int distance = i + Nk - Nq - j;
+    return -slope * float(distance < 0 ? -distance : distance);
+}
 
 // The keys row i sees, [begin, end) (empty when begin >= end): the causal mask and the window, both aligned
 // bottom-right (row i sits at key position i + Nk - Nq).

@@ -1,6 +1,7 @@
 // test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (the GPU kernels do
-// not have them yet and refuse them): grouped-query attention (--kv-heads), the sliding window (--window L,R) and
-// dropout (--dropout p) with its counter-based mask (common/philox.cuh). The reference is checked on its own (hand-computed key ranges, the
+// not have them yet and refuse them): grouped-query attention (--kv-heads), the sliding window (--window L,R),
+// dropout (--dropout p) with its counter-based mask (common/philox.cuh), an additive bias (--bias) with its gradient,
+// and ALiBi (--alibi). The reference is checked on its own (hand-computed key ranges, the
 // window's limits equal causal and no mask bitwise, finite differences through a fixed mask), then the model
 // against it, in both passes, and the window's tile skipping by the model's counted traffic.
 #include <doctest/doctest.h>
@@ -105,7 +106,7 @@ TEST_CASE("reference: grouped-query attention is attention with each K/V head re
     CHECK(in.k.size() == size_t(p.B) * 2 * p.Nk * p.d);
     Problem full = p;  // every query head with its own copy of its K/V head
     full.Hk = 0;
-    HostTensors rep{in.q, {}, {}, in.dO};
+    HostTensors rep{in.q, {}, {}, in.dO, {}};
     for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
         for (auto [src, dst] : {std::pair{&in.k, &rep.k}, {&in.v, &rep.v}})
             dst->insert(dst->end(), src->begin() + p.kv_head(bh) * p.Nk * p.d, src->begin() + (p.kv_head(bh) + 1) * p.Nk * p.d);
@@ -204,11 +205,11 @@ TEST_CASE("the stages without the extensions refuse them: v2's GPU entry points 
     p.dtype = DType::fp16;
     p.window_left = 8, p.window_right = 0;
     CHECK(p.has_extensions());
-    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
-    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
     p.window_left = p.window_right = -1, p.dropout = 0.1f;
     CHECK(p.has_extensions());
-    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window or --dropout"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
     p.dropout = 0.0f, p.Hk = 2;
     p.H = 4;
     CHECK(p.has_extensions());
@@ -217,4 +218,60 @@ TEST_CASE("the stages without the extensions refuse them: v2's GPU entry points 
     CHECK_FALSE(p.has_extensions());
     CHECK(v2_stage().cpu_model_extensions);
     CHECK_FALSE(v1_stage().cpu_model_extensions);
+}
+
+TEST_CASE("ALiBi: the paper's slopes, and the computed bias equals the same bias given as a tensor, bitwise") {
+    for (int h = 0; h < 8; ++h) CHECK(alibi_slope(h, 8) == std::ldexp(1.0f, -(h + 1)));  // 1/2, 1/4, ..., 1/256
+    CHECK(alibi_bias(0.5f, 3, 1, 4, 6) == -0.5f * 4);  // row 3 sits at key 5: distance 4
+    Problem p = small(37, 50, 16);
+    p.alibi = true, p.causal = true;
+    const HostTensors in = make_inputs(p, Dist::normal, 3);
+    Problem given = p;  // the same numbers as a [1, H, Nq, Nk] tensor
+    given.alibi = false, given.bias_batch = 1, given.bias_heads = p.H;
+    HostTensors with_tensor = in;
+    for (int h = 0; h < p.H; ++h)
+        for (int i = 0; i < p.Nq; ++i)
+            for (int j = 0; j < p.Nk; ++j)
+                with_tensor.bias.push_back(alibi_bias(alibi_slope(h, p.H), i, j, p.Nq, p.Nk));
+    CHECK(reference_forward(p, in).o == reference_forward(given, with_tensor).o);
+    CHECK(reference_forward(p, in).lse == reference_forward(given, with_tensor).lse);
+}
+
+TEST_CASE("reference backward with a bias and ALiBi matches finite differences, dbias included") {
+    Problem p = small(5, 7, 4);
+    p.B = 1, p.H = 2, p.bias_batch = 1, p.bias_heads = 1, p.alibi = true, p.causal = true;  // one bias for both heads
+    check_reference_backward_by_finite_differences("bias [1, 1] and ALiBi", p, make_inputs(p, Dist::normal, 7));
+}
+
+TEST_CASE("v2 CPU model with a bias (every broadcast shape) and ALiBi matches the float64 reference, dbias included") {
+    for (auto [bB, bH] : {std::pair{1, 3}, {2, 1}, {2, 3}, {1, 1}})
+        for (bool alibi : {false, true})
+            for (auto [Nq, Nk, causal] : {std::tuple{77, 130, false}, {140, 45, true}, {1, 1, false}}) {
+                Problem p = small(Nq, Nk, 32);
+                p.bias_batch = bB, p.bias_heads = bH, p.alibi = alibi, p.causal = causal;
+                const HostTensors in = make_inputs(p, Dist::normal, 13);
+                REQUIRE(in.bias.size() == p.bias_elems());
+                Outputs got;
+                ModelTraffic t;
+                v2_model_forward(p, in, &got.o, &got.lse, &t);
+                const std::string label = "bias [" + std::to_string(bB) + ", " + std::to_string(bH) + "] alibi=" +
+                                          std::to_string(alibi) + " Nq=" + std::to_string(Nq) + " Nk=" + std::to_string(Nk);
+                check_against_reference(label, p, in, got);
+                HostGrads g;
+                v2_model_backward_scheduled(p, in, got.o, got.lse, &g.dq, &g.dk, &g.dv, &t, 0, false, &g.dbias);
+                REQUIRE(g.dbias.size() == p.bias_elems());
+                check_grads_against_reference(label, p, in, g);
+            }
+    Problem p = small(40, 60, 16);  // a bias shared by the batch: its gradient is the sum of the per-batch ones
+    p.bias_batch = 1, p.bias_heads = p.H;
+    const HostTensors in = make_inputs(p, Dist::normal, 2);
+    Problem per_batch = p;
+    per_batch.bias_batch = p.B;
+    HostTensors twice = in;
+    twice.bias.insert(twice.bias.end(), in.bias.begin(), in.bias.end());  // the same bias for both batches
+    const ReferenceGrads shared = reference_backward(p, in), split = reference_backward(per_batch, twice);
+    double worst = 0;
+    for (size_t e = 0; e < shared.dbias.size(); ++e)
+        worst = std::max(worst, std::fabs(shared.dbias[e] - split.dbias[e] - split.dbias[e + shared.dbias.size()]));
+    CHECK(worst < 1e-12);
 }

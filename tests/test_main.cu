@@ -102,11 +102,11 @@ void check_reference_backward_by_finite_differences(const std::string& label, co
     };
     const ReferenceGrads g = reference_backward(p, in);
     const float h = 1e-2f;
-    for (auto [name, which, grad] : {std::tuple{"dQ", 0, &g.dq}, {"dK", 1, &g.dk}, {"dV", 2, &g.dv}})
-        for (size_t idx = 0; idx < grad->size(); ++idx) {
+    for (auto [name, which, grad] : {std::tuple{"dQ", 0, &g.dq}, {"dK", 1, &g.dk}, {"dV", 2, &g.dv}, {"dbias", 3, &g.dbias}})
+        for (size_t idx = 0; idx < grad->size(); ++idx) {  // dbias: empty without a bias
             HostTensors plus = in, minus = in;
-            std::vector<float>* tp = which == 0 ? &plus.q : which == 1 ? &plus.k : &plus.v;
-            std::vector<float>* tm = which == 0 ? &minus.q : which == 1 ? &minus.k : &minus.v;
+            std::vector<float>* tp = which == 0 ? &plus.q : which == 1 ? &plus.k : which == 2 ? &plus.v : &plus.bias;
+            std::vector<float>* tm = which == 0 ? &minus.q : which == 1 ? &minus.k : which == 2 ? &minus.v : &minus.bias;
             (*tp)[idx] += h;
             (*tm)[idx] -= h;
             const double fd = (loss(plus) - loss(minus)) / (double((*tp)[idx]) - (*tm)[idx]);

@@ -27,5 +27,6 @@ void check_against(const std::string& label, const Problem& p, const HostTensors
 // CHECKs dQ, dK, dV against the float64 reference backward.
 void check_grads_against_reference(const std::string& label, const Problem& p, const HostTensors& in, const HostGrads& got);
 // CHECKs the float64 reference backward against central finite differences of the reference forward (loss
-// sum(O * dO), so dL/dX is what the backward computes), every element of dQ, dK and dV. For tiny problems.
+// sum(O * dO), so dL/dX is what the backward computes), every element of dQ, dK, dV (and dbias with a bias). For
+// tiny problems.
 void check_reference_backward_by_finite_differences(const std::string& label, const Problem& p, const HostTensors& in);

@@ -79,7 +79,7 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
                     for (int c = 0; c < cols; ++c) {
                         float s = 0.0f;
                         for (int k = 0; k < d; ++k) s += Q_i[size_t(r) * d + k] * K_j[size_t(c) * d + k];
-                        S[c] = masked(p, q0 + r, key0 + c) ? -INFINITY : scale * s;
+                        S[c] = masked(p, q0 + r, key0 + c) ? -INFINITY : scale * s + float(score_bias(p, in, bh, q0 + r, key0 + c));
                         m_tile = std::fmax(m_tile, S[c]);
                     }
                     // EXERCISE(fa2-deferred-norm-model): fold row r of this tile into (m_i, l_i) and the unnormalised O_i
@@ -129,7 +129,7 @@ QTile load_q_tile(const Hbm& Q, const Hbm& dO, const Hbm& LSE, const Hbm& D, siz
 
 // Algorithm 2, lines 10-11 and 13-14, for one (Q tile, K/V tile) pair: P_ij = exp(scale * Q_i K_j^T - LSE_i), 0 where
 // masked or for a row that sees no key (LSE = -inf), and dS_ij = P_ij * (dP_ij - D_i) with dP_ij = dO_i V_j^T.
-void tile_gradients(const Problem& p, size_t bh, const QTile& q, int key0, int cols, const std::vector<float>& K_j,
+void tile_gradients(const Problem& p, const HostTensors& in, size_t bh, const QTile& q, int key0, int cols, const std::vector<float>& K_j,
                     const std::vector<float>& V_j, std::vector<float>* P_ij, std::vector<float>* dS_ij) {
     const int d = p.d;
     const float scale = p.resolved_scale();
@@ -143,10 +143,11 @@ void tile_gradients(const Problem& p, size_t bh, const QTile& q, int key0, int c
                 dp += q.dO[size_t(r) * d + k] * V_j[size_t(c) * d + k];
             }
             const float z = dropout_factor(p, bh, q.q0 + r, key0 + c);
+            const float bias_ij = float(score_bias(p, in, bh, q.q0 + r, key0 + c));  // --bias, --alibi: 0 without
             dp *= z;  // dropout: dP_ij = Z_ij dO_i V_j^T
             // EXERCISE(backward-ds-model): P_ij recomputed from the forward's LSE, and dS_ij = P_ij * (dP_ij - D_i)
             const bool visible = !masked(p, q.q0 + r, key0 + c) && q.L[r] != -INFINITY;
-            const float pij = visible ? std::exp(scale * s - q.L[r]) : 0.0f;
+            const float pij = visible ? std::exp(scale * s + bias_ij - q.L[r]) : 0.0f;
             (*P_ij)[size_t(r) * cols + c] = pij;
             (*dS_ij)[size_t(r) * cols + c] = pij * (dp - q.D[r]);
             // END EXERCISE
@@ -165,12 +166,13 @@ void v2_model_backward(const Problem& p, const HostTensors& in, const std::vecto
 void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const std::vector<float>& o,
                                  const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                                  std::vector<float>* dv, ModelTraffic* t, uint64_t block_order_seed,
-                                 bool deterministic_dq) {
+                                 bool deterministic_dq, std::vector<float>* dbias) {
     const int Nq = p.Nq, Nk = p.Nk, d = p.d;
     const auto [Br, Bc] = v2_fp32_backward_tiles();
     const float scale = p.resolved_scale();
     Hbm Q(in.q, t), K(in.k, t), V(in.v, t), dO(in.dO, t), O(o, t), LSE(lse, t);
     Hbm D(p.lse_elems(), t), dQ(p.q_elems(), t), dK(p.kv_elems(), t), dV(p.kv_elems(), t);
+    Hbm dBias(p.bias_elems(), t);  // --bias: dS_ij added into it (a broadcast bias sums over batches and heads)
     // Pre-pass (Algorithm 2, line 4): D_i = rowsum(dO_i * O_i).
     for (size_t row = 0; row < p.lse_elems(); ++row) {
         // EXERCISE(backward-ds-model): D_i = rowsum(dO_i * O_i), from device memory into D
@@ -203,7 +205,13 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
                 for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
                     if (window_skips(p, q0, std::min(Br, Nq - q0), key0, cols)) continue;
                     const QTile q = load_q_tile(Q, dO, LSE, D, bh, Nq, q0, std::min(Br, Nq - q0), d);
-                    tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                    tile_gradients(p, in, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                    if (p.has_bias())  // dbias += dS_ij (the score's gradient: the bias enters it with factor 1)
+                        for (int r = 0; r < q.rows; ++r)
+                            for (int c = 0; c < cols; ++c) {
+                                const size_t e = p.bias_offset(bh) + size_t(q0 + r) * Nk + key0 + c;
+                                dBias.write(e, dBias.read(e) + dS_ij[size_t(r) * cols + c]);
+                            }
                     for (int c = 0; c < cols; ++c)  // dV_j += P_ij^T dO_i, dK_j += dS_ij^T Q_i
                         for (int k = 0; k < d; ++k)
                             for (int r = 0; r < q.rows; ++r) {
@@ -237,7 +245,7 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
                     const int cols = std::min(Bc, Nk - key0);
                     const std::vector<float> K_j = load_tile(K, p.kv_head(bh), Nk, key0, cols, d);
                     const std::vector<float> V_j = load_tile(V, p.kv_head(bh), Nk, key0, cols, d);
-                    tile_gradients(p, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
+                    tile_gradients(p, in, bh, q, key0, cols, K_j, V_j, &P_ij, &dS_ij);
                     for (int r = 0; r < q.rows; ++r)
                         for (int k = 0; k < d; ++k)
                             for (int c = 0; c < cols; ++c)
@@ -249,4 +257,5 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
     *dq = std::move(dQ.values());
     *dk = std::move(dK.values());
     *dv = std::move(dV.values());
+    if (dbias) *dbias = p.has_bias() ? std::move(dBias.values()) : std::vector<float>{};
 }

@@ -29,7 +29,10 @@ const Stage& v2_stage() {
         s.backward_workspace_bytes = v2_backward_workspace_bytes;
         s.backward = v2_backward;
         s.has_deterministic = true;
-        s.cpu_backward = v2_model_backward;
+        s.cpu_backward = [](const Problem& p, const HostTensors& in, const std::vector<float>& o,
+                            const std::vector<float>& lse, HostGrads* g, ModelTraffic* t) {
+            v2_model_backward_scheduled(p, in, o, lse, &g->dq, &g->dk, &g->dv, t, 0, false, &g->dbias);
+        };
         s.cpu_model_extensions = true;  // --window, --dropout (the GPU kernels refuse them)
         s.forward_steps = v2_forward_steps();
         s.backward_steps = v2_backward_steps();

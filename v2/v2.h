@@ -44,7 +44,7 @@ void v2_model_backward(const Problem& p, const HostTensors& in, const std::vecto
 void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const std::vector<float>& o,
                                  const std::vector<float>& lse, std::vector<float>* dq, std::vector<float>* dk,
                                  std::vector<float>* dv, ModelTraffic* t, uint64_t block_order_seed,
-                                 bool deterministic_dq);
+                                 bool deterministic_dq, std::vector<float>* dbias = nullptr);
 
 // ---------------------------------------------------------------------- tensor-core optimisation steps (--kernel)
 // Each step adds one idea to the one before; the last is the final kernel (p.kernel = 0 runs it too). The steps

@@ -71,6 +71,9 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --seed S       random seed (default 1)\n"
         "  --dist NAME    inputs: normal, large (scores of hundreds), outliers, constant (default normal)\n"
         "  --kv-heads HK  grouped-query attention: HK K/V heads (HK divides H), each read by H / HK query heads\n"
+        "  --bias         add a bias to the scaled scores: [1, H, Nq, Nk] N(0,1), or bias.npy ([B or 1, H or 1, Nq, Nk])\n"
+        "                 with --load; --backward writes its gradient dbias.npy with --save\n"
+        "  --alibi        ALiBi: add -slope_h |i + Nk - Nq - j| (slope_h = 2^(-8 (h+1) / H)), computed, not stored\n"
         "  --window L,R   sliding window: query i sees keys i' - L .. i' + R (i' = i + Nk - Nq; -1: unbounded)\n"
         "  --dropout P    drop each attention weight with probability P (0 <= P < 1), keep the rest / (1 - P);\n"
         "                 the mask comes from a counter-based generator keyed by --seed (with --load too)\n";
@@ -168,6 +171,8 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
         else if (flag == "--load") r.load_dir = value;
         else if (flag == "--save") r.save_dir = value;
         else if (flag == "--causal") r.p.causal = true;
+        else if (flag == "--bias") r.p.bias_heads = 1;  // its shape is set below, or by bias.npy with --load
+        else if (flag == "--alibi") r.p.alibi = true;
         else if (flag == "--check") r.check = true;
         else if (flag == "--bench") r.bench = true;
         else if (flag == "--cpu") r.cpu = true;
@@ -184,6 +189,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
         return *err = "--load takes the values from its files; --seed only keys the dropout mask there (give --dropout)", false;
     r.p.dropout_seed = r.seed;
     if (have_n) r.p.Nq = r.p.Nk = int(n);
+    if (r.p.has_bias()) r.p.bias_batch = 1, r.p.bias_heads = r.p.H;  // [1, H, Nq, Nk]
     if (r.p.Hk > 0 && r.p.H % r.p.Hk != 0)
         return *err = "--kv-heads " + std::to_string(r.p.Hk) + " must divide --heads " + std::to_string(r.p.H), false;
     if (const std::string why = problem_size_unsupported(r.p); !why.empty()) return *err = why, false;

@@ -216,7 +216,7 @@ Reference top_left_reference(const Problem& p, const HostTensors& in, const std:
         Problem q = p;
         q.Nk = p.Nq;
         const size_t kv_heads = size_t(p.B) * p.kv_heads();
-        const HostTensors cut{in.q, first_rows(in.k, kv_heads, p.Nk, p.Nq, p.d), first_rows(in.v, kv_heads, p.Nk, p.Nq, p.d), {}};
+        const HostTensors cut{in.q, first_rows(in.k, kv_heads, p.Nk, p.Nq, p.d), first_rows(in.v, kv_heads, p.Nk, p.Nq, p.d), {}, {}};
         return reference_forward(q, cut, rows);
     }
     std::vector<size_t> square_rows, full_rows;
@@ -228,7 +228,7 @@ Reference top_left_reference(const Problem& p, const HostTensors& in, const std:
     Problem square = p, unmasked = p;
     square.Nq = p.Nk;
     unmasked.causal = false;
-    const HostTensors first{first_rows(in.q, heads, p.Nq, p.Nk, p.d), in.k, in.v, {}};
+    const HostTensors first{first_rows(in.q, heads, p.Nq, p.Nk, p.d), in.k, in.v, {}, {}};
     const Reference a = square_rows.empty() ? Reference{} : reference_forward(square, first, square_rows);
     Reference r;
     if (full_rows.empty()) r.o.assign(p.q_elems(), NAN), r.lse.assign(p.lse_elems(), NAN);
@@ -266,7 +266,7 @@ void refine_forward_hints(const Problem& p, const HostTensors& in, const std::ve
         return compare("O", o.data(), r.o.data(), o_layout(p), tol, rows).ok &&
                compare("LSE", lse.data(), r.lse.data(), lse_layout(p), fp32_tolerance(p, in), rows).ok;
     };
-    if (p.causal && p.Nq != p.Nk && matches(top_left_reference(p, in, rows))) {
+    if (p.causal && p.Nq != p.Nk && !p.has_extensions() && matches(top_left_reference(p, in, rows))) {
         const std::string h = "these are the outputs of a causal mask aligned top-left (key j <= i, PyTorch's is_causal); "
                               "this project aligns it bottom-right: j <= i + Nk - Nq (causal_key_end, tests/problem.h)";
         set_hint(co, h), set_hint(cl, h);
@@ -333,11 +333,25 @@ std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, c
     auto tolerance = [&](const std::vector<double>& lp, const std::vector<double>& r) {
         return p.dtype == DType::fp32 ? fp32_tolerance(p, in) : low_precision_tolerance(p.dtype, max_abs_error(lp, r, {}, p.d));
     };
+    std::vector<Comparison> cs;
     if (want)
-        return {compare("dQ", got.dq.data(), want->dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
-                compare("dK", got.dk.data(), want->dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
-                compare("dV", got.dv.data(), want->dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
-    return {compare("dQ", got.dq.data(), ref.dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
-            compare("dK", got.dk.data(), ref.dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
-            compare("dV", got.dv.data(), ref.dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
+        cs = {compare("dQ", got.dq.data(), want->dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
+              compare("dK", got.dk.data(), want->dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
+              compare("dV", got.dv.data(), want->dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
+    else
+        cs = {compare("dQ", got.dq.data(), ref.dq.data(), o_layout(p), tolerance(same.dq, ref.dq)),
+              compare("dK", got.dk.data(), ref.dk.data(), kv_layout(p), tolerance(same.dk, ref.dk)),
+              compare("dV", got.dv.data(), ref.dv.data(), kv_layout(p), tolerance(same.dv, ref.dv))};
+    if (p.has_bias()) {  // dbias = dS summed over the broadcast dimensions, [bias_batch, bias_heads, Nq, Nk]
+        const Layout bias_layout{size_t(p.bias_batch) * p.bias_heads, size_t(p.Nq), size_t(p.Nk), p.bias_heads, 64};
+        const Tolerance tol = p.dtype == DType::fp32 ? fp32_tolerance(p, in)
+                                                     : low_precision_tolerance(p.dtype, max_abs_error(same.dbias, ref.dbias, {}, p.Nk));
+        if (got.dbias.size() != p.bias_elems() || (want && want->dbias.size() != p.bias_elems()))
+            cs.push_back(Comparison{false, 0, 0, 0, 0, 0, 0, "dbias: missing (the gradient of --bias was not computed)"});
+        else if (want)
+            cs.push_back(compare("dbias", got.dbias.data(), want->dbias.data(), bias_layout, tol));
+        else
+            cs.push_back(compare("dbias", got.dbias.data(), ref.dbias.data(), bias_layout, tol));
+    }
+    return cs;
 }

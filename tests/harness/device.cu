@@ -184,5 +184,5 @@ HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn&
     dv.poison();
     backward(p, {q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(), dk.get(), dv.get(), ws.get()});
     CUDA_CHECK_LAUNCH();
-    return {download(dq, p.q_elems(), p.dtype), download(dk, p.kv_elems(), p.dtype), download(dv, p.kv_elems(), p.dtype)};
+    return {download(dq, p.q_elems(), p.dtype), download(dk, p.kv_elems(), p.dtype), download(dv, p.kv_elems(), p.dtype), {}};
 }

@@ -91,5 +91,9 @@ HostTensors make_inputs(const Problem& p, Dist dist, uint64_t seed) {
             for (int j = 1; j < p.Nk; ++j)
                 std::memcpy(&in.k[(bh * p.Nk + j) * p.d], &in.k[bh * p.Nk * p.d], p.d * sizeof(float));
     }
+    if (p.has_bias()) {  // --bias: N(0, 1), in the inputs' type like them
+        in.bias.resize(p.bias_elems());
+        parallel_for(in.bias.size(), [&](size_t e) { in.bias[e] = round_to(p.dtype, normal(seed, 5, e)); });
+    }
     return in;
 }

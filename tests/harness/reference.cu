@@ -15,8 +15,8 @@ double dropout_factor(const Problem& p, size_t bh, int i, int j) {
     return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), i, j, p.dropout) ? 1.0 / (1.0 - p.dropout) : 0.0;
 }
 
-// One query row: s_j = scale * q.k_j over the keys it sees, P = softmax(s), O = (P * Z) V with Z the dropout
-// factors, LSE = max + log(sum exp(s - max)) (dropout does not change the softmax's normaliser).
+// One query row: s_j = scale * q.k_j (+ the bias) over the keys it sees, P = softmax(s), O = (P * Z) V with Z the
+// dropout factors, LSE = max + log(sum exp(s - max)) (dropout does not change the softmax's normaliser).
 void forward_row(const Problem& p, const HostTensors& in, size_t row, DType round_p, double* o, double* lse) {
     const size_t bh = row / p.Nq;
     const int i = int(row % p.Nq), d = p.d;
@@ -34,7 +34,7 @@ void forward_row(const Problem& p, const HostTensors& in, size_t row, DType roun
     for (int j = keys.begin; j < keys.end; ++j) {
         double dot = 0;
         for (int c = 0; c < d; ++c) dot += double(q[c]) * K[size_t(j) * d + c];
-        s[j - keys.begin] = double(p.resolved_scale()) * dot;
+        s[j - keys.begin] = double(p.resolved_scale()) * dot + score_bias(p, in, bh, i, j);
         m = std::max(m, s[j - keys.begin]);
     }
     double l = 0;
@@ -52,6 +52,13 @@ void forward_row(const Problem& p, const HostTensors& in, size_t row, DType roun
 
 }  // namespace
 
+double score_bias(const Problem& p, const HostTensors& in, size_t bh, int i, int j) {
+    double b = 0;
+    if (p.has_bias()) b += in.bias[p.bias_offset(bh) + size_t(i) * p.Nk + j];
+    if (p.alibi) b += alibi_bias(alibi_slope(int((p.head_offset + bh) % p.alibi_heads()), p.alibi_heads()), i, j, p.Nq, p.Nk);
+    return b;
+}
+
 Reference reference_forward(const Problem& p, const HostTensors& in, const std::vector<size_t>& rows, DType round_p) {
     Reference r;
     r.o.assign(p.q_elems(), std::numeric_limits<double>::quiet_NaN());
@@ -64,8 +71,9 @@ Reference reference_forward(const Problem& p, const HostTensors& in, const std::
     return r;
 }
 
-// Gradients of O = (P * Z) V, P = softmax(scale Q K^T) (Z: the dropout factors, 1 without dropout), one K/V head
-// at a time with the query heads that read it (grouped-query attention: their dK and dV add up):
+// Gradients of O = (P * Z) V, P = softmax(scale Q K^T + bias) (Z: the dropout factors, 1 without dropout), one K/V
+// head at a time with the query heads that read it (grouped-query attention: their dK and dV add up); dbias = dS,
+// summed over the bias's broadcast dimensions:
 //   dV = (P * Z)^T dO,  dP = Z * (dO V^T),  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,
 //   dK = scale dS^T Q.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type) {
@@ -77,6 +85,8 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
     g.dq.assign(p.q_elems(), 0.0);
     g.dk.assign(p.kv_elems(), 0.0);
     g.dv.assign(p.kv_elems(), 0.0);
+    // dbias: dS summed over broadcast dimensions; one partial sum per head, added up after the parallel loop
+    std::vector<double> dbias_per_head(p.has_bias() ? size_t(p.B) * p.H * p.Nq * p.Nk : 0, 0.0);
     const int d = p.d, Nq = p.Nq, Nk = p.Nk;
     const double scale = p.resolved_scale();
     parallel_for(size_t(p.B) * p.kv_heads(), [&](size_t bkv) {
@@ -100,12 +110,13 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
                         dOv += double(dO[c]) * V[size_t(j) * d + c];
                     }
                     const double Z = dropout_factor(p, bh, i, j);
-                    const double P = std::exp(scale * s - fwd.lse[bh * Nq + i]);
+                    const double P = std::exp(scale * s + score_bias(p, in, bh, i, j) - fwd.lse[bh * Nq + i]);
                     double PZ = P * Z, dS = P * (Z * dOv - D);
                     if (round_to_type != DType::fp32) {
                         PZ = round_to(round_to_type, float(PZ));
                         dS = round_to(round_to_type, float(dS));
                     }
+                    if (p.has_bias()) dbias_per_head[(bh * Nq + i) * Nk + j] = dS;
                     for (int c = 0; c < d; ++c) {
                         dV[size_t(j) * d + c] += PZ * dO[c];
                         dQ[c] += scale * dS * K[size_t(j) * d + c];
@@ -114,8 +125,13 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
                 }
             }
     });
+    if (p.has_bias()) {
+        g.dbias.assign(p.bias_elems(), 0.0);
+        for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
+            for (size_t e = 0; e < size_t(Nq) * Nk; ++e) g.dbias[p.bias_offset(bh) + e] += dbias_per_head[bh * Nq * Nk + e];
+    }
     if (round_to_type != DType::fp32)
-        for (auto* t : {&g.dq, &g.dk, &g.dv})
+        for (auto* t : {&g.dq, &g.dk, &g.dv, &g.dbias})
             for (double& x : *t) x = round_to(round_to_type, float(x));
     return g;
 }

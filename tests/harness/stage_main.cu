@@ -64,11 +64,18 @@ bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err
         return *err = "q.npy and k.npy must agree in B and d, and k.npy's heads must divide q.npy's (grouped-query attention)", false;
     p->B = int(sq[0]), p->H = int(sq[1]), p->Nq = int(sq[2]), p->Nk = int(sk[2]), p->d = int(sq[3]);
     p->Hk = int(sk[1]);
+    if (p->has_bias()) {  // --bias with --load: bias.npy, [B or 1, H or 1, Nq, Nk]
+        std::vector<size_t> sb;
+        if (!load_tensor(o.load_dir, "bias.npy", &in->bias, &sb, err)) return false;
+        if ((sb[0] != 1 && sb[0] != sq[0]) || (sb[1] != 1 && sb[1] != sq[1]) || sb[2] != sq[2] || sb[3] != sk[2])
+            return *err = "bias.npy must be [B or 1, H or 1, Nq, Nk]", false;
+        p->bias_batch = int(sb[0]), p->bias_heads = int(sb[1]);
+    }
     if (o.backward) {
         if (!load_tensor(o.load_dir, "do.npy", &in->dO, &sdo, err)) return false;
         if (sdo != sq) return *err = "do.npy must have the shape of q.npy", false;
     }
-    for (auto* t : {&in->q, &in->k, &in->v, &in->dO})
+    for (auto* t : {&in->q, &in->k, &in->v, &in->dO, &in->bias})
         for (float& x : *t) {
             if (!std::isfinite(x)) return *err = "input files contain NaN or Inf", false;
             const float rounded = round_to(p->dtype, x);
@@ -102,6 +109,7 @@ bool save_outputs(const std::string& dir, const Problem& p, const std::vector<st
         std::vector<size_t> shape = {size_t(p.B), size_t(p.H), size_t(p.Nq), size_t(p.d)};
         if (std::strcmp(name, "lse.npy") == 0) shape.pop_back();
         if (std::strcmp(name, "dk.npy") == 0 || std::strcmp(name, "dv.npy") == 0) shape[1] = size_t(p.kv_heads()), shape[2] = size_t(p.Nk);
+        if (std::strcmp(name, "dbias.npy") == 0) shape = {size_t(p.bias_batch), size_t(p.bias_heads), size_t(p.Nq), size_t(p.Nk)};
         std::string err;
         if (!npy_write(dir + "/" + name, *data, shape, &err)) {
             std::fprintf(stderr, "error: %s\n", err.c_str());
@@ -147,7 +155,7 @@ void by_head_with_progress(const Problem& p, double flops, const char* what, con
 bool host_memory_fits(const Stage& s, const Options& o, std::string* why) {
     const Problem& p = o.p;
     const double tensors = (o.backward ? 4.0 * p.q_elems() + 4.0 * p.kv_elems() : 2.0 * p.q_elems() + 2.0 * p.kv_elems()) * 4;
-    double need = tensors * (o.cpu ? 2 : 1);
+    double need = (tensors + (o.backward ? 2.0 : 1.0) * p.bias_elems() * 4) * (o.cpu ? 2 : 1);
     if (o.cpu) need += s.cpu_model_score_matrices * (o.backward ? 3.0 : 1.0) * double(p.Nq) * p.Nk * 4;
     double available = 0;
     std::FILE* f = std::fopen("/proc/meminfo", "r");
@@ -180,19 +188,24 @@ void put_head(std::vector<float>* t, int bh, const std::vector<float>& part) {
 // its own with B = 1, H = the group and Hk = 1, whose first head is head_offset = b * H + h of the whole batch.
 HostTensors group_inputs(const Problem& p, const HostTensors& in, int bkv) {
     const size_t qn = size_t(p.group()) * p.Nq * p.d, kn = size_t(p.Nk) * p.d;
-    HostTensors h{head_slice(in.q, bkv, qn), head_slice(in.k, bkv, kn), head_slice(in.v, bkv, kn), {}};
+    HostTensors h{head_slice(in.q, bkv, qn), head_slice(in.k, bkv, kn), head_slice(in.v, bkv, kn), {}, {}};
     if (!in.dO.empty()) h.dO = head_slice(in.dO, bkv, qn);
     return h;
 }
 Problem group_problem(const Problem& p, int bkv) {
     Problem one = p;
     one.B = 1, one.H = p.group(), one.Hk = 1;
+    one.alibi_H = p.alibi_heads();  // the slopes of the whole problem's heads
     one.head_offset = p.head_offset + bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();  // dropout's key
     return one;
 }
 
 void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::vector<float>* O,
                  std::vector<float>* LSE, ModelTraffic* t) {
+    if (p.has_bias()) {  // a bias broadcast over heads does not split by head: the whole problem at once
+        s.cpu_forward(p, in, O, LSE, t);
+        return;
+    }
     O->assign(p.q_elems(), 0.0f);
     LSE->assign(p.lse_elems(), 0.0f);
     by_head_with_progress(p, p.forward_flops(), "CPU model", [&](int bkv) {
@@ -205,16 +218,20 @@ void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::v
 
 void cpu_backward(const Stage& s, const Problem& p, const HostTensors& in, const std::vector<float>& O,
                   const std::vector<float>& LSE, HostGrads* g, ModelTraffic* t) {
+    if (p.has_bias()) {  // as in cpu_forward; dbias sums over the broadcast dimensions
+        s.cpu_backward(p, in, O, LSE, g, t);
+        return;
+    }
     g->dq.assign(p.q_elems(), 0.0f);
     g->dk.assign(p.kv_elems(), 0.0f);
     g->dv.assign(p.kv_elems(), 0.0f);
     by_head_with_progress(p, p.backward_flops(), "CPU model backward", [&](int bkv) {
-        std::vector<float> dq, dk, dv;
+        HostGrads part;
         s.cpu_backward(group_problem(p, bkv), group_inputs(p, in, bkv), head_slice(O, bkv, size_t(p.group()) * p.Nq * p.d),
-                       head_slice(LSE, bkv, size_t(p.group()) * p.Nq), &dq, &dk, &dv, t);
-        put_head(&g->dq, bkv, dq);
-        put_head(&g->dk, bkv, dk);
-        put_head(&g->dv, bkv, dv);
+                       head_slice(LSE, bkv, size_t(p.group()) * p.Nq), &part, t);
+        put_head(&g->dq, bkv, part.dq);
+        put_head(&g->dk, bkv, part.dk);
+        put_head(&g->dv, bkv, part.dv);
     });
 }
 
@@ -430,9 +447,10 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
             sum.check = std::string(ok ? "ok" : "FAIL") + " vs float64";
         }
     }
-    if (!o.save_dir.empty() && !save_outputs(o.save_dir, p, {{"o.npy", &O}, {"lse.npy", &LSE}, {"dq.npy", &dQ},
-                                                            {"dk.npy", &dK}, {"dv.npy", &dV}}))
-        return 1;
+    std::vector<std::pair<const char*, const std::vector<float>*>> files = {
+        {"o.npy", &O}, {"lse.npy", &LSE}, {"dq.npy", &dQ}, {"dk.npy", &dK}, {"dv.npy", &dV}};
+    if (p.has_bias()) files.push_back({"dbias.npy", &g.dbias});
+    if (!o.save_dir.empty() && !save_outputs(o.save_dir, p, files)) return 1;
     print_row(s, o, sum);
     return !sum.ok ? 1 : sum.skipped ? kExitCheckSkipped : 0;
 }
@@ -485,12 +503,12 @@ int stage_main(int argc, char** argv, const Stage& s) {
         return 2;
     }
     if (p.has_extensions() && !s.cpu_model_extensions) {
-        std::fprintf(stderr, "error: %s: --kv-heads, --window and --dropout are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
+        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias and --alibi are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
         return 2;
     }
     if (p.has_extensions() && !o.cpu && gpu_available()) {
-        std::fprintf(stderr, "error: %s: --kv-heads, --window and --dropout run in the CPU model only so far (add --cpu); "
-                     "the GPU kernels do not have them yet\n", s.name);
+        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias and --alibi run in the CPU model only so "
+                     "far (add --cpu); the GPU kernels do not have them yet\n", s.name);
         return 2;
     }
     if (!o.cpu && !gpu_available()) {
@@ -512,8 +530,9 @@ int stage_main(int argc, char** argv, const Stage& s) {
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
                 (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
     if (p.has_extensions())
-        std::printf("  kv_heads=%d window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu)\n", p.kv_heads(),
-                    p.window_left, p.window_right, p.dropout, (unsigned long long)p.dropout_seed);
+        std::printf("  kv_heads=%d window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu) bias=[%d, %d, Nq, Nk] "
+                    "alibi=%s\n", p.kv_heads(), p.window_left, p.window_right, p.dropout,
+                    (unsigned long long)p.dropout_seed, p.bias_batch, p.bias_heads, p.alibi ? "yes" : "no");
     if (o.bench && o.cpu) {
         std::printf("--bench: nothing is timed, the CPU model runs instead of the GPU kernels (timings need a CUDA "
                     "device)\n");
