@@ -69,6 +69,10 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
         expect 0 "$prog" --batch 2 --heads 4 --kv-heads 2 --n 40 --d 16 --dropout 0.2 --cpu --check --backward
         expect 0 "$prog" $small --bias --alibi --causal --cpu --check --backward --save "$tmp/bias"
         [ -f "$tmp/bias/dbias.npy" ] || { echo "FAIL: --bias --backward --save wrote no dbias.npy"; fails=$((fails + 1)); }
+        expect 0 "$prog" --heads 2 --d 16 --seqlens-q 5,17,1 --seqlens-k 30,2,9 --causal --cpu --check --backward
+        expect 2 "$prog" --seqlens 3,4 --n 5        # the lists set the batch and the lengths
+        expect 2 "$prog" --seqlens-q 3,4 --seqlens-k 5
+        expect 2 "$prog" --seqlens 3,0
     else
         expect 2 "$prog" $small --window 4,1
         expect 2 "$prog" --heads 4 --kv-heads 2

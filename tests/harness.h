@@ -56,6 +56,20 @@ struct ReferenceGrads {
 // round_to_type fp16/bf16 gives the same-precision reference: P and dS rounded to that type before the products
 // that consume them (as the tensor-core kernels do) and the gradients rounded at the end.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type = DType::fp32);
+// ------------------------------------------------------------------------------------------------ packed batches
+// --seqlens (varlen.cu): sequence s of a packed batch as a problem of its own (B = 1, the padded layout, its own
+// lengths; head_offset = s * H keys its dropout mask), its inputs, and putting a sequence's outputs back: rows of
+// [1, heads, n, d] into [T, heads, d] (keys: the K/V token offsets, for dK and dV), LSE [1, H, n] into [H, Tq].
+Problem sequence_problem(const Problem& p, int s);
+HostTensors sequence_inputs(const Problem& p, const HostTensors& in, int s);
+// Sequence s's part of a packed O [T, H, d] and LSE [H, T], as [1, H, n, d] and [1, H, n].
+void sequence_outputs(const Problem& p, const std::vector<float>& O, const std::vector<float>& LSE, int s,
+                      std::vector<float>* o, std::vector<float>* lse);
+template <class T>
+void put_sequence_rows(const Problem& p, int s, bool keys, int heads, const std::vector<T>& part, std::vector<T>* packed);
+template <class T>
+void put_sequence_lse(const Problem& p, int s, const std::vector<T>& part, std::vector<T>* packed);
+
 // What --bias and --alibi add to the scaled score of (row i, key j) of flattened head bh (0 without them): the one
 // definition, used by the reference and the CPU models.
 double score_bias(const Problem& p, const HostTensors& in, size_t bh, int i, int j);

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <vector>
 
 enum class DType { fp32, fp16, bf16 };
 
@@ -37,6 +39,9 @@ struct Problem {
     bool alibi = false;                      // --alibi: the bias -slope_h |i' - j|, computed, never stored (alibi_slope)
     int alibi_H = 0;                         // the H the slopes are computed for (the whole problem's H): set by the
                                              // harness, kept when a CPU model runs a part of the heads
+    // --seqlens: a packed batch of B sequences of these lengths (B is their number; Nq, Nk the longest), tokens laid
+    // out [T, H, d] (T: the sum of the lengths; K, V: [Tk, Hk, d]), LSE [H, Tq], nothing padded. Empty: [B, H, N, d].
+    std::vector<int> seqlens_q = {}, seqlens_k = {};
     float dropout = 0.0f;                    // --dropout p: each weight P_ij dropped with probability p, kept ones / (1 - p)
     uint64_t dropout_seed = 1;               // --seed: keys the dropout mask (common/philox.cuh)
     int head_offset = 0;                     // flattened index (b * H + h) of this problem's first head in the whole
@@ -56,14 +61,25 @@ struct Problem {
     size_t bias_elems() const { return size_t(bias_batch) * bias_heads * Nq * Nk; }
     int alibi_heads() const { return alibi_H > 0 ? alibi_H : H; }
     bool has_extensions() const {
-        return kv_heads() != H || window_left >= 0 || window_right >= 0 || dropout > 0.0f || has_bias() || alibi;
+        return kv_heads() != H || window_left >= 0 || window_right >= 0 || dropout > 0.0f || has_bias() || alibi ||
+               varlen();
     }
-    size_t q_elems() const { return size_t(B) * H * Nq * d; }
-    size_t kv_elems() const { return size_t(B) * kv_heads() * Nk * d; }
-    size_t lse_elems() const { return size_t(B) * H * Nq; }
+    bool varlen() const { return !seqlens_q.empty(); }
+    size_t tokens_q() const { return varlen() ? std::accumulate(seqlens_q.begin(), seqlens_q.end(), size_t(0)) : size_t(B) * Nq; }
+    size_t tokens_k() const { return varlen() ? std::accumulate(seqlens_k.begin(), seqlens_k.end(), size_t(0)) : size_t(B) * Nk; }
+    size_t q_elems() const { return tokens_q() * H * d; }
+    size_t kv_elems() const { return tokens_k() * kv_heads() * d; }
+    size_t lse_elems() const { return tokens_q() * H; }
     // Forward FLOPs as the FlashAttention papers count them: 2 matrix products of 2*Nq*Nk*d each,
     // halved when causal (the convention of the published benchmark tables).
-    double forward_flops() const { return 4.0 * B * H * double(Nq) * Nk * d * (causal ? 0.5 : 1.0); }
+    double forward_flops() const {
+        double pairs = double(B) * Nq * Nk;  // (query, key) pairs of a head; a packed batch's are its sequences'
+        if (varlen()) {
+            pairs = 0;
+            for (size_t s = 0; s < seqlens_q.size(); ++s) pairs += double(seqlens_q[s]) * seqlens_k[s];
+        }
+        return 4.0 * H * pairs * d * (causal ? 0.5 : 1.0);
+    }
     double backward_flops() const { return 2.5 * forward_flops(); }
 };
 

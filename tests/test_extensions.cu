@@ -275,3 +275,61 @@ TEST_CASE("v2 CPU model with a bias (every broadcast shape) and ALiBi matches th
         worst = std::max(worst, std::fabs(shared.dbias[e] - split.dbias[e] - split.dbias[e + shared.dbias.size()]));
     CHECK(worst < 1e-12);
 }
+
+TEST_CASE("packed batch (--seqlens): equal lengths give the padded problem's numbers, laid out [T, H, d]") {
+    Problem padded = small(23, 23, 16);  // B = 2, H = 3
+    padded.causal = true;
+    Problem packed = padded;
+    packed.seqlens_q = packed.seqlens_k = {23, 23};
+    REQUIRE(packed.q_elems() == padded.q_elems());
+    const HostTensors pad_in = make_inputs(padded, Dist::normal, 4);
+    // [B, H, N, d] -> [B * N, H, d]
+    auto pack = [&](const std::vector<float>& t, int N) {
+        std::vector<float> out(t.size());
+        for (int b = 0; b < 2; ++b)
+            for (int h = 0; h < 3; ++h)
+                for (int i = 0; i < N; ++i)
+                    for (int c = 0; c < 16; ++c) out[((size_t(b) * N + i) * 3 + h) * 16 + c] = t[((size_t(b) * 3 + h) * N + i) * 16 + c];
+        return out;
+    };
+    const HostTensors packed_in{pack(pad_in.q, 23), pack(pad_in.k, 23), pack(pad_in.v, 23), pack(pad_in.dO, 23), {}};
+    const Reference a = reference_forward(padded, pad_in), b = reference_forward(packed, packed_in);
+    std::vector<float> ao(a.o.begin(), a.o.end()), bo(b.o.begin(), b.o.end());
+    CHECK(pack(ao, 23) == bo);
+    for (int bh = 0; bh < 6; ++bh)  // LSE: [B, H, N] -> [H, B * N]
+        for (int i = 0; i < 23; ++i) CHECK(a.lse[size_t(bh) * 23 + i] == b.lse[size_t(bh % 3) * 46 + (bh / 3) * 23 + i]);
+    const ReferenceGrads ga = reference_backward(padded, pad_in), gb = reference_backward(packed, packed_in);
+    std::vector<float> adk(ga.dk.begin(), ga.dk.end()), bdk(gb.dk.begin(), gb.dk.end());
+    CHECK(pack(adk, 23) == bdk);
+}
+
+TEST_CASE("packed batch: a sequence's part round-trips, and a short sequence costs no padded work") {
+    Problem p = small(1, 1, 8);
+    p.seqlens_q = {1, 17, 5}, p.seqlens_k = {9, 2, 30};
+    p.B = 3, p.Nq = 17, p.Nk = 30;
+    const HostTensors in = make_inputs(p, Dist::normal, 6);
+    CHECK(in.q.size() == 23u * p.H * p.d);
+    CHECK(in.k.size() == 41u * p.H * p.d);
+    std::vector<float> q(in.q.size(), NAN);
+    for (int s = 0; s < 3; ++s) {
+        const Problem one = sequence_problem(p, s);
+        CHECK(one.Nq == p.seqlens_q[s]);
+        CHECK(one.Nk == p.seqlens_k[s]);
+        CHECK(one.head_offset == s * p.H);  // dropout keys sequence s's heads like batch entry s
+        put_sequence_rows(p, s, false, p.H, sequence_inputs(p, in, s).q, &q);
+    }
+    CHECK(q == in.q);
+    // The model's traffic for lengths (1, 100) against the padded (100, 100): the short sequence adds almost nothing.
+    Problem two = small(100, 100, 16);
+    two.B = 2, two.H = 1;
+    ModelTraffic padded_t;
+    std::vector<float> o, lse;
+    v2_model_forward(two, make_inputs(two, Dist::normal, 1), &o, &lse, &padded_t);
+    ModelTraffic long_t, short_t;
+    Problem one = two;
+    one.B = 1;
+    v2_model_forward(one, make_inputs(one, Dist::normal, 1), &o, &lse, &long_t);
+    one.Nq = one.Nk = 1;
+    v2_model_forward(one, make_inputs(one, Dist::normal, 1), &o, &lse, &short_t);
+    CHECK(long_t.reads + short_t.reads < 0.6 * padded_t.reads);
+}

@@ -23,10 +23,17 @@ std::vector<float> load_tile(const Hbm& a, size_t bh, int N, int row0, int rows,
     return a.read_block((bh * N + row0) * d, size_t(rows) * d);
 }
 
-// Is (row, key) outside what the row sees (the causal mask, the window)?
+// Is key outside the window's band around row's diagonal (--window; never without one)?
+bool outside_window(const Problem& p, int row, int key) {
+    const long diagonal = long(row) + p.Nk - p.Nq;
+    return (p.window_right >= 0 && key > diagonal + p.window_right) || (p.window_left >= 0 && key < diagonal - p.window_left);
+}
+
+// Is (row, key) masked: outside the window, or past the causal diagonal? (Keys past Nk are not this function's
+// business: a kernel that pads the last K/V tile must mask its padding itself.)
 bool masked(const Problem& p, int row, int key) {
-    const KeyRange keys = visible_keys(p, row);
-    return key < keys.begin || key >= keys.end;
+    if (outside_window(p, row, key)) return true;
+    return p.causal && key >= causal_key_end(row, p.Nq, p.Nk);
 }
 
 // Dropout (--dropout p): the factor of weight (row, key) of head bh, 0 if dropped, 1 / (1 - p) if kept, from the

@@ -41,7 +41,7 @@ std::string v2_backward_unsupported(const Problem& p) {
 size_t v2_workspace_bytes(const Problem&) { return 0; }
 
 // The GPU kernels do not have the extensions yet (the CPU model does: Stage::cpu_model_extensions).
-const char* const kNoGpuExtensions = "the GPU kernels do not have --kv-heads, --window, --dropout, --bias or --alibi yet (the CPU model does: --cpu)";
+const char* const kNoGpuExtensions = "the GPU kernels do not have --kv-heads, --window, --dropout, --bias, --alibi or --seqlens yet (the CPU model does: --cpu)";
 
 void v2_forward(const Problem& p, const ForwardArgs& a) {
     if (p.has_extensions()) throw std::invalid_argument(kNoGpuExtensions);

@@ -1,5 +1,6 @@
 // cli.cu: the command line every stage program shares: the option splitter, whole-number parsing, the usage text
 // and parse_options. Host code only (no CUDA calls), so the parser can be fuzzed on its own (fuzz/).
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -74,6 +75,8 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --bias         add a bias to the scaled scores: [1, H, Nq, Nk] N(0,1), or bias.npy ([B or 1, H or 1, Nq, Nk])\n"
         "                 with --load; --backward writes its gradient dbias.npy with --save\n"
         "  --alibi        ALiBi: add -slope_h |i + Nk - Nq - j| (slope_h = 2^(-8 (h+1) / H)), computed, not stored\n"
+        "  --seqlens A,B,...   a packed batch of sequences of these lengths, tokens [T, H, d], nothing padded\n"
+        "                 (--seqlens-q and --seqlens-k for different query and key lengths)\n"
         "  --window L,R   sliding window: query i sees keys i' - L .. i' + R (i' = i + Nk - Nq; -1: unbounded)\n"
         "  --dropout P    drop each attention weight with probability P (0 <= P < 1), keep the rest / (1 - P);\n"
         "                 the mask comes from a counter-based generator keyed by --seed (with --load too)\n";
@@ -109,15 +112,32 @@ std::string problem_size_unsupported(const Problem& p) {
     return "";
 }
 
+// "A,B,..." into whole numbers from 1 to INT_MAX, or a one-line error naming the flag.
+static bool parse_lengths(const std::string& flag, const std::string& value, std::vector<int>* out, std::string* err) {
+    out->clear();
+    size_t start = 0;
+    while (true) {
+        const size_t comma = value.find(',', start);
+        long n = 0;
+        if (!parse_int(flag, value.substr(start, comma == std::string::npos ? std::string::npos : comma - start), 1,
+                       INT_MAX, &n, err))
+            return false;
+        out->push_back(int(n));
+        if (comma == std::string::npos) return true;
+        start = comma + 1;
+    }
+}
+
 bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool allow_backward, Options* o,
                    std::string* err) {
     Options r;
-    bool have_n = false, have_nq = false, have_nk = false;
+    bool have_n = false, have_nq = false, have_nk = false, have_batch = false;
     long n = 0;
     auto takes_value = [&](const std::string& f) {
         return f == "--batch" || f == "--heads" || f == "--n" || f == "--nq" || f == "--nk" || f == "--d" ||
                f == "--seed" || f == "--dist" || f == "--scale" || f == "--reps" || f == "--load" || f == "--save" ||
-               f == "--kernel" || f == "--window" || f == "--dropout" || f == "--kv-heads" ||
+               f == "--kernel" || f == "--window" || f == "--dropout" || f == "--kv-heads" || f == "--seqlens" ||
+               f == "--seqlens-q" || f == "--seqlens-k" ||
                (allow_dtype && f == "--dtype");
     };
     std::string sized_by;  // the first flag that sets a size or the inputs, which --load takes from its files
@@ -129,7 +149,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             if (flag == f && sized_by.empty()) sized_by = flag;
         if (flag == "--seed") have_seed = true;
         long v = 0;
-        if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); }
+        if (flag == "--batch") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.B = int(v); have_batch = true; }
         else if (flag == "--heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.H = int(v); }
         else if (flag == "--n") { if (!parse_int(flag, value, 1, INT_MAX, &n, err)) return false; have_n = true; }
         else if (flag == "--nq") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Nq = int(v); have_nq = true; }
@@ -149,6 +169,12 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             else if (value == "fp16") r.p.dtype = DType::fp16;
             else if (value == "bf16") r.p.dtype = DType::bf16;
             else return *err = "--dtype expects fp32, fp16 or bf16, got '" + printable(value) + "'", false;
+        }
+        else if (flag == "--seqlens" || flag == "--seqlens-q" || flag == "--seqlens-k") {
+            std::vector<int> lengths;
+            if (!parse_lengths(flag, value, &lengths, err)) return false;
+            if (flag != "--seqlens-k") r.p.seqlens_q = lengths;
+            if (flag != "--seqlens-q") r.p.seqlens_k = lengths;
         }
         else if (flag == "--kv-heads") { if (!parse_int(flag, value, 1, INT_MAX, &v, err)) return false; r.p.Hk = int(v); }
         else if (flag == "--window") {
@@ -189,6 +215,17 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
         return *err = "--load takes the values from its files; --seed only keys the dropout mask there (give --dropout)", false;
     r.p.dropout_seed = r.seed;
     if (have_n) r.p.Nq = r.p.Nk = int(n);
+    if (!r.p.seqlens_q.empty() || !r.p.seqlens_k.empty()) {  // a packed batch: B and the lengths come from the lists
+        if (r.p.seqlens_q.size() != r.p.seqlens_k.size())
+            return *err = "--seqlens-q and --seqlens-k must list the same number of sequences", false;
+        if (have_n || have_nq || have_nk || have_batch)
+            return *err = "--seqlens sets the batch and the lengths; --batch, --n, --nq and --nk cannot be combined with it", false;
+        if (!r.load_dir.empty()) return *err = "--seqlens cannot be combined with --load yet (packed .npy input is not read)", false;
+        if (r.p.has_bias()) return *err = "--seqlens cannot be combined with --bias (a [B, H, Nq, Nk] bias has no packed form)", false;
+        r.p.B = int(r.p.seqlens_q.size());
+        r.p.Nq = *std::max_element(r.p.seqlens_q.begin(), r.p.seqlens_q.end());
+        r.p.Nk = *std::max_element(r.p.seqlens_k.begin(), r.p.seqlens_k.end());
+    }
     if (r.p.has_bias()) r.p.bias_batch = 1, r.p.bias_heads = r.p.H;  // [1, H, Nq, Nk]
     if (r.p.Hk > 0 && r.p.H % r.p.Hk != 0)
         return *err = "--kv-heads " + std::to_string(r.p.Hk) + " must divide --heads " + std::to_string(r.p.H), false;

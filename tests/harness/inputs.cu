@@ -81,6 +81,12 @@ std::vector<float> tensor(const Problem& p, int heads, int N, Dist dist, uint64_
 }  // namespace
 
 HostTensors make_inputs(const Problem& p, Dist dist, uint64_t seed) {
+    if (p.varlen()) {  // packed [T, H, d]: the values of one long sequence of T tokens, laid out the same way
+        Problem flat = p;
+        flat.seqlens_q.clear(), flat.seqlens_k.clear();
+        flat.B = 1, flat.Nq = int(p.tokens_q()), flat.Nk = int(p.tokens_k());
+        return make_inputs(flat, dist, seed);
+    }
     HostTensors in;
     in.q = tensor(p, p.H, p.Nq, dist, seed, 1, true);
     in.k = tensor(p, p.kv_heads(), p.Nk, dist, seed, 2, true);

@@ -60,6 +60,16 @@ double score_bias(const Problem& p, const HostTensors& in, size_t bh, int i, int
 }
 
 Reference reference_forward(const Problem& p, const HostTensors& in, const std::vector<size_t>& rows, DType round_p) {
+    if (p.varlen()) {  // a packed batch: each sequence on its own (every row; rows_to_check samples none)
+        Reference r;
+        r.o.resize(p.q_elems()), r.lse.resize(p.lse_elems());
+        for (int s = 0; s < p.B; ++s) {
+            const Reference one = reference_forward(sequence_problem(p, s), sequence_inputs(p, in, s), {}, round_p);
+            put_sequence_rows(p, s, false, p.H, one.o, &r.o);
+            put_sequence_lse(p, s, one.lse, &r.lse);
+        }
+        return r;
+    }
     Reference r;
     r.o.assign(p.q_elems(), std::numeric_limits<double>::quiet_NaN());
     r.lse.assign(p.lse_elems(), std::numeric_limits<double>::quiet_NaN());
@@ -77,6 +87,17 @@ Reference reference_forward(const Problem& p, const HostTensors& in, const std::
 //   dV = (P * Z)^T dO,  dP = Z * (dO V^T),  D_i = sum_c dO_ic O_ic,  dS = P * (dP - D),  dQ = scale dS K,
 //   dK = scale dS^T Q.
 ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType round_to_type) {
+    if (p.varlen()) {  // a packed batch: each sequence on its own
+        ReferenceGrads g;
+        g.dq.resize(p.q_elems()), g.dk.resize(p.kv_elems()), g.dv.resize(p.kv_elems());
+        for (int s = 0; s < p.B; ++s) {
+            const ReferenceGrads one = reference_backward(sequence_problem(p, s), sequence_inputs(p, in, s), round_to_type);
+            put_sequence_rows(p, s, false, p.H, one.dq, &g.dq);
+            put_sequence_rows(p, s, true, p.kv_heads(), one.dk, &g.dk);
+            put_sequence_rows(p, s, true, p.kv_heads(), one.dv, &g.dv);
+        }
+        return g;
+    }
     // The same-precision reference starts from the same-precision forward: its O is rounded, as the O a
     // low-precision kernel reads back is, and D = rowsum(dO * O) inherits that rounding. With large logits P is
     // nearly one-hot, dP - D nearly cancels, and O's rounding is what dominates dS's error.
@@ -139,7 +160,7 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
 std::vector<size_t> rows_to_check(const Problem& p, double max_flops) {
     const double per_row = 4.0 * p.Nk * p.d;
     std::vector<size_t> rows;
-    if (per_row * p.lse_elems() <= max_flops) return rows;  // empty: every row
+    if (p.varlen() || per_row * p.lse_elems() <= max_flops) return rows;  // empty: every row
     // Heads: the first, the last, and a few in between. Rows: first, last, the last 64 (partial tiles live there)
     // and an even spread, up to the flop budget.
     const size_t heads = size_t(p.B) * p.H;

@@ -110,6 +110,11 @@ bool save_outputs(const std::string& dir, const Problem& p, const std::vector<st
         if (std::strcmp(name, "lse.npy") == 0) shape.pop_back();
         if (std::strcmp(name, "dk.npy") == 0 || std::strcmp(name, "dv.npy") == 0) shape[1] = size_t(p.kv_heads()), shape[2] = size_t(p.Nk);
         if (std::strcmp(name, "dbias.npy") == 0) shape = {size_t(p.bias_batch), size_t(p.bias_heads), size_t(p.Nq), size_t(p.Nk)};
+        if (p.varlen()) {  // packed: [T, H, d], K/V gradients [Tk, Hk, d], LSE [H, Tq]
+            const bool keys = std::strcmp(name, "dk.npy") == 0 || std::strcmp(name, "dv.npy") == 0;
+            shape = {keys ? p.tokens_k() : p.tokens_q(), size_t(keys ? p.kv_heads() : p.H), size_t(p.d)};
+            if (std::strcmp(name, "lse.npy") == 0) shape = {size_t(p.H), p.tokens_q()};
+        }
         std::string err;
         if (!npy_write(dir + "/" + name, *data, shape, &err)) {
             std::fprintf(stderr, "error: %s\n", err.c_str());
@@ -202,6 +207,17 @@ Problem group_problem(const Problem& p, int bkv) {
 
 void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::vector<float>* O,
                  std::vector<float>* LSE, ModelTraffic* t) {
+    if (p.varlen()) {  // a packed batch: each sequence as a problem of its own
+        O->assign(p.q_elems(), 0.0f);
+        LSE->assign(p.lse_elems(), 0.0f);
+        for (int seq = 0; seq < p.B; ++seq) {
+            std::vector<float> o, lse;
+            cpu_forward(s, sequence_problem(p, seq), sequence_inputs(p, in, seq), &o, &lse, t);
+            put_sequence_rows(p, seq, false, p.H, o, O);
+            put_sequence_lse(p, seq, lse, LSE);
+        }
+        return;
+    }
     if (p.has_bias()) {  // a bias broadcast over heads does not split by head: the whole problem at once
         s.cpu_forward(p, in, O, LSE, t);
         return;
@@ -218,6 +234,23 @@ void cpu_forward(const Stage& s, const Problem& p, const HostTensors& in, std::v
 
 void cpu_backward(const Stage& s, const Problem& p, const HostTensors& in, const std::vector<float>& O,
                   const std::vector<float>& LSE, HostGrads* g, ModelTraffic* t) {
+    if (p.varlen()) {  // a packed batch: each sequence as a problem of its own
+        g->dq.assign(p.q_elems(), 0.0f);
+        g->dk.assign(p.kv_elems(), 0.0f);
+        g->dv.assign(p.kv_elems(), 0.0f);
+        std::vector<float> o_seq, lse_seq;
+        for (int seq = 0; seq < p.B; ++seq) {
+            const Problem one = sequence_problem(p, seq);
+            const HostTensors in_seq = sequence_inputs(p, in, seq);
+            sequence_outputs(p, O, LSE, seq, &o_seq, &lse_seq);
+            HostGrads part;
+            cpu_backward(s, one, in_seq, o_seq, lse_seq, &part, t);
+            put_sequence_rows(p, seq, false, p.H, part.dq, &g->dq);
+            put_sequence_rows(p, seq, true, p.kv_heads(), part.dk, &g->dk);
+            put_sequence_rows(p, seq, true, p.kv_heads(), part.dv, &g->dv);
+        }
+        return;
+    }
     if (p.has_bias()) {  // as in cpu_forward; dbias sums over the broadcast dimensions
         s.cpu_backward(p, in, O, LSE, g, t);
         return;
@@ -503,11 +536,11 @@ int stage_main(int argc, char** argv, const Stage& s) {
         return 2;
     }
     if (p.has_extensions() && !s.cpu_model_extensions) {
-        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias and --alibi are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
+        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias, --alibi and --seqlens are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
         return 2;
     }
     if (p.has_extensions() && !o.cpu && gpu_available()) {
-        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias and --alibi run in the CPU model only so "
+        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias, --alibi and --seqlens run in the CPU model only so "
                      "far (add --cpu); the GPU kernels do not have them yet\n", s.name);
         return 2;
     }
@@ -529,6 +562,15 @@ int stage_main(int argc, char** argv, const Stage& s) {
                 o.backward ? " (backward)" : "", p.kernel > 0 ? (" step " + std::to_string(p.kernel) + " " + steps[p.kernel - 1].name).c_str() : "", p.B, p.H, p.Nq, p.Nk, p.d, p.causal ? "yes" : "no",
                 dtype_name(p.dtype), p.resolved_scale(), o.load_dir.empty() ? dist_name(o.dist) : o.load_dir.c_str(),
                 (unsigned long long)o.seed, o.cpu ? " [CPU model]" : (" [" + gpu_name() + "]").c_str());
+    if (p.varlen()) {
+        std::string q, k;
+        for (int s = 0; s < p.B; ++s) {
+            if (s > 0) q += ',', k += ',';
+            q += std::to_string(p.seqlens_q[s]);
+            k += std::to_string(p.seqlens_k[s]);
+        }
+        std::printf("  packed batch: seqlens_q=%s seqlens_k=%s (%zu and %zu tokens)\n", q.c_str(), k.c_str(), p.tokens_q(), p.tokens_k());
+    }
     if (p.has_extensions())
         std::printf("  kv_heads=%d window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu) bias=[%d, %d, Nq, Nk] "
                     "alibi=%s\n", p.kv_heads(), p.window_left, p.window_right, p.dropout,
