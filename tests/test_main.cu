@@ -16,6 +16,7 @@ namespace {
 bool g_gpu = false;
 std::vector<std::string> g_skipped;           // GPU tests filtered out because there is no GPU
 std::vector<std::string> g_failed_exercises;  // exercises whose checks failed (tests/test_exercises.cu)
+int g_passed = 0, g_failed = 0;               // test cases run, for the last line
 
 // Collects the GPU tests doctest skipped and the exercises whose test case failed, to list them by name after its
 // summary: in a starter copy (make starter) the list is the exercises still to do.
@@ -29,6 +30,7 @@ struct TestListener : doctest::IReporter {
     void test_case_reenter(const doctest::TestCaseData&) override {}
     void test_case_end(const doctest::CurrentTestCaseStats& stats) override {
         const bool failed = !stats.testCaseSuccess;
+        ++(failed ? g_failed : g_passed);
         for (const char* prefix : {"exercise ", "GPU exercise "})
             if (failed && std::strncmp(current, prefix, std::strlen(prefix)) == 0)
                 g_failed_exercises.push_back(current + std::strlen(prefix));
@@ -129,11 +131,14 @@ int main(int argc, char** argv) {
     if (!g_skipped.empty()) {
         std::printf("\nno CUDA device: skipped %zu GPU tests:\n", g_skipped.size());
         for (const std::string& name : g_skipped) std::printf("  skipped: %s\n", name.c_str());
-        const char* require = std::getenv("REQUIRE_GPU");
-        if (require && std::string(require) == "1") {
-            std::printf("REQUIRE_GPU=1: GPU tests were skipped, failing\n");
-            return 1;
-        }
+    }
+    // The summary again as the last line, after the lists: test cases passed, failed, and GPU tests skipped.
+    std::printf("tests: %d test cases passed, %d failed, %zu GPU tests skipped (no CUDA device)\n", g_passed, g_failed,
+                g_skipped.size());
+    const char* require = std::getenv("REQUIRE_GPU");
+    if (!g_skipped.empty() && require && std::string(require) == "1") {
+        std::printf("REQUIRE_GPU=1: GPU tests were skipped, failing\n");
+        return 1;
     }
     return failed;
 }
