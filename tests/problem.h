@@ -52,6 +52,8 @@ struct Problem {
     int group() const { return H / kv_heads(); }  // query heads per K/V head
     // The K/V head (flattened, b * Hk + hk) that flattened query head bh = b * H + h reads.
     size_t kv_head(size_t bh) const { return bh / H * kv_heads() + bh % H / group(); }
+    // The first of the group() query heads (flattened) that read K/V head bkv = b * Hk + hk.
+    size_t first_query_head(size_t bkv) const { return bkv / kv_heads() * H + bkv % kv_heads() * group(); }
     bool has_bias() const { return bias_heads > 0; }
     // Where head bh's [Nq, Nk] slice of the bias starts (broadcast dimensions read slice 0).
     size_t bias_offset(size_t bh) const {

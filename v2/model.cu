@@ -12,7 +12,6 @@
 #include <random>
 
 #include "common/blocks.cuh"
-#include "common/philox.cuh"
 #include "online_softmax/merge.cuh"
 #include "v2.h"
 
@@ -36,12 +35,6 @@ bool masked(const Problem& p, int row, int key) {
     return p.causal && key >= causal_key_end(row, p.Nq, p.Nk);
 }
 
-// Dropout (--dropout p): the factor of weight (row, key) of head bh, 0 if dropped, 1 / (1 - p) if kept, from the
-// counter-based generator the float64 reference uses too (common/philox.cuh): the backward regenerates the mask.
-float dropout_factor(const Problem& p, size_t bh, int row, int key) {
-    if (p.dropout == 0.0f) return 1.0f;
-    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), row, key, p.dropout) ? 1.0f / (1.0f - p.dropout) : 0.0f;
-}
 
 // Does a window leave every (row, key) of this Q tile and K/V tile outside the band? The band moves right with the
 // row, so the tile is skipped when it ends before the first row's band begins or starts after the last row's ends.
@@ -99,7 +92,7 @@ void v2_model_forward(const Problem& p, const HostTensors& in, std::vector<float
                     const float alpha = rescale_factor(ml[r].m, m_new);
                     // fp16/bf16: the tensor-core kernel rounds P to 16 bits for P V (l sums the unrounded P);
                     // dropout scales P V's weights, not l
-                    for (int c = 0; c < cols; ++c) S[c] = round_to(p.dtype, S[c]) * dropout_factor(p, bh, q0 + r, key0 + c);
+                    for (int c = 0; c < cols; ++c) S[c] = round_to(p.dtype, S[c]) * float(dropout_factor(p, bh, q0 + r, key0 + c));
                     for (int k = 0; k < d; ++k) {
                         float pv = 0.0f;
                         for (int c = 0; c < cols; ++c) pv += S[c] * V_j[size_t(c) * d + k];
@@ -149,7 +142,7 @@ void tile_gradients(const Problem& p, const HostTensors& in, size_t bh, const QT
                 s += q.Q[size_t(r) * d + k] * K_j[size_t(c) * d + k];
                 dp += q.dO[size_t(r) * d + k] * V_j[size_t(c) * d + k];
             }
-            const float z = dropout_factor(p, bh, q.q0 + r, key0 + c);
+            const float z = float(dropout_factor(p, bh, q.q0 + r, key0 + c));  // --dropout (harness.h)
             const float bias_ij = float(score_bias(p, in, bh, q.q0 + r, key0 + c));  // --bias, --alibi: 0 without
             dp *= z;  // dropout: dP_ij = Z_ij dO_i V_j^T
             // EXERCISE(backward-ds-model): P_ij recomputed from the forward's LSE, and dS_ij = P_ij * (dP_ij - D_i)
@@ -207,7 +200,7 @@ void v2_model_backward_scheduled(const Problem& p, const HostTensors& in, const 
             const int first_row = p.causal ? std::max(0, key0 + Nq - Nk) : 0;
             // Grouped-query attention: the block walks the Q tiles of every query head that reads this K/V head, so
             // dK_j and dV_j sum over the group on chip and are written once.
-            const size_t first_head = bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();
+            const size_t first_head = p.first_query_head(bkv);
             for (size_t bh = first_head; bh < first_head + p.group(); ++bh) {
                 for (int q0 = first_row / Br * Br; q0 < Nq; q0 += Br) {
                     if (window_skips(p, q0, std::min(Br, Nq - q0), key0, cols)) continue;

@@ -9,12 +9,6 @@
 
 namespace {
 
-// The dropout factor of weight (row i, key j) of flattened head bh: 0 if dropped, 1 / (1 - p) if kept.
-double dropout_factor(const Problem& p, size_t bh, int i, int j) {
-    if (p.dropout == 0.0f) return 1.0;
-    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), i, j, p.dropout) ? 1.0 / (1.0 - p.dropout) : 0.0;
-}
-
 // One query row: s_j = scale * q.k_j (+ the bias) over the keys it sees, P = softmax(s), O = (P * Z) V with Z the
 // dropout factors, LSE = max + log(sum exp(s - max)) (dropout does not change the softmax's normaliser).
 void forward_row(const Problem& p, const HostTensors& in, size_t row, DType round_p, double* o, double* lse) {
@@ -51,6 +45,11 @@ void forward_row(const Problem& p, const HostTensors& in, size_t row, DType roun
 }
 
 }  // namespace
+
+double dropout_factor(const Problem& p, size_t bh, int i, int j) {
+    if (p.dropout == 0.0f) return 1.0;
+    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), i, j, p.dropout) ? 1.0 / (1.0 - p.dropout) : 0.0;
+}
 
 double score_bias(const Problem& p, const HostTensors& in, size_t bh, int i, int j) {
     double b = 0;
@@ -115,7 +114,7 @@ ReferenceGrads reference_backward(const Problem& p, const HostTensors& in, DType
         const float* V = &in.v[bkv * Nk * d];
         double* dK = &g.dk[bkv * Nk * d];
         double* dV = &g.dv[bkv * Nk * d];
-        const size_t first = bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();
+        const size_t first = p.first_query_head(bkv);
         for (size_t bh = first; bh < first + p.group(); ++bh)
             for (int i = 0; i < Nq; ++i) {
                 const float* q = &in.q[(bh * Nq + i) * d];

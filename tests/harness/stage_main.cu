@@ -201,7 +201,7 @@ Problem group_problem(const Problem& p, int bkv) {
     Problem one = p;
     one.B = 1, one.H = p.group(), one.Hk = 1;
     one.alibi_H = p.alibi_heads();  // the slopes of the whole problem's heads
-    one.head_offset = p.head_offset + bkv / p.kv_heads() * p.H + bkv % p.kv_heads() * p.group();  // dropout's key
+    one.head_offset = p.head_offset + int(p.first_query_head(bkv));  // dropout's key
     return one;
 }
 
