@@ -206,17 +206,28 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
 std::string usage(const char* program, bool allow_dtype, bool allow_backward);
 
 // Pointers a stage's forward pass reads and writes on the device. q, k, v, o are of type p.dtype.
+// The extensions' device inputs (problem.h; null where p does not use them): the bias [bias_batch, bias_heads, Nq,
+// Nk] (float32), and for a packed batch (p.varlen()) the sequences' first tokens, cu_seqlens_q = {0, Nq_0,
+// Nq_0 + Nq_1, ..., tokens_q} (B + 1 ints; likewise for k), as FlashAttention's interface takes them.
 struct ForwardArgs {
     const void *q, *k, *v;
     void* o;
     float* lse;
     void* workspace;  // stage-specific scratch, workspace_bytes(p) bytes
+    const float* bias = nullptr;
+    const int* cu_seqlens_q = nullptr;
+    const int* cu_seqlens_k = nullptr;
 };
+// dbias (float32, the bias's shape, summed over its broadcast dimensions) is written when p.has_bias().
 struct BackwardArgs {
     const void *q, *k, *v, *o, *dO;
     const float* lse;
     void *dq, *dk, *dv;
     void* workspace;
+    const float* bias = nullptr;
+    float* dbias = nullptr;
+    const int* cu_seqlens_q = nullptr;
+    const int* cu_seqlens_k = nullptr;
 };
 // Host arrays of a CPU model: fp32 inputs and outputs, plus the traffic the model counted.
 struct ModelTraffic {
