@@ -16,10 +16,12 @@ namespace {
 bool g_gpu = false;
 std::vector<std::string> g_skipped;           // GPU tests filtered out because there is no GPU
 std::vector<std::string> g_failed_exercises;  // exercises whose checks failed (tests/test_exercises.cu)
+std::vector<std::string> g_ran;               // every test case that ran, "passed: name" or "FAILED: name"
 int g_passed = 0, g_failed = 0;               // test cases run, for the last line
 
-// Collects the GPU tests doctest skipped and the exercises whose test case failed, to list them by name after its
-// summary: in a starter copy (make starter) the list is the exercises still to do.
+// Collects the test cases that ran, the GPU tests doctest skipped and the exercises whose test case failed, to list
+// them by name after its summary (a log then shows what was tested, not only how many); in a starter copy (make
+// starter) the failed exercises are the ones still to do.
 struct TestListener : doctest::IReporter {
     explicit TestListener(const doctest::ContextOptions&) {}
     const char* current = "";
@@ -31,6 +33,7 @@ struct TestListener : doctest::IReporter {
     void test_case_end(const doctest::CurrentTestCaseStats& stats) override {
         const bool failed = !stats.testCaseSuccess;
         ++(failed ? g_failed : g_passed);
+        g_ran.push_back(std::string(failed ? "FAILED: " : "passed: ") + current);
         for (const char* prefix : {"exercise ", "GPU exercise "})
             if (failed && std::strncmp(current, prefix, std::strlen(prefix)) == 0)
                 g_failed_exercises.push_back(current + std::strlen(prefix));
@@ -132,9 +135,11 @@ int main(int argc, char** argv) {
         std::printf("\nno CUDA device: skipped %zu GPU tests:\n", g_skipped.size());
         for (const std::string& name : g_skipped) std::printf("  skipped: %s\n", name.c_str());
     }
-    // The summary again as the last line, after the lists: test cases passed, failed, and GPU tests skipped.
-    std::printf("tests: %d test cases passed, %d failed, %zu GPU tests skipped (no CUDA device)\n", g_passed, g_failed,
-                g_skipped.size());
+    std::printf("\n%zu test cases ran%s:\n", g_ran.size(), g_gpu ? "" : " on the CPU (reference, CPU models, harness)");
+    for (const std::string& line : g_ran) std::printf("  %s\n", line.c_str());
+    // The summary again as the last line, after the lists: test cases run, passed, failed, and GPU tests skipped.
+    std::printf("tests: %zu test cases ran: %d passed, %d failed; %zu GPU tests skipped (no CUDA device)\n", g_ran.size(),
+                g_passed, g_failed, g_skipped.size());
     const char* require = std::getenv("REQUIRE_GPU");
     if (!g_skipped.empty() && require && std::string(require) == "1") {
         std::printf("REQUIRE_GPU=1: GPU tests were skipped, failing\n");
