@@ -149,7 +149,8 @@ struct Extensions {
     size_t bias_batch_stride, bias_head_stride, dS_batch_stride, dS_head_stride;
     bool dS_atomic;
     int alibi_heads;     // --alibi: head h's slope is alibi_slope(h, alibi_heads); 0 without
-    float dropout;       // --dropout p: Z_ij = 1 / (1 - p) where dropout_keep(seed, head_offset + b * H + h, i, j, p), else 0
+    float dropout;       // --dropout p: Z_ij = keep_scale = 1 / (1 - p) where dropout_keep(seed, head_offset + b * H + h,
+    float keep_scale;    // i, j, p), else 0; without dropout p = 0 and keep_scale = 1
     uint64_t seed;
     int head_offset;
     // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (keys: cu_seqlens_k) of tensors laid out
@@ -208,9 +209,21 @@ __device__ inline float score_bias_log2(const Extensions& x, const float* bias, 
     if (x.alibi_heads) b += alibi_bias(slope, i, j, Nq, Nk);
     return b * kLog2e;
 }
-// Dropout's factor Z_ij of flattened head `head` (dropout_factor of the reference, from the same dropout_keep).
-__device__ inline float dropout_z(const Extensions& x, int head, int i, int j) {
-    return dropout_keep(x.seed, uint32_t(head), i, j, x.dropout) ? 1.0f / (1.0f - x.dropout) : 0.0f;
+// Dropout's mask of this lane's kElems elements of a tile, bit k for element k (fragment k / 4, entry k % 4), from
+// dropout_keep (as the reference's dropout_factor); all ones without dropout. element(k) gives its (row, key). It
+// runs before the tile's products and in a loop that is not unrolled: the generator's registers are free again
+// when S and dP are live, and its code is there once, not once per element of the unrolled tile loop.
+template <int kElems, typename Element>
+__device__ inline uint64_t dropout_keep_bits(const Extensions& x, int head, Element element) {
+    static_assert(kElems <= 64, "one bit per element");
+    if (x.dropout == 0.0f) return ~uint64_t(0);
+    uint64_t bits = 0;
+#pragma unroll 1
+    for (int k = 0; k < kElems; ++k) {
+        const int2 ij = element(k);
+        bits |= uint64_t(dropout_keep(x.seed, uint32_t(head), ij.x, ij.y, x.dropout)) << k;
+    }
+    return bits;
 }
 // What the extensions need to know of query head h of batch entry b: its flattened index (b * H + h, from
 // head_offset: dropout's key and ALiBi's head, as in the reference), its ALiBi slope, its bias slice, and where
@@ -229,14 +242,15 @@ __device__ inline HeadExtensions head_extensions(const Extensions& x, int b, int
 }
 // Lines 11 and 14 for one element (row i, key j) with the extensions, in place: s = S_ij becomes P_ij Z_ij (what
 // dV_j += (P Z)^T dO_i takes), dp = dP_ij = dO_i . V_j becomes dS_ij = P_ij (Z_ij dP_ij - D_i), unscaled, where
-// P_ij = exp2(S_ij * scale * log2 e + bias_ij * log2 e - LSE_i * log2 e) and Z_ij is dropout's factor (1 without).
-// The band and Nk mask only where in_band is false (a tile that straddles the band's edge or the last key).
+// P_ij = exp2(S_ij * scale * log2 e + bias_ij * log2 e - LSE_i * log2 e) and Z_ij is dropout's factor (keep: its
+// bit from dropout_keep_bits). The band and Nk mask only where in_band is false (a tile that straddles the band's
+// edge or the last key).
 __device__ inline void extension_element(const Extensions& x, const HeadExtensions& he, float* s, float* dp,
                                          float scale_log2, float lse_log2, float D, int i, int j, int Nq, int Nk,
-                                         bool in_band) {
+                                         bool in_band, bool keep) {
     float p = exp2_approx(*s * scale_log2 + score_bias_log2(x, he.bias, he.slope, i, j, Nq, Nk) - lse_log2);
     if (!in_band && (j >= Nk || !x.band.sees(i, j, Nk - Nq))) p = 0.0f;
-    const float z = x.dropout > 0.0f ? dropout_z(x, he.head, i, j) : 1.0f;
+    const float z = keep ? x.keep_scale : 0.0f;
     *dp = p * (z * *dp - D);
     *s = p * z;
 }
@@ -308,7 +322,8 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
                  float scale, bool atomic_dq, Extensions x) {
     using F = Features<kStep>;
     const int d = kExactD ? kD : head_dim;
-    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64);
+    // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
+    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
     constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
     constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1>;
@@ -389,6 +404,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     // line 7: this warp's 16 keys x its part's kPartCols columns, as m16n8 fragments
     float dK_j[kPartCols / 8][4] = {}, dV_j[kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
+    const float ds_scale = kExt ? scale : 1.0f;     // what dK_j and dQ_i still need (kExt: dS rounded unscaled)
     const int key_row = warp % kKeyWarps * 16;      // first row of this warp within K_j
     // First column of this warp's part of dK_j, dV_j (a constant 0 with one part, so that the swizzled addresses
     // below stay a per-lane base plus compile-time offsets).
@@ -408,6 +424,12 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             load_q_tile(step + 1, stage ^ 1);
             cp_async_commit();
         }
+
+        uint64_t keep = ~uint64_t(0);  // dropout's mask of this lane's elements (kExt only)
+        if constexpr (kExt)
+            keep = dropout_keep_bits<Br / 2>(x, head_extensions(x, batch, h).head, [&](int k) {
+                return make_int2(i0 + k / 4 * 8 + 2 * t + (k & 1), j0 + key_row + g + (k % 4) / 2 * 8);
+            });
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
@@ -442,7 +464,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
                 for (int e = 0; e < 4; ++e) {
                     const int q = n * 8 + 2 * t + (e & 1), key = j0 + key_row + g + (e / 2) * 8;
                     extension_element(x, he, &S[n][e], &dP[n][e], scale_log2, s_lse[stage * Br + q], s_D[stage * Br + q],
-                                      i0 + q, key, Nq, Nk, in_band);
+                                      i0 + q, key, Nq, Nk, in_band, (keep >> (4 * n + e)) & 1);
                     if (he.dS && col0 == 0 && dP[n][e] != 0.0f) put_dS(x, he.dS, i0 + q, key, Nk, dP[n][e]);
                 }
         } else {
@@ -479,14 +501,16 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 
         // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. It goes to
         // shared memory ([key][query]) for dQ (unless --deterministic), and stays in registers (packed) as the A
-        // operand of dK_j. (With the extensions dP already holds dS_ij^T, unscaled.)
+        // operand of dK_j. With the extensions dP already holds dS_ij^T, and it is rounded unscaled, as the
+        // reference and the dq kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale
+        // that is not a power of two into the rounding put single elements past the same-precision tolerance.
         uint32_t dS[Br / 8][2];
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n) {
             const int q = n * 8 + 2 * t;
             if constexpr (kExt) {
-                dS[n][0] = pack2<T>(scale * dP[n][0], scale * dP[n][1]);
-                dS[n][1] = pack2<T>(scale * dP[n][2], scale * dP[n][3]);
+                dS[n][0] = pack2<T>(dP[n][0], dP[n][1]);
+                dS[n][1] = pack2<T>(dP[n][2], dP[n][3]);
             } else {
                 const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
                 dS[n][0] = pack2<T>(scale * S[n][0] * (dP[n][0] - D0), scale * S[n][1] * (dP[n][1] - D1));
@@ -545,8 +569,8 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
                 const int col = wn * kCols + c * 8;
                 if (col >= d) continue;
                 float* row = rows_of(h).dQ_accum + size_t(i0 + wm * 32 + m * 16 + g) * kD + col + 2 * t;
-                atomic_add2(row, dQ_i[m][c][0], dQ_i[m][c][1]);
-                atomic_add2(row + 8 * kD, dQ_i[m][c][2], dQ_i[m][c][3]);
+                atomic_add2(row, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
+                atomic_add2(row + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
             }
     }
 
@@ -559,7 +583,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         for (int c = 0; c < kPartCols / 8; ++c) {
             if (col0 + c * 8 >= d) continue;
             const size_t at = size_t(key) * kv_ld + col0 + c * 8 + 2 * t;
-            *reinterpret_cast<uint32_t*>(dK + at) = pack2<T>(dK_j[c][2 * half], dK_j[c][2 * half + 1]);
+            *reinterpret_cast<uint32_t*>(dK + at) = pack2<T>(ds_scale * dK_j[c][2 * half], ds_scale * dK_j[c][2 * half + 1]);
             *reinterpret_cast<uint32_t*>(dV + at) = pack2<T>(dV_j[c][2 * half], dV_j[c][2 * half + 1]);
         }
     }
@@ -651,6 +675,13 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         __syncthreads();
         const uint32_t K_j = sK + j % 2 * kTile, V_j = sV + j % 2 * kTile;
 
+        const int key0 = (first_kv_tile + j) * Bc;
+        uint64_t keep = ~uint64_t(0);  // dropout's mask of this lane's elements (kExt only)
+        if constexpr (kExt)
+            keep = dropout_keep_bits<Bc / 2>(x, head_extensions(x, batch, h).head, [&](int k) {
+                return make_int2(row0 + (k % 4) / 2 * 8, key0 + k / 4 * 8 + 2 * t + (k & 1));
+            });
+
         // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.
         float S[Bc / 8][4] = {}, dP[Bc / 8][4] = {};
 #pragma unroll
@@ -674,7 +705,6 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         // place of S. Element e of fragment n: row g + 8 (e / 2), key 8n + 2t + e % 2. Masked: keys past Nk, and
         // causal keys right of the diagonal (only tiles that reach past this warp's first row's last key take the
         // branch). With the extensions, extension_element does it (dP then holds dS_ij, S the unused P_ij Z_ij).
-        const int key0 = (first_kv_tile + j) * Bc;
         if constexpr (kExt) {
             const HeadExtensions he = head_extensions(x, batch, h);
             const int warp_row0 = i0 + warp * 16;
@@ -685,7 +715,7 @@ __global__ void __launch_bounds__(kDqThreads, 1)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     extension_element(x, he, &S[n][e], &dP[n][e], scale_log2, lse[e / 2], Di[e / 2], row0 + e / 2 * 8,
-                                      key0 + n * 8 + 2 * t + e % 2, Nq, Nk, in_band);
+                                      key0 + n * 8 + 2 * t + e % 2, Nq, Nk, in_band, (keep >> (4 * n + e)) & 1);
                     S[n][e] = dP[n][e];
                 }
         } else {
@@ -817,7 +847,7 @@ Extensions extensions_of(const Problem& p, const ExtensionInputs& in, float* dS_
         }
     }
     x.alibi_heads = p.alibi ? p.alibi_heads() : 0;
-    x.dropout = p.dropout, x.seed = p.dropout_seed, x.head_offset = p.head_offset;
+    x.dropout = p.dropout, x.keep_scale = 1.0f / (1.0f - p.dropout), x.seed = p.dropout_seed, x.head_offset = p.head_offset;
     if (p.varlen()) x.cu_seqlens_q = in.cu_seqlens_q, x.cu_seqlens_k = in.cu_seqlens_k;
     x.tokens_q = int(p.tokens_q());
     return x;
@@ -846,7 +876,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
-    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64);
+    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
     constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launches.
     static const cudaError_t attribute_set = cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt>,
