@@ -1,5 +1,5 @@
-// test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (the GPU kernels do
-// not have them yet and refuse them): grouped-query attention (--kv-heads), the sliding window (--window L,R),
+// test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (the GPU forward does
+// not have them yet and refuses them; the tensor-core backward's tests: test_v2_ext_bwd.cu): grouped-query attention (--kv-heads), the sliding window (--window L,R),
 // dropout (--dropout p) with its counter-based mask (common/philox.cuh), an additive bias (--bias) with its gradient,
 // and ALiBi (--alibi). The reference is checked on its own (hand-computed key ranges, the
 // window's limits equal causal and no mask bitwise, finite differences through a fixed mask), then the model
@@ -206,14 +206,19 @@ TEST_CASE("the stages without the extensions refuse them: v2's GPU entry points 
     p.window_left = 8, p.window_right = 0;
     CHECK(p.has_extensions());
     CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
-    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
+    CHECK(v2_backward_unsupported(p).empty());  // the fp16/bf16 backward has them (tests/test_v2_ext_bwd.cu), fp32 not
+    Problem p32 = p;
+    p32.dtype = DType::fp32;
+    CHECK_THROWS_WITH_AS(v2_backward(p32, BackwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
     p.window_left = p.window_right = -1, p.dropout = 0.1f;
     CHECK(p.has_extensions());
     CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
     p.dropout = 0.0f, p.Hk = 2;
     p.H = 4;
     CHECK(p.has_extensions());
-    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("--kv-heads"), std::invalid_argument);
+    p32 = p;
+    p32.dtype = DType::fp32;
+    CHECK_THROWS_WITH_AS(v2_backward(p32, BackwardArgs{}), doctest::Contains("--kv-heads"), std::invalid_argument);
     p.Hk = 4;  // as many K/V heads as query heads: plain attention
     CHECK_FALSE(p.has_extensions());
     CHECK(v2_stage().cpu_model_extensions);

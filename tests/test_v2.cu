@@ -202,13 +202,13 @@ TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason 
     Problem p;
     p.d = 12, p.dtype = DType::fp16;  // not a multiple of 8: no tile runs it (it would need a row stride of 24 bytes)
     CHECK(v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                          nullptr).find("12") != std::string::npos);
+                          nullptr, nullptr, nullptr, nullptr, nullptr).find("12") != std::string::npos);
     p.d = 264;
     CHECK(v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).find("264") != std::string::npos);
     p.d = 64, p.kernel = 99;
     CHECK(!v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).empty());
     CHECK(!v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                           nullptr).empty());
+                           nullptr, nullptr, nullptr, nullptr, nullptr).empty());
     p.kernel = 0, p.dtype = DType::fp32, p.d = 200;
     CHECK(v2_forward_fp32(p, ForwardArgs{}).find("200") != std::string::npos);
     CHECK(v2_backward_fp32(p, BackwardArgs{}).find("200") != std::string::npos);

@@ -44,10 +44,12 @@
 #include "cuda_check.h"
 #include "mma.cuh"
 #include "common/blocks.cuh"
+#include "common/philox.cuh"
 #include "v2.h"  // v2_backward_steps
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -117,16 +119,147 @@ __device__ inline uint32_t swizzle(int r, int c) {
     return uint32_t(r * kCols * 2 + (((c / 8) ^ (r % 8)) * 16) + (c % 8) * 2);
 }
 
-// Starts the copy of rows [row0, row0 + kRows) of a [n_rows, d] global matrix (d <= kCols, a multiple of 8) into a
-// swizzled shared tile of kCols columns, by kThreads threads; rows past n_rows and columns past d are zero-filled.
+// Starts the copy of rows [row0, row0 + kRows) of a [n_rows, d] global matrix whose rows are ld elements apart
+// (d <= kCols, both multiples of 8) into a swizzled shared tile of kCols columns, by kThreads threads; rows past
+// n_rows and columns past d are zero-filled. ld is d, or H * d in a packed batch's [T, H, d].
 template <int kRows, int kCols, int kThreads, typename T>
-__device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, int n_rows, int d) {
+__device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, int n_rows, int d, int ld) {
     constexpr int kChunksPerRow = kCols / 8;
     for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
         const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
         const bool valid = row0 + r < n_rows && c < d;
-        cp_async_16(tile + swizzle<kCols>(r, c), gmem + (valid ? size_t(row0 + r) * d + c : 0), valid ? 16 : 0);
+        cp_async_16(tile + swizzle<kCols>(r, c), gmem + (valid ? size_t(row0 + r) * ld + c : 0), valid ? 16 : 0);
     }
+}
+
+// ------------------------------------------------------------------------------------------------- extensions
+
+// The extensions (docs/conventions.md, "Extensions") as the kernels take them: one struct, by value, built by
+// extensions_of(p, ...) below. Only the kExt instantiations of dk_dv and dq read it (the default ones compile to
+// the code they had without it); the preprocess and convert kernels read cu_seqlens_q (null: the padded layout).
+struct Extensions {
+    int B, H, Hk;  // batch entries (packed: sequences), query heads, K/V heads: query head h reads K/V head h / (H / Hk)
+    KeyBand band;  // causal and --window: which keys a row sees (backward_mma.h)
+    // --bias: element (b, h, i, j) at b * bias_batch_stride + h * bias_head_stride + i * Nk + j (a stride is 0 over a
+    // broadcast dimension). dS_ij goes to dS at the same place with its own strides: dbias itself (added with fp32
+    // atomics where heads share an element: dS_atomic), or under --deterministic with a shared bias a [B, H, Nq, Nk]
+    // workspace that reduce_dbias_kernel sums in a fixed order.
+    const float* bias;
+    float* dS;
+    size_t bias_batch_stride, bias_head_stride, dS_batch_stride, dS_head_stride;
+    bool dS_atomic;
+    int alibi_heads;     // --alibi: head h's slope is alibi_slope(h, alibi_heads); 0 without
+    float dropout;       // --dropout p: Z_ij = keep_scale = 1 / (1 - p) where dropout_keep(seed, head_offset + b * H + h,
+    float keep_scale;    // i, j, p), else 0; without dropout p = 0 and keep_scale = 1
+    uint64_t seed;
+    int head_offset;
+    // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (keys: cu_seqlens_k) of tensors laid out
+    // [T, H, d]; null for the padded [B, H, N, d] layout. tokens_q: Tq, LSE being [H, Tq].
+    const int *cu_seqlens_q, *cu_seqlens_k;
+    int tokens_q;
+};
+
+// The rows of workspace (lse_log2, D, the dQ accumulator) of a packed batch: per head, sequence b's rows start at
+// round_up(first token, kSeqPad) + b * kSeqPad, which leaves each sequence ceil(n / Br) * Br rows for any Br <=
+// kSeqPad (round_up(a, P) + round_up(n, P) <= round_up(a + n, P) + P), 16-byte aligned for cp.async.
+constexpr int kSeqPad = 128;
+
+// Batch entry b, or sequence b of a packed batch: its lengths and its first query and key token (packed only).
+struct Sequence {
+    int Nq, Nk, q0, k0;
+};
+__device__ inline Sequence sequence_of(const Extensions& x, int b, int Nq, int Nk) {
+    if (!x.cu_seqlens_q) return {Nq, Nk, 0, 0};
+    const int q0 = x.cu_seqlens_q[b], k0 = x.cu_seqlens_k[b];
+    return {x.cu_seqlens_q[b + 1] - q0, x.cu_seqlens_k[b + 1] - k0, q0, k0};
+}
+// Where head h of sequence b starts in a [B, heads, N, d] tensor, or in a packed [T, heads, d] one; row_stride: the
+// elements from one of its rows to the next.
+__device__ inline size_t head_start(const Extensions& x, int b, int h, int heads, int N, int token0, int d) {
+    return x.cu_seqlens_q ? (size_t(token0) * heads + h) * d : (size_t(b) * heads + h) * N * d;
+}
+__device__ inline int row_stride(const Extensions& x, int heads, int d) { return x.cu_seqlens_q ? heads * d : d; }
+// Row 0 of head h of sequence b in the workspace rows (rows_per_head: padded_rows below) and in the LSE.
+__device__ inline size_t workspace_start(const Extensions& x, int b, int h, int rows_per_head, int q0) {
+    if (!x.cu_seqlens_q) return (size_t(b) * x.H + h) * rows_per_head;
+    return size_t(h) * rows_per_head + size_t(ceil_div(q0, kSeqPad)) * kSeqPad + size_t(b) * kSeqPad;
+}
+__device__ inline size_t lse_start(const Extensions& x, int b, int h, int Nq, int q0) {
+    return x.cu_seqlens_q ? size_t(h) * x.tokens_q + q0 : (size_t(b) * x.H + h) * Nq;
+}
+// The last b in [0, B) with start(b) <= value, for start non-decreasing in b: the sequence a packed row is in.
+template <typename Start>
+__device__ inline int last_at_most(int B, long value, Start start) {
+    int lo = 0, hi = B - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (start(mid) <= value) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// What --bias and --alibi add to S_ij * scale, in log2 units (P = exp2(S * scale * log2 e + bias * log2 e - LSE *
+// log2 e)): score_bias of tests/harness/reference.cu. Rows and keys past the sequence read nothing (their P is 0).
+__device__ inline float score_bias_log2(const Extensions& x, const float* bias, float slope, int i, int j, int Nq,
+                                        int Nk) {
+    if (i >= Nq || j >= Nk) return 0.0f;
+    float b = 0.0f;
+    if (bias) b += bias[size_t(i) * Nk + j];
+    if (x.alibi_heads) b += alibi_bias(slope, i, j, Nq, Nk);
+    return b * kLog2e;
+}
+// Dropout's mask of this lane's kElems elements of a tile, bit k for element k (fragment k / 4, entry k % 4), from
+// dropout_keep (as the reference's dropout_factor); all ones without dropout. element(k) gives its (row, key). It
+// runs before the tile's products and in a loop that is not unrolled: the generator's registers are free again
+// when S and dP are live, and its code is there once, not once per element of the unrolled tile loop.
+template <int kElems, typename Element>
+__device__ inline uint64_t dropout_keep_bits(const Extensions& x, int head, Element element) {
+    static_assert(kElems <= 64, "one bit per element");
+    if (x.dropout == 0.0f) return ~uint64_t(0);
+    uint64_t bits = 0;
+#pragma unroll 1
+    for (int k = 0; k < kElems; ++k) {
+        const int2 ij = element(k);
+        bits |= uint64_t(dropout_keep(x.seed, uint32_t(head), ij.x, ij.y, x.dropout)) << k;
+    }
+    return bits;
+}
+// What the extensions need to know of query head h of batch entry b: its flattened index (b * H + h, from
+// head_offset: dropout's key and ALiBi's head, as in the reference), its ALiBi slope, its bias slice, and where
+// its dS_ij go.
+struct HeadExtensions {
+    int head;
+    float slope;
+    const float* bias;
+    float* dS;
+};
+__device__ inline HeadExtensions head_extensions(const Extensions& x, int b, int h) {
+    const int head = x.head_offset + b * x.H + h;
+    return {head, x.alibi_heads ? alibi_slope(head % x.alibi_heads, x.alibi_heads) : 0.0f,
+            x.bias ? x.bias + b * x.bias_batch_stride + h * x.bias_head_stride : nullptr,
+            x.dS ? x.dS + b * x.dS_batch_stride + h * x.dS_head_stride : nullptr};
+}
+// Lines 11 and 14 for one element (row i, key j) with the extensions, in place: s = S_ij becomes P_ij Z_ij (what
+// dV_j += (P Z)^T dO_i takes), dp = dP_ij = dO_i . V_j becomes dS_ij = P_ij (Z_ij dP_ij - D_i), unscaled, where
+// P_ij = exp2(S_ij * scale * log2 e + bias_ij * log2 e - LSE_i * log2 e) and Z_ij is dropout's factor (keep: its
+// bit from dropout_keep_bits). The band and Nk mask only where in_band is false (a tile that straddles the band's
+// edge or the last key).
+__device__ inline void extension_element(const Extensions& x, const HeadExtensions& he, float* s, float* dp,
+                                         float scale_log2, float lse_log2, float D, int i, int j, int Nq, int Nk,
+                                         bool in_band, bool keep) {
+    float p = exp2_approx(*s * scale_log2 + score_bias_log2(x, he.bias, he.slope, i, j, Nq, Nk) - lse_log2);
+    if (!in_band && (j >= Nk || !x.band.sees(i, j, Nk - Nq))) p = 0.0f;
+    const float z = keep ? x.keep_scale : 0.0f;
+    *dp = p * (z * *dp - D);
+    *s = p * z;
+}
+// dbias += dS_ij, or dS_ij stored in its own place (a bias with nothing broadcast, or the --deterministic workspace;
+// both zeroed first: masked and skipped elements are never written).
+__device__ inline void put_dS(const Extensions& x, float* dS_head, int i, int j, int Nk, float ds) {
+    float* at = dS_head + size_t(i) * Nk + j;
+    if (x.dS_atomic) atomicAdd(at, ds);
+    else *at = ds;
 }
 
 // ------------------------------------------------------------------------------------------------------ kernels
@@ -134,17 +267,26 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
 // One warp per row of [B*H, Nq_pad]: D_i = rowsum(dO_i * O_i) (as common/blocks.cuh's rowsum_dO_O, here on 16-bit
 // inputs and in the same pass as the rest) and LSE_i * log2(e). Rows that see no key
 // (LSE = -inf) and the padding rows past Nq get LSE = +inf, so that P = exp2(s - inf) = 0 and they add nothing.
+// A packed batch (--seqlens): rows [H, Nq_pad], sequence b's at workspace_start; O, dO [T, H, d], LSE [H, Tq].
 template <typename T>
 __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, float* lse_log2, float* D, int Nq,
-                                  int Nq_pad, int rows, int d) {
+                                  int Nq_pad, int rows, int d, Extensions x) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const int bh = row / Nq_pad, i = row % Nq_pad;
+    int bh = row / Nq_pad, i = row % Nq_pad;
+    size_t base = (size_t(bh) * Nq + i) * d, lse_at = size_t(bh) * Nq + i;
+    if (x.cu_seqlens_q) {  // row i of head bh's rows: which sequence, which of its rows
+        const int h = bh, b = last_at_most(x.B, i, [&](int s) { return long(workspace_start(x, s, 0, Nq_pad, x.cu_seqlens_q[s])); });
+        const Sequence seq = sequence_of(x, b, Nq, 0);
+        i -= int(workspace_start(x, b, 0, Nq_pad, seq.q0));
+        Nq = seq.Nq;
+        base = (size_t(seq.q0 + i) * x.H + h) * d;
+        lse_at = lse_start(x, b, h, 0, seq.q0) + i;
+    }
     float sum = 0.0f, lse = INFINITY;
     if (i < Nq) {
-        const size_t base = (size_t(bh) * Nq + i) * d;
         for (int c = lane; c < d; c += 32) sum += float(O[base + c]) * float(dO[base + c]);
-        const float l = LSE[size_t(bh) * Nq + i];
+        const float l = LSE[lse_at];
         lse = l == -INFINITY ? INFINITY : l * kLog2e;
     }
     sum = warp_sum(sum);
@@ -170,15 +312,18 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 // Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile; kExactD: d == kD, known at compile
 // time (see kExactVariant below). dQ_accum is [Nq_pad, kD] per head; with atomic_dq false (--deterministic) nothing
 // goes to it and the dq kernel computes dQ.
-template <typename T, int kD, int kStep, bool kExactD>
+// kExt: the extensions (x; the causal flag is then in x.band). The grid's y is then a K/V head, B * Hk; the block
+// walks the Q tiles of every query head of its group, the tiles of each that reach the band of K_j.
+template <typename T, int kD, int kStep, bool kExactD, bool kExt>
 __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
-                 float scale, bool atomic_dq) {
+                 float scale, bool atomic_dq, Extensions x) {
     using F = Features<kStep>;
     const int d = kExactD ? kD : head_dim;
-    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64);
+    // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
+    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
     constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
     constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1>;
@@ -189,57 +334,102 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 
     const int bh = blockIdx.y, j0 = blockIdx.x * Bc;  // line 5: the grid walks the K/V tiles
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    Q += size_t(bh) * Nq * d;
-    dO += size_t(bh) * Nq * d;
-    K += size_t(bh) * Nk * d;
-    V += size_t(bh) * Nk * d;
-    dK += size_t(bh) * Nk * d;
-    dV += size_t(bh) * Nk * d;
-    lse_log2 += size_t(bh) * Nq_pad;
-    D += size_t(bh) * Nq_pad;
-    dQ_accum += size_t(bh) * Nq_pad * kD;
+    // The query heads whose Q tiles the block walks: n_heads of them from h0 (one: bh itself, by default). With
+    // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
+    // (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics).
+    int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d;
+    if constexpr (kExt) {
+        const int hk = bh % x.Hk;
+        batch = bh / x.Hk, n_heads = x.H / x.Hk, h0 = hk * n_heads;
+        const Sequence seq = sequence_of(x, batch, Nq, Nk);
+        if (j0 >= seq.Nk) return;  // a packed batch: this sequence has fewer K/V tiles than the longest
+        const size_t kv_start = head_start(x, batch, hk, x.Hk, Nk, seq.k0, d);
+        K += kv_start, V += kv_start, dK += kv_start, dV += kv_start;
+        q0 = seq.q0, Nq = seq.Nq, Nk = seq.Nk;
+        q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
+    } else {
+        Q += size_t(bh) * Nq * d;
+        dO += size_t(bh) * Nq * d;
+        K += size_t(bh) * Nk * d;
+        V += size_t(bh) * Nk * d;
+        dK += size_t(bh) * Nk * d;
+        dV += size_t(bh) * Nk * d;
+        lse_log2 += size_t(bh) * Nq_pad;
+        D += size_t(bh) * Nq_pad;
+        dQ_accum += size_t(bh) * Nq_pad * kD;
+    }
+    // Where query head h's rows are (the default kernel's pointers are already at head bh's).
+    struct HeadRows {
+        const T *Q, *dO;
+        const float *lse_log2, *D;
+        float* dQ_accum;
+    };
+    auto rows_of = [&](int h) -> HeadRows {
+        if constexpr (!kExt) return {Q, dO, lse_log2, D, dQ_accum};
+        const size_t at = head_start(x, batch, h, x.H, Nq, q0, d), row0 = workspace_start(x, batch, h, Nq_pad, q0);
+        return {Q + at, dO + at, lse_log2 + row0, D + row0, dQ_accum + row0 * kD};
+    };
 
-    // Query row i sees key j iff j <= i + shift. Q tiles whose last row sees none of K_j are skipped.
+    // Query row i sees key j iff j <= i + shift. Q tiles whose last row sees none of K_j are skipped. With the
+    // extensions, the rows that see any of K_j are those the band reaches (a window's rows below it are skipped too).
     const int shift = Nk - Nq;
-    const int first_tile = causal ? max(0, j0 - shift) / Br : 0, n_tiles = Nq_pad / Br;
+    int first_tile = causal ? max(0, j0 - shift) / Br : 0, end_tile = Nq_pad / Br;
     // Nq_pad is a multiple of this step's Br (padded_rows below).
+    if constexpr (kExt) {
+        const int first_row = max(0, x.band.first_row(j0, shift)), last_row = min(Nq - 1, x.band.last_row(min(j0 + Bc, Nk), shift));
+        first_tile = first_row / Br;
+        end_tile = last_row >= first_row ? last_row / Br + 1 : first_tile;
+    }
+    // Step k of the walk: tile first_tile + k % tiles_per_head of query head h0 + k / tiles_per_head.
+    const int tiles_per_head = end_tile - first_tile, n_steps = n_heads * tiles_per_head;
+    auto tile_of = [&](int step) { return first_tile + (kExt ? step % tiles_per_head : step); };
+    auto head_of = [&](int step) { return kExt ? h0 + step / tiles_per_head : h0; };
 
-    auto load_q_tile = [&](int tile, int stage) {
-        load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, Q, tile * Br, Nq, d);
-        load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, dO, tile * Br, Nq, d);
+    auto load_q_tile = [&](int step, int stage) {
+        const HeadRows r = rows_of(head_of(step));
+        const int tile = tile_of(step);
+        load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, d, q_ld);
+        load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, q_ld);
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
-            cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, lse_log2 + tile * Br + threadIdx.x * 4, 16);
+            cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, r.lse_log2 + tile * Br + threadIdx.x * 4, 16);
         else if (threadIdx.x < Br / 2)
             cp_async_16(s + L::D + stage * Br * 4 + (threadIdx.x - Br / 4) * 16,
-                        D + tile * Br + (threadIdx.x - Br / 4) * 4, 16);
+                        r.D + tile * Br + (threadIdx.x - Br / 4) * 4, 16);
     };
-    load_tile_async<Bc, kD, kThreads>(s + L::K, K, j0, Nk, d);  // line 6
-    load_tile_async<Bc, kD, kThreads>(s + L::V, V, j0, Nk, d);
-    load_q_tile(first_tile, 0);
+    load_tile_async<Bc, kD, kThreads>(s + L::K, K, j0, Nk, d, kv_ld);  // line 6
+    load_tile_async<Bc, kD, kThreads>(s + L::V, V, j0, Nk, d, kv_ld);
+    if (!kExt || n_steps > 0) load_q_tile(0, 0);
     cp_async_commit();
 
     // line 7: this warp's 16 keys x its part's kPartCols columns, as m16n8 fragments
     float dK_j[kPartCols / 8][4] = {}, dV_j[kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
+    const float ds_scale = kExt ? scale : 1.0f;     // what dK_j and dQ_i still need (kExt: dS rounded unscaled)
     const int key_row = warp % kKeyWarps * 16;      // first row of this warp within K_j
     // First column of this warp's part of dK_j, dV_j (a constant 0 with one part, so that the swizzled addresses
     // below stay a per-lane base plus compile-time offsets).
     const int col0 = KVTile<kD>::kParts == 1 ? 0 : warp / kKeyWarps * kPartCols;
 
-    for (int tile = first_tile; tile < n_tiles; ++tile) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
-        const int stage = F::kDoubleBuffer ? (tile - first_tile) & 1 : 0, i0 = tile * Br;
+    for (int step = 0; step < n_steps; ++step) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
+        const int stage = F::kDoubleBuffer ? step & 1 : 0, i0 = tile_of(step) * Br, h = head_of(step);
         const uint32_t sQ = s + L::Q + stage * L::qTile, sdO = s + L::dO + stage * L::qTile;
-        if (!F::kDoubleBuffer && tile > first_tile) {
-            // One stage: every warp passed the barrier before dQ of tile - 1, the last reads of Q, dO, LSE, D.
-            load_q_tile(tile, 0);
+        if (!F::kDoubleBuffer && step > 0) {
+            // One stage: every warp passed the barrier before dQ of step - 1, the last reads of Q, dO, LSE, D.
+            load_q_tile(step, 0);
             cp_async_commit();
         }
         cp_async_wait<0>();
-        __syncthreads();  // Q_i, dO_i landed; every warp is done with the other stage and with dS of tile - 1
-        if (F::kDoubleBuffer && tile + 1 < n_tiles) {
-            load_q_tile(tile + 1, stage ^ 1);
+        __syncthreads();  // Q_i, dO_i landed; every warp is done with the other stage and with dS of step - 1
+        if (F::kDoubleBuffer && step + 1 < n_steps) {
+            load_q_tile(step + 1, stage ^ 1);
             cp_async_commit();
         }
+
+        uint64_t keep = ~uint64_t(0);  // dropout's mask of this lane's elements (kExt only)
+        if constexpr (kExt)
+            keep = dropout_keep_bits<Br / 2>(x, head_extensions(x, batch, h).head, [&](int k) {
+                return make_int2(i0 + k / 4 * 8 + 2 * t + (k & 1), j0 + key_row + g + (k % 4) / 2 * 8);
+            });
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
@@ -263,18 +453,34 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         // line 11: P_ij^T = exp2(S * scale * log2(e) - LSE_i * log2(e)). This lane holds keys (g, g + 8) and, in
         // fragment n, queries 8n + 2t, 8n + 2t + 1 (see the D layout in mma.cuh). Masking is needed only on the last
         // K/V tile (keys past Nk) and on Q tiles that cross the causal diagonal.
-        const bool needs_mask = j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
+        // With the extensions (extension_element): the bias, the band (tested per element only in tiles that straddle
+        // its edge) and dropout; dP takes dS_ij, which also goes to dbias (from one warp of a part pair).
+        if constexpr (kExt) {
+            const HeadExtensions he = head_extensions(x, batch, h);
+            const bool in_band = j0 + Bc <= Nk && x.band.sees(i0, j0 + Bc - 1, shift) && x.band.sees(i0 + Br - 1, j0, shift);
 #pragma unroll
-        for (int n = 0; n < Br / 8; ++n) {
-            const int q = n * 8 + 2 * t;
+            for (int n = 0; n < Br / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float p = exp2_approx(S[n][e] * scale_log2 - s_lse[stage * Br + q + (e & 1)]);
-                if (needs_mask) {
-                    const int key = j0 + key_row + g + (e / 2) * 8, query = i0 + q + (e & 1);
-                    if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                for (int e = 0; e < 4; ++e) {
+                    const int q = n * 8 + 2 * t + (e & 1), key = j0 + key_row + g + (e / 2) * 8;
+                    extension_element(x, he, &S[n][e], &dP[n][e], scale_log2, s_lse[stage * Br + q], s_D[stage * Br + q],
+                                      i0 + q, key, Nq, Nk, in_band, (keep >> (4 * n + e)) & 1);
+                    if (he.dS && col0 == 0 && dP[n][e] != 0.0f) put_dS(x, he.dS, i0 + q, key, Nk, dP[n][e]);
                 }
-                S[n][e] = p;
+        } else {
+            const bool needs_mask = j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
+#pragma unroll
+            for (int n = 0; n < Br / 8; ++n) {
+                const int q = n * 8 + 2 * t;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float p = exp2_approx(S[n][e] * scale_log2 - s_lse[stage * Br + q + (e & 1)]);
+                    if (needs_mask) {
+                        const int key = j0 + key_row + g + (e / 2) * 8, query = i0 + q + (e & 1);
+                        if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                    }
+                    S[n][e] = p;
+                }
             }
         }
 
@@ -295,14 +501,21 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 
         // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. It goes to
         // shared memory ([key][query]) for dQ (unless --deterministic), and stays in registers (packed) as the A
-        // operand of dK_j.
+        // operand of dK_j. With the extensions dP already holds dS_ij^T, and it is rounded unscaled, as the
+        // reference and the dq kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale
+        // that is not a power of two into the rounding put single elements past the same-precision tolerance.
         uint32_t dS[Br / 8][2];
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n) {
             const int q = n * 8 + 2 * t;
-            const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
-            dS[n][0] = pack2<T>(scale * S[n][0] * (dP[n][0] - D0), scale * S[n][1] * (dP[n][1] - D1));
-            dS[n][1] = pack2<T>(scale * S[n][2] * (dP[n][2] - D0), scale * S[n][3] * (dP[n][3] - D1));
+            if constexpr (kExt) {
+                dS[n][0] = pack2<T>(dP[n][0], dP[n][1]);
+                dS[n][1] = pack2<T>(dP[n][2], dP[n][3]);
+            } else {
+                const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
+                dS[n][0] = pack2<T>(scale * S[n][0] * (dP[n][0] - D0), scale * S[n][1] * (dP[n][1] - D1));
+                dS[n][1] = pack2<T>(scale * S[n][2] * (dP[n][2] - D0), scale * S[n][3] * (dP[n][3] - D1));
+            }
             if (atomic_dq && col0 == 0) {  // one warp of a part pair writes the pair's (identical) dS
                 *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g, q)) = dS[n][0];
                 *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g + 8, q)) = dS[n][1];
@@ -355,9 +568,9 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             for (int c = 0; c < kCols / 8; ++c) {
                 const int col = wn * kCols + c * 8;
                 if (col >= d) continue;
-                float* row = dQ_accum + size_t(i0 + wm * 32 + m * 16 + g) * kD + col + 2 * t;
-                atomic_add2(row, dQ_i[m][c][0], dQ_i[m][c][1]);
-                atomic_add2(row + 8 * kD, dQ_i[m][c][2], dQ_i[m][c][3]);
+                float* row = rows_of(h).dQ_accum + size_t(i0 + wm * 32 + m * 16 + g) * kD + col + 2 * t;
+                atomic_add2(row, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
+                atomic_add2(row + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
             }
     }
 
@@ -369,8 +582,8 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < kPartCols / 8; ++c) {
             if (col0 + c * 8 >= d) continue;
-            const size_t at = size_t(key) * d + col0 + c * 8 + 2 * t;
-            *reinterpret_cast<uint32_t*>(dK + at) = pack2<T>(dK_j[c][2 * half], dK_j[c][2 * half + 1]);
+            const size_t at = size_t(key) * kv_ld + col0 + c * 8 + 2 * t;
+            *reinterpret_cast<uint32_t*>(dK + at) = pack2<T>(ds_scale * dK_j[c][2 * half], ds_scale * dK_j[c][2 * half + 1]);
             *reinterpret_cast<uint32_t*>(dV + at) = pack2<T>(dV_j[c][2 * half], dV_j[c][2 * half + 1]);
         }
     }
@@ -388,11 +601,13 @@ __host__ __device__ constexpr int dq_key_rows() { return kD <= 128 ? 64 : 32; }
 template <int kD>
 constexpr int dq_smem_bytes() { return (2 * kDqRows + 4 * dq_key_rows<kD>()) * kD * 2; }  // Q_i, dO_i; K_j, V_j x2
 
-template <typename T, int kD>
+// kExt: the extensions (as in dk_dv_kernel); head bh then reads K/V head kv_head, and only the K/V tiles that reach
+// the band of the tile's rows are walked (still in order).
+template <typename T, int kD, bool kExt>
 __global__ void __launch_bounds__(kDqThreads, 1)
     dq_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
               const float* __restrict__ lse_log2, const float* __restrict__ D, T* __restrict__ dQ, int Nq, int Nk,
-              int Nq_pad, int d, bool causal, float scale) {
+              int Nq_pad, int d, bool causal, float scale, Extensions x) {
     constexpr int Bc = dq_key_rows<kD>(), kTile = Bc * kD * 2;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sQ = shared_addr(smem), sdO = sQ + kDqRows * kD * 2, sK = sdO + kDqRows * kD * 2;
@@ -402,23 +617,43 @@ __global__ void __launch_bounds__(kDqThreads, 1)
     const int q_tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int bh = blockIdx.y, i0 = q_tile * kDqRows;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    Q += size_t(bh) * Nq * d;
-    dO += size_t(bh) * Nq * d;
-    dQ += size_t(bh) * Nq * d;
-    K += size_t(bh) * Nk * d;
-    V += size_t(bh) * Nk * d;
-    lse_log2 += size_t(bh) * Nq_pad;
-    D += size_t(bh) * Nq_pad;
+    int batch = 0, h = bh, q_ld = d, kv_ld = d;
+    if constexpr (kExt) {  // head h of batch entry (packed: sequence) `batch` reads K/V head h / (H / Hk)
+        batch = bh / x.H, h = bh % x.H;
+        const Sequence seq = sequence_of(x, batch, Nq, Nk);
+        if (i0 >= seq.Nq) return;  // a packed batch: this sequence has fewer Q tiles than the longest
+        const size_t q_start = head_start(x, batch, h, x.H, Nq, seq.q0, d);
+        const size_t kv_start = head_start(x, batch, h / (x.H / x.Hk), x.Hk, Nk, seq.k0, d);
+        const size_t row_start = workspace_start(x, batch, h, Nq_pad, seq.q0);
+        Q += q_start, dO += q_start, dQ += q_start, K += kv_start, V += kv_start;
+        lse_log2 += row_start, D += row_start;
+        Nq = seq.Nq, Nk = seq.Nk;
+        q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
+    } else {
+        Q += size_t(bh) * Nq * d;
+        dO += size_t(bh) * Nq * d;
+        dQ += size_t(bh) * Nq * d;
+        K += size_t(bh) * Nk * d;
+        V += size_t(bh) * Nk * d;
+        lse_log2 += size_t(bh) * Nq_pad;
+        D += size_t(bh) * Nq_pad;
+    }
 
-    // Keys this Q tile visits: all, or (causal) up to the last key its last real row sees.
+    // Keys this Q tile visits: all, or (causal) up to the last key its last real row sees. With the extensions: the
+    // keys the band of its rows reaches, from K/V tile first_kv_tile on.
     const int shift = Nk - Nq, row_end = min(i0 + kDqRows, Nq);
     const int kv_end = causal ? min(Nk, row_end - 1 + shift + 1) : Nk;
-    const int n_tiles = kv_end > 0 ? ceil_div(kv_end, Bc) : 0;
-    load_tile_async<kDqRows, kD, kDqThreads>(sQ, Q, i0, Nq, d);
-    load_tile_async<kDqRows, kD, kDqThreads>(sdO, dO, i0, Nq, d);
+    int first_kv_tile = 0, n_tiles = kv_end > 0 ? ceil_div(kv_end, Bc) : 0;
+    if constexpr (kExt) {
+        const int first_key = max(0, x.band.first_key(i0, shift)), last_key = min(Nk - 1, x.band.last_key(row_end - 1, shift));
+        first_kv_tile = first_key / Bc;
+        n_tiles = last_key >= first_key ? last_key / Bc + 1 - first_kv_tile : 0;
+    }
+    load_tile_async<kDqRows, kD, kDqThreads>(sQ, Q, i0, Nq, d, q_ld);
+    load_tile_async<kDqRows, kD, kDqThreads>(sdO, dO, i0, Nq, d, q_ld);
     if (n_tiles > 0) {
-        load_tile_async<Bc, kD, kDqThreads>(sK, K, 0, Nk, d);
-        load_tile_async<Bc, kD, kDqThreads>(sV, V, 0, Nk, d);
+        load_tile_async<Bc, kD, kDqThreads>(sK, K, first_kv_tile * Bc, Nk, d, kv_ld);
+        load_tile_async<Bc, kD, kDqThreads>(sV, V, first_kv_tile * Bc, Nk, d, kv_ld);
     }
     cp_async_commit();
 
@@ -431,13 +666,21 @@ __global__ void __launch_bounds__(kDqThreads, 1)
 
     for (int j = 0; j < n_tiles; ++j) {  // the K/V tiles in order: the fixed summation order of dQ_i
         if (j + 1 < n_tiles) {  // K_{j+1}, V_{j+1} into the other buffer (freed by the barrier ending iteration j-1)
-            load_tile_async<Bc, kD, kDqThreads>(sK + (j + 1) % 2 * kTile, K, (j + 1) * Bc, Nk, d);
-            load_tile_async<Bc, kD, kDqThreads>(sV + (j + 1) % 2 * kTile, V, (j + 1) * Bc, Nk, d);
+            const int next_key0 = (first_kv_tile + j + 1) * Bc;
+            load_tile_async<Bc, kD, kDqThreads>(sK + (j + 1) % 2 * kTile, K, next_key0, Nk, d, kv_ld);
+            load_tile_async<Bc, kD, kDqThreads>(sV + (j + 1) % 2 * kTile, V, next_key0, Nk, d, kv_ld);
         }
         cp_async_commit();  // committed even when empty, so that "one group pending" always means tile j landed
         cp_async_wait<1>();
         __syncthreads();
         const uint32_t K_j = sK + j % 2 * kTile, V_j = sV + j % 2 * kTile;
+
+        const int key0 = (first_kv_tile + j) * Bc;
+        uint64_t keep = ~uint64_t(0);  // dropout's mask of this lane's elements (kExt only)
+        if constexpr (kExt)
+            keep = dropout_keep_bits<Bc / 2>(x, head_extensions(x, batch, h).head, [&](int k) {
+                return make_int2(row0 + (k % 4) / 2 * 8, key0 + k / 4 * 8 + 2 * t + (k & 1));
+            });
 
         // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.
         float S[Bc / 8][4] = {}, dP[Bc / 8][4] = {};
@@ -461,20 +704,34 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         // lines 11 and 14 again: P_ij = exp2(S * scale * log2 e - LSE_i * log2 e), dS_ij = P_ij * (dP_ij - D_i), in
         // place of S. Element e of fragment n: row g + 8 (e / 2), key 8n + 2t + e % 2. Masked: keys past Nk, and
         // causal keys right of the diagonal (only tiles that reach past this warp's first row's last key take the
-        // branch).
-        const int key0 = j * Bc;
-        const bool needs_mask = key0 + Bc > Nk || (causal && key0 + Bc - 1 > i0 + warp * 16 + shift);
+        // branch). With the extensions, extension_element does it (dP then holds dS_ij, S the unused P_ij Z_ij).
+        if constexpr (kExt) {
+            const HeadExtensions he = head_extensions(x, batch, h);
+            const int warp_row0 = i0 + warp * 16;
+            const bool in_band = key0 + Bc <= Nk && x.band.sees(warp_row0, key0 + Bc - 1, shift) &&
+                                 x.band.sees(warp_row0 + 15, key0, shift);
 #pragma unroll
-        for (int n = 0; n < Bc / 8; ++n)
+            for (int n = 0; n < Bc / 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float p = exp2_approx(S[n][e] * scale_log2 - lse[e / 2]);
-                if (needs_mask) {
-                    const int key = key0 + n * 8 + 2 * t + e % 2, query = row0 + e / 2 * 8;
-                    if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                for (int e = 0; e < 4; ++e) {
+                    extension_element(x, he, &S[n][e], &dP[n][e], scale_log2, lse[e / 2], Di[e / 2], row0 + e / 2 * 8,
+                                      key0 + n * 8 + 2 * t + e % 2, Nq, Nk, in_band, (keep >> (4 * n + e)) & 1);
+                    S[n][e] = dP[n][e];
                 }
-                S[n][e] = p * (dP[n][e] - Di[e / 2]);
-            }
+        } else {
+            const bool needs_mask = key0 + Bc > Nk || (causal && key0 + Bc - 1 > i0 + warp * 16 + shift);
+#pragma unroll
+            for (int n = 0; n < Bc / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float p = exp2_approx(S[n][e] * scale_log2 - lse[e / 2]);
+                    if (needs_mask) {
+                        const int key = key0 + n * 8 + 2 * t + e % 2, query = row0 + e / 2 * 8;
+                        if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                    }
+                    S[n][e] = p * (dP[n][e] - Di[e / 2]);
+                }
+        }
 
         // line 15: dQ_i += dS_ij K_j: A = dS_ij from the accumulators (fragments 2kk, 2kk + 1 form one 16x16 A
         // block), B = K_j stored [key][d], read with .trans.
@@ -503,76 +760,154 @@ __global__ void __launch_bounds__(kDqThreads, 1)
 #pragma unroll
         for (int c = 0; c < kD / 8; ++c) {
             if (c * 8 >= d) continue;
-            *reinterpret_cast<uint32_t*>(dQ + size_t(row) * d + c * 8 + 2 * t) =
+            *reinterpret_cast<uint32_t*>(dQ + size_t(row) * q_ld + c * 8 + 2 * t) =
                 pack2<T>(scale * dQ_i[c][2 * half], scale * dQ_i[c][2 * half + 1]);
         }
     }
 }
 
 // dQ = the fp32 accumulator [B*H, Nq_pad, kD] without its padding rows and columns, rounded to T; 4 elements per
-// thread (d is a multiple of 8, so the 4 never straddle a row).
+// thread (d is a multiple of 8, so the 4 never straddle a row). A packed batch: dQ [Tq, H, d] from the accumulator
+// [H, Nq_pad, kD], each token's sequence found by a binary search of cu_seqlens_q.
 // Indices fit in 32 bits (one tensor has at most 2^31 - 1 elements: problem_size_unsupported), so the divisions are
 // 32-bit ones.
 template <typename T>
-__global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_pad, int d, int kD, size_t n_elems) {
+__global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_pad, int d, int kD, size_t n_elems,
+                                  Extensions x) {
     const size_t e = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
     if (e >= n_elems) return;
     const unsigned row = unsigned(e) / unsigned(d), col = unsigned(e) % unsigned(d);
-    const size_t bh = row / unsigned(Nq), i = row % unsigned(Nq);
-    const float4 v = *reinterpret_cast<const float4*>(dQ_accum + (bh * Nq_pad + i) * kD + col);
+    size_t accum_row;
+    if (x.cu_seqlens_q) {
+        const int token = int(row / unsigned(x.H)), h = int(row % unsigned(x.H));
+        const int b = last_at_most(x.B, token, [&](int s) { return long(x.cu_seqlens_q[s]); });
+        accum_row = workspace_start(x, b, h, Nq_pad, x.cu_seqlens_q[b]) + (token - x.cu_seqlens_q[b]);
+    } else {
+        const size_t bh = row / unsigned(Nq), i = row % unsigned(Nq);
+        accum_row = bh * Nq_pad + i;
+    }
+    const float4 v = *reinterpret_cast<const float4*>(dQ_accum + accum_row * kD + col);
     *reinterpret_cast<uint2*>(dQ + e) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+}
+
+// --deterministic with a shared (broadcast) bias: dbias = the per-head dS of the workspace [B, H, Nq, Nk], summed
+// over the broadcast dimensions in a fixed order (batch entries, then heads): the same bits on every run, where
+// fp32 atomics would add in the order the blocks happen to run.
+__global__ void reduce_dbias_kernel(const float* dS_heads, float* dbias, int B, int H, int bias_batch, int bias_heads,
+                                    size_t slice) {
+    const size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (e >= size_t(bias_batch) * bias_heads * slice) return;
+    const int b = int(e / slice / bias_heads), h = int(e / slice % bias_heads);
+    const int b_end = bias_batch == 1 ? B : b + 1, h_end = bias_heads == 1 ? H : h + 1;
+    float sum = 0.0f;
+    for (int bb = bias_batch == 1 ? 0 : b; bb < b_end; ++bb)
+        for (int hh = bias_heads == 1 ? 0 : h; hh < h_end; ++hh) sum += dS_heads[(size_t(bb) * H + hh) * slice + e % slice];
+    dbias[e] = sum;
 }
 
 int step_of(const Problem& p) { return p.kernel == 0 ? kFinalStep : p.kernel; }
 
-// Query rows of the dQ accumulator, LSE and D: Nq rounded up to this step's Br (a multiple of the dq kernel's 64).
+// Query rows per head of the dQ accumulator, LSE and D: Nq rounded up to this step's Br (a multiple of the dq
+// kernel's 64). A packed batch: every sequence's rows (workspace_start), ceil(T / kSeqPad) + B blocks of kSeqPad.
 int padded_rows(const Problem& p) {
+    if (p.varlen()) return (ceil_div(int(p.tokens_q()), kSeqPad) + p.B) * kSeqPad;
     const int Br = q_tile_rows(v2_backward_mma_head_dim_tile(p.d), step_of(p) >= kFinalStep);
     return ceil_div(p.Nq, Br) * Br;
 }
+size_t workspace_rows(const Problem& p) { return size_t(p.varlen() ? 1 : p.B) * p.H * padded_rows(p); }
 
-template <typename T, int kD, int kStep, bool kExactD>
+// Does --bias broadcast over a dimension of more than one entry (so that several heads add into one dbias element)?
+bool bias_shared(const Problem& p) {
+    return p.has_bias() && ((p.bias_batch == 1 && p.B > 1) || (p.bias_heads == 1 && p.H > 1));
+}
+// --deterministic with a shared bias keeps each head's dS in the workspace for reduce_dbias_kernel.
+bool dS_per_head(const Problem& p) { return p.deterministic && bias_shared(p); }
+
+// The extensions' device inputs, as v2_backward_mma takes them.
+struct ExtensionInputs {
+    const float* bias;
+    float* dbias;
+    const int *cu_seqlens_q, *cu_seqlens_k;
+};
+
+Extensions extensions_of(const Problem& p, const ExtensionInputs& in, float* dS_heads) {
+    Extensions x{};
+    x.B = p.B, x.H = p.H, x.Hk = p.kv_heads();
+    x.band = key_band(p);
+    if (p.has_bias()) {
+        x.bias = in.bias;
+        // Problem::bias_offset's strides (0 over a broadcast dimension)
+        x.bias_batch_stride = p.B > 1 ? p.bias_offset(p.H) : 0;
+        x.bias_head_stride = p.H > 1 ? p.bias_offset(1) : 0;
+        if (dS_heads) {
+            x.dS = dS_heads, x.dS_batch_stride = size_t(p.H) * p.Nq * p.Nk, x.dS_head_stride = size_t(p.Nq) * p.Nk;
+        } else {
+            x.dS = in.dbias, x.dS_batch_stride = x.bias_batch_stride, x.dS_head_stride = x.bias_head_stride;
+            x.dS_atomic = bias_shared(p);
+        }
+    }
+    x.alibi_heads = p.alibi ? p.alibi_heads() : 0;
+    x.dropout = p.dropout, x.keep_scale = 1.0f / (1.0f - p.dropout), x.seed = p.dropout_seed, x.head_offset = p.head_offset;
+    if (p.varlen()) x.cu_seqlens_q = in.cu_seqlens_q, x.cu_seqlens_k = in.cu_seqlens_k;
+    x.tokens_q = int(p.tokens_q());
+    return x;
+}
+
+template <typename T, int kD, int kStep, bool kExactD, bool kExt>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
-            T* dK, T* dV, void* workspace, cudaStream_t stream) {
+            T* dK, T* dV, void* workspace, const ExtensionInputs& in, cudaStream_t stream) {
     const int BH = p.B * p.H, Nq_pad = padded_rows(p);
-    // Workspace: lse_log2 [BH, Nq_pad], D [BH, Nq_pad], then (atomics only) the dQ accumulator [BH, Nq_pad, kD].
+    const size_t rows = workspace_rows(p);
+    // Workspace: lse_log2 [rows], D [rows], then the dQ accumulator [rows, kD] (atomics) or, with a shared bias under
+    // --deterministic, each head's dS [B, H, Nq, Nk].
     float* lse_log2 = static_cast<float*>(workspace);
-    float* D = lse_log2 + size_t(BH) * Nq_pad;
-    float* dQ_accum = p.deterministic ? nullptr : D + size_t(BH) * Nq_pad;
+    float* D = lse_log2 + rows;
+    float* dQ_accum = p.deterministic ? nullptr : D + rows;
+    float* dS_heads = dS_per_head(p) ? D + rows : nullptr;
+    const Extensions x = extensions_of(p, in, dS_heads);
 
     if (!p.deterministic)  // line 3
-        CUDA_CHECK(cudaMemsetAsync(dQ_accum, 0, size_t(BH) * Nq_pad * kD * sizeof(float), stream));
-    const int rows = BH * Nq_pad, rows_per_block = 8;
-    preprocess_kernel<T><<<ceil_div(rows, rows_per_block), rows_per_block * 32, 0, stream>>>(  // line 4
-        O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, rows, p.d);
+        CUDA_CHECK(cudaMemsetAsync(dQ_accum, 0, rows * kD * sizeof(float), stream));
+    if (p.has_bias())  // dS_ij is added (or stored) only where a block visits: the rest of dbias is 0
+        CUDA_CHECK(cudaMemsetAsync(dS_heads ? dS_heads : in.dbias, 0,
+                                   (dS_heads ? size_t(BH) * p.Nq * p.Nk : p.bias_elems()) * sizeof(float), stream));
+    const int rows_per_block = 8;
+    preprocess_kernel<T><<<unsigned(ceil_div(rows, size_t(rows_per_block))), rows_per_block * 32, 0, stream>>>(  // line 4
+        O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
-    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64);
+    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
     constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launches.
-    static const cudaError_t attribute_set =
-        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    static const cudaError_t attribute_set = cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt>,
+                                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), BH);
-    dk_dv_kernel<T, kD, kStep, kExactD><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
+    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
+    dk_dv_kernel<T, kD, kStep, kExactD, kExt><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(),
-        !p.deterministic);
+        !p.deterministic, x);
     CUDA_CHECK_LAUNCH();
 
     if (p.deterministic) {
         constexpr int dq_smem = dq_smem_bytes<kD>();
         static const cudaError_t dq_attribute_set =
-            cudaFuncSetAttribute(dq_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
+            cudaFuncSetAttribute(dq_kernel<T, kD, kExt>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
         CUDA_CHECK(dq_attribute_set);
-        dq_kernel<T, kD><<<dim3(ceil_div(p.Nq, kDqRows), BH), kDqThreads, dq_smem, stream>>>(
-            Q, K, V, dO, lse_log2, D, dQ, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale());
+        dq_kernel<T, kD, kExt><<<dim3(ceil_div(p.Nq, kDqRows), BH), kDqThreads, dq_smem, stream>>>(
+            Q, K, V, dO, lse_log2, D, dQ, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
         CUDA_CHECK_LAUNCH();
+        if (dS_heads) {
+            const int threads = 256;
+            reduce_dbias_kernel<<<unsigned(ceil_div(p.bias_elems(), size_t(threads))), threads, 0, stream>>>(
+                dS_heads, in.dbias, p.B, p.H, p.bias_batch, p.bias_heads, size_t(p.Nq) * p.Nk);
+            CUDA_CHECK_LAUNCH();
+        }
         return;
     }
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
-    convert_dq_kernel<T><<<unsigned(blocks), threads, 0, stream>>>(dQ_accum, dQ, p.Nq, Nq_pad, p.d, kD, n_elems);
+    convert_dq_kernel<T><<<unsigned(blocks), threads, 0, stream>>>(dQ_accum, dQ, p.Nq, Nq_pad, p.d, kD, n_elems, x);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -584,34 +919,41 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
+// The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
+// instantiation of dk_dv and of dq per tile and type, not two.
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
-                        cudaStream_t stream) {
+                        const ExtensionInputs& ext, cudaStream_t stream) {
     auto in = [](const void* x) { return static_cast<const T*>(x); };
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
+        if (p.has_extensions()) {
+            launch<T, kD, kFinalStep, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
+                                                   out(dV), workspace, ext, stream);
+            return "";
+        }
         if constexpr (kExactVariant<kD>) {
             if (p.d == kD) {
-                launch<T, kD, kFinalStep, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
-                                                workspace, stream);
+                launch<T, kD, kFinalStep, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
+                                                       out(dV), workspace, ext, stream);
                 return "";
             }
         }
-        launch<T, kD, kFinalStep, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
-                                         workspace, stream);
+        launch<T, kD, kFinalStep, false, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                                workspace, ext, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
             case 1:
-                launch<T, kD, 1, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
-                                       workspace, stream);
+                launch<T, kD, 1, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                              workspace, ext, stream);
                 return "";
             case 2:
-                launch<T, kD, 2, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
-                                       workspace, stream);
+                launch<T, kD, 2, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                              workspace, ext, stream);
                 return "";
             default: break;
         }
@@ -624,17 +966,25 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
 template <typename T>
 std::string launch_for_d(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                          const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
-                         cudaStream_t stream) {
+                         const ExtensionInputs& ext, cudaStream_t stream) {
     switch (v2_backward_mma_head_dim_tile(p.d)) {
-        case 64: return launch_step<T, 64>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, stream);
-        case 128: return launch_step<T, 128>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, stream);
-        case 192: return launch_step<T, 192>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, stream);
-        case 256: return launch_step<T, 256>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, stream);
+        case 64: return launch_step<T, 64>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
+        case 128: return launch_step<T, 128>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
+        case 192: return launch_step<T, 192>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
+        case 256: return launch_step<T, 256>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
         default: return "v2 backward (mma) has no tile for head dim " + std::to_string(p.d);
     }
 }
 
 }  // namespace
+
+KeyBand key_band(const Problem& p) {
+    KeyBand band;
+    if (p.window_left >= 0) band.left = std::min(p.window_left, KeyBand::kUnbounded);
+    if (p.window_right >= 0) band.right = std::min(p.window_right, KeyBand::kUnbounded);
+    if (p.causal) band.right = std::min(band.right, 0);
+    return band;
+}
 
 int v2_backward_mma_head_dim_tile(int d) {
     if (d < 8 || d > 256 || d % 8 != 0) return 0;
@@ -662,21 +1012,35 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why) {
     else if (p.kernel != 0 && p.kernel != n_steps && (p.dtype != DType::fp16 || (p.d != 64 && p.d != 128)))
         reason = "v2 backward (mma) steps before the final one are compiled for fp16 and d = 64, 128 only (got " +
                  std::string(dtype_name(p.dtype)) + ", d = " + std::to_string(p.d) + ")";
+    else if (p.has_extensions() && p.kernel != 0 && p.kernel != n_steps)
+        reason = "v2 backward (mma): --kv-heads, --window, --dropout, --bias, --alibi and --seqlens are in the final "
+                 "kernel only (--kernel " + std::to_string(n_steps) + " or 0)";
+    else if (p.varlen() && p.has_bias())
+        reason = "v2 backward (mma): --seqlens with --bias is not supported (such a bias has no packed form)";
     if (why) *why = reason;
     return reason.empty();
 }
 
 size_t v2_backward_mma_workspace_bytes(const Problem& p) {
-    const size_t rows = size_t(p.B) * p.H * padded_rows(p);
-    // LSE in log2 units [rows], D [rows], and with atomics the fp32 dQ accumulator [rows, tile]
-    return rows * (2 + (p.deterministic ? 0 : v2_backward_mma_head_dim_tile(p.d))) * sizeof(float);
+    // LSE in log2 units [rows], D [rows], and with atomics the fp32 dQ accumulator [rows, tile]; under
+    // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]
+    const size_t rows = workspace_rows(p);
+    size_t floats = rows * (2 + (p.deterministic ? 0 : v2_backward_mma_head_dim_tile(p.d)));
+    if (dS_per_head(p)) floats += size_t(p.B) * p.H * p.Nq * p.Nk;
+    return floats * sizeof(float);
 }
 
 std::string v2_backward_mma(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                             const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
+                            const float* bias, float* dbias, const int* cu_seqlens_q, const int* cu_seqlens_k,
                             cudaStream_t stream) {
     std::string why;
     if (!v2_backward_mma_supports(p, &why)) return why;
-    if (p.dtype == DType::fp16) return launch_for_d<__half>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, stream);
-    return launch_for_d<__nv_bfloat16>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, stream);
+    if (p.has_bias() && (!bias || !dbias)) return "v2 backward (mma): --bias needs the bias and dbias device pointers";
+    if (p.varlen() && (!cu_seqlens_q || !cu_seqlens_k))
+        return "v2 backward (mma): --seqlens needs the cu_seqlens_q and cu_seqlens_k device pointers";
+    const ExtensionInputs ext{bias, dbias, cu_seqlens_q, cu_seqlens_k};
+    if (p.dtype == DType::fp16)
+        return launch_for_d<__half>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
+    return launch_for_d<__nv_bfloat16>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
 }

@@ -1,7 +1,9 @@
 // backward_mma.h: the FlashAttention-2 backward pass on tensor cores (mma.sync m16n8k16), fp16 and bf16.
 //
-// Inputs and outputs follow tests/problem.h: Q, K, V, O, dO, dQ, dK, dV are [B, H, N, d] contiguous, of __half or
-// __nv_bfloat16 as p.dtype says; LSE is float [B, H, Nq], as the forward pass wrote it. Products accumulate in fp32.
+// Inputs and outputs follow tests/problem.h: Q, K, V, O, dO, dQ, dK, dV are [B, H, N, d] contiguous (K, V, dK, dV
+// [B, Hk, Nk, d]; a packed batch [T, H, d] and [Tk, Hk, d]), of __half or __nv_bfloat16 as p.dtype says; LSE is
+// float [B, H, Nq] ([H, Tq] packed), as the forward pass wrote it. Products accumulate in fp32. The extensions
+// (docs/conventions.md, "Extensions") run in the final kernel.
 #pragma once
 #include "problem.h"
 #include <cuda_runtime.h>
@@ -22,7 +24,33 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why);
 size_t v2_backward_mma_workspace_bytes(const Problem& p);
 
 // Q, K, V, O, dO, dQ, dK, dV are __half or __nv_bfloat16 per p.dtype; LSE float [B, H, Nq] from the forward.
+// The extensions' device inputs, null where p does not use them (as BackwardArgs in tests/harness.h carries them):
+// bias [bias_batch, bias_heads, Nq, Nk] float32 and dbias, its gradient in the same shape (p.has_bias()), and for a
+// packed batch cu_seqlens_q, cu_seqlens_k = {0, N_0, N_0 + N_1, ..., T} (B + 1 ints each).
 // Launches backward step p.kernel and returns ""; or launches nothing and returns why.
 std::string v2_backward_mma(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                             const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
+                            const float* bias, float* dbias, const int* cu_seqlens_q, const int* cu_seqlens_k,
                             cudaStream_t stream = 0);
+
+// The keys a query row sees, as a band around its diagonal, in the form the kernels test it in: row i sits at key
+// position i + shift (shift = Nk - Nq, the bottom-right alignment) and sees key j < Nk iff
+// -left <= j - (i + shift) <= right. The causal mask is right = 0; --window L,R is left = L, right = R (causal
+// keeps the smaller right); kUnbounded where a side has no limit. The same keys as visible_keys (tests/problem.h).
+struct KeyBand {
+    static constexpr int kUnbounded = 1 << 30;  // past any distance (N < 2^28), and no int overflow below
+    int left = kUnbounded, right = kUnbounded;
+
+    __host__ __device__ bool sees(int i, int j, int shift) const {
+        const int offset = j - (i + shift);
+        return offset >= -left && offset <= right;
+    }
+    // The rows that see some key of [key0, key_end): first_row(key0) .. last_row(key_end), before clamping to
+    // [0, Nq). The band moves right with the row, so the first row is the one whose right edge reaches key0.
+    __host__ __device__ int first_row(int key0, int shift) const { return key0 - shift - right; }
+    __host__ __device__ int last_row(int key_end, int shift) const { return key_end - 1 - shift + left; }
+    // The keys rows [row0, row_last] see: first_key(row0) .. last_key(row_last), before clamping to [0, Nk).
+    __host__ __device__ int first_key(int row0, int shift) const { return row0 + shift - left; }
+    __host__ __device__ int last_key(int row_last, int shift) const { return row_last + shift + right; }
+};
+KeyBand key_band(const Problem& p);

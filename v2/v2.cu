@@ -30,6 +30,9 @@ std::string v2_unsupported(const Problem& p) {
 
 std::string v2_backward_unsupported(const Problem& p) {
     if (std::string why = common_refusal(p); !why.empty()) return why;
+    if (p.dtype == DType::fp32 && p.has_extensions())
+        return "the v2 fp32 backward does not have --kv-heads, --window, --dropout, --bias, --alibi or --seqlens (the "
+               "fp16/bf16 backward does; the CPU model: --cpu)";
     if (p.dtype == DType::fp32)
         return p.deterministic ? "v2 --deterministic is a tensor-core backward (use --dtype fp16 or bf16); the fp32 "
                                  "backward adds dQ with atomics"
@@ -56,11 +59,10 @@ size_t v2_backward_workspace_bytes(const Problem& p) {
 }
 
 void v2_backward(const Problem& p, const BackwardArgs& a) {
-    if (p.has_extensions()) throw std::invalid_argument(kNoGpuExtensions);
     if (std::string why = v2_backward_unsupported(p); !why.empty()) throw std::invalid_argument(why);
-    const std::string why =
-        p.dtype == DType::fp32
-            ? v2_backward_fp32(p, a)
-            : v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk, a.dv, a.workspace);
+    const std::string why = p.dtype == DType::fp32 ? v2_backward_fp32(p, a)
+                                                   : v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk,
+                                                                     a.dv, a.workspace, a.bias, a.dbias,
+                                                                     a.cu_seqlens_q, a.cu_seqlens_k);
     if (!why.empty()) throw std::invalid_argument(why);
 }

@@ -72,8 +72,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dO, const at::Tensor& q, cons
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     at::Tensor ws = at::empty({int64_t(v2_backward_mma_workspace_bytes(p))}, q.options().dtype(at::kByte));
     why = v2_backward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
-                          dO.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(),
-                          at::cuda::getCurrentCUDAStream());
+                          dO.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(), nullptr, nullptr,
+                          nullptr, nullptr, at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(why.empty(), "flash_scratch.attention backward: ", why);
     return {dq, dk, dv};
 }
