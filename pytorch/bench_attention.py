@@ -5,7 +5,9 @@ through PyTorch's scaled_dot_product_attention, at the demo's shape and at a lar
     python3 pytorch/bench_attention.py
 
 Two numbers per case, medians of many repetitions: GPU time between CUDA events (the L2 flushed before each rep),
-and host time per call with the GPU kept busy (what a training loop pays in Python and dispatch per call).
+and host time per call with the GPU kept busy (what a training loop pays in Python and dispatch per call). Our GPU
+time is given twice: as flash_scratch runs it (v3 forward on Hopper for d = 64 and 128) and with the v2 forward
+(set_hopper_forward(False)); the backward is v2's in both.
 """
 import os
 import statistics
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "scripts")]
-from flash_scratch import attention  # noqa: E402
+from flash_scratch import attention, forward_kernel, set_hopper_forward  # noqa: E402
 from torch_timing import time_cuda  # noqa: E402  (CUDA events, warm-up, L2 flushed, median)
 
 
@@ -37,11 +39,13 @@ def host_us(fn, reps=200):
 
 def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal")
-    print("| B, H, N, d | pass | ours GPU ms | torch GPU ms | ours host us/call | torch host us/call |")
-    print("|---|---|---|---|---|---|")
+    print("| B, H, N, d | our forward | pass | ours GPU ms | ours, v2 forward, GPU ms | torch GPU ms | "
+          "ours host us/call | torch host us/call |")
+    print("|---|---|---|---|---|---|---|---|")
     for B, H, N, d in ((16, 8, 1024, 64), (4, 16, 4096, 128)):
         q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         do = torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16)
+        kernel = forward_kernel(q, k, v).split(" ")[0]
         ours = lambda: attention(q, k, v, causal=True)  # noqa: E731
         theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         for name, fwd in (("fwd", None), ("fwd+bwd", True)):
@@ -53,8 +57,12 @@ def main():
 
                 def ft():
                     torch.autograd.grad(theirs(), (q, k, v), do)
-            print(f"| {B}, {H}, {N}, {d} | {name} | {time_cuda(fo, 50):.3f} | {time_cuda(ft, 50):.3f} | {host_us(fo):.0f} | "
-                  f"{host_us(ft):.0f} |", flush=True)
+            ours_ms = time_cuda(fo, 50)
+            set_hopper_forward(False)
+            ours_v2_ms = time_cuda(fo, 50)
+            set_hopper_forward(True)
+            print(f"| {B}, {H}, {N}, {d} | {kernel} | {name} | {ours_ms:.3f} | {ours_v2_ms:.3f} | {time_cuda(ft, 50):.3f} | "
+                  f"{host_us(fo):.0f} | {host_us(ft):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

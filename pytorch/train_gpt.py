@@ -5,9 +5,9 @@
 
 A byte-level GPT (6 layers, 8 heads of d = 64, context 1024, bf16 autocast) learns from the project's docs and
 sources (every *.md, *.cu, *.cuh, *.h, *.py file, concatenated: the text ships with the project). The same model,
-data order and initialisation run four times: attention by flash_scratch (the v2 kernels) and by PyTorch's
-scaled_dot_product_attention (its default backend), each with two seeds. It prints a progress bar, then tokens per
-second for both, and writes loss curves (CSV and PNG) to --out.
+data order and initialisation run four times: attention by flash_scratch (v3's forward on Hopper, else v2's; v2's
+backward) and by PyTorch's scaled_dot_product_attention (its default backend), each with two seeds. It prints a
+progress bar, then tokens per second for both, and writes loss curves (CSV and PNG) to --out.
 
 Pass criterion (stated before the run): with the same seed the two attentions give the same model up to rounding,
 so their losses should differ far less than two seeds do. With L = the mean loss of the last 50 steps:

@@ -455,7 +455,7 @@ std::string encode(CUtensorMap* map, const void* base, int heads, int rows, int 
 }
 
 template <typename T, int kD, bool kCausal, int kStep>
-std::string launch(const Problem& p, const ForwardArgs& a) {
+std::string launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     using L = Tiles<kD, kStep>;
     const int heads = p.B * p.H;
     CUtensorMap tq, tk, tv, to;
@@ -470,27 +470,27 @@ std::string launch(const Problem& p, const ForwardArgs& a) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmem);
     CUDA_CHECK(attribute_set);
     const dim3 grid(ceil_div(p.Nq, L::kBr), heads);
-    kernel<<<grid, Features<kStep>::kThreads, L::kSmem>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq, p.Nk,
-                                                          p.resolved_scale() * 1.4426950408889634f);
+    kernel<<<grid, Features<kStep>::kThreads, L::kSmem, stream>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq,
+                                                                  p.Nk, p.resolved_scale() * 1.4426950408889634f);
     CUDA_CHECK_LAUNCH();
     return "";
 }
 
 template <typename T, int kD, int kStep>
-std::string launch_causal_or_not(const Problem& p, const ForwardArgs& a) {
-    return p.causal ? launch<T, kD, true, kStep>(p, a) : launch<T, kD, false, kStep>(p, a);
+std::string launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
+    return p.causal ? launch<T, kD, true, kStep>(p, a, stream) : launch<T, kD, false, kStep>(p, a, stream);
 }
 
 template <typename T, int kD>
-std::string launch_step(const Problem& p, const ForwardArgs& a) {
+std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     const int step = p.kernel == 0 ? kFinalStep : p.kernel;
-    if (step == kFinalStep) return launch_causal_or_not<T, kD, kFinalStep>(p, a);
+    if (step == kFinalStep) return launch_causal_or_not<T, kD, kFinalStep>(p, a, stream);
     if constexpr (std::is_same_v<T, __half>) {
         switch (step) {
-            case 1: return launch_causal_or_not<T, kD, 1>(p, a);
-            case 2: return launch_causal_or_not<T, kD, 2>(p, a);
-            case 3: return launch_causal_or_not<T, kD, 3>(p, a);
-            case 4: return launch_causal_or_not<T, kD, 4>(p, a);
+            case 1: return launch_causal_or_not<T, kD, 1>(p, a, stream);
+            case 2: return launch_causal_or_not<T, kD, 2>(p, a, stream);
+            case 3: return launch_causal_or_not<T, kD, 3>(p, a, stream);
+            case 4: return launch_causal_or_not<T, kD, 4>(p, a, stream);
             default: break;
         }
     }
@@ -498,10 +498,10 @@ std::string launch_step(const Problem& p, const ForwardArgs& a) {
 }
 
 template <typename T>
-std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a) {
+std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     switch (p.d) {
-        case 64: return launch_step<T, 64>(p, a);
-        case 128: return launch_step<T, 128>(p, a);
+        case 64: return launch_step<T, 64>(p, a, stream);
+        case 128: return launch_step<T, 128>(p, a, stream);
         default: return "v3 has no instantiation for head dim " + std::to_string(p.d);
     }
 }
@@ -548,11 +548,11 @@ std::string v3_config(int step, int d, V3Config* c) {
     }
 }
 
-std::string v3_forward_launch(const Problem& p, const ForwardArgs& a) {
+std::string v3_forward_launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     if (std::string why = v3_unsupported(p); !why.empty()) return why;
     if (std::string why = v3_gpu_unusable(); !why.empty()) return why;
-    return p.dtype == DType::fp16 ? v3_fwd::launch_for_head_dim<__half>(p, a)
-                                  : v3_fwd::launch_for_head_dim<__nv_bfloat16>(p, a);
+    return p.dtype == DType::fp16 ? v3_fwd::launch_for_head_dim<__half>(p, a, stream)
+                                  : v3_fwd::launch_for_head_dim<__nv_bfloat16>(p, a, stream);
 }
 
 void v3_forward(const Problem& p, const ForwardArgs& a) {

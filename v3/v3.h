@@ -7,6 +7,8 @@
 // registers to the consumers; and the softmax of one tile hides behind products (ping-pong between two consumer
 // warpgroups, and the next tile's product inside one). docs/v3.md walks through it, forward.cu is the kernel.
 #pragma once
+#include <cuda_runtime.h>  // cudaStream_t
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -48,9 +50,11 @@ std::string v3_tensor_map_shape(int heads, int rows, int d, int box_rows, V3Tens
 std::string v3_unsupported(const Problem& p);  // "" when bin/v3 accepts p (fp16/bf16, d = 64 or 128, ...)
 // "" on a Hopper GPU (sm_90), else one line saying why the kernels cannot run here (the stage runs its CPU model).
 std::string v3_gpu_unusable();
-// Launches step p.kernel on the current device and returns "", or launches nothing and returns why not (the reason
-// v3_unsupported gives, no Hopper GPU, or the driver's tensor-map encoder unavailable). Never exits.
-std::string v3_forward_launch(const Problem& p, const ForwardArgs& a);
+// Launches step p.kernel on the current device, on `stream` (the PyTorch bridge passes its current stream; the
+// programs the default one), and returns "", or launches nothing and returns why not (the reason v3_unsupported
+// gives, no Hopper GPU, or the driver's tensor-map encoder unavailable). Refusals never exit; a CUDA error in the
+// launch itself does (CUDA_CHECK), as in every stage. The pointers of ForwardArgs must be 16-byte aligned (TMA).
+std::string v3_forward_launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream = 0);
 // The harness-facing form: throws std::invalid_argument with v3_forward_launch's reason when it launched nothing.
 void v3_forward(const Problem& p, const ForwardArgs& a);
 

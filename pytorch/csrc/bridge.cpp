@@ -1,38 +1,67 @@
-// bridge.cpp: the v2 tensor-core kernels (v2/forward_mma.cu, v2/backward_mma.cu, compiled from the same sources as
-// bin/v2) called from PyTorch. Host C++ only: it checks the tensors, describes them as a Problem (tests/problem.h),
-// allocates outputs and workspace through PyTorch's allocator and launches on PyTorch's current stream.
-// Every refusal is a TORCH_CHECK, which PyTorch turns into a Python exception carrying our message.
+// bridge.cpp: the project's kernels as PyTorch operators, defined and given their CUDA kernels in C++ (TORCH_LIBRARY),
+// so that a call goes from Python into the dispatcher without a Python-level operator wrapper or Python kernel:
+//
+//   flash_scratch::attention_forward(q, k, v, causal, scale, deterministic=False) -> (O, LSE)
+//       CUDA: v3 (v3/forward.cu, the FlashAttention-3 kernel) on a Hopper GPU for fp16/bf16 and d = 64 or 128,
+//       v2 (v2/forward_mma.cu) otherwise. `deterministic` is not used by the forward (it is deterministic); it is
+//       in the schema so that the autograd formula can hand it to the backward.
+//   flash_scratch::attention_backward(dO, q, k, v, O, LSE, causal, scale, deterministic) -> (dQ, dK, dV)
+//       CUDA: v2 (v2/backward_mma.cu); deterministic picks its dQ kernel without atomics (same bits every call).
+//   Autograd and the fake (shape-only) implementations are registered from Python, flash_scratch/__init__.py
+//   (set_python_module below says where); docs/pytorch.md tells why autograd is not a C++ autograd::Function.
+//
+// The kernels are compiled from the same sources as bin/v2 and bin/v3 (pytorch/flash_scratch/_build.py). Host C++
+// only here: it checks the tensors, describes them as a Problem (tests/problem.h), allocates outputs and workspace
+// through PyTorch's allocator and launches on PyTorch's current stream. Every refusal is a TORCH_CHECK, which
+// PyTorch turns into a Python exception carrying our message.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
+#include <atomic>
+#include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "v2/backward_mma.h"
 #include "v2/forward_mma.h"
+#ifdef FLASH_SCRATCH_V3  // defined by _build.py when it compiles v3 (the GPU is a Hopper: sm_90a code)
+#include "v3/v3.h"
+#endif
 
 namespace {
 
+using at::Tensor;
+
+// The kernels copy rows in 16-byte pieces (v2: cp.async, v3: TMA), from addresses that must be multiples of 16.
+// PyTorch's allocator gives such addresses; a view that starts inside a tensor may not.
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
 // q [B, H, Nq, d], k and v [B, H, Nk, d]: same dtype (fp16 or bf16), same CUDA device, contiguous.
-Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
-    for (const at::Tensor* t : {&q, &k, &v}) {
-        TORCH_CHECK(t->is_cuda(), "flash_scratch.attention: q, k and v must be CUDA tensors");
-        TORCH_CHECK(t->dim() == 4, "flash_scratch.attention: q, k and v must be 4-D [B, H, N, d], got ", t->dim(), "-D");
-        TORCH_CHECK(t->is_contiguous(), "flash_scratch.attention: q, k and v must be contiguous in [B, H, N, d] "
-                                        "order (call .contiguous())");
-        TORCH_CHECK(t->scalar_type() == q.scalar_type(), "flash_scratch.attention: q, k and v must have one dtype");
-        TORCH_CHECK(t->device() == q.device(), "flash_scratch.attention: q, k and v must be on one device");
+Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+    for (const Tensor* t : {&q, &k, &v}) {
+        TORCH_CHECK_VALUE(t->is_cuda(), "flash_scratch.attention: q, k and v must be on a CUDA device, got ",
+                          t->device());
+        TORCH_CHECK_VALUE(t->dim() == 4, "flash_scratch.attention: q, k and v must be 4-D [B, H, N, d], got ",
+                          t->dim(), "-D");
+        TORCH_CHECK_VALUE(t->is_contiguous(), "flash_scratch.attention: q, k and v must be contiguous in "
+                                              "[B, H, N, d] order (call .contiguous() after a transpose)");
+        TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "flash_scratch.attention: q, k and v must have one dtype");
+        TORCH_CHECK_VALUE(t->device() == q.device(), "flash_scratch.attention: q, k and v must be on one device");
+        TORCH_CHECK_VALUE(aligned16(*t), "flash_scratch.attention: q, k and v must start at 16-byte aligned addresses "
+                                         "(a view at an odd offset: call .clone())");
     }
-    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                "flash_scratch.attention: dtype must be float16 or bfloat16 (tensor cores), got ", q.scalar_type());
-    TORCH_CHECK(k.sizes() == v.sizes(), "flash_scratch.attention: k and v must have the same shape");
-    TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-                "flash_scratch.attention: q and k must agree in B, H and d");
-    TORCH_CHECK(scale >= 0.0, "flash_scratch.attention: scale must be positive (or None for 1/sqrt(d))");
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                     "flash_scratch.attention: dtype must be float16 or bfloat16 (tensor cores), got ", q.scalar_type());
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "flash_scratch.attention: k and v must have the same shape");
+    TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+                      "flash_scratch.attention: q and k must agree in B, H and d");
+    TORCH_CHECK_VALUE(scale >= 0.0, "flash_scratch.attention: scale must be positive (or None for 1/sqrt(d))");
     for (int64_t s : {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)})
-        TORCH_CHECK(s >= 1 && s <= INT32_MAX, "flash_scratch.attention: every dimension must be in [1, 2^31-1]");
-    TORCH_CHECK(q.numel() <= INT32_MAX && k.numel() <= INT32_MAX,
-                "flash_scratch.attention: a tensor of more than 2^31-1 elements is not supported");
+        TORCH_CHECK_VALUE(s >= 1 && s <= INT32_MAX, "flash_scratch.attention: every dimension must be in [1, 2^31-1]");
+    TORCH_CHECK_VALUE(q.numel() <= INT32_MAX && k.numel() <= INT32_MAX,
+                      "flash_scratch.attention: a tensor of more than 2^31-1 elements is not supported");
     Problem p;
     p.B = int(q.size(0)), p.H = int(q.size(1)), p.Nq = int(q.size(2)), p.Nk = int(k.size(2)), p.d = int(q.size(3));
     p.causal = causal;
@@ -41,36 +70,70 @@ Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     return p;
 }
 
+// flash_scratch.set_hopper_forward(False) sends every forward to v2 (to compare the two; the tests and
+// bench_attention.py do). On by default.
+std::atomic<bool> g_hopper_forward{true};
+
+// "" when the forward of p on these tensors runs v3, else why it runs v2.
+std::string why_not_v3(const Problem& p, const Tensor& q) {
+#ifdef FLASH_SCRATCH_V3
+    if (!g_hopper_forward.load(std::memory_order_relaxed)) return "v3 turned off (set_hopper_forward(False))";
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());  // cached by PyTorch
+    if (prop->major != 9 || prop->minor != 0)
+        return "v3 runs on sm_90 (Hopper), this tensor's GPU is sm_" + std::to_string(prop->major * 10 + prop->minor);
+    if (std::string why = v3_unsupported(p); !why.empty()) return why;
+    return v3_gpu_unusable();
+#else
+    (void)p, (void)q;
+    return "v3 not built (it is built when the GPU is a Hopper, sm_90)";
+#endif
+}
+
 // Returns O [B, H, Nq, d] (q's dtype) and LSE [B, H, Nq] (float32, natural log; -inf for a row that sees no key).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                                double scale) {
+// Both kernels write LSE in that layout and unit, so either forward feeds the v2 backward.
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                                   bool /*deterministic: the backward's*/) {
     const Problem p = problem_of(q, k, v, causal, scale);
+    const bool hopper = why_not_v3(p, q).empty();
     std::string why;
-    TORCH_CHECK(v2_mma_supports(p, &why), "flash_scratch.attention: ", why);
+    TORCH_CHECK_VALUE(hopper || v2_mma_supports(p, &why), "flash_scratch.attention: ", why);
     const c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor o = at::empty_like(q);
-    at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-    why = v2_forward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
-                         at::cuda::getCurrentCUDAStream());
+    Tensor o = at::empty_like(q);
+    Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+#ifdef FLASH_SCRATCH_V3
+    if (hopper) {
+        why = v3_forward_launch(p, {q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
+                                    /*workspace=*/nullptr},
+                                stream);
+        TORCH_CHECK(why.empty(), "flash_scratch.attention (v3 forward): ", why);
+        return {o, lse};
+    }
+#endif
+    why = v2_forward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(), stream);
     TORCH_CHECK(why.empty(), "flash_scratch.attention: ", why);
     return {o, lse};
 }
 
-// dO, O as the forward returned them; returns dQ, dK, dV.
-std::vector<at::Tensor> backward(const at::Tensor& dO, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& o, const at::Tensor& lse, bool causal, double scale) {
-    const Problem p = problem_of(q, k, v, causal, scale);
-    for (const at::Tensor* t : {&dO, &o})
-        TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->is_contiguous() &&
-                        t->device() == q.device(),
-                    "flash_scratch.attention backward: dO and O must match q (shape, dtype, device, contiguous)");
-    TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == int64_t(p.lse_elems()),
-                "flash_scratch.attention backward: LSE must be the float32 [B, H, Nq] tensor the forward returned");
+// dO, O and LSE as the forward returned them; returns dQ, dK, dV.
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dO, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& o, const Tensor& lse, bool causal, double scale,
+                                            bool deterministic) {
+    Problem p = problem_of(q, k, v, causal, scale);
+    p.deterministic = deterministic;
+    for (const Tensor* t : {&dO, &o})
+        TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->is_contiguous() &&
+                              t->device() == q.device() && aligned16(*t),
+                          "flash_scratch.attention backward: dO and O must match q (shape, dtype, device, contiguous, "
+                          "16-byte aligned)");
+    TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
+                          lse.numel() == int64_t(p.lse_elems()),
+                      "flash_scratch.attention backward: LSE must be the float32 [B, H, Nq] tensor the forward returned");
     std::string why;
-    TORCH_CHECK(v2_backward_mma_supports(p, &why), "flash_scratch.attention backward: ", why);
+    TORCH_CHECK_VALUE(v2_backward_mma_supports(p, &why), "flash_scratch.attention backward: ", why);
     const c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-    at::Tensor ws = at::empty({int64_t(v2_backward_mma_workspace_bytes(p))}, q.options().dtype(at::kByte));
+    Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    Tensor ws = at::empty({int64_t(v2_backward_mma_workspace_bytes(p))}, q.options().dtype(at::kByte));
     why = v2_backward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
                           dO.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(), nullptr, nullptr,
                           nullptr, nullptr, at::cuda::getCurrentCUDAStream());
@@ -80,7 +143,36 @@ std::vector<at::Tensor> backward(const at::Tensor& dO, const at::Tensor& q, cons
 
 }  // namespace
 
+TORCH_LIBRARY(flash_scratch, m) {
+    m.set_python_module("flash_scratch");  // where the fake and autograd implementations are registered
+    m.def("attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale, bool deterministic=False) "
+          "-> (Tensor, Tensor)");
+    m.def("attention_backward(Tensor dO, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, "
+          "float scale, bool deterministic) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flash_scratch, CUDA, m) {
+    m.impl("attention_forward", &forward);
+    m.impl("attention_backward", &backward);
+}
+
+// The same functions for CPU tensors, where their first check refuses them with our message ("must be on a CUDA
+// device") instead of the dispatcher's "could not run ... with arguments from the 'CPU' backend".
+TORCH_LIBRARY_IMPL(flash_scratch, CPU, m) {
+    m.impl("attention_forward", &forward);
+    m.impl("attention_backward", &backward);
+}
+
+// Python helpers beside the operators (flash_scratch re-exports them).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("forward", &forward, "FlashAttention-2 forward (v2 tensor-core kernel): returns [O, LSE]");
-    m.def("backward", &backward, "FlashAttention-2 backward (v2 tensor-core kernel): returns [dQ, dK, dV]");
+    m.def(
+        "forward_kernel",
+        [](const Tensor& q, const Tensor& k, const Tensor& v) {
+            const std::string why = why_not_v3(problem_of(q, k, v, false, 0.0), q);
+            return why.empty() ? std::string("v3") : "v2 (" + why + ")";
+        },
+        "Which kernel the forward runs for these tensors: 'v3', or 'v2 (why not v3)'");
+    m.def(
+        "set_hopper_forward", [](bool enabled) { return g_hopper_forward.exchange(enabled); },
+        "Whether the forward may run v3 on a Hopper GPU (default True); returns the previous setting");
 }

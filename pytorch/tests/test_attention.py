@@ -1,5 +1,6 @@
-"""pytest suite for flash_scratch (the v2 kernels as PyTorch operators). Needs PyTorch with a CUDA GPU of sm_80 or
-newer; without them every test is skipped with the reason. Run: python3 -m pytest pytorch/tests -v
+"""pytest suite for flash_scratch (the v2 kernels, and v3's forward on Hopper, as PyTorch operators). Needs PyTorch
+with a CUDA GPU of sm_80 or newer; without them every test is skipped with the reason. Run:
+python3 -m pytest pytorch/tests -v
 
 Accuracy rule (docs/conventions.md, "same-precision reference"): against float64 on the same rounded inputs, our
 max error must be at most 2x the max error of PyTorch's own fp16/bf16 attention plus a small atol.
@@ -19,9 +20,11 @@ if torch.cuda.get_device_capability() < (8, 0):
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flash_scratch import attention, attention_backward, attention_forward  # noqa: E402
+from flash_scratch import (attention, attention_backward, attention_forward, forward_kernel,  # noqa: E402
+                           set_hopper_forward)
 
 DTYPES = [torch.float16, torch.bfloat16]
+HOPPER = torch.cuda.get_device_capability() == (9, 0)
 
 
 def visible_keys(Nq, Nk, causal, device):
@@ -72,9 +75,19 @@ SHAPES = [  # (B, H, Nq, Nk, d, causal): odd sizes, Nq != Nk both ways, fully ma
 ]
 
 
+def shape_id(s):
+    return f"{s[0]}x{s[1]}x{s[2]}x{s[3]}xd{s[4]}{'c' if s[5] else ''}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}x{s[2]}x{s[3]}xd{s[4]}{'c' if s[5] else ''}" for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
 def test_values_and_gradients(dtype, shape):
+    """On Hopper the forward of d = 64 and 128 is v3's (test_hopper_forward_is_v3), and the v2 backward runs on the
+    LSE v3 wrote; elsewhere both passes are v2's."""
+    check_values_and_gradients(dtype, shape, deterministic=False)
+
+
+def check_values_and_gradients(dtype, shape, deterministic):
     B, H, Nq, Nk, d, causal = shape
     q, k, v, do = inputs(B, H, Nq, Nk, d, dtype)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
@@ -86,7 +99,7 @@ def test_values_and_gradients(dtype, shape):
     their_grads = torch.autograd.grad(theirs, (qt, kt, vt), do)
 
     qo, ko, vo = (t.clone().requires_grad_() for t in (q, k, v))
-    o, lse = attention(qo, ko, vo, causal=causal, return_lse=True)
+    o, lse = attention(qo, ko, vo, causal=causal, return_lse=True, deterministic=deterministic)
     ours_grads = torch.autograd.grad(o, (qo, ko, vo), do)
 
     atol = 1e-3
@@ -102,6 +115,47 @@ def test_values_and_gradients(dtype, shape):
         assert (lse[~masked].double() - lse_ref[~masked]).abs().max().item() < 1e-3
     if masked.any():
         assert (o[masked] == 0).all() and (ours_grads[0][masked] == 0).all()
+
+
+DETERMINISTIC_SHAPES = [(2, 4, 300, 300, 64, False), (1, 2, 77, 45, 40, True), (1, 2, 45, 300, 128, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", DETERMINISTIC_SHAPES, ids=[shape_id(s) for s in DETERMINISTIC_SHAPES])
+def test_deterministic(dtype, shape):
+    """deterministic=True: the backward's dQ without atomics is as accurate, and repeated calls give the same bits."""
+    check_values_and_gradients(dtype, shape, deterministic=True)
+    B, H, Nq, Nk, d, causal = shape
+    q, k, v, do = inputs(B, H, Nq, Nk, d, dtype, seed=13)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    runs = [torch.autograd.grad(attention(q, k, v, causal=causal, deterministic=True), (q, k, v), do)
+            for _ in range(5)]
+    for grads in runs[1:]:
+        for name, g, first in zip("qkv", grads, runs[0]):
+            assert torch.equal(g, first), f"d{name} changed between calls"
+
+
+@pytest.mark.skipif(not HOPPER, reason="v3, the Hopper forward, runs on sm_90 only")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_hopper_forward_is_v3(dtype):
+    """On Hopper the forward of d = 64 and 128 runs v3, other head dims v2; v3 and v2 agree to rounding."""
+    for d in (64, 128):
+        q, k, v, _ = inputs(2, 3, 300, 200, d, dtype, seed=17)
+        assert forward_kernel(q, k, v) == "v3"
+        for causal in (False, True):
+            o3, lse3 = attention(q, k, v, causal=causal, return_lse=True)
+            previous = set_hopper_forward(False)
+            try:
+                assert forward_kernel(q, k, v).startswith("v2")
+                o2, lse2 = attention(q, k, v, causal=causal, return_lse=True)
+            finally:
+                set_hopper_forward(previous)
+            # the same algorithm in the same precision: O within a few units of the last place, LSE to fp32 rounding
+            assert torch.allclose(o3.float(), o2.float(), rtol=0, atol=2e-2)
+            assert torch.equal(torch.isinf(lse3), torch.isinf(lse2))
+            assert torch.allclose(lse3, lse2, rtol=0, atol=1e-4)
+    q, k, v, _ = inputs(1, 2, 64, 64, 40, dtype)
+    assert forward_kernel(q, k, v).startswith("v2 (v3 supports head dims 64 and 128")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -127,9 +181,11 @@ def test_opcheck():
     q, k, v, do = inputs(1, 2, 64, 96, 64, torch.float16, seed=7)
     for t in (q, k, v):
         t.requires_grad_()
-    torch.library.opcheck(attention_forward, (q, k, v, True, 0.0))
-    o, lse = attention_forward(q.detach(), k.detach(), v.detach(), True, 0.0)
-    torch.library.opcheck(attention_backward, (do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.0))
+    for deterministic in (False, True):
+        torch.library.opcheck(attention_forward, (q, k, v, True, 0.0, deterministic))
+        o, lse = attention_forward(q.detach(), k.detach(), v.detach(), True, 0.0, deterministic)
+        torch.library.opcheck(attention_backward,
+                              (do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.0, deterministic))
 
 
 def test_torch_compile():
@@ -156,7 +212,8 @@ def test_torch_compile():
     (lambda q: (q[..., :12].contiguous(),) * 3, "head dims"),
     (lambda q: (q[0], q[0], q[0]), "4-D"),
     (lambda q: (q, q.bfloat16(), q), "one dtype"),
-], ids=["fp32", "cpu", "non-contiguous", "d=12", "3-D", "mixed-dtype"])
+    (lambda q: (torch.cat([q.new_zeros(1), q.flatten()])[1:].view(q.shape),) * 3, "16-byte aligned"),
+], ids=["fp32", "cpu", "non-contiguous", "d=12", "3-D", "mixed-dtype", "misaligned"])
 def test_bad_inputs_raise(make, match):
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16)
     with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
