@@ -107,10 +107,10 @@ TEST_CASE("v3 tile schedule: visited K/V tiles hold every key a row sees, no til
 }
 
 TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file and the tiles fit shared memory") {
-    REQUIRE(v3_forward_steps().size() == 5);
+    REQUIRE(v3_forward_steps().size() == 6);
     for (int d : {64, 128}) {
         V3Config prev{};
-        for (int k = 1; k <= 5; ++k) {
+        for (int k = 1; k <= 6; ++k) {
             INFO("d " << d << " step " << k);
             V3Config c;
             REQUIRE(v3_config(k, d, &c).empty());
@@ -120,26 +120,28 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
             CHECK(c.stages >= 2);
             if (c.warp_specialised) CHECK(128 * 24 + 128 * c.consumers * 240 <= 65536);  // setmaxnreg totals
             const int added = (c.warp_specialised != prev.warp_specialised) + (c.ping_pong != prev.ping_pong) +
-                              (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store);
+                              (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store) +
+                              (k > 1 && c.stages != prev.stages);
             CHECK(added == (k == 1 ? 0 : 1));
+            CHECK(c.stages == (k < 6 ? 2 : d == 64 ? 4 : 3));
             prev = c;
         }
     }
     V3Config c;
     CHECK(one_line(v3_config(0, 64, &c)));
-    CHECK(one_line(v3_config(6, 64, &c)));
+    CHECK(one_line(v3_config(7, 64, &c)));
     CHECK(one_line(v3_config(1, 96, &c)));
 }
 
 TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry points never exit") {
     Problem p;
     p.d = 64, p.dtype = DType::fp16;
-    for (int k = 0; k <= 5; ++k) {
+    for (int k = 0; k <= 6; ++k) {
         p.kernel = k;
         CHECK_MESSAGE(v3_unsupported(p).empty(), "step " << k);
     }
     std::vector<std::string> refusals;
-    p.kernel = 6;
+    p.kernel = 7;
     refusals.push_back(v3_unsupported(p));
     p.kernel = -1;
     refusals.push_back(v3_unsupported(p));
@@ -152,7 +154,7 @@ TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry point
     p.d = 64, p.B = 1000, p.H = 1000;
     refusals.push_back(v3_unsupported(p));
     for (const std::string& why : refusals) CHECK(one_line(why));
-    p.kernel = 5, p.dtype = DType::bf16, p.B = 1, p.H = 1;
+    p.kernel = 6, p.dtype = DType::bf16, p.B = 1, p.H = 1;
     CHECK(v3_unsupported(p).empty());
     // Null pointers: a launch would fault, so the reason must come back before anything launches.
     p.d = 96;

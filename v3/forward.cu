@@ -26,6 +26,7 @@
 //                  other's products do; the product block of a turn is S_j = Q K_j^T and O += P_{j-1} V_{j-1}
 //   4 overlap      inside a warpgroup, the softmax of S_j runs while O += P_{j-1} V_{j-1} is still in flight
 //   5 tma-store    O_i leaves through shared memory (Q_i's space) and a TMA store
+//   6 deep-ring    the K/V ring holds 3 tiles (4 at d = 64) instead of 2: the producer runs further ahead
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -54,10 +55,11 @@ struct Features {
     static constexpr bool kPingPong = kStep >= 3;
     static constexpr bool kOverlap = kStep >= 4;
     static constexpr bool kTmaStore = kStep >= 5;
+    static constexpr bool kDeepRing = kStep >= 6;
     static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
     static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
 };
-constexpr int kFinalStep = 5;
+constexpr int kFinalStep = 6;
 
 // Registers per thread after setmaxnreg (multiples of 8): 128 x 24 + 256 x 240 = 64,512 of the 65,536.
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -71,7 +73,11 @@ template <int kD, int kStep>
 struct Tiles {
     static constexpr int kBr = 64 * Features<kStep>::kConsumers;
     static constexpr int kBc = 128;
-    static constexpr int kStages = 2;
+    // The ring: 2 stages until step 6, then as many as shared memory holds beside Q_i (at d = 128: 32 KiB of Q
+    // and 3 x 64 KiB of K and V, 225 KiB of the 227 a block may have). With 2 stages the producer may refill
+    // stage s only once both consumers have finished P_j V_j on it, which the ping-pong delays by a turn: a third
+    // stage lets the copy of tile j+2 start while tile j is still being read.
+    static constexpr int kStages = !Features<kStep>::kDeepRing ? 2 : kD == 64 ? 4 : 3;
     static constexpr int kColBlocks = kD / 64;                  // 64-column (128-byte) blocks of a row
     static constexpr int kQBytes = kBr * kD * 2;
     static constexpr int kKVBytes = kBc * kD * 2;               // one K tile (or one V tile)
@@ -491,6 +497,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 2: return launch_causal_or_not<T, kD, 2>(p, a, stream);
             case 3: return launch_causal_or_not<T, kD, 3>(p, a, stream);
             case 4: return launch_causal_or_not<T, kD, 4>(p, a, stream);
+            case 5: return launch_causal_or_not<T, kD, 5>(p, a, stream);
             default: break;
         }
     }
@@ -531,8 +538,9 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"ping-pong", "the two consumers take turns at the tensor cores: one's softmax runs under the other's products"},
         {"overlap", "inside a warpgroup, the softmax of tile j runs while O += P V of tile j-1 is in flight"},
         {"tma-store", "O leaves through shared memory and a TMA store"},
+        {"deep-ring", "the K/V ring holds 3 tiles (4 at d = 64): the producer copies further ahead of the consumers"},
     };
-    static_assert(v3_fwd::kFinalStep == 5, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 6, "one entry per step");
     return steps;
 }
 
@@ -544,6 +552,7 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 3: *c = v3_fwd::config_of<3>(d); return "";
         case 4: *c = v3_fwd::config_of<4>(d); return "";
         case 5: *c = v3_fwd::config_of<5>(d); return "";
+        case 6: *c = v3_fwd::config_of<6>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }
