@@ -287,7 +287,8 @@ struct Stage {
     CpuBackward cpu_backward;
     bool has_deterministic = false;  // --deterministic: its backward_unsupported decides which problems it covers
     int cpu_model_score_matrices = 0;  // Nq x Nk matrices the CPU model keeps per head (naive, online_softmax: 1)
-    // The CPU model runs the extensions (Problem::has_extensions: --window, --dropout); no GPU kernel has them yet.
+    // The CPU model runs the extensions (Problem::has_extensions); of the GPU kernels, v2's tensor-core forward has
+    // them (stage_main refuses the others on a GPU).
     bool cpu_model_extensions = false;
     // Runnable steps (--kernel); empty when the stage has one kernel per pass. The last step is the final kernel.
     std::vector<KernelStep> forward_steps, backward_steps;

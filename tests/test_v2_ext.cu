@@ -48,11 +48,15 @@ const std::vector<Setting>& settings() {
         {"bias [B, 1]", [](Problem* p) { p->bias_batch = p->B, p->bias_heads = 1; }},
         {"alibi", [](Problem* p) { p->alibi = true; }},
         {"varlen", pack},
-        {"gqa window causal", [](Problem* p) { p->Hk = 3, p->window_left = 40, p->window_right = 3, p->causal = true; }},
+        {"gqa window causal", [](Problem* p) {
+             p->Hk = 3, p->window_left = 40, p->window_right = 3, p->causal = true;
+         }},
         {"dropout bias [B, H]", [](Problem* p) { p->dropout = 0.5f, p->bias_batch = p->B, p->bias_heads = p->H; }},
         {"alibi causal", [](Problem* p) { p->alibi = true, p->causal = true; }},
         {"varlen causal gqa", [](Problem* p) { pack(p), p->causal = true, p->Hk = 2; }},
-        {"varlen window dropout", [](Problem* p) { pack(p), p->window_left = 9, p->window_right = 30, p->dropout = 0.3f; }},
+        {"varlen window dropout", [](Problem* p) {
+             pack(p), p->window_left = 9, p->window_right = 30, p->dropout = 0.3f;
+         }},
         {"varlen alibi causal mqa", [](Problem* p) { pack(p), p->alibi = true, p->causal = true, p->Hk = 1; }},
         {"everything but varlen", [](Problem* p) {
              p->Hk = 2, p->window_left = 70, p->window_right = 10, p->causal = true, p->dropout = 0.1f;
@@ -165,7 +169,8 @@ TEST_CASE("GPU v2 ext: K/V tiles left of every Q tile's band are never read (NaN
 }
 
 TEST_CASE("GPU v2 ext: the dropout mask is the reference's, weight for weight, in every head and tile") {
-    // Q = 0 makes every score 0, so P is uniform, 1 / Nk; with V the identity (Nk = d), O_ij = Z_ij / Nk shows the mask.
+    // Q = 0 makes every score 0, so P is uniform, 1 / Nk; with V the identity (Nk = d), O_ij = Z_ij / Nk shows the
+    // mask.
     for (DType t : {DType::fp16, DType::bf16}) {
         Problem p = problem(t, 200, 128, 128);
         p.B = 2, p.H = 3, p.dropout = 0.3f, p.dropout_seed = 12345;
@@ -212,7 +217,8 @@ TEST_CASE("GPU v2 ext: where the extensions change nothing, the kernel with them
                 tiny.dropout = 0x1p-30f;
                 for (size_t bh = 0; bh < size_t(tiny.B) * tiny.H; ++bh)
                     for (int i = 0; i < tiny.Nq; ++i)
-                        for (int j = 0; j < tiny.Nk; ++j) REQUIRE(dropout_keep(tiny.dropout_seed, uint32_t(bh), i, j, tiny.dropout));
+                        for (int j = 0; j < tiny.Nk; ++j)
+                            REQUIRE(dropout_keep(tiny.dropout_seed, uint32_t(bh), i, j, tiny.dropout));
                 got = run_gpu(tiny, in);
                 CHECK_MESSAGE(same_bits(got.o, want.o), describe("dropout 2^-30", tiny));
             }

@@ -310,7 +310,8 @@ __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Ex
         keep[mt] = 0;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
-            const Philox4 w = dropout_words(x.seed, head, row0 + mt * 16 + g + (odd ? 8 : 0), key0 + frag_col(nt, 0, t));
+            const int row = row0 + mt * 16 + g + (odd ? 8 : 0);
+            const Philox4 w = dropout_words(x.seed, head, row, key0 + frag_col(nt, 0, t));
             // Words 0, 1 are the even lane's keys, 2, 3 the odd lane's.
             const uint32_t own0 = odd ? w.x[2] : w.x[0], own1 = odd ? w.x[3] : w.x[1];
             const uint32_t give0 = odd ? w.x[0] : w.x[2], give1 = odd ? w.x[1] : w.x[3];
@@ -447,7 +448,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     for (int j = tile_begin; j < tile_end; ++j) {  // line 6
         uint32_t keep[kMTiles] = {};  // kExt, --dropout: this tile's mask (dropout_mask)
         if constexpr (kExt) {
-            if (x.dropout > 0.0f) dropout_mask<kNTiles>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
+            if (x.dropout > 0.0f)
+                dropout_mask<kNTiles>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
         }
         if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
@@ -493,7 +495,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         // first, then the band's mask, only in tiles that reach outside the keys every row of the warp sees.
         const int key0 = j * kBc;
         if constexpr (kExt) {
-            if (score_bias) add_score_bias(S, bias, slope, x.alibi_heads > 0, scale_exp, warp_rows_begin, key0, Nq, Nk, g, t);
+            if (score_bias)
+                add_score_bias(S, bias, slope, x.alibi_heads > 0, scale_exp, warp_rows_begin, key0, Nq, Nk, g, t);
             if (key0 < warp_keys.begin || key0 + kBc > warp_keys.end)
                 mask_outside_band(S, x, warp_rows_begin, key0, Nq, Nk, g, t);
         } else if (key0 + kBc > Nk || (kCausal && key0 + kBc > causal_key_end(q0 + warp_row0, Nq, Nk))) {
