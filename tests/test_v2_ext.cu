@@ -108,6 +108,8 @@ TEST_CASE("v2 tensor-core forward takes the extensions in its final kernel only;
     p.bias_heads = p.bias_batch = 0;
     pack(&p);
     CHECK(v2_forward_mma(p, ForwardArgs{}).find("cu_seqlens") != std::string::npos);
+    p.bias_batch = 1, p.bias_heads = 1;  // a packed batch with a bias: refused, as on the command line
+    CHECK(v2_unsupported(p).find("--bias") != std::string::npos);
     Problem f = problem(DType::fp32, 64, 64, 64);  // fp32: CUDA cores, no extensions
     f.alibi = true;
     CHECK_THROWS_WITH_AS(v2_forward(f, ForwardArgs{}), doctest::Contains("fp32"), std::invalid_argument);

@@ -802,6 +802,10 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
                "(got " + std::string(dtype_name(p.dtype)) + ", d = " + std::to_string(p.d) + ")";
         return false;
     }
+    if (p.varlen() && p.has_bias()) {
+        *why = "v2 mma forward: --seqlens cannot be combined with --bias (a [B, H, Nq, Nk] bias has no packed form)";
+        return false;
+    }
     if (p.kernel != 0 && p.kernel != n_steps && p.has_extensions()) {
         *why = "v2 mma forward: --kv-heads, --window, --dropout, --bias, --alibi and --seqlens are in the final kernel "
                "only (--kernel " + std::to_string(n_steps) + ")";
