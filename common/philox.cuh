@@ -41,12 +41,12 @@ __host__ __device__ inline Philox4 dropout_words(uint64_t seed, uint32_t head, i
     return philox4x32_10(Philox4{{uint32_t(j) >> 2, uint32_t(i), head, 0u}}, uint32_t(seed), uint32_t(seed >> 32));
 }
 // Is the weight whose word is `word` kept by dropout with probability p? Kept when the word's top 24 bits, as a
-// fraction of 2^24, are >= p: a fraction 1 - p of all words when p is a multiple of 2^-24.
-__host__ __device__ inline bool dropout_kept(uint32_t word, float p) {
-    const float u = float(word >> 8) * (1.0f / 16777216.0f);  // uniform in [0, 1), 24 bits
-    return u >= p;
-}
+// fraction u of 2^24 (uniform in [0, 1)), are >= p: a fraction 1 - p of all words when p is a multiple of 2^-24.
+// In integers, with no conversion to float: u >= p exactly when word >> 8 >= p 2^24 (p 2^24 is exact: only the
+// exponent moves), i.e. when word >> 8 >= ceil(p 2^24), the threshold (at most 2^24 for p < 1).
+__host__ __device__ inline uint32_t dropout_threshold(float p) { return uint32_t(ceilf(p * 16777216.0f)); }
+__host__ __device__ inline bool dropout_kept(uint32_t word, uint32_t threshold) { return word >> 8 >= threshold; }
 // Is attention weight (row i, key j) of head `head` kept? The one definition of the mask, for every pass.
 __host__ __device__ inline bool dropout_keep(uint64_t seed, uint32_t head, int i, int j, float p) {
-    return dropout_kept(dropout_words(seed, head, i, j).x[j & 3], p);
+    return dropout_kept(dropout_words(seed, head, i, j).x[j & 3], dropout_threshold(p));
 }

@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -92,7 +93,23 @@ TEST_CASE("cu_seqlens: a packed batch's first tokens, as FlashAttention's interf
 TEST_CASE("dropout_words: one generator call decides four consecutive keys, the words dropout_keep reads") {
     for (int j = 0; j < 64; ++j) {
         const Philox4 w = dropout_words(99, 4, 17, j & ~3);  // the counter of the group's first key
-        CHECK(dropout_keep(99, 4, 17, j, 0.5f) == dropout_kept(w.x[j & 3], 0.5f));
+        CHECK(dropout_keep(99, 4, 17, j, 0.5f) == dropout_kept(w.x[j & 3], dropout_threshold(0.5f)));
+    }
+}
+
+TEST_CASE("dropout_kept's integer threshold decides as the fraction does: top 24 bits / 2^24 >= p") {
+    auto by_fraction = [](uint32_t word, float p) { return float(word >> 8) * (1.0f / 16777216.0f) >= p; };
+    for (float p : {0.0f, 0x1p-30f, 0x1p-24f, 1e-7f, 0.1f, 0.3f, 0.5f, 0.7f, 0.9f, std::nextafter(1.0f, 0.0f)}) {
+        const uint32_t threshold = dropout_threshold(p);
+        // the words around the threshold, and a spread of others
+        for (int64_t top = int64_t(threshold) - 3; top <= int64_t(threshold) + 3; ++top)
+            for (uint32_t low : {0u, 255u})
+                if (top >= 0 && top < (1 << 24)) {
+                    const uint32_t word = uint32_t(top) << 8 | low;
+                    CHECK_MESSAGE(dropout_kept(word, threshold) == by_fraction(word, p), "p " << p << " word " << word);
+                }
+        for (uint32_t word = 0; word < 0xFFFF0000u; word += 0x00FEDCBAu)
+            CHECK(dropout_kept(word, threshold) == by_fraction(word, p));
     }
 }
 
