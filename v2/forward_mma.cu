@@ -257,41 +257,23 @@ __device__ __forceinline__ int frag_col(int nt, int e, int t) { return nt * 8 + 
 
 // --bias and --alibi: S <- S * scale_exp + log2 e * (bias_ij + alibi_ij) for one tile of this warp's scores (rows
 // from row0, keys from key0): the bias enters the scaled score, and the kernel's scores are in the log2 domain. Rows
-// past Nq and keys past Nk read no bias (they are masked, or never stored). `bias` is this head's [Nq, Nk] slice
-// (null without); with Nk even, a lane's two neighbouring keys (2t, 2t + 1: j even) are one aligned 8-byte load.
-// ALiBi's -slope |i + Nk - Nq - j| is computed in fp32 from a per-tile key base: the value alibi_bias
-// (tests/problem.h) gives, as distances below 2^24 are exact in fp32, without an int-to-float conversion a score.
+// past Nq and keys past Nk read no bias (they are masked, or never stored). `bias` is this head's [Nq, Nk] slice.
 template <int kMTiles, int kNTiles>
 __device__ __forceinline__ void add_score_bias(float (&S)[kMTiles][kNTiles][4], const float* bias, float slope,
                                                bool alibi, float scale_exp, int row0, int key0, int Nq, int Nk, int g,
                                                int t) {
     constexpr float kLog2e = 1.4426950408889634f;
-    const float key_base = float(key0 + 2 * t);  // key of element (nt, e): key_base + 8 nt + e % 2
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; e += 2) {  // one row per pair of elements
-            const int i = row0 + frag_row(mt, e, g);
-            const float diagonal = float(i + Nk - Nq);
-            const float* bias_row = bias != nullptr && i < Nq ? bias + size_t(i) * Nk : nullptr;
+        for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-            for (int nt = 0; nt < kNTiles; ++nt) {
-                const int j = key0 + frag_col(nt, e, t);
-                float b[2] = {0.0f, 0.0f};
-                if (bias_row != nullptr && Nk % 2 == 0 && j < Nk) {
-                    const float2 pair = __ldg(reinterpret_cast<const float2*>(bias_row + j));
-                    b[0] = pair.x, b[1] = pair.y;
-                } else if (bias_row != nullptr) {
-                    b[0] = j < Nk ? __ldg(bias_row + j) : 0.0f;
-                    b[1] = j + 1 < Nk ? __ldg(bias_row + j + 1) : 0.0f;
-                }
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    if (alibi) b[c] += -slope * fabsf(diagonal - (key_base + float(8 * nt + c)));
-                    S[mt][nt][e + c] = fmaf(S[mt][nt][e + c], scale_exp, kLog2e * b[c]);
-                }
+            for (int e = 0; e < 4; ++e) {
+                const int i = row0 + frag_row(mt, e, g), j = key0 + frag_col(nt, e, t);
+                float b = bias != nullptr && i < Nq && j < Nk ? bias[size_t(i) * Nk + j] : 0.0f;
+                if (alibi) b += alibi_bias(slope, i, j, Nq, Nk);
+                S[mt][nt][e] = fmaf(S[mt][nt][e], scale_exp, kLog2e * b);
             }
-        }
 }
 
 // The band of keys (band_keys: the window, the causal edge, Nk): scores of keys outside row i's band become -inf.
