@@ -34,13 +34,19 @@ __host__ __device__ inline Philox4 philox4x32_10(Philox4 counter, uint32_t key0,
     return c;
 }
 
-// Is attention weight (row i, key j) of head `head` (flattened: b * H + h) kept by dropout with probability p? Keyed
-// by the seed; the counter is (j / 4, i, head, 0) and its four output words serve keys 4 (j / 4) .. 4 (j / 4) + 3,
-// so a thread that handles four consecutive keys calls the generator once. Kept when the word's top 24 bits, as a
-// fraction of 2^24, are >= p: a fraction 1 - p of all words when p is a multiple of 2^-24.
+// The generator's four words for row i of head `head` (flattened: b * H + h): word w decides key 4 (j / 4) + w.
+// Keyed by the seed; the counter is (j / 4, i, head, 0), so a thread that handles four consecutive keys calls the
+// generator once (the tensor-core forward shares one call between two lanes: v2/forward_mma.cu).
+__host__ __device__ inline Philox4 dropout_words(uint64_t seed, uint32_t head, int i, int j) {
+    return philox4x32_10(Philox4{{uint32_t(j) >> 2, uint32_t(i), head, 0u}}, uint32_t(seed), uint32_t(seed >> 32));
+}
+// Is the weight whose word is `word` kept by dropout with probability p? Kept when the word's top 24 bits, as a
+// fraction u of 2^24 (uniform in [0, 1)), are >= p: a fraction 1 - p of all words when p is a multiple of 2^-24.
+// In integers, with no conversion to float: u >= p exactly when word >> 8 >= p 2^24 (p 2^24 is exact: only the
+// exponent moves), i.e. when word >> 8 >= ceil(p 2^24), the threshold (at most 2^24 for p < 1).
+__host__ __device__ inline uint32_t dropout_threshold(float p) { return uint32_t(ceilf(p * 16777216.0f)); }
+__host__ __device__ inline bool dropout_kept(uint32_t word, uint32_t threshold) { return word >> 8 >= threshold; }
+// Is attention weight (row i, key j) of head `head` kept? The one definition of the mask, for every pass.
 __host__ __device__ inline bool dropout_keep(uint64_t seed, uint32_t head, int i, int j, float p) {
-    const Philox4 r = philox4x32_10(Philox4{{uint32_t(j) >> 2, uint32_t(i), head, 0u}}, uint32_t(seed),
-                                    uint32_t(seed >> 32));
-    const float u = float(r.x[j & 3] >> 8) * (1.0f / 16777216.0f);  // uniform in [0, 1), 24 bits
-    return u >= p;
+    return dropout_kept(dropout_words(seed, head, i, j).x[j & 3], dropout_threshold(p));
 }

@@ -167,6 +167,24 @@ bool device_memory_fits(size_t bytes, std::string* why);
 DeviceBuffer upload(const std::vector<float>& host, DType t, const char* what);
 std::vector<float> download(const DeviceBuffer& dev, size_t elems, DType t);
 
+// A packed batch's first tokens, as FlashAttention's interface takes them: {0, n_0, n_0 + n_1, ..., T} (B + 1).
+std::vector<int> cu_seqlens(const std::vector<int>& lengths);
+// The extensions' device inputs of a problem: the bias (float32, p.bias_elems()) and a packed batch's cu_seqlens_q
+// and cu_seqlens_k; buffers p does not use stay empty (null). with() puts them into a pass's arguments.
+struct ExtensionInputs {
+    DeviceBuffer bias, cu_seqlens_q, cu_seqlens_k;
+    template <class Args>  // ForwardArgs or BackwardArgs
+    Args with(Args a) const {
+        a.bias = bias.f32();
+        a.cu_seqlens_q = static_cast<const int*>(cu_seqlens_q.get());
+        a.cu_seqlens_k = static_cast<const int*>(cu_seqlens_k.get());
+        return a;
+    }
+};
+ExtensionInputs upload_extension_inputs(const Problem& p, const HostTensors& in);
+// --bias's gradient for a backward pass: p.bias_elems() floats, zeroed (a backward adds dS into it); empty without.
+DeviceBuffer zeroed_dbias(const Problem& p);
+
 struct Timing {
     double median_ms = 0, min_ms = 0, max_ms = 0;
     int reps = 0;
@@ -269,7 +287,8 @@ struct Stage {
     CpuBackward cpu_backward;
     bool has_deterministic = false;  // --deterministic: its backward_unsupported decides which problems it covers
     int cpu_model_score_matrices = 0;  // Nq x Nk matrices the CPU model keeps per head (naive, online_softmax: 1)
-    // The CPU model runs the extensions (Problem::has_extensions: --window, --dropout); no GPU kernel has them yet.
+    // The CPU model runs the extensions (Problem::has_extensions); of the GPU kernels, v2's tensor-core forward and
+    // backward have them (stage_main refuses the others on a GPU).
     bool cpu_model_extensions = false;
     // Runnable steps (--kernel); empty when the stage has one kernel per pass. The last step is the final kernel.
     std::vector<KernelStep> forward_steps, backward_steps;

@@ -18,6 +18,17 @@ enum class DType { fp32, fp16, bf16 };
 inline const char* dtype_name(DType t) { return t == DType::fp32 ? "fp32" : t == DType::fp16 ? "fp16" : "bf16"; }
 inline size_t dtype_bytes(DType t) { return t == DType::fp32 ? 4 : 2; }
 
+// Index arithmetic of the extensions (docs/conventions.md, "Extensions"), one definition for the host (Problem's
+// methods below) and the kernels, which cannot take a Problem.
+// Grouped-query attention: the K/V head (flattened, b * Hk + hk) that flattened query head bh = b * H + h reads.
+__host__ __device__ inline size_t kv_head_of(size_t bh, int H, int Hk) { return bh / H * Hk + bh % H / (H / Hk); }
+// --bias: where head bh's [Nq, Nk] slice of a [bias_batch, bias_heads, Nq, Nk] bias starts (a dimension of size 1 is
+// broadcast: every batch entry or head reads slice 0).
+__host__ __device__ inline size_t bias_head_offset(size_t bh, int H, int bias_batch, int bias_heads, int Nq, int Nk) {
+    const size_t b = bias_batch == 1 ? 0 : bh / H, h = bias_heads == 1 ? 0 : bh % H;
+    return (b * bias_heads + h) * Nq * Nk;
+}
+
 struct Problem {
     int B = 4, H = 8, Nq = 1024, Nk = 1024, d = 64;
     bool causal = false;
@@ -51,15 +62,12 @@ struct Problem {
     int kv_heads() const { return Hk > 0 ? Hk : H; }
     int group() const { return H / kv_heads(); }  // query heads per K/V head
     // The K/V head (flattened, b * Hk + hk) that flattened query head bh = b * H + h reads.
-    size_t kv_head(size_t bh) const { return bh / H * kv_heads() + bh % H / group(); }
+    size_t kv_head(size_t bh) const { return kv_head_of(bh, H, kv_heads()); }
     // The first of the group() query heads (flattened) that read K/V head bkv = b * Hk + hk.
     size_t first_query_head(size_t bkv) const { return bkv / kv_heads() * H + bkv % kv_heads() * group(); }
     bool has_bias() const { return bias_heads > 0; }
     // Where head bh's [Nq, Nk] slice of the bias starts (broadcast dimensions read slice 0).
-    size_t bias_offset(size_t bh) const {
-        const size_t b = bias_batch == 1 ? 0 : bh / H, h = bias_heads == 1 ? 0 : bh % H;
-        return (b * bias_heads + h) * Nq * Nk;
-    }
+    size_t bias_offset(size_t bh) const { return bias_head_offset(bh, H, bias_batch, bias_heads, Nq, Nk); }
     size_t bias_elems() const { return size_t(bias_batch) * bias_heads * Nq * Nk; }
     int alibi_heads() const { return alibi_H > 0 ? alibi_H : H; }
     bool has_extensions() const {
@@ -98,15 +106,20 @@ __host__ __device__ inline float alibi_bias(float slope, int i, int j, int Nq, i
 }
 
 // The keys row i sees, [begin, end) (empty when begin >= end): the causal mask and the window, both aligned
-// bottom-right (row i sits at key position i + Nk - Nq).
+// bottom-right (row i sits at key position i + Nk - Nq). band_keys is the one definition, for the host
+// (visible_keys) and the kernels; window_left/right -1: unbounded on that side.
 struct KeyRange {
     int begin, end;
 };
+__host__ __device__ inline KeyRange band_keys(int i, int Nq, int Nk, bool causal, int window_left, int window_right) {
+    const long diagonal = long(i) + Nk - Nq;
+    long begin = 0, end = Nk;
+    if (causal && diagonal + 1 < end) end = diagonal + 1;
+    if (window_right >= 0 && diagonal + window_right + 1 < end) end = diagonal + window_right + 1;
+    if (window_left >= 0 && diagonal - window_left > begin) begin = diagonal - window_left;
+    auto clamp_to_keys = [Nk](long x) { return int(x < 0 ? 0 : x > Nk ? Nk : x); };
+    return {clamp_to_keys(begin), clamp_to_keys(end)};
+}
 inline KeyRange visible_keys(const Problem& p, int i) {
-    const long diagonal = long(i) + p.Nk - p.Nq;
-    long begin = 0, end = p.Nk;
-    if (p.causal) end = std::min(end, diagonal + 1);
-    if (p.window_right >= 0) end = std::min(end, diagonal + p.window_right + 1);
-    if (p.window_left >= 0) begin = std::max(begin, diagonal - p.window_left);
-    return {int(std::clamp(begin, 0L, long(p.Nk))), int(std::clamp(end, 0L, long(p.Nk)))};
+    return band_keys(i, p.Nq, p.Nk, p.causal, p.window_left, p.window_right);
 }

@@ -1,7 +1,8 @@
-// test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (the GPU forward does
-// not have them yet and refuses them; the tensor-core backward's tests: test_v2_ext_bwd.cu): grouped-query attention (--kv-heads), the sliding window (--window L,R),
-// dropout (--dropout p) with its counter-based mask (common/philox.cuh), an additive bias (--bias) with its gradient,
-// and ALiBi (--alibi). The reference is checked on its own (hand-computed key ranges, the
+// test_extensions.cu: the features users turn on, in the float64 reference and v2's CPU model (on the GPU, v2's
+// tensor-core passes have them: tests/test_v2_ext.cu for the forward, tests/test_v2_ext_bwd.cu for the backward;
+// the other kernels refuse them): grouped-query attention (--kv-heads), the sliding window (--window L,R), dropout
+// (--dropout p) with its counter-based mask (common/philox.cuh), an additive bias (--bias) with its gradient, and
+// ALiBi (--alibi). The reference is checked on its own (hand-computed key ranges, the
 // window's limits equal causal and no mask bitwise, finite differences through a fixed mask), then the model
 // against it, in both passes, and the window's tile skipping by the model's counted traffic.
 #include <doctest/doctest.h>
@@ -200,19 +201,22 @@ TEST_CASE("v2 CPU model: a window skips the K/V tiles outside the band, so K/V t
     CHECK(band.reads < full.reads / 2);
 }
 
-TEST_CASE("the stages without the extensions refuse them: v2's GPU entry points before any launch, one reason") {
+TEST_CASE("the stages without the extensions refuse them: v2 fp32 in both passes before any launch, one reason") {
     Problem p = small(64, 64, 64);
     p.dtype = DType::fp16;
     p.window_left = 8, p.window_right = 0;
     CHECK(p.has_extensions());
-    CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
-    CHECK(v2_backward_unsupported(p).empty());  // the fp16/bf16 backward has them (tests/test_v2_ext_bwd.cu), fp32 not
+    CHECK(v2_unsupported(p).empty());           // the tensor-core forward has them (tests/test_v2_ext.cu)
+    CHECK(v2_backward_unsupported(p).empty());  // and the backward (tests/test_v2_ext_bwd.cu); fp32 has neither
     Problem p32 = p;
     p32.dtype = DType::fp32;
+    CHECK_THROWS_WITH_AS(v2_forward(p32, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
     CHECK_THROWS_WITH_AS(v2_backward(p32, BackwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
+    p.dtype = DType::fp32;
     p.window_left = p.window_right = -1, p.dropout = 0.1f;
     CHECK(p.has_extensions());
     CHECK_THROWS_WITH_AS(v2_forward(p, ForwardArgs{}), doctest::Contains("--window, --dropout"), std::invalid_argument);
+    p.dtype = DType::fp16;
     p.dropout = 0.0f, p.Hk = 2;
     p.H = 4;
     CHECK(p.has_extensions());

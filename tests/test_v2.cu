@@ -204,9 +204,9 @@ TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason 
     CHECK(v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                           nullptr, nullptr, nullptr, nullptr, nullptr).find("12") != std::string::npos);
     p.d = 264;
-    CHECK(v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).find("264") != std::string::npos);
+    CHECK(v2_forward_mma(p, ForwardArgs{}).find("264") != std::string::npos);
     p.d = 64, p.kernel = 99;
-    CHECK(!v2_forward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr).empty());
+    CHECK(!v2_forward_mma(p, ForwardArgs{}).empty());
     CHECK(!v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                            nullptr, nullptr, nullptr, nullptr, nullptr).empty());
     p.kernel = 0, p.dtype = DType::fp32, p.d = 200;

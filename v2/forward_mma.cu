@@ -34,10 +34,17 @@
 // Causal masking is bottom-right aligned (row i sees key j iff j < causal_key_end(i)). K/V tiles entirely above the
 // diagonal are never loaded (the loop stops at the last key the tile's last row sees); only tiles that straddle the
 // diagonal, and the last tile when Nk is not a multiple of Bc, pay for the mask.
+//
+// The extensions (--kv-heads, --window, --bias, --alibi, --dropout, --seqlens; docs/extensions.md) live in a second
+// instantiation of the final kernel, kExt = true, so the plain kernel (kExt = false) compiles to the code it had. In
+// it the causal mask is the right edge of a band of keys (band_keys, tests/problem.h) that the window narrows; the
+// K/V loop runs from the tile of the first key the Q tile's first row sees to the tile of the last key its last row
+// sees. Their parameters travel by value in one struct, Extensions.
 #include "forward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
 #include "common/blocks.cuh"
+#include "common/philox.cuh"
 #include "v2.h"  // v2_forward_steps
 
 #include <cuda_bf16.h>
@@ -116,24 +123,25 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
                  : "memory");
 }
 
-// Copies rows [row0, row0 + kRows) of a [N, d] matrix (d <= kD, a multiple of 8) into a shared tile of kD columns
-// and row pitch kPitchBytes; rows >= N and columns >= d become zeros (nothing past row N or column d is read).
+// Copies rows [row0, row0 + kRows) of an [N, d] matrix whose rows lie ld elements apart (d, or H * d for the rows of
+// one head of a packed batch [T, H, d]) into a shared tile of kD columns and row pitch kPitchBytes (d <= kD, a
+// multiple of 8); rows >= N and columns >= d become zeros (nothing past row N or column d is read).
 // Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass, so that every
 // shared address below is a per-thread base plus a compile-time offset. (kD = 96 has 12 chunks a row: 120 threads
 // copy.) kAsync: cp.async, which the caller commits and waits for; otherwise a load and a store per chunk.
 template <int kRows, int kD, int kPitchBytes, int kThreads, bool kAsync, typename T>
-__device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N, int d) {
+__device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N, int d, int ld) {
     constexpr int kChunksPerRow = kD / 8;
     constexpr int kRowsPerPass = kThreads / kChunksPerRow;
     constexpr bool kEven = kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
     const int r0 = threadIdx.x / kChunksPerRow, c = threadIdx.x % kChunksPerRow * 8;
-    const T* tile = gmem + size_t(row0) * d;  // row0 < N always, so this is a valid address for zero-fills too
+    const T* tile = gmem + size_t(row0) * ld;  // row0 < N always, so this is a valid address for zero-fills too
 #pragma unroll
     for (int i = 0; i < ceil_div(kRows, kRowsPerPass); ++i) {
         const int r = r0 + i * kRowsPerPass;
         if (!kEven && (r0 >= kRowsPerPass || r >= kRows)) continue;
         const bool in_range = r < N - row0 && c < d;
-        const T* src = tile + (in_range ? r * d + c : 0);
+        const T* src = tile + (in_range ? r * ld + c : 0);
         if constexpr (kAsync)
             cp_async_16(smem_tile + r * kPitchBytes + c * 2, src, in_range ? 16 : 0);
         else
@@ -198,17 +206,142 @@ __device__ __forceinline__ float softmax_exp(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The extensions (kExt). Semantics: docs/conventions.md, "Extensions"; the float64 reference and the CPU model
+// (v2/model.cu) compute the same numbers.
+
+struct Extensions {
+    int H, kv_heads;                // grouped-query attention: query head h reads K/V head h / (H / kv_heads)
+    bool causal;                    // the kExt kernel has no kCausal: the causal mask is an edge of the band
+    int window_left, window_right;  // --window L,R (-1: unbounded on that side)
+    const float* bias;              // --bias: [bias_batch, bias_heads, Nq, Nk] float32 (null without)
+    int bias_batch, bias_heads;
+    int alibi_heads;                // --alibi: the H of the slopes (0 without)
+    int head_offset;                // flattened index of head 0: dropout's and ALiBi's heads are head_offset + bh
+    float dropout, keep_scale;      // --dropout p (0 without) and 1 / (1 - p)
+    uint32_t keep_threshold;        // dropout_threshold(p): a weight is kept when dropout_kept(its word, this)
+    uint64_t seed;                  // keys the dropout mask
+    const int* cu_seqlens_q;        // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
+    const int* cu_seqlens_k;        //   of Q (of K); null without
+    int tokens_q;                   //   Tq: the packed LSE is [H, Tq]
+};
+
+Extensions extensions(const Problem& p, const ForwardArgs& a) {
+    return {p.H, p.kv_heads(), p.causal, p.window_left, p.window_right, a.bias, p.bias_batch, p.bias_heads,
+            p.alibi ? p.alibi_heads() : 0, p.head_offset, p.dropout, 1.0f / (1.0f - p.dropout),
+            dropout_threshold(p.dropout), p.dropout_seed,
+            a.cu_seqlens_q, a.cu_seqlens_k, int(p.tokens_q())};
+}
+
+// Where one head of one batch entry (or sequence) lives: the offsets of row 0 of its Q and O, of its K and V, and of
+// its LSE; the elements from one row of Q (O) and of K (V) to the next; its lengths.
+struct HeadSlice {
+    size_t q, kv, lse;
+    int q_stride, kv_stride;
+    int Nq, Nk;
+};
+__device__ __forceinline__ HeadSlice head_slice(const Extensions& x, size_t bh, int Nq, int Nk, int d) {
+    const size_t bkv = kv_head_of(bh, x.H, x.kv_heads);  // b * Hk + hk
+    if (x.cu_seqlens_q == nullptr)                      // Q, O [B, H, Nq, d]; K, V [B, Hk, Nk, d]; LSE [B, H, Nq]
+        return {bh * Nq * d, bkv * Nk * d, bh * Nq, d, d, Nq, Nk};
+    // A packed batch: sequence b's tokens t of Q, O [Tq, H, d] and K, V [Tk, Hk, d]; LSE [H, Tq].
+    const int b = int(bh / x.H), h = int(bh % x.H), hk = int(bkv % x.kv_heads);
+    const int q_start = x.cu_seqlens_q[b], k_start = x.cu_seqlens_k[b];
+    return {(size_t(q_start) * x.H + h) * d, (size_t(k_start) * x.kv_heads + hk) * d, size_t(h) * x.tokens_q + q_start,
+            x.H * d, x.kv_heads * d, x.cu_seqlens_q[b + 1] - q_start, x.cu_seqlens_k[b + 1] - k_start};
+}
+
+// Fragment coordinates of accumulator element e of m tile mt, n tile nt (mma.cuh): row g (e < 2) or g + 8, key
+// column 2t + e % 2 of the n8 tile.
+__device__ __forceinline__ int frag_row(int mt, int e, int g) { return mt * 16 + g + e / 2 * 8; }
+__device__ __forceinline__ int frag_col(int nt, int e, int t) { return nt * 8 + 2 * t + e % 2; }
+
+// --bias and --alibi: S <- S * scale_exp + log2 e * (bias_ij + alibi_ij) for one tile of this warp's scores (rows
+// from row0, keys from key0): the bias enters the scaled score, and the kernel's scores are in the log2 domain. Rows
+// past Nq and keys past Nk read no bias (they are masked, or never stored). `bias` is this head's [Nq, Nk] slice.
+template <int kMTiles, int kNTiles>
+__device__ __forceinline__ void add_score_bias(float (&S)[kMTiles][kNTiles][4], const float* bias, float slope,
+                                               bool alibi, float scale_exp, int row0, int key0, int Nq, int Nk, int g,
+                                               int t) {
+    constexpr float kLog2e = 1.4426950408889634f;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = row0 + frag_row(mt, e, g), j = key0 + frag_col(nt, e, t);
+                float b = bias != nullptr && i < Nq && j < Nk ? bias[size_t(i) * Nk + j] : 0.0f;
+                if (alibi) b += alibi_bias(slope, i, j, Nq, Nk);
+                S[mt][nt][e] = fmaf(S[mt][nt][e], scale_exp, kLog2e * b);
+            }
+}
+
+// The band of keys (band_keys: the window, the causal edge, Nk): scores of keys outside row i's band become -inf.
+template <int kMTiles, int kNTiles>
+__device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4], const Extensions& x, int row0,
+                                                  int key0, int Nq, int Nk, int g, int t) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {  // one row per pair of elements
+            const int i = row0 + frag_row(mt, e, g);
+            const KeyRange band = band_keys(i, Nq, Nk, x.causal, x.window_left, x.window_right);
+#pragma unroll
+            for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int j = key0 + frag_col(nt, e + c, t);
+                    if (j < band.begin || j >= band.end) S[mt][nt][e + c] = -INFINITY;
+                }
+        }
+}
+
+// --dropout: the mask of one tile (this warp's rows from row0, keys from key0), one bit per accumulator element of
+// S, bit 4 nt + e of keep[mt] (1: kept), from dropout_keep's generator (common/philox.cuh). The generator's four
+// words serve keys 4 (j / 4) .. 4 (j / 4) + 3 of one row; lanes t and t ^ 1 hold two keys each of those four, in
+// rows g and g + 8. So lane t even draws row g's four words, lane t odd row g + 8's, and each passes its partner the
+// two words the partner needs: one Philox call for four weights, not two. The kernel draws the mask at the top of a
+// K/V iteration, where S does not hold its registers yet (at d = 128, S and O_i fill all 255).
+template <int kNTiles, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
+__device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Extensions& x, uint32_t head, int row0,
+                                             int key0, int g, int t) {
+    static_assert(kNTiles * 4 <= 32, "one 32-bit word of mask per m tile");
+    const bool odd = t & 1;  // this lane draws row g + 8 (odd) or row g (even)
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+        keep[mt] = 0;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+            const int row = row0 + mt * 16 + g + (odd ? 8 : 0);
+            const Philox4 w = dropout_words(x.seed, head, row, key0 + frag_col(nt, 0, t));
+            // Words 0, 1 are the even lane's keys, 2, 3 the odd lane's.
+            const uint32_t own0 = odd ? w.x[2] : w.x[0], own1 = odd ? w.x[3] : w.x[1];
+            const uint32_t give0 = odd ? w.x[0] : w.x[2], give1 = odd ? w.x[1] : w.x[3];
+            const uint32_t got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+            // element e: row g (e < 2) or g + 8, key 2t + e % 2
+            const uint32_t word[4] = {odd ? got0 : own0, odd ? got1 : own1, odd ? own0 : got0, odd ? own1 : got1};
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                keep[mt] |= uint32_t(dropout_kept(word[e], x.keep_threshold)) << (4 * nt + e);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 past kD = 128: see Tile below), 8 warps an
 // SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
 // scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
-// are never stored. kExactD: d == kD, known at compile time (see kExactVariant below).
+// are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
+// from x (the plain kernel never reads it); then the grid's Nq is the longest sequence's and kCausal is false.
 
-template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-                         T* __restrict__ O, float* __restrict__ LSE, int Nq, int Nk, int head_dim, float scale_exp) {
+                         T* __restrict__ O, float* __restrict__ LSE, int problem_Nq, int problem_Nk, int head_dim,
+                         float scale_exp, const Extensions x) {
     using F = Features<kStep>;
+    static_assert(!kExt || (kStep == kFinalStep && !kCausal), "the extensions are in the final kernel, causal in x");
     const int d = kExactD ? kD : head_dim;
     constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
@@ -231,24 +364,50 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // fragment coordinates (see mma.cuh)
 
-    // Causal: the last Q tiles see the most keys; launching them first shortens the tail of the grid.
-    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // line 3: the grid walks the Q tiles
+    // Causal (and a band of keys, kExt): the last Q tiles see the most keys; launching them first shortens the tail
+    // of the grid.
+    const int q_tile = kCausal || kExt ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // line 3: the grid walks the Q tiles
     const int q0 = q_tile * kBr;
     const size_t bh = blockIdx.y;
-    const T* Q_i = Q + (bh * Nq + q0) * d;
-    const T* K_bh = K + bh * Nk * d;
-    const T* V_bh = V + bh * Nk * d;
+    int Nq = problem_Nq, Nk = problem_Nk;
+    const T *Q_i, *K_bh, *V_bh;  // this Q tile, and this head's K and V: rows ld_q and ld_kv elements apart
+    T* O_out;
+    float* LSE_i;
+    int ld_q = d, ld_kv = d;
+    // The K/V tiles j = tile_begin .. tile_end - 1 this Q tile visits: all of them, or (causal) up to the last key its
+    // last real row sees; kExt: from the first key its first row sees to the last its last row sees (the band).
+    int tile_begin = 0, tile_end;
+    if constexpr (kExt) {
+        const HeadSlice slice = head_slice(x, bh, problem_Nq, problem_Nk, d);
+        Nq = slice.Nq, Nk = slice.Nk;
+        if (q0 >= Nq) return;  // a packed batch: the grid covers the longest sequence
+        Q_i = Q + slice.q + size_t(q0) * slice.q_stride;
+        O_out = O + slice.q + size_t(q0) * slice.q_stride;
+        K_bh = K + slice.kv;
+        V_bh = V + slice.kv;
+        LSE_i = LSE + slice.lse + q0;
+        ld_q = slice.q_stride, ld_kv = slice.kv_stride;
+        const int first = band_keys(q0, Nq, Nk, x.causal, x.window_left, x.window_right).begin;
+        const int last_end = band_keys(min(q0 + kBr, Nq) - 1, Nq, Nk, x.causal, x.window_left, x.window_right).end;
+        tile_begin = first / kBc;
+        tile_end = last_end > first ? ceil_div(last_end, kBc) : tile_begin;
+    } else {
+        Q_i = Q + (bh * Nq + q0) * d;
+        O_out = O + (bh * Nq + q0) * d;
+        K_bh = K + bh * Nk * d;
+        V_bh = V + bh * Nk * d;
+        LSE_i = LSE + bh * Nq + q0;
+        const int q_end = min(q0 + kBr, Nq);
+        const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
+        tile_end = kv_end > 0 ? ceil_div(kv_end, kBc) : 0;
+    }
 
-    // Keys this Q tile visits: all of them, or (causal) up to the last key its last real row sees.
-    const int q_end = min(q0 + kBr, Nq);
-    const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
-    const int n_tiles = kv_end > 0 ? ceil_div(kv_end, kBc) : 0;
-
-    load_tile<kBr, kD, kPitchBytes, kThreads, F::kCpAsync>(sQ, Q_i, 0, Nq - q0, d);  // line 4 (line 7: K_0, V_0)
+    // line 4 (line 7: K_j, V_j of the first tile)
+    load_tile<kBr, kD, kPitchBytes, kThreads, F::kCpAsync>(sQ, Q_i, 0, Nq - q0, d, ld_q);
     if constexpr (F::kCpAsync) {
-        if (n_tiles > 0) {
-            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, 0, Nk, d);
-            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, 0, Nk, d);
+        if (tile_end > tile_begin) {
+            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, tile_begin * kBc, Nk, d, ld_kv);
+            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, tile_begin * kBc, Nk, d, ld_kv);
         }
         cp_async_commit();
     }
@@ -272,26 +431,48 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         }
     }
 
-    for (int j = 0; j < n_tiles; ++j) {  // line 6
+    // kExt: what the extensions hold for the whole CTA. The keys every row of this warp sees (the band of its last
+    // row starts latest, that of its first row ends earliest): a tile inside them needs no mask. Bias and ALiBi are
+    // added to the scores before the softmax, so S then holds the log2-domain scores and is scaled by 1 below.
+    const int warp_rows_begin = q0 + warp_row0;
+    KeyRange warp_keys = {0, 0};
+    const float* bias = nullptr;
+    float slope = 0.0f;
+    bool score_bias = false;
+    if constexpr (kExt) {
+        warp_keys = {band_keys(warp_rows_begin + kWarpRows - 1, Nq, Nk, x.causal, x.window_left, x.window_right).begin,
+                     band_keys(warp_rows_begin, Nq, Nk, x.causal, x.window_left, x.window_right).end};
+        if (x.bias) bias = x.bias + bias_head_offset(bh, x.H, x.bias_batch, x.bias_heads, Nq, Nk);
+        if (x.alibi_heads > 0) slope = alibi_slope(int((x.head_offset + bh) % x.alibi_heads), x.alibi_heads);
+        score_bias = x.bias != nullptr || x.alibi_heads > 0;
+    }
+    const float s_scale = score_bias ? 1.0f : scale_exp;  // what turns S into log2-domain scores
+
+    for (int j = tile_begin; j < tile_end; ++j) {  // line 6
+        uint32_t keep[kMTiles] = {};  // kExt, --dropout: this tile's mask (dropout_mask)
+        if constexpr (kExt) {
+            if (x.dropout > 0.0f)
+                dropout_mask<kNTiles>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
+        }
         if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
             // The group is committed even when empty so that "wait until one group is pending" always means tile j.
-            if (j + 1 < n_tiles) {
-                const uint32_t next = (j + 1) % 2 * kKVTileBytes;
-                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK + next, K_bh, (j + 1) * kBc, Nk, d);
-                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV + next, V_bh, (j + 1) * kBc, Nk, d);
+            if (j + 1 < tile_end) {
+                const uint32_t next = (j + 1 - tile_begin) % 2 * kKVTileBytes;
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK + next, K_bh, (j + 1) * kBc, Nk, d, ld_kv);
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV + next, V_bh, (j + 1) * kBc, Nk, d, ld_kv);
             }
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             // line 7. One buffer: the CTA waits for tile j's loads before any mma (the barrier at the end of iteration
             // j-1 made the buffer free).
-            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sK, K_bh, j * kBc, Nk, d);
-            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sV, V_bh, j * kBc, Nk, d);
+            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sK, K_bh, j * kBc, Nk, d, ld_kv);
+            load_tile<kBc, kD, kPitchBytes, kThreads, false>(sV, V_bh, j * kBc, Nk, d, ld_kv);
         }
         __syncthreads();
-        const uint32_t K_j = k_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
-        const uint32_t V_j = v_addr + (F::kCpAsync ? j % 2 * kKVTileBytes : 0);
+        const uint32_t K_j = k_addr + (F::kCpAsync ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // the two buffers
+        const uint32_t V_j = v_addr + (F::kCpAsync ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // alternate
 
         // line 8: S = Q_i K_j^T, kMTiles x kNTiles fragments of 16x8.
         float S[kMTiles][kNTiles][4] = {};
@@ -313,9 +494,15 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         }
 
         // Mask keys past Nk (last tile) and, causal, keys right of the diagonal. Warp-uniform branch: only tiles
-        // that reach past Nk or past the first key this warp's first row may not see take it.
+        // that reach past Nk or past the first key this warp's first row may not see take it. kExt: bias and ALiBi
+        // first, then the band's mask, only in tiles that reach outside the keys every row of the warp sees.
         const int key0 = j * kBc;
-        if (key0 + kBc > Nk || (kCausal && key0 + kBc > causal_key_end(q0 + warp_row0, Nq, Nk))) {
+        if constexpr (kExt) {
+            if (score_bias)
+                add_score_bias(S, bias, slope, x.alibi_heads > 0, scale_exp, warp_rows_begin, key0, Nq, Nk, g, t);
+            if (key0 < warp_keys.begin || key0 + kBc > warp_keys.end)
+                mask_outside_band(S, x, warp_rows_begin, key0, Nq, Nk, g, t);
+        } else if (key0 + kBc > Nk || (kCausal && key0 + kBc > causal_key_end(q0 + warp_row0, Nq, Nk))) {
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -342,7 +529,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     row_max = fmaxf(row_max, fmaxf(S[mt][nt][2 * h], S[mt][nt][2 * h + 1]));
                 row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
                 row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
-                const float m_new = fmaxf(m_i[mt][h], row_max * scale_exp);
+                const float m_new = fmaxf(m_i[mt][h], row_max * s_scale);
                 // A row that has seen only masked keys keeps m = -inf; subtracting -inf from -inf would give NaN,
                 // so such a row uses 0 as its base: every exponential below is then of -inf, i.e. 0.
                 const float base = m_new == -INFINITY ? 0.0f : m_new;
@@ -358,10 +545,23 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        S[mt][nt][e] = softmax_exp<F::kExp2>(fmaf(S[mt][nt][e], scale_exp, -base));  // S holds P
+                        S[mt][nt][e] = softmax_exp<F::kExp2>(fmaf(S[mt][nt][e], s_scale, -base));  // S holds P
                         l_i[mt][h] += S[mt][nt][e];
                     }
                 }
+            }
+        }
+
+        // kExt, --dropout: l_i has summed the undropped P (the softmax's normaliser); O_i sums only the kept weights.
+        if constexpr (kExt) {
+            if (x.dropout > 0.0f) {
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!(keep[mt] >> (4 * nt + e) & 1)) S[mt][nt][e] = 0.0f;
             }
         }
 
@@ -420,7 +620,6 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         __syncthreads();
     }
     T* sO = reinterpret_cast<T*>(smem);
-    T* O_out = O + (bh * Nq + q0) * d;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -428,8 +627,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             float l = l_i[mt][h];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            // l = 0 exactly when the row saw no key (otherwise its max element contributed exp(0) = 1).
-            const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+            // l = 0 exactly when the row saw no key (otherwise its max element contributed exp(0) = 1). kExt: the
+            // weights dropout kept are scaled by 1 / (1 - p) here, once (keep_scale is 1 without dropout).
+            const float inv_l = (l > 0.0f ? 1.0f / l : 0.0f) * (kExt ? x.keep_scale : 1.0f);
             const int r = warp_row0 + mt * 16 + g + h * 8;
 #pragma unroll
             for (int dt = 0; dt < kDTiles; ++dt) {
@@ -437,11 +637,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                 if constexpr (F::kStagedEpilogue)
                     *reinterpret_cast<uint32_t*>(&sO[r * kPitch<kD, kStep> + dt * 8 + 2 * t]) = pair;
                 else if (q0 + r < Nq && dt * 8 < d)
-                    *reinterpret_cast<uint32_t*>(&O_out[size_t(r) * d + dt * 8 + 2 * t]) = pair;
+                    *reinterpret_cast<uint32_t*>(&O_out[size_t(r) * ld_q + dt * 8 + 2 * t]) = pair;
             }
             // LSE in natural log, as tests/problem.h wants (m_i is in log2 units from the exp2 step on).
             const float lse = F::kExp2 ? (m_i[mt][h] + log2f(l)) * 0.69314718055994531f : m_i[mt][h] + logf(l);
-            if (t == 0 && q0 + r < Nq) LSE[bh * Nq + q0 + r] = l > 0.0f ? lse : -INFINITY;
+            if (t == 0 && q0 + r < Nq) LSE_i[r] = l > 0.0f ? lse : -INFINITY;
         }
     }
     if constexpr (F::kStagedEpilogue) {
@@ -453,26 +653,26 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             const int r = warp_row0 + chunk / kChunksPerRow;
             const int c = chunk % kChunksPerRow * 8;
             if (q0 + r < Nq && c < d)
-                *reinterpret_cast<uint4*>(&O_out[size_t(r) * d + c]) =
+                *reinterpret_cast<uint4*>(&O_out[size_t(r) * ld_q + c]) =
                     *reinterpret_cast<const uint4*>(&sO[r * kPitch<kD, kStep> + c]);
         }
     }
 }
 
-template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD>
-void launch(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE, cudaStream_t stream) {
-    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep, kExactD>;
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt>
+void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
+    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep, kExactD, kExt>;
     constexpr int kSmem = smem_bytes<kBr, kBc, kD, kStep>();
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);
+    const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);  // a packed batch: Nq is the longest sequence's
     const float scale = p.resolved_scale();
     const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
-    kernel<<<grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
-                                                 static_cast<const T*>(V), static_cast<T*>(O), LSE, p.Nq, p.Nk, p.d,
-                                                 scale_exp);
+    kernel<<<grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
+                                                 static_cast<const T*>(a.v), static_cast<T*>(a.o), a.lse, p.Nq, p.Nk,
+                                                 p.d, scale_exp, extensions(p, a));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -498,14 +698,20 @@ struct Tile {
     static constexpr int kBc = 64;
 };
 
+// The final step has a third kernel per tile, with the extensions (causal among them, as the band's edge).
 template <typename T, int kD, int kStep, bool kExactD>
-void launch_causal_or_not(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                          cudaStream_t stream) {
+void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     using Tl = Tile<kD>;
+    if constexpr (kStep == kFinalStep) {
+        if (p.has_extensions()) {
+            launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD, true>(p, a, stream);
+            return;
+        }
+    }
     if (p.causal)
-        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep, kExactD>(p, Q, K, V, O, LSE, stream);
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep, kExactD, false>(p, a, stream);
     else
-        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD>(p, Q, K, V, O, LSE, stream);
+        launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD, false>(p, a, stream);
 }
 
 // The steps before the final one are compiled for these head dims and fp16 only, with d == kD at compile time.
@@ -522,25 +728,24 @@ template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
 template <typename T, int kD>
-std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                        cudaStream_t stream) {
+std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     const int step = p.kernel == 0 ? kFinalStep : p.kernel;
     if (step == kFinalStep) {
         if constexpr (kExactVariant<kD>) {
             if (p.d == kD) {
-                launch_causal_or_not<T, kD, kFinalStep, true>(p, Q, K, V, O, LSE, stream);
+                launch_causal_or_not<T, kD, kFinalStep, true>(p, a, stream);
                 return "";
             }
         }
-        launch_causal_or_not<T, kD, kFinalStep, false>(p, Q, K, V, O, LSE, stream);
+        launch_causal_or_not<T, kD, kFinalStep, false>(p, a, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
-            case 1: launch_causal_or_not<T, kD, 1, true>(p, Q, K, V, O, LSE, stream); return "";
-            case 2: launch_causal_or_not<T, kD, 2, true>(p, Q, K, V, O, LSE, stream); return "";
-            case 3: launch_causal_or_not<T, kD, 3, true>(p, Q, K, V, O, LSE, stream); return "";
-            case 4: launch_causal_or_not<T, kD, 4, true>(p, Q, K, V, O, LSE, stream); return "";
+            case 1: launch_causal_or_not<T, kD, 1, true>(p, a, stream); return "";
+            case 2: launch_causal_or_not<T, kD, 2, true>(p, a, stream); return "";
+            case 3: launch_causal_or_not<T, kD, 3, true>(p, a, stream); return "";
+            case 4: launch_causal_or_not<T, kD, 4, true>(p, a, stream); return "";
             default: break;
         }
     }
@@ -550,15 +755,14 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
 
 // The dispatch table: head dim d runs the tile v2_mma_head_dim_tile(d).
 template <typename T>
-std::string launch_for_head_dim(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                                cudaStream_t stream) {
+std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     switch (v2_mma_head_dim_tile(p.d)) {
-        case 32: return launch_step<T, 32>(p, Q, K, V, O, LSE, stream);
-        case 64: return launch_step<T, 64>(p, Q, K, V, O, LSE, stream);
-        case 96: return launch_step<T, 96>(p, Q, K, V, O, LSE, stream);
-        case 128: return launch_step<T, 128>(p, Q, K, V, O, LSE, stream);
-        case 192: return launch_step<T, 192>(p, Q, K, V, O, LSE, stream);
-        case 256: return launch_step<T, 256>(p, Q, K, V, O, LSE, stream);
+        case 32: return launch_step<T, 32>(p, a, stream);
+        case 64: return launch_step<T, 64>(p, a, stream);
+        case 96: return launch_step<T, 96>(p, a, stream);
+        case 128: return launch_step<T, 128>(p, a, stream);
+        case 192: return launch_step<T, 192>(p, a, stream);
+        case 256: return launch_step<T, 256>(p, a, stream);
         default: return "v2 mma forward has no tile for head dim " + std::to_string(p.d);
     }
 }
@@ -601,13 +805,23 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
                "(got " + std::string(dtype_name(p.dtype)) + ", d = " + std::to_string(p.d) + ")";
         return false;
     }
+    if (p.varlen() && p.has_bias()) {
+        *why = "v2 mma forward: --seqlens cannot be combined with --bias (a [B, H, Nq, Nk] bias has no packed form)";
+        return false;
+    }
+    if (p.kernel != 0 && p.kernel != n_steps && p.has_extensions()) {
+        *why = "v2 mma forward: --kv-heads, --window, --dropout, --bias, --alibi and --seqlens are in the final kernel "
+               "only (--kernel " + std::to_string(n_steps) + ")";
+        return false;
+    }
     return true;
 }
 
-std::string v2_forward_mma(const Problem& p, const void* Q, const void* K, const void* V, void* O, float* LSE,
-                           cudaStream_t stream) {
+std::string v2_forward_mma(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     std::string why;
     if (!v2_mma_supports(p, &why)) return why;
-    if (p.dtype == DType::fp16) return v2_mma::launch_for_head_dim<__half>(p, Q, K, V, O, LSE, stream);
-    return v2_mma::launch_for_head_dim<__nv_bfloat16>(p, Q, K, V, O, LSE, stream);
+    if ((p.has_bias() && a.bias == nullptr) || (p.varlen() && (a.cu_seqlens_q == nullptr || a.cu_seqlens_k == nullptr)))
+        return "v2 mma forward: --bias needs ForwardArgs::bias, --seqlens ForwardArgs::cu_seqlens_q and cu_seqlens_k";
+    if (p.dtype == DType::fp16) return v2_mma::launch_for_head_dim<__half>(p, a, stream);
+    return v2_mma::launch_for_head_dim<__nv_bfloat16>(p, a, stream);
 }

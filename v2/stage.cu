@@ -33,7 +33,7 @@ const Stage& v2_stage() {
                             const std::vector<float>& lse, HostGrads* g, ModelTraffic* t) {
             v2_model_backward_scheduled(p, in, o, lse, &g->dq, &g->dk, &g->dv, t, 0, false, &g->dbias);
         };
-        s.cpu_model_extensions = true;  // --window, --dropout (the GPU kernels refuse them)
+        s.cpu_model_extensions = true;  // and the tensor-core forward (fp16, bf16) has them on the GPU
         s.forward_steps = v2_forward_steps();
         s.backward_steps = v2_backward_steps();
         s.below = &v1_stage();

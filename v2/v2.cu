@@ -43,14 +43,14 @@ std::string v2_backward_unsupported(const Problem& p) {
 
 size_t v2_workspace_bytes(const Problem&) { return 0; }
 
-// The GPU kernels do not have the extensions yet (the CPU model does: Stage::cpu_model_extensions).
-const char* const kNoGpuExtensions = "the GPU kernels do not have --kv-heads, --window, --dropout, --bias, --alibi or --seqlens yet (the CPU model does: --cpu)";
+// The forward has them in the tensor-core kernel (forward_mma.cu), not in the fp32 one.
+const char* const kNoFp32Extensions = "v2 fp32 (CUDA cores) does not have --kv-heads, --window, --dropout, --bias, "
+                                      "--alibi or --seqlens (--dtype fp16 or bf16 runs them on tensor cores)";
 
 void v2_forward(const Problem& p, const ForwardArgs& a) {
-    if (p.has_extensions()) throw std::invalid_argument(kNoGpuExtensions);
+    if (p.has_extensions() && p.dtype == DType::fp32) throw std::invalid_argument(kNoFp32Extensions);
     if (std::string why = v2_unsupported(p); !why.empty()) throw std::invalid_argument(why);
-    const std::string why = p.dtype == DType::fp32 ? v2_forward_fp32(p, a)
-                                                   : v2_forward_mma(p, a.q, a.k, a.v, a.o, a.lse);
+    const std::string why = p.dtype == DType::fp32 ? v2_forward_fp32(p, a) : v2_forward_mma(p, a);
     if (!why.empty()) throw std::invalid_argument(why);
 }
 

@@ -155,13 +155,38 @@ Timing time_gpu(const std::function<void()>& fn, int reps, int warmup, double ma
     return t;
 }
 
+std::vector<int> cu_seqlens(const std::vector<int>& lengths) {
+    std::vector<int> starts = {0};
+    for (int n : lengths) starts.push_back(starts.back() + n);
+    return starts;
+}
+
+ExtensionInputs upload_extension_inputs(const Problem& p, const HostTensors& in) {
+    ExtensionInputs x;
+    if (p.has_bias()) x.bias = upload(in.bias, DType::fp32, "bias");
+    if (p.varlen())
+        for (auto [buffer, lengths] : {std::pair{&x.cu_seqlens_q, &p.seqlens_q}, {&x.cu_seqlens_k, &p.seqlens_k}}) {
+            const std::vector<int> starts = cu_seqlens(*lengths);
+            *buffer = DeviceBuffer(starts.size() * sizeof(int), "cu_seqlens");
+            CUDA_CHECK(cudaMemcpy(buffer->get(), starts.data(), buffer->bytes(), cudaMemcpyHostToDevice));
+        }
+    return x;
+}
+
+DeviceBuffer zeroed_dbias(const Problem& p) {
+    DeviceBuffer dbias(p.bias_elems() * 4, "dbias");
+    if (dbias.get()) CUDA_CHECK(cudaMemset(dbias.get(), 0, dbias.bytes()));
+    return dbias;
+}
+
 Outputs gpu_forward(const Problem& p, const HostTensors& in, const ForwardFn& forward, const WorkspaceFn& workspace) {
     DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
+    const ExtensionInputs ext = upload_extension_inputs(p, in);
     DeviceBuffer o(p.q_elems() * dtype_bytes(p.dtype), "O"), lse(p.lse_elems() * 4, "LSE");
     DeviceBuffer ws(workspace ? workspace(p) : 0, "workspace");
     o.poison();
     lse.poison();
-    forward(p, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
+    forward(p, ext.with(ForwardArgs{q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()}));
     CUDA_CHECK_LAUNCH();
     return {download(o, p.q_elems(), p.dtype), download(lse, p.lse_elems(), DType::fp32)};
 }
@@ -171,18 +196,24 @@ HostGrads gpu_backward(const Problem& p, const HostTensors& in, const ForwardFn&
     const size_t bytes = dtype_bytes(p.dtype);
     DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
     DeviceBuffer dO = upload(in.dO, p.dtype, "dO");
+    const ExtensionInputs ext = upload_extension_inputs(p, in);
     DeviceBuffer o(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
     {
         DeviceBuffer ws(fwd_workspace ? fwd_workspace(p) : 0, "workspace");
-        forward(p, {q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()});
+        forward(p, ext.with(ForwardArgs{q.get(), k.get(), v.get(), o.get(), lse.f32(), ws.get()}));
         CUDA_CHECK_LAUNCH();
     }
     DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
+    DeviceBuffer dbias = zeroed_dbias(p);
     DeviceBuffer ws(bwd_workspace ? bwd_workspace(p) : 0, "workspace");
     dq.poison();
     dk.poison();
     dv.poison();
-    backward(p, {q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(), dk.get(), dv.get(), ws.get()});
+    BackwardArgs args = ext.with(BackwardArgs{q.get(), k.get(), v.get(), o.get(), dO.get(), lse.f32(), dq.get(),
+                                              dk.get(), dv.get(), ws.get()});
+    args.dbias = dbias.f32();
+    backward(p, args);
     CUDA_CHECK_LAUNCH();
-    return {download(dq, p.q_elems(), p.dtype), download(dk, p.kv_elems(), p.dtype), download(dv, p.kv_elems(), p.dtype), {}};
+    return {download(dq, p.q_elems(), p.dtype), download(dk, p.kv_elems(), p.dtype), download(dv, p.kv_elems(), p.dtype),
+            download(dbias, p.bias_elems(), DType::fp32)};
 }

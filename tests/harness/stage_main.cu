@@ -17,6 +17,8 @@ namespace {
 
 // Exit code of a run in which a check that --check asked for did not run (docs/conventions.md, "Exit codes").
 constexpr int kExitCheckSkipped = 4;
+// The stages below v2 have none of the extensions: --check compares an extension run with float64 only.
+constexpr const char* kBelowHasNoExtensions = "it has no --kv-heads, --window, --dropout, --bias, --alibi or --seqlens";
 
 // The float64 reference backward costs about 8*B*H*Nq*Nk*d operations; beyond this budget it is skipped.
 constexpr double kBackwardReferenceBudget = 4e9;
@@ -317,10 +319,11 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
         DeviceBuffer::reset_peak();
         const size_t before = DeviceBuffer::live_bytes();
         DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
+        const ExtensionInputs ext = upload_extension_inputs(p, in);
         DeviceBuffer o_dev(p.q_elems() * dtype_bytes(p.dtype), "O"), lse(p.lse_elems() * 4, "LSE");
         DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(p) : 0, "workspace");
         sum.mib = (DeviceBuffer::peak_bytes() - before) / 1048576.0;
-        const ForwardArgs args{q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()};
+        const ForwardArgs args = ext.with(ForwardArgs{q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
         o_dev.poison();
         lse.poison();
         s.forward(p, args);
@@ -353,6 +356,7 @@ int run_forward(const Stage& s, const Options& o, const HostTensors& in) {
             below.dtype = DType::fp32;  // the stage below is fp32; the inputs are already rounded to p.dtype
             below.kernel = 0;
             std::string why = b.unsupported ? b.unsupported(below) : "";
+            if (why.empty() && p.has_extensions()) why = kBelowHasNoExtensions;
             std::string mem_why;
             const size_t need = (below.q_elems() * 2 + below.kv_elems() * 2 + below.lse_elems()) * 4 +
                                 (b.workspace_bytes ? b.workspace_bytes(below) : 0);
@@ -398,6 +402,7 @@ bool check_below_backward(const Stage& b, const Problem& p, const HostTensors& i
     const size_t bwd_ws = b.backward_workspace_bytes ? b.backward_workspace_bytes(below) : 0;
     std::string why = b.unsupported ? b.unsupported(below) : "";
     if (why.empty() && b.backward_unsupported) why = b.backward_unsupported(below);
+    if (why.empty() && p.has_extensions()) why = kBelowHasNoExtensions;
     const size_t need = (below.q_elems() * 6 + below.kv_elems() * 5) * 4 + std::max(fwd_ws, bwd_ws);
     std::string mem_why;
     if (why.empty() && !device_memory_fits(need, &mem_why)) why = mem_why;
@@ -430,12 +435,13 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
         const size_t bytes = dtype_bytes(p.dtype);
         DeviceBuffer q = upload(in.q, p.dtype, "Q"), k = upload(in.k, p.dtype, "K"), v = upload(in.v, p.dtype, "V");
         DeviceBuffer dO = upload(in.dO, p.dtype, "dO");
+        const ExtensionInputs ext = upload_extension_inputs(p, in);
         DeviceBuffer o_dev(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
         {
             Problem pf = p;
             pf.kernel = 0;  // --kernel picks a backward step here; O and LSE come from the final forward kernel
             DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(pf) : 0, "workspace");
-            s.forward(pf, {q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()});
+            s.forward(pf, ext.with(ForwardArgs{q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()}));
             CUDA_CHECK_LAUNCH();
             if (!o.save_dir.empty()) {
                 O = download(o_dev, p.q_elems(), p.dtype);
@@ -443,10 +449,12 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
             }
         }
         DeviceBuffer dq(p.q_elems() * bytes, "dQ"), dk(p.kv_elems() * bytes, "dK"), dv(p.kv_elems() * bytes, "dV");
+        DeviceBuffer dbias = zeroed_dbias(p);
         DeviceBuffer ws(s.backward_workspace_bytes ? s.backward_workspace_bytes(p) : 0, "backward workspace");
         sum.mib = (DeviceBuffer::peak_bytes() - before) / 1048576.0;
-        const BackwardArgs args{q.get(), k.get(), v.get(), o_dev.get(), dO.get(), lse.f32(),
-                                dq.get(), dk.get(), dv.get(), ws.get()};
+        BackwardArgs args = ext.with(BackwardArgs{q.get(), k.get(), v.get(), o_dev.get(), dO.get(), lse.f32(),
+                                                  dq.get(), dk.get(), dv.get(), ws.get()});
+        args.dbias = dbias.f32();
         dq.poison();
         dk.poison();
         dv.poison();
@@ -455,6 +463,7 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
         dQ = download(dq, p.q_elems(), p.dtype);
         dK = download(dk, p.kv_elems(), p.dtype);
         dV = download(dv, p.kv_elems(), p.dtype);
+        g.dbias = download(dbias, p.bias_elems(), DType::fp32);
         if (o.bench) {
             const Timing t = time_gpu([&] { s.backward(p, args); }, o.reps);
             CUDA_CHECK_LAUNCH();
@@ -539,9 +548,10 @@ int stage_main(int argc, char** argv, const Stage& s) {
         std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias, --alibi and --seqlens are v2 features (bin/v2 --cpu runs them in its CPU model)\n", s.name);
         return 2;
     }
-    if (p.has_extensions() && !o.cpu && gpu_available()) {
-        std::fprintf(stderr, "error: %s: --kv-heads, --window, --dropout, --bias, --alibi and --seqlens run in the CPU model only so "
-                     "far (add --cpu); the GPU kernels do not have them yet\n", s.name);
+    // On the GPU, v2 has them in its tensor-core passes, not in its fp32 kernels.
+    if (p.has_extensions() && !o.cpu && gpu_available() && p.dtype == DType::fp32) {
+        std::fprintf(stderr, "error: %s: the fp32 kernels (CUDA cores) do not have --kv-heads, --window, --dropout, --bias, "
+                     "--alibi or --seqlens (--dtype fp16 or bf16 runs them on tensor cores, --cpu in the CPU model)\n", s.name);
         return 2;
     }
     if (!o.cpu && !gpu_available()) {
