@@ -824,13 +824,13 @@ bool bias_shared(const Problem& p) {
 bool dS_per_head(const Problem& p) { return p.deterministic && bias_shared(p); }
 
 // The extensions' device inputs, as v2_backward_mma takes them.
-struct ExtensionInputs {
+struct ExtensionPointers {
     const float* bias;
     float* dbias;
     const int *cu_seqlens_q, *cu_seqlens_k;
 };
 
-Extensions extensions_of(const Problem& p, const ExtensionInputs& in, float* dS_heads) {
+Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* dS_heads) {
     Extensions x{};
     x.B = p.B, x.H = p.H, x.Hk = p.kv_heads();
     x.band = key_band(p);
@@ -855,7 +855,7 @@ Extensions extensions_of(const Problem& p, const ExtensionInputs& in, float* dS_
 
 template <typename T, int kD, int kStep, bool kExactD, bool kExt>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
-            T* dK, T* dV, void* workspace, const ExtensionInputs& in, cudaStream_t stream) {
+            T* dK, T* dV, void* workspace, const ExtensionPointers& in, cudaStream_t stream) {
     const int BH = p.B * p.H, Nq_pad = padded_rows(p);
     const size_t rows = workspace_rows(p);
     // Workspace: lse_log2 [rows], D [rows], then the dQ accumulator [rows, kD] (atomics) or, with a shared bias under
@@ -924,7 +924,7 @@ constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
-                        const ExtensionInputs& ext, cudaStream_t stream) {
+                        const ExtensionPointers& ext, cudaStream_t stream) {
     auto in = [](const void* x) { return static_cast<const T*>(x); };
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
@@ -966,7 +966,7 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
 template <typename T>
 std::string launch_for_d(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                          const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
-                         const ExtensionInputs& ext, cudaStream_t stream) {
+                         const ExtensionPointers& ext, cudaStream_t stream) {
     switch (v2_backward_mma_head_dim_tile(p.d)) {
         case 64: return launch_step<T, 64>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
         case 128: return launch_step<T, 128>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
@@ -1039,7 +1039,7 @@ std::string v2_backward_mma(const Problem& p, const void* Q, const void* K, cons
     if (p.has_bias() && (!bias || !dbias)) return "v2 backward (mma): --bias needs the bias and dbias device pointers";
     if (p.varlen() && (!cu_seqlens_q || !cu_seqlens_k))
         return "v2 backward (mma): --seqlens needs the cu_seqlens_q and cu_seqlens_k device pointers";
-    const ExtensionInputs ext{bias, dbias, cu_seqlens_q, cu_seqlens_k};
+    const ExtensionPointers ext{bias, dbias, cu_seqlens_q, cu_seqlens_k};
     if (p.dtype == DType::fp16)
         return launch_for_d<__half>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
     return launch_for_d<__nv_bfloat16>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
