@@ -166,7 +166,9 @@ TEST_CASE("v2 backward with the extensions: fp16/bf16 final kernel only, pointer
     p.kernel = int(v2_backward_steps().size());  // the final step by number
     CHECK(v2_backward_unsupported(p).empty());
     p.kernel = 0, p.dtype = DType::fp32;
-    CHECK(v2_backward_unsupported(p).find("fp32 backward does not have") != std::string::npos);
+    // fp32: its CPU model has the extensions (so the stage accepts the problem), its GPU kernel refuses them
+    CHECK_THROWS_WITH_AS(v2_backward(p, BackwardArgs{}), doctest::Contains("v2 fp32 (CUDA cores) does not have"),
+                         std::invalid_argument);
     p.dtype = DType::bf16, p.bias_batch = 1, p.bias_heads = p.H;
     // every pointer null: the reason comes back before anything launches (no GPU needed)
     CHECK(v2_backward_mma(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,

@@ -30,9 +30,6 @@ std::string v2_unsupported(const Problem& p) {
 
 std::string v2_backward_unsupported(const Problem& p) {
     if (std::string why = common_refusal(p); !why.empty()) return why;
-    if (p.dtype == DType::fp32 && p.has_extensions())
-        return "the v2 fp32 backward does not have --kv-heads, --window, --dropout, --bias, --alibi or --seqlens (the "
-               "fp16/bf16 backward does; the CPU model: --cpu)";
     if (p.dtype == DType::fp32)
         return p.deterministic ? "v2 --deterministic is a tensor-core backward (use --dtype fp16 or bf16); the fp32 "
                                  "backward adds dQ with atomics"
@@ -43,7 +40,8 @@ std::string v2_backward_unsupported(const Problem& p) {
 
 size_t v2_workspace_bytes(const Problem&) { return 0; }
 
-// The forward has them in the tensor-core kernel (forward_mma.cu), not in the fp32 one.
+// Both passes have them in the tensor-core kernels (forward_mma.cu, backward_mma.cu), not in the fp32 ones (their
+// CPU model has them: the stage program refuses fp32 with extensions on a GPU only).
 const char* const kNoFp32Extensions = "v2 fp32 (CUDA cores) does not have --kv-heads, --window, --dropout, --bias, "
                                       "--alibi or --seqlens (--dtype fp16 or bf16 runs them on tensor cores)";
 
@@ -59,6 +57,7 @@ size_t v2_backward_workspace_bytes(const Problem& p) {
 }
 
 void v2_backward(const Problem& p, const BackwardArgs& a) {
+    if (p.has_extensions() && p.dtype == DType::fp32) throw std::invalid_argument(kNoFp32Extensions);
     if (std::string why = v2_backward_unsupported(p); !why.empty()) throw std::invalid_argument(why);
     const std::string why = p.dtype == DType::fp32 ? v2_backward_fp32(p, a)
                                                    : v2_backward_mma(p, a.q, a.k, a.v, a.o, a.lse, a.dO, a.dq, a.dk,
