@@ -110,7 +110,9 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
         return {o, lse};
     }
 #endif
-    why = v2_forward_mma(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(), stream);
+    why = v2_forward_mma(p, {q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(),
+                             /*workspace=*/nullptr},
+                         stream);
     TORCH_CHECK(why.empty(), "flash_scratch.attention: ", why);
     return {o, lse};
 }
