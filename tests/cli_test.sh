@@ -147,6 +147,64 @@ if [ -x bin/v2 ]; then
     for f in o lse dq dk dv; do
         [ -s "$tmp/bwd/$f.npy" ] || { echo "FAIL: --backward --save wrote no $f.npy"; fails=$((fails + 1)); }
     done
+    # a packed batch through --load (cu_seqlens_q.npy, cu_seqlens_k.npy, int32, as FlashAttention takes them): two
+    # sequences of equal lengths must give the padded batch's numbers, rows permuted from [B, H, N, d] to [T, H, d]
+    if python3 - "$tmp/pk" <<'PY' 2>/dev/null; then
+import os, random, struct, sys
+def write(path, shape, values, descr="<f4"):
+    h = "{'descr': '%s', 'fortran_order': False, 'shape': (%s,), }" % (descr, ", ".join(map(str, shape)))
+    h += " " * ((64 - (10 + len(h) + 1) % 64) % 64) + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode())
+        f.write(struct.pack("<%d%s" % (len(values), "i" if descr == "<i4" else "f"), *values))
+d = sys.argv[1]
+B, H, Nq, Nk, D = 2, 2, 9, 13, 16
+for sub in ("padded", "packed", "bad_end", "no_k", "float_cu", "zero_len"):
+    os.makedirs("%s/%s" % (d, sub), exist_ok=True)
+for name, N in (("q", Nq), ("k", Nk), ("v", Nk), ("do", Nq)):
+    x = [random.gauss(0, 1) for _ in range(B * H * N * D)]  # [B, H, N, d]
+    write("%s/padded/%s.npy" % (d, name), (B, H, N, D), x)
+    packed = [x[((b * H + h) * N + n) * D + c] for b in range(B) for n in range(N) for h in range(H) for c in range(D)]
+    for sub in ("packed", "bad_end", "no_k", "float_cu", "zero_len"):
+        write("%s/%s/%s.npy" % (d, sub, name), (B * N, H, D), packed)
+for sub in ("packed", "bad_end", "no_k", "float_cu", "zero_len"):
+    write("%s/%s/cu_seqlens_q.npy" % (d, sub), (3,), [0, Nq, 2 * Nq], "<i4")
+for sub, cu_k in (("packed", [0, Nk, 2 * Nk]), ("bad_end", [0, Nk, 2 * Nk - 1]), ("zero_len", [0, 2 * Nk, 2 * Nk])):
+    write("%s/%s/cu_seqlens_k.npy" % (d, sub), (3,), cu_k, "<i4")
+write("%s/float_cu/cu_seqlens_k.npy" % d, (3,), [0.0, Nk, 2 * Nk])
+PY
+        expect 0 bin/v2 --load "$tmp/pk/padded" --causal --cpu --backward --save "$tmp/pk/padded/out"
+        expect 0 bin/v2 --load "$tmp/pk/packed" --causal --cpu --backward --check --save "$tmp/pk/packed/out"
+        python3 - "$tmp/pk" <<'PY' || { echo "FAIL: a packed --load must give the padded batch's outputs and gradients"; fails=$((fails + 1)); }
+import struct, sys
+def read(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<H", raw[8:10])[0]
+    body = raw[10 + n:]
+    return struct.unpack("<%df" % (len(body) // 4), body)
+d = sys.argv[1]
+B, H, Nq, Nk, D = 2, 2, 9, 13, 16
+worst = 0.0
+for name, N, width in (("o", Nq, D), ("dq", Nq, D), ("dk", Nk, D), ("dv", Nk, D), ("lse", Nq, 1)):
+    padded, packed = read("%s/padded/out/%s.npy" % (d, name)), read("%s/packed/out/%s.npy" % (d, name))
+    for b in range(B):
+        for h in range(H):
+            for n in range(N):
+                for c in range(width):
+                    want = padded[((b * H + h) * N + n) * width + c]
+                    got = packed[h * B * N + b * N + n] if name == "lse" else packed[((b * N + n) * H + h) * D + c]
+                    worst = max(worst, abs(got - want))
+print("packed vs padded: max abs difference %.3g" % worst)
+sys.exit(0 if worst <= 1e-5 else 1)
+PY
+        expect 2 bin/v2 --load "$tmp/pk/bad_end" --cpu       # cu_seqlens_k must end at k.npy's tokens
+        expect 2 bin/v2 --load "$tmp/pk/no_k" --cpu          # both cu_seqlens files
+        expect 2 bin/v2 --load "$tmp/pk/float_cu" --cpu      # int32, as FlashAttention's interface takes them
+        expect 2 bin/v2 --load "$tmp/pk/zero_len" --cpu     # every sequence at least one token
+        expect 2 bin/v2 --load "$tmp/pk/packed" --seqlens 9,9  # the lengths come from the files
+        expect 2 bin/v1 --load "$tmp/pk/packed"              # a packed batch is a v2 feature
+    fi
     if ! nvidia-smi >/dev/null 2>&1; then  # without a GPU --bench times nothing and must say so
         expect 0 bin/v2 $small --bench
         grep -q "nothing is timed" "$tmp/out" && ! grep -q "^csv," "$tmp/out" ||

@@ -196,6 +196,9 @@ Timing time_gpu(const std::function<void()>& fn, int reps, int warmup = 3, doubl
 // ------------------------------------------------------------------------------------------------------ .npy
 // float32, little-endian, C order only. Errors are one line in *err.
 bool npy_read(const std::string& path, std::vector<float>* data, std::vector<size_t>* shape, std::string* err);
+// The same for int32 ('<i4'): a packed batch's cu_seqlens_q.npy and cu_seqlens_k.npy.
+bool npy_read_int32(const std::string& path, std::vector<int32_t>* data, std::vector<size_t>* shape,
+                    std::string* err);
 bool npy_write(const std::string& path, const std::vector<float>& data, const std::vector<size_t>& shape,
                std::string* err);
 

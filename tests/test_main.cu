@@ -138,8 +138,8 @@ int main(int argc, char** argv) {
     std::printf("\n%zu test cases ran%s:\n", g_ran.size(), g_gpu ? "" : " on the CPU (reference, CPU models, harness)");
     for (const std::string& line : g_ran) std::printf("  %s\n", line.c_str());
     // The summary again as the last line, after the lists: test cases run, passed, failed, and GPU tests skipped.
-    std::printf("tests: %zu test cases ran: %d passed, %d failed; %zu GPU tests skipped (no CUDA device)\n", g_ran.size(),
-                g_passed, g_failed, g_skipped.size());
+    std::printf("tests: %zu test cases ran: %d passed, %d failed; %zu GPU tests skipped%s\n", g_ran.size(), g_passed,
+                g_failed, g_skipped.size(), g_skipped.empty() ? "" : " (no CUDA device)");
     const char* require = std::getenv("REQUIRE_GPU");
     if (!g_skipped.empty() && require && std::string(require) == "1") {
         std::printf("REQUIRE_GPU=1: GPU tests were skipped, failing\n");

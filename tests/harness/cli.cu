@@ -220,7 +220,8 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             return *err = "--seqlens-q and --seqlens-k must list the same number of sequences", false;
         if (have_n || have_nq || have_nk || have_batch)
             return *err = "--seqlens sets the batch and the lengths; --batch, --n, --nq and --nk cannot be combined with it", false;
-        if (!r.load_dir.empty()) return *err = "--seqlens cannot be combined with --load yet (packed .npy input is not read)", false;
+        if (!r.load_dir.empty())
+            return *err = "--load takes a packed batch's lengths from cu_seqlens_q.npy and cu_seqlens_k.npy; --seqlens cannot be combined with it", false;
         if (r.p.has_bias()) return *err = "--seqlens cannot be combined with --bias (a [B, H, Nq, Nk] bias has no packed form)", false;
         r.p.B = int(r.p.seqlens_q.size());
         r.p.Nq = *std::max_element(r.p.seqlens_q.begin(), r.p.seqlens_q.end());

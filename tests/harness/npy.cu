@@ -1,5 +1,5 @@
-// npy.cu: NumPy's .npy format, version 1.0 and 2.0, float32 little-endian C order only, so any stage's inputs
-// and outputs can be exchanged with NumPy or PyTorch (np.load / np.save).
+// npy.cu: NumPy's .npy format, version 1.0 and 2.0, float32 little-endian C order (int32 for a packed batch's
+// cu_seqlens), so any stage's inputs and outputs can be exchanged with NumPy or PyTorch (np.load / np.save).
 #include <cstring>
 #include <fstream>
 #include <regex>
@@ -9,7 +9,11 @@
 
 // The header is untrusted input: every size is checked against the file's length before anything is allocated,
 // and only a regular file is opened (a FIFO or a device named q.npy would block or never end).
-bool npy_read(const std::string& path, std::vector<float>* data, std::vector<size_t>* shape, std::string* err) {
+// T is float (descr '<f4', "float32") or int32_t ('<i4', "int32"): 4-byte little-endian values either way.
+template <typename T>
+bool npy_read_as(const std::string& path, const char* descr, const char* type_name, std::vector<T>* data,
+                 std::vector<size_t>* shape, std::string* err) {
+    static_assert(sizeof(T) == 4, "4-byte values");
     struct stat st;
     if (stat(path.c_str(), &st) != 0) return *err = path + ": cannot open", false;
     if (!S_ISREG(st.st_mode)) return *err = path + ": not a regular file", false;
@@ -37,14 +41,15 @@ bool npy_read(const std::string& path, std::vector<float>* data, std::vector<siz
     std::smatch m;
     if (!std::regex_search(header, m, std::regex("'descr'\\s*:\\s*'([^']*)'")))
         return *err = path + ": header has no dtype", false;
-    if (m[1] != "<f4") return *err = path + ": dtype is " + std::string(m[1]) + ", expected float32 ('<f4')", false;
+    if (m[1] != descr)
+        return *err = path + ": dtype is " + std::string(m[1]) + ", expected " + type_name + " ('" + descr + "')", false;
     if (!std::regex_search(header, m, std::regex("'fortran_order'\\s*:\\s*(True|False)")) || m[1] != "False")
         return *err = path + ": must be C order (fortran_order False)", false;
     if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)")))
         return *err = path + ": header has no shape", false;
     // The shape: whole non-negative numbers separated by commas, e.g. "(2, 3)", "(4,)" or "()".
     shape->clear();
-    const size_t available = (file_bytes - data_offset) / 4;  // float32 values the file holds
+    const size_t available = (file_bytes - data_offset) / 4;  // values the file holds
     size_t count = 1;
     const std::string dims = m[1];
     size_t pos = 0;
@@ -62,18 +67,27 @@ bool npy_read(const std::string& path, std::vector<float>* data, std::vector<siz
         shape->push_back(dim);
         // Checked before multiplying, so the product never overflows: a shape larger than the file is refused.
         if (dim != 0 && count > available / dim)
-            return *err = path + ": truncated data (the shape needs more float32 values than the file's " +
+            return *err = path + ": truncated data (the shape needs more " + type_name + " values than the file's " +
                           std::to_string(available) + ")", false;
         count *= dim;
     }
     if (count != available)
-        return *err = path + ": the shape holds " + std::to_string(count) + " float32 values but the file " +
+        return *err = path + ": the shape holds " + std::to_string(count) + " " + type_name + " values but the file " +
                       (count < available ? "has more data after them" : "is truncated") + " (" +
                       std::to_string(available) + " values)", false;
     data->resize(count);
     if (!f.read(reinterpret_cast<char*>(data->data()), count * 4))
-        return *err = path + ": truncated data (expected " + std::to_string(count) + " float32 values)", false;
+        return *err = path + ": truncated data (expected " + std::to_string(count) + " " + type_name + " values)", false;
     return true;
+}
+
+bool npy_read(const std::string& path, std::vector<float>* data, std::vector<size_t>* shape, std::string* err) {
+    return npy_read_as(path, "<f4", "float32", data, shape, err);
+}
+
+bool npy_read_int32(const std::string& path, std::vector<int32_t>* data, std::vector<size_t>* shape,
+                    std::string* err) {
+    return npy_read_as(path, "<i4", "int32", data, shape, err);
 }
 
 bool npy_write(const std::string& path, const std::vector<float>& data, const std::vector<size_t>& shape,

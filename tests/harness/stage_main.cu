@@ -46,26 +46,70 @@ struct Summary {
     bool ok = true;
 };
 
+// A float32 tensor of `dims` dimensions: 4, [B, H, N, d]; 3 in a packed batch, [T, H, d].
 bool load_tensor(const std::string& dir, const char* name, std::vector<float>* data, std::vector<size_t>* shape,
-                 std::string* err) {
+                 std::string* err, size_t dims = 4) {
     if (!npy_read(dir + "/" + name, data, shape, err)) return false;
-    if (shape->size() != 4) return *err = dir + "/" + name + ": expected 4 dimensions [B,H,N,d]", false;
+    if (shape->size() != dims)
+        return *err = dir + "/" + name + (dims == 4 ? ": expected 4 dimensions [B,H,N,d]"
+                                                    : ": expected 3 dimensions [T,H,d] (a packed batch)"), false;
     for (size_t s : *shape)
         if (s == 0 || s > size_t(INT_MAX)) return *err = dir + "/" + name + ": a dimension is 0 or too large", false;
     return true;
 }
 
-// Reads q, k, v (and dO for the backward pass) and sets the problem's sizes from their shapes.
+// A packed batch's sequence lengths from cu_seqlens (FlashAttention's form: {0, n_0, n_0 + n_1, ..., T}, int32):
+// B + 1 entries from 0, each sequence at least one token long, the last one the tokens of its tensor.
+bool load_seqlens(const std::string& dir, const char* name, size_t tokens, std::vector<int>* lengths, std::string* err) {
+    std::vector<int32_t> cu;
+    std::vector<size_t> shape;
+    if (!npy_read_int32(dir + "/" + name, &cu, &shape, err)) return false;
+    const std::string file = dir + "/" + name;
+    if (shape.size() != 1 || cu.size() < 2)
+        return *err = file + ": expected one dimension of B + 1 >= 2 entries {0, n_0, n_0 + n_1, ..., T}", false;
+    if (cu[0] != 0) return *err = file + ": must start at 0", false;
+    lengths->clear();
+    for (size_t s = 1; s < cu.size(); ++s) {
+        if (cu[s] <= cu[s - 1]) return *err = file + ": must increase (every sequence at least one token)", false;
+        lengths->push_back(cu[s] - cu[s - 1]);
+    }
+    if (size_t(cu.back()) != tokens)
+        return *err = file + ": ends at " + std::to_string(cu.back()) + ", but its tensor has " +
+                      std::to_string(tokens) + " tokens", false;
+    return true;
+}
+
+// Reads q, k, v (and dO for the backward pass) and sets the problem's sizes from their shapes. With
+// cu_seqlens_q.npy in the folder the batch is packed: q, dO [Tq, H, d], k, v [Tk, Hk, d], and cu_seqlens_q.npy,
+// cu_seqlens_k.npy give the sequences (as FlashAttention's varlen interface takes them).
 bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err) {
     std::vector<size_t> sq, sk, sv, sdo;
-    if (!load_tensor(o.load_dir, "q.npy", &in->q, &sq, err) || !load_tensor(o.load_dir, "k.npy", &in->k, &sk, err) ||
-        !load_tensor(o.load_dir, "v.npy", &in->v, &sv, err))
+    struct stat st;
+    const bool packed = stat((o.load_dir + "/cu_seqlens_q.npy").c_str(), &st) == 0;
+    const size_t dims = packed ? 3 : 4;
+    if (!load_tensor(o.load_dir, "q.npy", &in->q, &sq, err, dims) ||
+        !load_tensor(o.load_dir, "k.npy", &in->k, &sk, err, dims) ||
+        !load_tensor(o.load_dir, "v.npy", &in->v, &sv, err, dims))
         return false;
     if (sk != sv) return *err = "k.npy and v.npy must have the same shape", false;
-    if (sq[0] != sk[0] || sq[3] != sk[3] || sk[1] == 0 || sq[1] % sk[1] != 0)
-        return *err = "q.npy and k.npy must agree in B and d, and k.npy's heads must divide q.npy's (grouped-query attention)", false;
-    p->B = int(sq[0]), p->H = int(sq[1]), p->Nq = int(sq[2]), p->Nk = int(sk[2]), p->d = int(sq[3]);
-    p->Hk = int(sk[1]);
+    if (packed) {  // [T, H, d]: the heads and d are dimensions 1 and 2
+        if (sq[2] != sk[2] || sq[1] % sk[1] != 0)
+            return *err = "q.npy and k.npy must agree in d, and k.npy's heads must divide q.npy's (grouped-query attention)", false;
+        if (!load_seqlens(o.load_dir, "cu_seqlens_q.npy", sq[0], &p->seqlens_q, err) ||
+            !load_seqlens(o.load_dir, "cu_seqlens_k.npy", sk[0], &p->seqlens_k, err))
+            return false;
+        if (p->seqlens_q.size() != p->seqlens_k.size())
+            return *err = "cu_seqlens_q.npy and cu_seqlens_k.npy must list the same number of sequences", false;
+        if (p->has_bias()) return *err = "--bias cannot be combined with a packed batch (a [B, H, Nq, Nk] bias has no packed form)", false;
+        p->B = int(p->seqlens_q.size()), p->H = int(sq[1]), p->Hk = int(sk[1]), p->d = int(sq[2]);
+        p->Nq = *std::max_element(p->seqlens_q.begin(), p->seqlens_q.end());
+        p->Nk = *std::max_element(p->seqlens_k.begin(), p->seqlens_k.end());
+    } else {
+        if (sq[0] != sk[0] || sq[3] != sk[3] || sk[1] == 0 || sq[1] % sk[1] != 0)
+            return *err = "q.npy and k.npy must agree in B and d, and k.npy's heads must divide q.npy's (grouped-query attention)", false;
+        p->B = int(sq[0]), p->H = int(sq[1]), p->Nq = int(sq[2]), p->Nk = int(sk[2]), p->d = int(sq[3]);
+        p->Hk = int(sk[1]);
+    }
     if (p->has_bias()) {  // --bias with --load: bias.npy, [B or 1, H or 1, Nq, Nk]
         std::vector<size_t> sb;
         if (!load_tensor(o.load_dir, "bias.npy", &in->bias, &sb, err)) return false;
@@ -74,7 +118,7 @@ bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err
         p->bias_batch = int(sb[0]), p->bias_heads = int(sb[1]);
     }
     if (o.backward) {
-        if (!load_tensor(o.load_dir, "do.npy", &in->dO, &sdo, err)) return false;
+        if (!load_tensor(o.load_dir, "do.npy", &in->dO, &sdo, err, dims)) return false;
         if (sdo != sq) return *err = "do.npy must have the shape of q.npy", false;
     }
     for (auto* t : {&in->q, &in->k, &in->v, &in->dO, &in->bias})
@@ -89,8 +133,8 @@ bool load_inputs(const Options& o, Problem* p, HostTensors* in, std::string* err
     // Every score scale * q_i . k_j, and every partial sum of its products, is at most scale * |q_i| |k_j|. Kept
     // under 1e37, the kernels' fp32 products, sums and the exp2 scaling (x 1.44) cannot overflow FLT_MAX (3.4e38).
     double q_norm = 0, k_norm = 0;
-    for (auto [t, n, norm] : {std::tuple{&in->q, p->Nq, &q_norm}, std::tuple{&in->k, p->Nk, &k_norm}})
-        for (size_t r = 0; r < size_t(p->B) * p->H * n; ++r) {
+    for (auto [t, norm] : {std::pair{&in->q, &q_norm}, std::pair{&in->k, &k_norm}})
+        for (size_t r = 0; r < t->size() / p->d; ++r) {  // every row of d values, padded layout or packed
             double n2 = 0;
             for (int c = 0; c < p->d; ++c) n2 += double((*t)[r * p->d + c]) * (*t)[r * p->d + c];
             *norm = std::max(*norm, std::sqrt(n2));
