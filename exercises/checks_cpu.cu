@@ -339,6 +339,55 @@ Exercise causal_skip_model() {
               }}}};
 }
 
+Exercise window_skip_model() {
+    return {"window-skip-model",
+            {{"values", "the window's mask is applied per score; the walk must hold every key a row sees (row i sits at key i + Nk - Nq and sees L keys left of it, R right; -1: unbounded)",
+              [] {
+                  struct Case {
+                      int Nq, Nk, d, left, right;
+                      bool causal;
+                  };
+                  for (const Case& c : {Case{100, 200, 64, 20, 5, false}, Case{150, 150, 32, 0, 0, false},
+                                        Case{90, 300, 64, -1, 30, false}, Case{200, 120, 16, 40, -1, true},
+                                        Case{70, 70, 40, 3, 200, false}}) {
+                      Problem p = small_problem(c.Nq, c.Nk, c.d, c.causal);
+                      p.window_left = c.left, p.window_right = c.right;
+                      const HostTensors in = make_inputs(p, Dist::normal, 6);
+                      const Outputs out = cpu_run(v2_model_forward)(p, in);
+                      for (const Comparison& cmp : compare_forward(p, in, out.o, out.lse))
+                          if (!cmp.ok)
+                              return CheckResult{false, describe(p, Dist::normal) + " window " + std::to_string(c.left) +
+                                                            "," + std::to_string(c.right) + ", vs float64:\n" + cmp.report};
+                  }
+                  return CheckResult{true, "5 windows (one-sided, zero-width, wider than the keys, with causal) match float64"};
+              }},
+             {"tiles-visited", "a Q tile walks from the K/V tile of the first key its FIRST row sees to the tile of the last key its LAST row sees, none outside",
+              [] {
+                  for (auto [N, d, left, right] : {std::tuple{512, 64, 40, 10}, {512, 32, 0, 0}, {384, 64, 200, 100}}) {
+                      Problem p = small_problem(N, N, d, false);
+                      p.window_left = left, p.window_right = right;
+                      const V2Tiles tiles = v2_fp32_forward_tiles(d);
+                      ModelTraffic t;
+                      std::vector<float> o, lse;
+                      v2_model_forward(p, make_inputs(p, Dist::normal, 4), &o, &lse, &t);
+                      // The tiles a Q tile needs, by brute force over its rows' bands (N is a multiple of Br and Bc).
+                      double want = 0;
+                      for (int q0 = 0; q0 < N; q0 += tiles.Br) {
+                          int lo = N, hi = 0;
+                          for (int i = q0; i < q0 + tiles.Br; ++i)
+                              lo = std::min(lo, visible_keys(p, i).begin), hi = std::max(hi, visible_keys(p, i).end);
+                          if (hi > lo) want += (hi - 1) / tiles.Bc - lo / tiles.Bc + 1;
+                      }
+                      const double BH = p.B * p.H, per_tile = 2.0 * tiles.Bc * d;  // K_j and V_j
+                      const double visited = (t.reads / BH - double(N) * d) / per_tile;
+                      if (visited != want)
+                          return counted(false, "K/V tiles visited per head, N=" + std::to_string(N) + " d=" + std::to_string(d) +
+                                                    " window " + std::to_string(left) + "," + std::to_string(right), visited, want);
+                  }
+                  return CheckResult{true, "K/V tiles visited equal the tiles the rows' bands touch, on 3 windows"};
+              }}}};
+}
+
 struct Grads {
     std::vector<float> dq, dk, dv;
 };
@@ -401,6 +450,7 @@ Exercise deterministic_dq_model() {
 const std::vector<Exercise>& cpu_exercises() {
     static const std::vector<Exercise> all = {softmax_3pass_model(),     online_merge(),         online_rows_model(),
                                               fa1_block_sizes(),         fa1_inner_loop_model(), fa2_deferred_norm_model(),
-                                              causal_skip_model(),       backward_ds_model(),    deterministic_dq_model()};
+                                              causal_skip_model(),       window_skip_model(),    backward_ds_model(),
+                                              deterministic_dq_model()};
     return all;
 }

@@ -31,6 +31,7 @@ TEST_CASE("exercise fa1-block-sizes") { run_exercise(cpu_exercises(), "fa1-block
 TEST_CASE("exercise fa1-inner-loop-model") { run_exercise(cpu_exercises(), "fa1-inner-loop-model"); }
 TEST_CASE("exercise fa2-deferred-norm-model") { run_exercise(cpu_exercises(), "fa2-deferred-norm-model"); }
 TEST_CASE("exercise causal-skip-model") { run_exercise(cpu_exercises(), "causal-skip-model"); }
+TEST_CASE("exercise window-skip-model") { run_exercise(cpu_exercises(), "window-skip-model"); }
 TEST_CASE("exercise backward-ds-model") { run_exercise(cpu_exercises(), "backward-ds-model"); }
 TEST_CASE("exercise deterministic-dq-model") { run_exercise(cpu_exercises(), "deterministic-dq-model"); }
 TEST_CASE("GPU exercise block-reduction") { run_exercise(gpu_exercises(), "block-reduction"); }

@@ -45,12 +45,14 @@ bool window_skips(const Problem& p, int q0, int rows, int key0, int cols) {
 // The K/V tiles a Q tile of rows [q0, q0 + rows) walks, with a window: from the tile holding the first key its
 // first row sees (the tiles left of the band are skipped) to kv_end (the causal walk), narrowed to the window's
 // right edge for its last row. Without a window: 0 and kv_end.
+// EXERCISE(window-skip-model): the first K/V tile and the end of the keys a Q tile walks under a sliding window
 int first_tile_key(const Problem& p, int q0, int Bc) { return visible_keys(p, q0).begin / Bc * Bc; }
 int last_key_end(const Problem& p, int q0, int rows, int kv_end) {
     if (p.window_right < 0) return kv_end;
     const long edge = long(q0 + rows - 1) + p.Nk - p.Nq + p.window_right + 1;
     return int(std::clamp(edge, 0L, long(kv_end)));
 }
+// END EXERCISE
 
 }  // namespace
 
