@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <numeric>
 #include <stdexcept>
 
 #include "test_support.h"
@@ -107,10 +108,10 @@ TEST_CASE("v3 tile schedule: visited K/V tiles hold every key a row sees, no til
 }
 
 TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file and the tiles fit shared memory") {
-    REQUIRE(v3_forward_steps().size() == 6);
+    REQUIRE(v3_forward_steps().size() == 7);
     for (int d : {64, 128}) {
         V3Config prev{};
-        for (int k = 1; k <= 6; ++k) {
+        for (int k = 1; k <= 7; ++k) {
             INFO("d " << d << " step " << k);
             V3Config c;
             REQUIRE(v3_config(k, d, &c).empty());
@@ -119,29 +120,73 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
             CHECK(c.smem_bytes <= 227 * 1024);  // the most an sm_90 block may ask for
             CHECK(c.stages >= 2);
             if (c.warp_specialised) CHECK(128 * 24 + 128 * c.consumers * 240 <= 65536);  // setmaxnreg totals
+            // Step 7's one idea, the persistent grid, takes the TMA store back out (Q_i's space is refilled early).
             const int added = (c.warp_specialised != prev.warp_specialised) + (c.ping_pong != prev.ping_pong) +
-                              (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store) +
-                              (k > 1 && c.stages != prev.stages);
+                              (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store && k != 7) +
+                              (k > 1 && c.stages != prev.stages) + (c.persistent != prev.persistent);
             CHECK(added == (k == 1 ? 0 : 1));
+            CHECK(c.tma_store == (k == 5 || k == 6));
+            CHECK(c.persistent == (k == 7));
             CHECK(c.stages == (k < 6 ? 2 : d == 64 ? 4 : 3));
+            CHECK(c.smem_bytes >= c.Br * d * 2 + 2 * c.stages * c.Bc * d * 2 + 8 * (2 * c.stages + 2));
             prev = c;
         }
     }
     V3Config c;
     CHECK(one_line(v3_config(0, 64, &c)));
-    CHECK(one_line(v3_config(7, 64, &c)));
+    CHECK(one_line(v3_config(8, 64, &c)));
     CHECK(one_line(v3_config(1, 96, &c)));
+}
+
+TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives every CTA an equal share") {
+    // The work of a tile is the K/V tiles it visits; a CTA's share is the sum over its tiles (v3_kv_tiles).
+    for (bool causal : {false, true})
+        for (bool persistent : {false, true})
+            for (int N : {1, 77, 1000, 1024, 4096, 16384})
+                for (int heads : {1, 3, 16, 256})
+                    for (int sms : {7, 132}) {
+                        INFO("causal " << causal << " persistent " << persistent << " N " << N << " heads " << heads
+                                       << " SMs " << sms);
+                        const V3TileOrder order = v3_tile_order(N, 128, heads, persistent, causal);
+                        const int ctas = order.ctas(sms);
+                        CHECK(ctas == (persistent ? std::min(sms, (order.positions + order.per_turn - 1) / order.per_turn)
+                                                  : order.positions));
+                        std::vector<int> seen(size_t(order.positions), 0);
+                        std::vector<long> share(size_t(ctas), 0);
+                        for (int b = 0; b < ctas; ++b)
+                            for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
+                                int bh, i;
+                                order.tile(pos, &bh, &i);
+                                REQUIRE((bh >= 0 && bh < heads && i >= 0 && i < order.n_q));
+                                ++seen[size_t(bh) * order.n_q + i];
+                                share[size_t(b)] += v3_kv_tiles(i * 128, 128, N, N, 128, causal).n_tiles;
+                            }
+                        CHECK(std::count(seen.begin(), seen.end(), 1) == order.positions);  // each tile exactly once
+                        if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
+                            const long most = *std::max_element(share.begin(), share.end());
+                            const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
+                            CHECK(most <= 1.1 * mean);
+                        }
+                    }
+    // Without the pairs, one causal tile a turn in last-first order: at N = 1024 (8 Q tiles) and 132 CTAs, CTA b
+    // gets tiles b % 8 and (b + 4) % 8 of a head in turn, and the busiest CTA has about twice the least busy's work.
+    const V3TileOrder single{8, 8 * 256, 1, true, false};
+    std::vector<long> share(132, 0);
+    for (int b = 0; b < 132; ++b)
+        for (int pos = single.first(b); pos < single.positions; pos = single.next(pos, 132))
+            share[size_t(b)] += v3_kv_tiles((8 - 1 - pos % 8) * 128, 128, 1024, 1024, 128, true).n_tiles;
+    CHECK(*std::max_element(share.begin(), share.end()) >= 1.8 * *std::min_element(share.begin(), share.end()));
 }
 
 TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry points never exit") {
     Problem p;
     p.d = 64, p.dtype = DType::fp16;
-    for (int k = 0; k <= 6; ++k) {
+    for (int k = 0; k <= 7; ++k) {
         p.kernel = k;
         CHECK_MESSAGE(v3_unsupported(p).empty(), "step " << k);
     }
     std::vector<std::string> refusals;
-    p.kernel = 7;
+    p.kernel = 8;
     refusals.push_back(v3_unsupported(p));
     p.kernel = -1;
     refusals.push_back(v3_unsupported(p));
@@ -151,10 +196,12 @@ TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry point
     refusals.push_back(v3_unsupported(p));
     p.dtype = DType::fp16, p.d = 96;
     refusals.push_back(v3_unsupported(p));
-    p.d = 64, p.B = 1000, p.H = 1000;
+    p.d = 64, p.B = 50000, p.H = 50000;  // 2.5e9 Q tiles
     refusals.push_back(v3_unsupported(p));
     for (const std::string& why : refusals) CHECK(one_line(why));
-    p.kernel = 6, p.dtype = DType::bf16, p.B = 1, p.H = 1;
+    p.B = 1000, p.H = 1000;  // over the 65535 heads a 2-D grid would allow: the grid is 1-D
+    CHECK(v3_unsupported(p).empty());
+    p.kernel = 7, p.dtype = DType::bf16, p.B = 1, p.H = 1;
     CHECK(v3_unsupported(p).empty());
     // Null pointers: a launch would fault, so the reason must come back before anything launches.
     p.d = 96;
@@ -205,6 +252,37 @@ TEST_CASE("GPU v3 every step matches float64 and v2 over the shape matrix") {
                 check_against(label + "vs v2 " + c.name(), p, in, got, v2);
             }
         }
+}
+
+// The shape matrix has few Q tiles, so every CTA of step 7 gets one. Here 450 heads of 4 Q tiles give each CTA many,
+// the first of every head's tiles sees no key at all (causal, Nq - Nk = 200 rows: O = 0 without a Q load), and step
+// 7 must give step 6's bits: the same arithmetic per tile, whatever tiles a CTA walked before.
+TEST_CASE("GPU v3 persistent step: many Q tiles a CTA, step 6's bits") {
+    if (const std::string why = v3_gpu_unusable(); !why.empty()) {
+        MESSAGE("v3 GPU tests not run: " << why);
+        return;
+    }
+    for (DType t : {DType::fp16, DType::bf16})
+        for (int d : {64, 128})
+            for (bool causal : {false, true}) {
+                Case c = make_case(400, 200, d, causal, Dist::normal, t);
+                c.p.B = 3, c.p.H = 150;
+                const HostTensors in = make_inputs(c.p, c.dist, 7);
+                Problem p6 = c.p, p7 = c.p;
+                p6.kernel = 6, p7.kernel = 7;
+                if (t != DType::fp16) p6.kernel = 0, p7.kernel = 0;  // bf16 has the final step only: check it alone
+                const Outputs a = gpu_forward(p7, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                if (t == DType::fp16) {
+                    const Outputs b = gpu_forward(p6, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                    CHECK_MESSAGE(a.o == b.o, c.name());
+                    CHECK_MESSAGE(a.lse == b.lse, c.name());
+                } else {
+                    check_against(c.name() + " vs v2", c.p, in, a, v2_on(c.p, in));
+                }
+                const size_t masked_rows = causal ? 200 : 0;  // rows 0..199 of every head see no key
+                for (size_t bh = 0; bh < 450; ++bh)
+                    for (size_t r = 0; r < masked_rows; ++r) REQUIRE(a.lse[bh * 400 + r] == -INFINITY);
+            }
 }
 
 // Run twice, the same bits: a missing wgmma wait or barrier shows up as outputs that change from run to run.

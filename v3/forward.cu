@@ -27,6 +27,8 @@
 //   4 overlap      inside a warpgroup, the softmax of S_j runs while O += P_{j-1} V_{j-1} is still in flight
 //   5 tma-store    O_i leaves through shared memory (Q_i's space) and a TMA store
 //   6 deep-ring    the K/V ring holds 3 tiles (4 at d = 64) instead of 2: the producer runs further ahead
+//   7 persistent   a CTA per SM walks many Q tiles; the producer loads the next Q_i and its first K/V tiles while
+//                  the consumers finish the last one (O leaves from registers again: Q_i's space is being reused)
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -54,12 +56,15 @@ struct Features {
     static constexpr bool kWarpSpecialised = kStep >= 2;
     static constexpr bool kPingPong = kStep >= 3;
     static constexpr bool kOverlap = kStep >= 4;
-    static constexpr bool kTmaStore = kStep >= 5;
     static constexpr bool kDeepRing = kStep >= 6;
+    static constexpr bool kPersistent = kStep >= 7;
+    // Step 7 stores O from registers again: Q_i's space, where steps 5-6 stage O, is then already being refilled
+    // with the next Q tile (the TMA store had measured no gain: 487 against 480 TFLOP/s, docs/v3.md).
+    static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
     static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
     static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
 };
-constexpr int kFinalStep = 6;
+constexpr int kFinalStep = 7;
 
 // Registers per thread after setmaxnreg (multiples of 8): 128 x 24 + 256 x 240 = 64,512 of the 65,536.
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -81,7 +86,7 @@ struct Tiles {
     static constexpr int kColBlocks = kD / 64;                  // 64-column (128-byte) blocks of a row
     static constexpr int kQBytes = kBr * kD * 2;
     static constexpr int kKVBytes = kBc * kD * 2;               // one K tile (or one V tile)
-    static constexpr int kBarrierBytes = 8 * (2 * kStages + 1);  // full[], empty[], Q
+    static constexpr int kBarrierBytes = 8 * (2 * kStages + 2);  // full[], empty[], Q full, Q empty
     static constexpr int kSmem = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;  // 1024: alignment slack
 };
 
@@ -187,13 +192,14 @@ __device__ __forceinline__ void rescale_o(float (&O)[kD / 64][32], const float (
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: Features<kStep>::kThreads. scale_log2 = scale * log2 e.
+// The kernel. Grid: one CTA per Q tile (ceil(Nq / Br) * heads of them), or from step 7 at most one per SM. Block:
+// Features<kStep>::kThreads. scale_log2 = scale * log2 e.
 
 template <typename T, int kD, bool kCausal, int kStep>
 __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_o,
-                   T* __restrict__ O_out, float* __restrict__ LSE, int Nq, int Nk, float scale_log2) {
+                   T* __restrict__ O_out, float* __restrict__ LSE, int Nq, int Nk, int heads, float scale_log2) {
     using F = Features<kStep>;
     using L = Tiles<kD, kStep>;
     static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
@@ -203,15 +209,12 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     const uint32_t sQ = (shared_addr(smem_raw) + 1023) & ~1023u;
     const uint32_t sK = sQ + L::kQBytes;                  // kStages K tiles
     const uint32_t sV = sK + L::kStages * L::kKVBytes;    // kStages V tiles
-    const uint32_t bars = sV + L::kStages * L::kKVBytes;  // full[kStages], empty[kStages], Q
+    const uint32_t bars = sV + L::kStages * L::kKVBytes;  // full[kStages], empty[kStages], Q full, Q empty
     auto full = [&](int s) { return bars + 8 * s; };
     auto empty = [&](int s) { return bars + 8 * (L::kStages + s); };
-    const uint32_t q_full = bars + 16 * L::kStages;
+    const uint32_t q_full = bars + 16 * L::kStages, q_empty = q_full + 8;
 
-    // Causal: the last Q tiles see the most keys; launching them first shortens the tail of the grid.
-    const int q_tile = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int q0 = q_tile * L::kBr, bh = blockIdx.y;
-    const V3KvTiles kv = v3_kv_tiles(q0, L::kBr, Nq, Nk, L::kBc, kCausal);
+    const V3TileOrder order = v3_tile_order(Nq, L::kBr, heads, F::kPersistent, kCausal);  // schedule.h
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < L::kStages; ++s) {
@@ -219,18 +222,20 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             mbarrier_init(empty(s), 4 * F::kConsumers);    // one arrive per consumer warp
         }
         mbarrier_init(q_full, 1);
+        mbarrier_init(q_empty, 4 * F::kConsumers);  // step 7: every consumer warp is done with Q_i
         fence_barrier_init();
     }
     __syncthreads();
 
-    // The producer's two jobs (lines 5-6 and 8-10). One thread issues every copy.
-    auto load_q = [&] {
+    // The producer's two jobs (lines 5-6 and 8-10). One thread issues every copy. The ring position `it` counts the
+    // K/V tiles this CTA has loaded over all its Q tiles: stage it % kStages, lap it / kStages.
+    auto load_q = [&](int q0, int bh) {
         mbarrier_arrive_expect_tx(q_full, L::kQBytes);
         for (int c = 0; c < L::kColBlocks; ++c) tma_load_3d(sQ + c * L::kBr * 128, &tm_q, q_full, 64 * c, q0, bh);
     };
-    auto load_kv = [&](int j) {
-        const int s = j % L::kStages;
-        mbarrier_wait(empty(s), (j / L::kStages + 1) % 2, "empty", s);  // the first lap passes at once
+    auto load_kv = [&](int it, int j, int bh) {
+        const int s = it % L::kStages;
+        mbarrier_wait(empty(s), (it / L::kStages + 1) % 2, "empty", s);  // the first lap passes at once
         mbarrier_arrive_expect_tx(full(s), 2 * L::kKVBytes);
         for (int c = 0; c < L::kColBlocks; ++c) {
             const uint32_t at = s * L::kKVBytes + c * L::kBc * 128;
@@ -244,175 +249,214 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
         if (wg == 0) {  // the producer warpgroup (line 3)
             setmaxnreg_dec<kProducerRegs>();  // line 4
             if (threadIdx.x == 0) {
-                load_q();
-                for (int j = 0; j < kv.n_tiles; ++j) load_kv(j);  // line 7
+                int it = 0, q_loads = 0;
+                for (int pos = order.first(blockIdx.x); pos < order.positions; pos = order.next(pos, gridDim.x)) {
+                    int bh, q_tile;
+                    order.tile(pos, &bh, &q_tile);
+                    const int q0 = q_tile * L::kBr;
+                    const V3KvTiles kv = v3_kv_tiles(q0, L::kBr, Nq, Nk, L::kBc, kCausal);
+                    if (kv.n_tiles == 0) continue;  // no key to see: the consumers write O = 0 without Q_i
+                    // Step 7: Q_i's space is free once every consumer has finished its last S of the tile before.
+                    mbarrier_wait(q_empty, (q_loads + 1) % 2, "Q empty", 0);  // the first Q passes at once
+                    load_q(q0, bh);
+                    ++q_loads;
+                    for (int j = 0; j < kv.n_tiles; ++j) load_kv(it++, j, bh);  // line 7
+                }
             }
             return;
         }
         setmaxnreg_inc<kConsumerRegs>();  // line 13
-    } else {
-        if (threadIdx.x == 0) {
-            load_q();
-            for (int j = 0; j < min(L::kStages - 1, kv.n_tiles); ++j) load_kv(j);
-        }
-        __syncwarp();
     }
 
     // ------------------------------------------------------------------------------------------- consumer (line 12)
-    // Line 14: O = 0, l = 0, m = -inf.
     const int c = F::kWarpSpecialised ? wg - 1 : 0;  // this consumer warpgroup: rows 64c .. 64c + 63 of Q_i
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
-    const int row[2] = {q0 + 64 * c + 16 * warp + lane / 4, q0 + 64 * c + 16 * warp + lane / 4 + 8};
     const uint32_t sQ_rows = sQ + 64 * c * 128;
+    int it = 0, q_uses = 0;  // the ring position of this tile's K/V tile 0; Q tiles read so far
 
-    float O[kD / 64][32];
-#pragma unroll
-    for (int n = 0; n < kD / 64; ++n)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) O[n][i] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
-    float S[64];
-    uint32_t P[8][4];
-    const int n = kv.n_tiles;
-
-    mbarrier_wait(q_full, 0, "Q", 0);  // line 15
-    auto wait_full = [&](int j) { mbarrier_wait(full(j % L::kStages), j / L::kStages % 2, "full", j % L::kStages); };
-    auto release = [&](int j) {  // line 23: this warp is done reading stage j
-        if (lane == 0) mbarrier_arrive(empty(j % L::kStages));
-    };
-    // Ping-pong: consumer c may issue products only in its turn; it hands the turn over after issuing them.
-    // Consumer 1 opens with a hand-over so consumer 0 goes first; it skips its last one (nobody would wait for it).
-    auto take_turn = [&] {
-        if constexpr (F::kPingPong) named_barrier_sync(kTurnBarrier + c, 256);
-    };
-    auto hand_over = [&](bool last) {
-        if constexpr (F::kPingPong)
-            if (!(last && c == 1)) named_barrier_arrive(kTurnBarrier + 1 - c, 256);
-    };
-
-    if constexpr (!F::kPingPong) {
-        for (int j = 0; j < n; ++j) {  // line 16
-            if (!F::kWarpSpecialised && threadIdx.x == 0 && j + L::kStages - 1 < n) load_kv(j + L::kStages - 1);
-            __syncwarp();  // warp 0 whole again before the .aligned wgmma instructions
-            wait_full(j);  // lines 17 and 21: K_j and V_j share a stage
-            fence_registers(S);
-            wgmma_fence();
-            issue_s<T, kD, kStep>(S, sQ_rows, sK + j % L::kStages * L::kKVBytes);  // line 18
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_registers(S);
-            online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
-            pack_p<T>(S, P);
-            rescale_o<kD>(O, alpha);  // line 22, first half
-            fence_o<kD>(O);
-            fence_registers(P);
-            wgmma_fence();
-            issue_pv<T, kD, kStep>(O, P, sV + j % L::kStages * L::kKVBytes);  // line 22: O += P V_j
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_o<kD>(O);
-            fence_registers(P);
-            release(j);
+    for (int pos = order.first(blockIdx.x); pos < order.positions; pos = order.next(pos, gridDim.x)) {
+        int bh, q_tile;  // this CTA's next Q tile
+        order.tile(pos, &bh, &q_tile);
+        const int q0 = q_tile * L::kBr;
+        const V3KvTiles kv = v3_kv_tiles(q0, L::kBr, Nq, Nk, L::kBc, kCausal);
+        const int row[2] = {q0 + 64 * c + 16 * warp + lane / 4, q0 + 64 * c + 16 * warp + lane / 4 + 8};
+        const int n = kv.n_tiles;
+        if constexpr (!F::kWarpSpecialised) {
+            if (threadIdx.x == 0 && n > 0) {
+                load_q(q0, bh);
+                for (int j = 0; j < min(L::kStages - 1, n); ++j) load_kv(it + j, j, bh);
+            }
+            __syncwarp();
         }
-    } else if (n > 0) {
-        // Products of a turn: S_j = Q K_j^T and O += P_{j-1} V_{j-1} (Algorithm 2's order), softmax of S_j after.
-        if (c == 1) named_barrier_arrive(kTurnBarrier, 256);
-        wait_full(0);
-        take_turn();
-        fence_registers(S);
-        wgmma_fence();
-        issue_s<T, kD, kStep>(S, sQ_rows, sK);
-        wgmma_commit();
-        hand_over(false);
-        wgmma_wait<0>();
-        fence_registers(S);
-        online_softmax<kCausal>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk, scale_log2);  // O is 0 still
-        pack_p<T>(S, P);
-        for (int j = 1; j < n; ++j) {
-            wait_full(j);
+
+        // Line 14: O = 0, l = 0, m = -inf.
+        float O[kD / 64][32];
+#pragma unroll
+        for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
+#pragma unroll
+            for (int i = 0; i < 32; ++i) O[n_blk][i] = 0.0f;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
+        float S[64];
+        uint32_t P[8][4];
+
+        if (n > 0) mbarrier_wait(q_full, q_uses % 2, "Q", 0);  // line 15
+        auto wait_full = [&](int j) {
+            const int s = (it + j) % L::kStages;
+            mbarrier_wait(full(s), (it + j) / L::kStages % 2, "full", s);
+        };
+        auto stage_k = [&](int j) { return sK + (it + j) % L::kStages * L::kKVBytes; };
+        auto stage_v = [&](int j) { return sV + (it + j) % L::kStages * L::kKVBytes; };
+        auto release = [&](int j) {  // line 23: this warp is done reading stage j
+            if (lane == 0) mbarrier_arrive(empty((it + j) % L::kStages));
+        };
+        // Step 7: this warp has issued its last S = Q_i K_j^T of the tile, and it has completed: the producer may load
+        // the next Q_i into the same space while this warpgroup finishes (the last P V, the output).
+        auto release_q = [&] {
+            if constexpr (F::kPersistent)
+                if (lane == 0) mbarrier_arrive(q_empty);
+        };
+        // Ping-pong: consumer c may issue products only in its turn; it hands the turn over after issuing them.
+        // Consumer 1 opens each tile with a hand-over so consumer 0 goes first; it skips its last one (nobody would
+        // wait for it): each consumer waits n + 1 times a tile and is handed the turn n + 1 times.
+        auto take_turn = [&] {
+            if constexpr (F::kPingPong) named_barrier_sync(kTurnBarrier + c, 256);
+        };
+        auto hand_over = [&](bool last) {
+            if constexpr (F::kPingPong)
+                if (!(last && c == 1)) named_barrier_arrive(kTurnBarrier + 1 - c, 256);
+        };
+
+        if constexpr (!F::kPingPong) {
+            for (int j = 0; j < n; ++j) {  // line 16
+                if (!F::kWarpSpecialised && threadIdx.x == 0 && j + L::kStages - 1 < n)
+                    load_kv(it + j + L::kStages - 1, j + L::kStages - 1, bh);
+                __syncwarp();  // warp 0 whole again before the .aligned wgmma instructions
+                wait_full(j);  // lines 17 and 21: K_j and V_j share a stage
+                fence_registers(S);
+                wgmma_fence();
+                issue_s<T, kD, kStep>(S, sQ_rows, stage_k(j));  // line 18
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_registers(S);
+                online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                pack_p<T>(S, P);
+                rescale_o<kD>(O, alpha);  // line 22, first half
+                fence_o<kD>(O);
+                fence_registers(P);
+                wgmma_fence();
+                issue_pv<T, kD, kStep>(O, P, stage_v(j));  // line 22: O += P V_j
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_o<kD>(O);
+                fence_registers(P);
+                release(j);
+            }
+        } else if (n > 0) {
+            // Products of a turn: S_j = Q K_j^T and O += P_{j-1} V_{j-1} (Algorithm 2's order), softmax of S_j after.
+            if (c == 1) named_barrier_arrive(kTurnBarrier, 256);
+            wait_full(0);
             take_turn();
             fence_registers(S);
+            wgmma_fence();
+            issue_s<T, kD, kStep>(S, sQ_rows, stage_k(0));
+            wgmma_commit();
+            hand_over(false);
+            wgmma_wait<0>();
+            fence_registers(S);
+            if (n == 1) release_q();
+            online_softmax<kCausal>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk, scale_log2);  // O is 0 still
+            pack_p<T>(S, P);
+            for (int j = 1; j < n; ++j) {
+                wait_full(j);
+                take_turn();
+                fence_registers(S);
+                fence_registers(P);
+                fence_o<kD>(O);
+                wgmma_fence();
+                issue_s<T, kD, kStep>(S, sQ_rows, stage_k(j));
+                wgmma_commit();
+                issue_pv<T, kD, kStep>(O, P, stage_v(j - 1));
+                wgmma_commit();
+                hand_over(false);
+                if constexpr (F::kOverlap) {
+                    wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+                    fence_registers(S);
+                    if (j == n - 1) release_q();
+                    online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                    wgmma_wait<0>();
+                    fence_o<kD>(O);
+                    fence_registers(P);
+                } else {
+                    wgmma_wait<0>();
+                    fence_registers(S);
+                    fence_o<kD>(O);
+                    fence_registers(P);
+                    online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                }
+                release(j - 1);
+                pack_p<T>(S, P);  // P_j replaces P_{j-1}, whose product is done
+                rescale_o<kD>(O, alpha);
+            }
+            take_turn();
             fence_registers(P);
             fence_o<kD>(O);
             wgmma_fence();
-            issue_s<T, kD, kStep>(S, sQ_rows, sK + j % L::kStages * L::kKVBytes);
+            issue_pv<T, kD, kStep>(O, P, stage_v(n - 1));
             wgmma_commit();
-            issue_pv<T, kD, kStep>(O, P, sV + (j - 1) % L::kStages * L::kKVBytes);
-            wgmma_commit();
-            hand_over(false);
-            if constexpr (F::kOverlap) {
-                wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
-                fence_registers(S);
-                online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
-                wgmma_wait<0>();
-                fence_o<kD>(O);
-                fence_registers(P);
-            } else {
-                wgmma_wait<0>();
-                fence_registers(S);
-                fence_o<kD>(O);
-                fence_registers(P);
-                online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
-            }
-            release(j - 1);
-            pack_p<T>(S, P);  // P_j replaces P_{j-1}, whose product is done
-            rescale_o<kD>(O, alpha);
+            hand_over(true);
+            wgmma_wait<0>();
+            fence_o<kD>(O);
+            fence_registers(P);
+            release(n - 1);
         }
-        take_turn();
-        fence_registers(P);
-        fence_o<kD>(O);
-        wgmma_fence();
-        issue_pv<T, kD, kStep>(O, P, sV + (n - 1) % L::kStages * L::kKVBytes);
-        wgmma_commit();
-        hand_over(true);
-        wgmma_wait<0>();
-        fence_o<kD>(O);
-        fence_registers(P);
-        release(n - 1);
-    }
+        if (n > 0) {
+            it += n;
+            ++q_uses;
+        }
 
-    // Lines 25-26: O_i / l_i and LSE_i. A row that saw no key has l = 0: O = 0 and LSE = -inf.
-    float inv_l[2];
+        // Lines 25-26: O_i / l_i and LSE_i. A row that saw no key has l = 0: O = 0 and LSE = -inf.
+        float inv_l[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const float l_row = warp_sum<4>(l[h]);
-        inv_l[h] = l_row > 0.0f ? 1.0f / l_row : 0.0f;
-        const float lse = l_row > 0.0f ? (m[h] + __log2f(l_row)) * 0.6931471805599453f : -INFINITY;
-        if (lane % 4 == 0 && row[h] < Nq) LSE[size_t(bh) * Nq + row[h]] = lse;
-    }
-    const int t = lane % 4;
-    if constexpr (!F::kTmaStore) {
-        T* O_bh = O_out + size_t(bh) * Nq * kD;
+        for (int h = 0; h < 2; ++h) {
+            const float l_row = warp_sum<4>(l[h]);
+            inv_l[h] = l_row > 0.0f ? 1.0f / l_row : 0.0f;
+            const float lse = l_row > 0.0f ? (m[h] + __log2f(l_row)) * 0.6931471805599453f : -INFINITY;
+            if (lane % 4 == 0 && row[h] < Nq) LSE[size_t(bh) * Nq + row[h]] = lse;
+        }
+        const int t = lane % 4;
+        if constexpr (!F::kTmaStore) {
+            T* O_bh = O_out + size_t(bh) * Nq * kD;
 #pragma unroll
-        for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    if (row[h] < Nq)
-                        *reinterpret_cast<uint32_t*>(&O_bh[size_t(row[h]) * kD + 64 * n_blk + 8 * i + 2 * t]) =
-                            pack2<T>(O[n_blk][4 * i + 2 * h] * inv_l[h], O[n_blk][4 * i + 2 * h + 1] * inv_l[h]);
-    } else {
-        // Into this warpgroup's rows of Q_i's space (its last S product is done), in the swizzled layout of the
-        // O tensor map: 16-byte chunk q of row r at chunk q ^ (r % 8). Then one thread stores each 64-column block.
-        const uint32_t sO = sQ_rows;
-#pragma unroll
-        for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = 16 * warp + lane / 4 + 8 * h;  // row within the warpgroup's 64
-                    const uint32_t at = sO + n_blk * L::kBr * 128 + r * 128 + ((i ^ (r % 8)) * 16) + 4 * t;
-                    const uint32_t v = pack2<T>(O[n_blk][4 * i + 2 * h] * inv_l[h], O[n_blk][4 * i + 2 * h + 1] * inv_l[h]);
-                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(v) : "memory");
-                }
-        fence_async_shared();
-        named_barrier_sync(kStoreBarrier + c, 128);
-        if (tid == 0 && q0 + 64 * c < Nq) {
             for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
-                tma_store_3d(&tm_o, sO + n_blk * L::kBr * 128, 64 * n_blk, q0 + 64 * c, bh);
-            tma_store_commit_and_wait_read();
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        if (row[h] < Nq)
+                            *reinterpret_cast<uint32_t*>(&O_bh[size_t(row[h]) * kD + 64 * n_blk + 8 * i + 2 * t]) =
+                                pack2<T>(O[n_blk][4 * i + 2 * h] * inv_l[h], O[n_blk][4 * i + 2 * h + 1] * inv_l[h]);
+        } else {
+            // Into this warpgroup's rows of Q_i's space (its last S product is done), in the swizzled layout of the
+            // O tensor map: 16-byte chunk q of row r at chunk q ^ (r % 8). Then one thread stores each 64-column block.
+            const uint32_t sO = sQ_rows;
+#pragma unroll
+            for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int r = 16 * warp + lane / 4 + 8 * h;  // row within the warpgroup's 64
+                        const uint32_t at = sO + n_blk * L::kBr * 128 + r * 128 + ((i ^ (r % 8)) * 16) + 4 * t;
+                        const uint32_t v = pack2<T>(O[n_blk][4 * i + 2 * h] * inv_l[h], O[n_blk][4 * i + 2 * h + 1] * inv_l[h]);
+                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(v) : "memory");
+                    }
+            fence_async_shared();
+            named_barrier_sync(kStoreBarrier + c, 128);
+            if (tid == 0 && q0 + 64 * c < Nq) {
+                for (int n_blk = 0; n_blk < kD / 64; ++n_blk)
+                    tma_store_3d(&tm_o, sO + n_blk * L::kBr * 128, 64 * n_blk, q0 + 64 * c, bh);
+                tma_store_commit_and_wait_read();
+            }
         }
     }
 }
@@ -475,9 +519,10 @@ std::string launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) 
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nq, L::kBr), heads);
+    // One CTA per Q tile; from step 7 one per SM at most (the kernel takes all of an SM's shared memory).
+    const int grid = v3_tile_order(p.Nq, L::kBr, heads, Features<kStep>::kPersistent, kCausal).ctas(device_sm_count());
     kernel<<<grid, Features<kStep>::kThreads, L::kSmem, stream>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq,
-                                                                  p.Nk, p.resolved_scale() * 1.4426950408889634f);
+                                                                  p.Nk, heads, p.resolved_scale() * 1.4426950408889634f);
     CUDA_CHECK_LAUNCH();
     return "";
 }
@@ -498,6 +543,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 3: return launch_causal_or_not<T, kD, 3>(p, a, stream);
             case 4: return launch_causal_or_not<T, kD, 4>(p, a, stream);
             case 5: return launch_causal_or_not<T, kD, 5>(p, a, stream);
+            case 6: return launch_causal_or_not<T, kD, 6>(p, a, stream);
             default: break;
         }
     }
@@ -518,7 +564,7 @@ V3Config config_of(int d) {
     using F = Features<kStep>;
     V3Config c;
     c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
-    c.tma_store = F::kTmaStore, c.consumers = F::kConsumers, c.threads = F::kThreads;
+    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.consumers = F::kConsumers, c.threads = F::kThreads;
     if (d == 64) {
         using L = Tiles<64, kStep>;
         c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem;
@@ -539,8 +585,9 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"overlap", "inside a warpgroup, the softmax of tile j runs while O += P V of tile j-1 is in flight"},
         {"tma-store", "O leaves through shared memory and a TMA store"},
         {"deep-ring", "the K/V ring holds 3 tiles (4 at d = 64): the producer copies further ahead of the consumers"},
+        {"persistent", "a CTA per SM walks many Q tiles: the next tile's Q and K/V load while the last one finishes"},
     };
-    static_assert(v3_fwd::kFinalStep == 6, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 7, "one entry per step");
     return steps;
 }
 
@@ -553,6 +600,7 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 4: *c = v3_fwd::config_of<4>(d); return "";
         case 5: *c = v3_fwd::config_of<5>(d); return "";
         case 6: *c = v3_fwd::config_of<6>(d); return "";
+        case 7: *c = v3_fwd::config_of<7>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }

@@ -23,8 +23,8 @@ std::string v3_unsupported(const Problem& p) {
     if (p.d != 64 && p.d != 128) return "v3 supports head dims 64 and 128, got " + std::to_string(p.d);
     if (p.Nq < 1 || p.Nk < 1)
         return "v3 needs Nq >= 1 and Nk >= 1, got Nq = " + std::to_string(p.Nq) + ", Nk = " + std::to_string(p.Nk);
-    if (long(p.B) * p.H > 65535)
-        return "v3 needs B*H <= 65535 (one grid row per head), got " + std::to_string(long(p.B) * p.H);
+    if ((long(p.Nq) + 63) / 64 * p.B * p.H > INT32_MAX)
+        return "v3 numbers its Q tiles with 32-bit integers: B * H * ceil(Nq / 64) must be below 2^31";
     if (p.kernel < 0 || p.kernel > steps)
         return "v3 has steps 1.." + std::to_string(steps) + " (0 = the final one), got " + std::to_string(p.kernel);
     if (p.kernel != 0 && p.kernel != steps && p.dtype != DType::fp16)

@@ -25,3 +25,37 @@ __host__ __device__ inline V3KvTiles v3_kv_tiles(int q0, int Br, int Nq, int Nk,
     t.first_masked = unmasked_end > 0 ? unmasked_end / Bc : 0;
     return t;
 }
+
+// Which Q tiles a CTA works on. The grid's work is the tiles (head bh, Q tile i) in one sequence, head by head, so
+// that the CTAs running at one time share a few heads' K and V in L2. Up to step 6 there is one CTA per tile, and a
+// causal head's tiles go last first (the last Q tiles see the most keys: started first, they shorten the grid's
+// tail). From step 7 (persistent) a CTA per SM walks the sequence in turns: CTA b takes turns b, b + G, b + 2G, ...
+// of the grid's G CTAs. A causal head's tiles then alternate last, first, second-last, second, ... and a turn is two
+// tiles, a heavy one and a light one that together see about n_q + 1 K/V tiles: equal shares for every CTA, with
+// no global counter. (One tile per turn in that order gives CTA b the tiles b, b + G, ... of a head: with n_q = 8
+// and G = 132 some CTAs would get twice the work of others.)
+struct V3TileOrder {
+    int n_q;        // Q tiles of a head
+    int positions;  // tiles in the sequence: n_q * heads
+    int per_turn;   // tiles a CTA takes at once
+    bool persistent, causal;
+
+    int ctas(int sms) const {  // CTAs to launch
+        const int turns = (positions + per_turn - 1) / per_turn;
+        return persistent && sms < turns ? sms : turns;
+    }
+    __host__ __device__ int first(int cta) const { return cta * per_turn; }
+    __host__ __device__ int next(int pos, int ctas) const {
+        return (pos + 1) % per_turn != 0 ? pos + 1 : pos + 1 + (ctas - 1) * per_turn;
+    }
+    __host__ __device__ void tile(int pos, int* bh, int* i) const {  // position -> head, Q tile
+        const int k = pos % n_q;
+        *bh = pos / n_q;
+        *i = !causal ? k : !persistent ? n_q - 1 - k : k % 2 == 0 ? n_q - 1 - k / 2 : k / 2;
+    }
+};
+
+__host__ __device__ inline V3TileOrder v3_tile_order(int Nq, int Br, int heads, bool persistent, bool causal) {
+    const int n_q = (Nq + Br - 1) / Br;
+    return V3TileOrder{n_q, n_q * heads, persistent && causal ? 2 : 1, persistent, causal};
+}
