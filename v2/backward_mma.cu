@@ -122,13 +122,22 @@ __device__ inline uint32_t swizzle(int r, int c) {
 // Starts the copy of rows [row0, row0 + kRows) of a [n_rows, d] global matrix whose rows are ld elements apart
 // (d <= kCols, both multiples of 8) into a swizzled shared tile of kCols columns, by kThreads threads; rows past
 // n_rows and columns past d are zero-filled. ld is d, or H * d in a packed batch's [T, H, d].
+// Each thread copies kChunks / kThreads chunks in an unrolled loop of known length. The loop
+// `for (idx = threadIdx.x; idx < kChunks; idx += kThreads)` has a trip count nvcc cannot know (it does not know
+// threadIdx.x < kThreads): it compiled a generic loop whose per-chunk addresses it kept live across the dk_dv loop,
+// spilling at d = 64 (issue 12; SASS of the fp16 d = 64 dk_dv kernel: its Q-tile loop 2171 -> 1813 instructions,
+// 27 -> 9 local loads).
 template <int kRows, int kCols, int kThreads, typename T>
 __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, int n_rows, int d, int ld) {
-    constexpr int kChunksPerRow = kCols / 8;
-    for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
+    constexpr int kChunksPerRow = kCols / 8, kChunks = kRows * kChunksPerRow;
+    static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int k = 0; k < kChunks / kThreads; ++k) {
+        const int idx = threadIdx.x + k * kThreads;
         const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
         const bool valid = row0 + r < n_rows && c < d;
-        cp_async_16(tile + swizzle<kCols>(r, c), gmem + (valid ? size_t(row0 + r) * ld + c : 0), valid ? 16 : 0);
+        const int row = valid ? row0 + r : 0, col = valid ? c : 0;  // a zero-filled chunk reads nothing: (0, 0)
+        cp_async_16(tile + swizzle<kCols>(r, c), gmem + size_t(row) * ld + col, valid ? 16 : 0);
     }
 }
 
@@ -310,16 +319,20 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 };
 
 // Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile; kExactD: d == kD, known at compile
-// time (see kExactVariant below). dQ_accum is [Nq_pad, kD] per head; with atomic_dq false (--deterministic) nothing
-// goes to it and the dq kernel computes dQ.
+// time (see kExactVariant below). kAtomicDq: dQ_i += dS_ij K_j goes to dQ_accum, [Nq_pad, kD] per head, with fp32
+// atomics; without it (--deterministic) nothing goes there and the dq kernel computes dQ. It is a template parameter,
+// not a runtime flag, so that each instantiation has one loop body: with a runtime flag, nvcc compiled line 14 twice
+// (one copy storing dS to shared memory, one not) and branched between them every Q tile, a block boundary between
+// the dS arithmetic and the dK_j products (issue 12, where the backward had lost about 4% on an H200 against
+// 884334f; SASS of the fp16 d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and 64 without).
 // kExt: the extensions (x; the causal flag is then in x.band). The grid's y is then a K/V head, B * Hk; the block
 // walks the Q tiles of every query head of its group, the tiles of each that reach the band of K_j.
-template <typename T, int kD, int kStep, bool kExactD, bool kExt>
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq>
 __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
-                 float scale, bool atomic_dq, Extensions x) {
+                 float scale, Extensions x) {
     using F = Features<kStep>;
     const int d = kExactD ? kD : head_dim;
     // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
@@ -516,7 +529,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
                 dS[n][0] = pack2<T>(scale * S[n][0] * (dP[n][0] - D0), scale * S[n][1] * (dP[n][1] - D1));
                 dS[n][1] = pack2<T>(scale * S[n][2] * (dP[n][2] - D0), scale * S[n][3] * (dP[n][3] - D1));
             }
-            if (atomic_dq && col0 == 0) {  // one warp of a part pair writes the pair's (identical) dS
+            if (kAtomicDq && col0 == 0) {  // one warp of a part pair writes the pair's (identical) dS
                 *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g, q)) = dS[n][0];
                 *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g + 8, q)) = dS[n][1];
             }
@@ -535,7 +548,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             }
         }
         __syncthreads();  // all of dS_ij^T is in shared memory (one stage: every warp is done with Q_i, dO_i)
-        if (!atomic_dq) continue;  // --deterministic: the dq kernel computes dQ
+        if constexpr (!kAtomicDq) continue;  // --deterministic: the dq kernel computes dQ
 
         // line 15: dQ_i += dS_ij K_j, Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
         // columns kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
@@ -853,6 +866,22 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
     return x;
 }
 
+// The dk_dv kernel of one instantiation: its shared memory set once, at its first launch (later, timed launches do no
+// host work but the launch).
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq>
+void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
+                  const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
+    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
+    constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
+    static const cudaError_t attribute_set = cudaFuncSetAttribute(
+        dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    CUDA_CHECK(attribute_set);
+    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
+    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
+        Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
+    CUDA_CHECK_LAUNCH();
+}
+
 template <typename T, int kD, int kStep, bool kExactD, bool kExt>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
             T* dK, T* dV, void* workspace, const ExtensionPointers& in, cudaStream_t stream) {
@@ -876,19 +905,9 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
-    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
-    constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
-    // Once per instantiation, at its first launch: later (timed) launches do no host work but the launches.
-    static const cudaError_t attribute_set = cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt>,
-                                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
-    dk_dv_kernel<T, kD, kStep, kExactD, kExt><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
-        Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(),
-        !p.deterministic, x);
-    CUDA_CHECK_LAUNCH();
-
-    if (p.deterministic) {
+    if (p.deterministic) {  // dk_dv without dQ, then the dq kernel
+        launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q, K, V, dO, lse_log2, D, nullptr, dK, dV, Nq_pad, x,
+                                                         stream);
         constexpr int dq_smem = dq_smem_bytes<kD>();
         static const cudaError_t dq_attribute_set =
             cudaFuncSetAttribute(dq_kernel<T, kD, kExt>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
@@ -904,6 +923,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         }
         return;
     }
+    launch_dk_dv<T, kD, kStep, kExactD, kExt, true>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, Nq_pad, x, stream);
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
