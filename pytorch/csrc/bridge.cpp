@@ -43,8 +43,10 @@ Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, bool causa
     for (const Tensor* t : {&q, &k, &v}) {
         TORCH_CHECK_VALUE(t->is_cuda(), "flash_scratch.attention: q, k and v must be on a CUDA device, got ",
                           t->device());
+        // The rank goes into the message as a string: an integer streamed here (c10::str) ended the process with a
+        // segmentation fault on the H200 (docs/pytorch.md, "The 3-D crash").
         TORCH_CHECK_VALUE(t->dim() == 4, "flash_scratch.attention: q, k and v must be 4-D [B, H, N, d], got ",
-                          t->dim(), "-D");
+                          std::to_string(t->dim()), "-D");
         TORCH_CHECK_VALUE(t->is_contiguous(), "flash_scratch.attention: q, k and v must be contiguous in "
                                               "[B, H, N, d] order (call .contiguous() after a transpose)");
         TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "flash_scratch.attention: q, k and v must have one dtype");

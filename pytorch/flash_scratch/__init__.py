@@ -64,12 +64,6 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, deterministic
     whose dQ needs no atomic additions: the same gradient bits on every call, somewhat slower. Returns O, or
     (O, LSE) with return_lse=True.
     """
-    # The rank is checked here, before the operator: on the H200 (2026-12-04) a 3-D tensor reaching the C++ kernel
-    # ended the process with a segmentation fault instead of its ValueError (cause not found yet; docs/pytorch.md).
-    for t in (q, k, v):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = f"{t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"flash_scratch.attention: q, k and v must be 4-D [B, H, N, d], got {got}")
     if scale is None:
         scale = 0.0  # the kernels' "1/sqrt(d)"
     elif not scale > 0:
