@@ -59,7 +59,7 @@ struct Features {
     static constexpr bool kDeepRing = kStep >= 6;
     static constexpr bool kPersistent = kStep >= 7;
     // Step 7 stores O from registers again: Q_i's space, where steps 5-6 stage O, is then already being refilled
-    // with the next Q tile (the TMA store had measured no gain: 487 against 480 TFLOP/s, docs/v3.md).
+    // with the next Q tile (steps 4 and 5 together had measured -0.6% to +1.4% over step 3, docs/v3.md).
     static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
     static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
     static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
