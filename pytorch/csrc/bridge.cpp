@@ -7,8 +7,9 @@
 //       in the schema so that the autograd formula can hand it to the backward.
 //   flash_scratch::attention_backward(dO, q, k, v, O, LSE, causal, scale, deterministic) -> (dQ, dK, dV)
 //       CUDA: v2 (v2/backward_mma.cu); deterministic picks its dQ kernel without atomics (same bits every call).
-//   Autograd and the fake (shape-only) implementations are registered from Python, flash_scratch/__init__.py
-//   (set_python_module below says where); docs/pytorch.md tells why autograd is not a C++ autograd::Function.
+//   Autograd: attention_forward's autograd kernel (class Attention, a torch::autograd::Function) calls
+//   attention_backward, so a training call never enters Python (docs/pytorch.md measures the host time).
+//   Fake (shapes only, for torch.compile): in Python, flash_scratch/__init__.py (set_python_module says where).
 //
 // The kernels are compiled from the same sources as bin/v2 and bin/v3 (pytorch/flash_scratch/_build.py). Host C++
 // only here: it checks the tensors, describes them as a Problem (tests/problem.h), allocates outputs and workspace
@@ -145,10 +146,62 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dO, const Tensor& q, c
     return {dq, dk, dv};
 }
 
+// The operators as the dispatcher sees them: calling through these (not the functions above) lets a tracer
+// (torch.compile's AOTAutograd) record them in its graphs.
+const auto& forward_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("flash_scratch::attention_forward", "")
+                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
+                                                                 double, bool)>();
+    return op;
+}
+const auto& backward_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("flash_scratch::attention_backward", "")
+                               .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                         const Tensor&, const Tensor&, const Tensor&,
+                                                                         bool, double, bool)>();
+    return op;
+}
+
+// Autograd for attention_forward: saves q, k, v, O and LSE; the backward runs attention_backward. LSE is an output
+// without a gradient.
+class Attention : public torch::autograd::Function<Attention> {
+public:
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
+                                                  const Tensor& k, const Tensor& v, bool causal, double scale,
+                                                  bool deterministic) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the call below goes to the CUDA kernel
+        auto [o, lse] = forward_op().call(q, k, v, causal, scale, deterministic);
+        ctx->save_for_backward({q, k, v, o, lse});
+        ctx->saved_data["causal"] = causal;
+        ctx->saved_data["scale"] = scale;
+        ctx->saved_data["deterministic"] = deterministic;
+        ctx->mark_non_differentiable({lse});
+        return {o, lse};
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        const torch::autograd::variable_list s = ctx->get_saved_variables();
+        // Autograd may hand over a gradient with any strides (e.g. an expand); the kernel reads [B, H, Nq, d] rows.
+        auto [dq, dk, dv] = backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4],
+                                               ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+                                               ctx->saved_data["deterministic"].toBool());
+        return {dq, dk, dv, Tensor(), Tensor(), Tensor()};  // nothing for causal, scale, deterministic
+    }
+};
+
+std::tuple<Tensor, Tensor> forward_autograd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                            double scale, bool deterministic) {
+    const torch::autograd::variable_list out = Attention::apply(q, k, v, causal, scale, deterministic);
+    return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flash_scratch, m) {
-    m.set_python_module("flash_scratch");  // where the fake and autograd implementations are registered
+    m.set_python_module("flash_scratch");  // where the fake (shape-only) implementations are registered
     m.def("attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale, bool deterministic=False) "
           "-> (Tensor, Tensor)");
     m.def("attention_backward(Tensor dO, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, "
@@ -165,6 +218,10 @@ TORCH_LIBRARY_IMPL(flash_scratch, CUDA, m) {
 TORCH_LIBRARY_IMPL(flash_scratch, CPU, m) {
     m.impl("attention_forward", &forward);
     m.impl("attention_backward", &backward);
+}
+
+TORCH_LIBRARY_IMPL(flash_scratch, Autograd, m) {
+    m.impl("attention_forward", &forward_autograd);
 }
 
 // Python helpers beside the operators (flash_scratch re-exports them).

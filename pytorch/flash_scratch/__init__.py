@@ -12,8 +12,8 @@ and v through the v2 backward kernel; LSE is returned without a gradient.
 Importing compiles the extension from the repository's own sources on first use (pytorch/flash_scratch/_build.py)
 and loads it, which defines two operators in C++ with their CUDA kernels (pytorch/csrc/bridge.cpp):
 flash_scratch::attention_forward (q, k, v -> O, LSE) and flash_scratch::attention_backward
-(dO, q, k, v, O, LSE -> dQ, dK, dV). Registered here: their fake (shape-only) implementations, which
-torch.compile traces with, and the forward's autograd formula, which calls the backward operator.
+(dO, q, k, v, O, LSE -> dQ, dK, dV), and the forward's autograd kernel, which calls the backward operator.
+Registered here: their fake (shape-only) implementations, which torch.compile traces with.
 """
 import torch
 
@@ -36,24 +36,6 @@ def _(q, k, v, causal, scale, deterministic=False):
 @torch.library.register_fake("flash_scratch::attention_backward")
 def _(dO, q, k, v, o, lse, causal, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, deterministic = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dO, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    # Autograd may hand over a gradient with any strides (e.g. an expand); the kernel reads [B, H, Nq, d] rows.
-    dq, dk, dv = attention_backward(dO.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None  # nothing for causal, scale, deterministic
-
-
-torch.library.register_autograd("flash_scratch::attention_forward", _backward, setup_context=_setup_context)
 
 
 def attention(q, k, v, causal=False, scale=None, return_lse=False, deterministic=False):
