@@ -45,6 +45,7 @@
 #include "mma.cuh"
 #include "common/blocks.cuh"
 #include "common/philox.cuh"
+#include "dropout.cuh"
 #include "v2.h"  // v2_backward_steps
 
 #include <cuda_bf16.h>
@@ -160,6 +161,7 @@ struct Extensions {
     int alibi_heads;     // --alibi: head h's slope is alibi_slope(h, alibi_heads); 0 without
     float dropout;       // --dropout p: Z_ij = keep_scale = 1 / (1 - p) where dropout_keep(seed, head_offset + b * H + h,
     float keep_scale;    // i, j, p), else 0; without dropout p = 0 and keep_scale = 1
+    uint32_t keep_threshold;  // dropout_threshold(p): a weight is kept when dropout_kept(its word, this)
     uint64_t seed;
     int head_offset;
     // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (keys: cu_seqlens_k) of tensors laid out
@@ -218,22 +220,6 @@ __device__ inline float score_bias_log2(const Extensions& x, const float* bias, 
     if (x.alibi_heads) b += alibi_bias(slope, i, j, Nq, Nk);
     return b * kLog2e;
 }
-// Dropout's mask of this lane's kElems elements of a tile, bit k for element k (fragment k / 4, entry k % 4), from
-// dropout_keep (as the reference's dropout_factor); all ones without dropout. element(k) gives its (row, key). It
-// runs before the tile's products and in a loop that is not unrolled: the generator's registers are free again
-// when S and dP are live, and its code is there once, not once per element of the unrolled tile loop.
-template <int kElems, typename Element>
-__device__ inline uint64_t dropout_keep_bits(const Extensions& x, int head, Element element) {
-    static_assert(kElems <= 64, "one bit per element");
-    if (x.dropout == 0.0f) return ~uint64_t(0);
-    uint64_t bits = 0;
-#pragma unroll 1
-    for (int k = 0; k < kElems; ++k) {
-        const int2 ij = element(k);
-        bits |= uint64_t(dropout_keep(x.seed, uint32_t(head), ij.x, ij.y, x.dropout)) << k;
-    }
-    return bits;
-}
 // What the extensions need to know of query head h of batch entry b: its flattened index (b * H + h, from
 // head_offset: dropout's key and ALiBi's head, as in the reference), its ALiBi slope, its bias slice, and where
 // its dS_ij go.
@@ -252,7 +238,7 @@ __device__ inline HeadExtensions head_extensions(const Extensions& x, int b, int
 // Lines 11 and 14 for one element (row i, key j) with the extensions, in place: s = S_ij becomes P_ij Z_ij (what
 // dV_j += (P Z)^T dO_i takes), dp = dP_ij = dO_i . V_j becomes dS_ij = P_ij (Z_ij dP_ij - D_i), unscaled, where
 // P_ij = exp2(S_ij * scale * log2 e + bias_ij * log2 e - LSE_i * log2 e) and Z_ij is dropout's factor (keep: its
-// bit from dropout_keep_bits). The band and Nk mask only where in_band is false (a tile that straddles the band's
+// bit of the mask from dropout.cuh). The band and Nk mask only where in_band is false (a tile that straddles the band's
 // edge or the last key).
 __device__ inline void extension_element(const Extensions& x, const HeadExtensions& he, float* s, float* dp,
                                          float scale_log2, float lse_log2, float D, int i, int j, int Nq, int Nk,
@@ -438,11 +424,15 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             cp_async_commit();
         }
 
-        uint64_t keep = ~uint64_t(0);  // dropout's mask of this lane's elements (kExt only)
-        if constexpr (kExt)
-            keep = dropout_keep_bits<Br / 2>(x, head_extensions(x, batch, h).head, [&](int k) {
-                return make_int2(i0 + k / 4 * 8 + 2 * t + (k & 1), j0 + key_row + g + (k % 4) / 2 * 8);
-            });
+        // Dropout's mask of this lane's elements, bit k for element k (fragment k / 4, entry k % 4), before the
+        // tile's products (kExt only; all ones without dropout).
+        uint64_t keep = ~uint64_t(0);
+        if (kExt && x.dropout != 0.0f)
+            keep = dropout_bits_transposed<Br / 2>(x.seed, x.keep_threshold, head_extensions(x, batch, h).head, g,
+                                                   [&](int k) {
+                                                       return make_int2(i0 + k / 4 * 8 + 2 * t + (k & 1),
+                                                                        j0 + key_row + g + (k % 4) / 2 * 8);
+                                                   });
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
@@ -689,11 +679,15 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         const uint32_t K_j = sK + j % 2 * kTile, V_j = sV + j % 2 * kTile;
 
         const int key0 = (first_kv_tile + j) * Bc;
-        uint64_t keep = ~uint64_t(0);  // dropout's mask of this lane's elements (kExt only)
-        if constexpr (kExt)
-            keep = dropout_keep_bits<Bc / 2>(x, head_extensions(x, batch, h).head, [&](int k) {
-                return make_int2(row0 + (k % 4) / 2 * 8, key0 + k / 4 * 8 + 2 * t + (k & 1));
-            });
+        // Dropout's mask of this lane's elements, bit 4 n + e for entry e of n8 tile n, as dk_dv's (kExt only).
+        uint64_t keep = ~uint64_t(0);
+        if (kExt && x.dropout != 0.0f) {
+            const uint32_t head = head_extensions(x, batch, h).head;
+            keep = 0;
+#pragma unroll 1
+            for (int n = 0; n < Bc / 8; ++n)
+                keep |= uint64_t(dropout_bits_m16n8(x.seed, x.keep_threshold, head, row0, key0 + n * 8, t)) << (4 * n);
+        }
 
         // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.
         float S[Bc / 8][4] = {}, dP[Bc / 8][4] = {};
@@ -861,6 +855,7 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
     }
     x.alibi_heads = p.alibi ? p.alibi_heads() : 0;
     x.dropout = p.dropout, x.keep_scale = 1.0f / (1.0f - p.dropout), x.seed = p.dropout_seed, x.head_offset = p.head_offset;
+    x.keep_threshold = dropout_threshold(p.dropout);
     if (p.varlen()) x.cu_seqlens_q = in.cu_seqlens_q, x.cu_seqlens_k = in.cu_seqlens_k;
     x.tokens_q = int(p.tokens_q());
     return x;

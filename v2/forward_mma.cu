@@ -45,6 +45,7 @@
 #include "mma.cuh"
 #include "common/blocks.cuh"
 #include "common/philox.cuh"
+#include "dropout.cuh"
 #include "v2.h"  // v2_forward_steps
 
 #include <cuda_bf16.h>
@@ -297,33 +298,20 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 }
 
 // --dropout: the mask of one tile (this warp's rows from row0, keys from key0), one bit per accumulator element of
-// S, bit 4 nt + e of keep[mt] (1: kept), from dropout_keep's generator (common/philox.cuh). The generator's four
-// words serve keys 4 (j / 4) .. 4 (j / 4) + 3 of one row; lanes t and t ^ 1 hold two keys each of those four, in
-// rows g and g + 8. So lane t even draws row g's four words, lane t odd row g + 8's, and each passes its partner the
-// two words the partner needs: one Philox call for four weights, not two. The kernel draws the mask at the top of a
-// K/V iteration, where S does not hold its registers yet (at d = 128, S and O_i fill all 255).
+// S, bit 4 nt + e of keep[mt] (1: kept): one generator call for four weights (dropout_bits_m16n8, dropout.cuh). The
+// kernel draws the mask at the top of a K/V iteration, where S does not hold its registers yet (at d = 128, S and
+// O_i fill all 255).
 template <int kNTiles, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
 __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Extensions& x, uint32_t head, int row0,
                                              int key0, int g, int t) {
     static_assert(kNTiles * 4 <= 32, "one 32-bit word of mask per m tile");
-    const bool odd = t & 1;  // this lane draws row g + 8 (odd) or row g (even)
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
         keep[mt] = 0;
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-            const int row = row0 + mt * 16 + g + (odd ? 8 : 0);
-            const Philox4 w = dropout_words(x.seed, head, row, key0 + frag_col(nt, 0, t));
-            // Words 0, 1 are the even lane's keys, 2, 3 the odd lane's.
-            const uint32_t own0 = odd ? w.x[2] : w.x[0], own1 = odd ? w.x[3] : w.x[1];
-            const uint32_t give0 = odd ? w.x[0] : w.x[2], give1 = odd ? w.x[1] : w.x[3];
-            const uint32_t got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-            // element e: row g (e < 2) or g + 8, key 2t + e % 2
-            const uint32_t word[4] = {odd ? got0 : own0, odd ? got1 : own1, odd ? own0 : got0, odd ? own1 : got1};
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                keep[mt] |= uint32_t(dropout_kept(word[e], x.keep_threshold)) << (4 * nt + e);
-        }
+        for (int nt = 0; nt < kNTiles; ++nt)
+            keep[mt] |= dropout_bits_m16n8(x.seed, x.keep_threshold, head, row0 + mt * 16 + g, key0 + nt * 8, t)
+                        << (4 * nt);
     }
 }
 
