@@ -686,7 +686,7 @@ __global__ void __launch_bounds__(kDqThreads, 1)
             keep = 0;
 #pragma unroll 1
             for (int n = 0; n < Bc / 8; ++n)
-                keep |= uint64_t(dropout_bits_m16n8(x.seed, x.keep_threshold, head, row0, key0 + n * 8, t)) << (4 * n);
+                dropout_mask_m16n8(keep, 4 * n, x.seed, x.keep_threshold, head, row0, key0 + n * 8 + 2 * t, t);
         }
 
         // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.

@@ -12,21 +12,20 @@
 // S = Q K^T (forward, and the backward's dq kernel): an m16n8 accumulator holds rows g and g + 8 and keys 2t, 2t + 1
 // in lane (g, t), so lanes t and t ^ 1 hold the four keys of each of the two rows. Lane t even draws row g's words,
 // lane t odd row g + 8's, and each passes its partner the two words the partner needs: one call for four weights.
-// row_g: the query row of this lane's g; key0: the tile's first key (a multiple of 8). Returns bit e for accumulator
-// element e (row g for e < 2, else g + 8; key key0 + 2t + e % 2), 1 = kept.
-__device__ __forceinline__ uint32_t dropout_bits_m16n8(uint64_t seed, uint32_t threshold, uint32_t head, int row_g,
-                                                        int key0, int t) {
+// row_g: the query row of this lane's g; key_2t: the key of this lane's first column (the tile's first key + 2t).
+// Sets bit shift + e of keep for accumulator element e (row g for e < 2, else g + 8; key key_2t + e % 2) when kept.
+template <typename Mask>  // uint32_t or uint64_t
+__device__ __forceinline__ void dropout_mask_m16n8(Mask& keep, int shift, uint64_t seed, uint32_t threshold,
+                                                   uint32_t head, int row_g, int key_2t, int t) {
     const bool odd = t & 1;  // this lane draws row g + 8 (odd) or row g (even)
-    const Philox4 w = dropout_words(seed, head, row_g + (odd ? 8 : 0), key0 + 2 * t);
+    const Philox4 w = dropout_words(seed, head, row_g + (odd ? 8 : 0), key_2t);
     // Words 0, 1 are the even lane's keys, 2, 3 the odd lane's.
     const uint32_t own0 = odd ? w.x[2] : w.x[0], own1 = odd ? w.x[3] : w.x[1];
     const uint32_t give0 = odd ? w.x[0] : w.x[2], give1 = odd ? w.x[1] : w.x[3];
     const uint32_t got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
     const uint32_t word[4] = {odd ? got0 : own0, odd ? got1 : own1, odd ? own0 : got0, odd ? own1 : got1};
-    uint32_t bits = 0;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) bits |= uint32_t(dropout_kept(word[e], threshold)) << e;
-    return bits;
+    for (int e = 0; e < 4; ++e) keep |= Mask(dropout_kept(word[e], threshold)) << (shift + e);
 }
 
 // S^T = K Q^T (the backward's dk_dv kernel): keys are the rows of the fragment. Lane (g, t) holds keys g and g + 8,

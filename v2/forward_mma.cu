@@ -298,7 +298,7 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 }
 
 // --dropout: the mask of one tile (this warp's rows from row0, keys from key0), one bit per accumulator element of
-// S, bit 4 nt + e of keep[mt] (1: kept): one generator call for four weights (dropout_bits_m16n8, dropout.cuh). The
+// S, bit 4 nt + e of keep[mt] (1: kept): one generator call for four weights (dropout_mask_m16n8, dropout.cuh). The
 // kernel draws the mask at the top of a K/V iteration, where S does not hold its registers yet (at d = 128, S and
 // O_i fill all 255).
 template <int kNTiles, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
@@ -310,8 +310,8 @@ __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Ex
         keep[mt] = 0;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
-            keep[mt] |= dropout_bits_m16n8(x.seed, x.keep_threshold, head, row0 + mt * 16 + g, key0 + nt * 8, t)
-                        << (4 * nt);
+            dropout_mask_m16n8(keep[mt], 4 * nt, x.seed, x.keep_threshold, head, row0 + mt * 16 + g,
+                               key0 + frag_col(nt, 0, t), t);
     }
 }
 
