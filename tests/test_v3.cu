@@ -149,7 +149,7 @@ TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives 
                                        << " SMs " << sms);
                         const V3TileOrder order = v3_tile_order(N, 128, heads, persistent, causal);
                         const int ctas = order.ctas(sms);
-                        CHECK(ctas == (persistent ? std::min(sms, (order.positions + order.per_turn - 1) / order.per_turn)
+                        CHECK(ctas == (persistent ? std::min(sms, (order.positions + order.per_turn() - 1) / order.per_turn())
                                                   : order.positions));
                         std::vector<int> seen(size_t(order.positions), 0);
                         std::vector<long> share(size_t(ctas), 0);
@@ -170,7 +170,7 @@ TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives 
                     }
     // Without the pairs, one causal tile a turn in last-first order: at N = 1024 (8 Q tiles) and 132 CTAs, CTA b
     // gets tiles b % 8 and (b + 4) % 8 of a head in turn, and the busiest CTA has about twice the least busy's work.
-    const V3TileOrder single{8, 8 * 256, 1, true, false};
+    const V3TileOrder single{8, 8 * 256, true, false};  // non-causal order: one tile a turn, taken last-first below
     std::vector<long> share(132, 0);
     for (int b = 0; b < 132; ++b)
         for (int pos = single.first(b); pos < single.positions; pos = single.next(pos, 132))

@@ -215,6 +215,15 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     const uint32_t q_full = bars + 16 * L::kStages, q_empty = q_full + 8;
 
     const V3TileOrder order = v3_tile_order(Nq, L::kBr, heads, F::kPersistent, kCausal);  // schedule.h
+    struct QTile {
+        int bh, q0;    // head, first query row
+        V3KvTiles kv;  // the K/V tiles it visits
+    };
+    auto q_tile_at = [&](int pos) {  // the Q tile at position pos of the grid's sequence
+        int bh, i;
+        order.tile(pos, &bh, &i);
+        return QTile{bh, i * L::kBr, v3_kv_tiles(i * L::kBr, L::kBr, Nq, Nk, L::kBc, kCausal)};
+    };
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < L::kStages; ++s) {
@@ -251,10 +260,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             if (threadIdx.x == 0) {
                 int it = 0, q_loads = 0;
                 for (int pos = order.first(blockIdx.x); pos < order.positions; pos = order.next(pos, gridDim.x)) {
-                    int bh, q_tile;
-                    order.tile(pos, &bh, &q_tile);
-                    const int q0 = q_tile * L::kBr;
-                    const V3KvTiles kv = v3_kv_tiles(q0, L::kBr, Nq, Nk, L::kBc, kCausal);
+                    const auto [bh, q0, kv] = q_tile_at(pos);
                     if (kv.n_tiles == 0) continue;  // no key to see: the consumers write O = 0 without Q_i
                     // Step 7: Q_i's space is free once every consumer has finished its last S of the tile before.
                     mbarrier_wait(q_empty, (q_loads + 1) % 2, "Q empty", 0);  // the first Q passes at once
@@ -275,10 +281,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     int it = 0, q_uses = 0;  // the ring position of this tile's K/V tile 0; Q tiles read so far
 
     for (int pos = order.first(blockIdx.x); pos < order.positions; pos = order.next(pos, gridDim.x)) {
-        int bh, q_tile;  // this CTA's next Q tile
-        order.tile(pos, &bh, &q_tile);
-        const int q0 = q_tile * L::kBr;
-        const V3KvTiles kv = v3_kv_tiles(q0, L::kBr, Nq, Nk, L::kBc, kCausal);
+        const auto [bh, q0, kv] = q_tile_at(pos);  // this CTA's next Q tile
         const int row[2] = {q0 + 64 * c + 16 * warp + lane / 4, q0 + 64 * c + 16 * warp + lane / 4 + 8};
         const int n = kv.n_tiles;
         if constexpr (!F::kWarpSpecialised) {

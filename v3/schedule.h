@@ -37,16 +37,16 @@ __host__ __device__ inline V3KvTiles v3_kv_tiles(int q0, int Br, int Nq, int Nk,
 struct V3TileOrder {
     int n_q;        // Q tiles of a head
     int positions;  // tiles in the sequence: n_q * heads
-    int per_turn;   // tiles a CTA takes at once
     bool persistent, causal;
 
+    __host__ __device__ int per_turn() const { return persistent && causal ? 2 : 1; }  // tiles a CTA takes at once
     int ctas(int sms) const {  // CTAs to launch
-        const int turns = (positions + per_turn - 1) / per_turn;
+        const int turns = (positions + per_turn() - 1) / per_turn();
         return persistent && sms < turns ? sms : turns;
     }
-    __host__ __device__ int first(int cta) const { return cta * per_turn; }
+    __host__ __device__ int first(int cta) const { return cta * per_turn(); }
     __host__ __device__ int next(int pos, int ctas) const {
-        return (pos + 1) % per_turn != 0 ? pos + 1 : pos + 1 + (ctas - 1) * per_turn;
+        return (pos + 1) % per_turn() != 0 ? pos + 1 : pos + 1 + (ctas - 1) * per_turn();
     }
     __host__ __device__ void tile(int pos, int* bh, int* i) const {  // position -> head, Q tile
         const int k = pos % n_q;
@@ -57,5 +57,5 @@ struct V3TileOrder {
 
 __host__ __device__ inline V3TileOrder v3_tile_order(int Nq, int Br, int heads, bool persistent, bool causal) {
     const int n_q = (Nq + Br - 1) / Br;
-    return V3TileOrder{n_q, n_q * heads, persistent && causal ? 2 : 1, persistent, causal};
+    return V3TileOrder{n_q, n_q * heads, persistent, causal};
 }
