@@ -5,6 +5,7 @@
 // regenerate exactly the forward's mask instead of storing it (the same recompute-instead-of-store idea as the
 // backward pass itself). One function, compiled for host and device.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 struct Philox4 {
@@ -34,19 +35,39 @@ __host__ __device__ inline Philox4 philox4x32_10(Philox4 counter, uint32_t key0,
     return c;
 }
 
-// The generator's four words for row i of head `head` (flattened: b * H + h): word w decides key 4 (j / 4) + w.
-// Keyed by the seed; the counter is (j / 4, i, head, 0), so a thread that handles four consecutive keys calls the
-// generator once (the tensor-core forward shares one call between two lanes: v2/forward_mma.cu).
-__host__ __device__ inline Philox4 dropout_words(uint64_t seed, uint32_t head, int i, int j) {
-    return philox4x32_10(Philox4{{uint32_t(j) >> 2, uint32_t(i), head, 0u}}, uint32_t(seed), uint32_t(seed >> 32));
+// The dropout mask. One generator call decides 16 consecutive keys of one row: for row i of head `head` (flattened:
+// b * H + h) and keys 16 c .. 16 c + 15 the counter is (c, i, head, 0), keyed by the seed, and byte k of the output
+// (x[0]'s lowest byte first) decides key 16 c + k: kept when the byte, uniform in 0 .. 255, is >= the threshold
+// t = round(256 p). So dropout runs with probability t / 256, p rounded to a multiple of 1/256 (p = 0.1 runs as
+// 26/256 = 0.1016; FlashAttention-2 also compares 8-bit pieces of its generator's output), and the kept weights are scaled by
+// 256 / (256 - t) = 1 / (1 - t / 256), which keeps the expected output the output without dropout. Why bytes and
+// not one 32-bit word a weight: a call costs about 60 integer instructions; at 16 weights a call that is 4 a weight,
+// at 4 (the first version) 15, which made the forward kernel 2.5x slower with dropout than without.
+__host__ __device__ inline uint32_t dropout_threshold(float p) { return uint32_t(floorf(p * 256.0f + 0.5f)); }
+// 1 / (1 - t / 256): the factor of a kept weight. p must round to t <= 255 (p < 0.998): t = 256 would drop every
+// weight and divide by 0 here (the harness refuses it: tests/harness/cli.cu).
+__host__ __device__ inline double dropout_scale(float p) { return 256.0 / double(256u - dropout_threshold(p)); }
+
+// The four bytes of x compared with those of y at once (unsigned, "SIMD within a register"): bit 7 of byte k of the
+// result is set when byte k of x >= byte k of y, every other bit is 0. (x | 0x80) - (y & 0x7F) in each byte never
+// borrows from the next byte and has bit 7 set when the low 7 bits of x are >= those of y; that decides when the
+// top bits agree, and the top bits decide when they differ.
+__host__ __device__ inline uint32_t bytes_at_least(uint32_t x, uint32_t y) {
+    const uint32_t low7 = (x | 0x80808080u) - (y & 0x7F7F7F7Fu);
+    return ((x & ~y) | (~(x ^ y) & low7)) & 0x80808080u;
 }
-// Is the weight whose word is `word` kept by dropout with probability p? Kept when the word's top 24 bits, as a
-// fraction u of 2^24 (uniform in [0, 1)), are >= p: a fraction 1 - p of all words when p is a multiple of 2^-24.
-// In integers, with no conversion to float: u >= p exactly when word >> 8 >= p 2^24 (p 2^24 is exact: only the
-// exponent moves), i.e. when word >> 8 >= ceil(p 2^24), the threshold (at most 2^24 for p < 1).
-__host__ __device__ inline uint32_t dropout_threshold(float p) { return uint32_t(ceilf(p * 16777216.0f)); }
-__host__ __device__ inline bool dropout_kept(uint32_t word, uint32_t threshold) { return word >> 8 >= threshold; }
+
+// The keep bits of keys 16 c .. 16 c + 15 of row i: bit k set when key 16 c + k is kept (threshold: dropout_threshold).
+// Bits 7, 15, 23, 31 of bytes_at_least's result land in bits 28 .. 31 of its product with 2^0 + 2^7 + 2^14 + 2^21
+// (no two of the partial products' bits meet, so nothing carries): four keep bits in two instructions.
+__host__ __device__ inline uint32_t dropout_keep16(uint64_t seed, uint32_t head, int i, int c, uint32_t threshold) {
+    const Philox4 r = philox4x32_10(Philox4{{uint32_t(c), uint32_t(i), head, 0u}}, uint32_t(seed), uint32_t(seed >> 32));
+    const uint32_t t4 = threshold * 0x01010101u;  // the threshold in every byte
+    uint32_t bits = 0;
+    for (int w = 0; w < 4; ++w) bits |= (bytes_at_least(r.x[w], t4) * 0x00204081u) >> 28 << (4 * w);
+    return bits;
+}
 // Is attention weight (row i, key j) of head `head` kept? The one definition of the mask, for every pass.
 __host__ __device__ inline bool dropout_keep(uint64_t seed, uint32_t head, int i, int j, float p) {
-    return dropout_kept(dropout_words(seed, head, i, j).x[j & 3], dropout_threshold(p));
+    return dropout_keep16(seed, head, i, j >> 4, dropout_threshold(p)) >> (j & 15) & 1;
 }

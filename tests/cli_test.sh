@@ -60,6 +60,7 @@ for prog in bin/naive bin/online_softmax bin/v1 bin/v2; do
     expect 2 "$prog" --window 3,-2
     expect 2 "$prog" --dropout 1
     expect 2 "$prog" --dropout nan
+    expect 2 "$prog" --dropout 0.999  # rounds to 256/256: every weight dropped
     expect 2 "$prog" --load "$tmp" --seed 3 --dropout 0  # --seed with --load keys only a dropout mask
     expect 2 "$prog" --heads 6 --kv-heads 4     # K/V heads must divide the query heads
     expect 2 "$prog" --load "$tmp" --kv-heads 2  # --load takes them from k.npy

@@ -70,9 +70,9 @@ void put_sequence_rows(const Problem& p, int s, bool keys, int heads, const std:
 template <class T>
 void put_sequence_lse(const Problem& p, int s, const std::vector<T>& part, std::vector<T>* packed);
 
-// --dropout's factor of weight (row i, key j) of flattened head bh: 0 if dropped, 1 / (1 - p) if kept, from the
-// counter-based generator (common/philox.cuh), so the backward regenerates the forward's mask. The one definition,
-// used by the reference and the CPU models.
+// --dropout's factor of weight (row i, key j) of flattened head bh: 0 if dropped, 1 / (1 - p) if kept (p rounded to a
+// multiple of 1/256: dropout_scale), from the counter-based generator (common/philox.cuh), so the backward regenerates
+// the forward's mask. The one definition, used by the reference and the CPU models.
 double dropout_factor(const Problem& p, size_t bh, int i, int j);
 // What --bias and --alibi add to the scaled score of (row i, key j) of flattened head bh (0 without them): the one
 // definition, used by the reference and the CPU models.

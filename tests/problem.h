@@ -54,6 +54,7 @@ struct Problem {
     // out [T, H, d] (T: the sum of the lengths; K, V: [Tk, Hk, d]), LSE [H, Tq], nothing padded. Empty: [B, H, N, d].
     std::vector<int> seqlens_q = {}, seqlens_k = {};
     float dropout = 0.0f;                    // --dropout p: each weight P_ij dropped with probability p, kept ones / (1 - p)
+                                             // (p runs rounded to a multiple of 1/256: common/philox.cuh)
     uint64_t dropout_seed = 1;               // --seed: keys the dropout mask (common/philox.cuh)
     int head_offset = 0;                     // flattened index (b * H + h) of this problem's first head in the whole
                                              // batch: a CPU model run head by head keys each head's mask by it

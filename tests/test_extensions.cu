@@ -37,16 +37,17 @@ TEST_CASE("Philox4x32-10 reproduces the known-answer vectors of the reference im
           {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}});
 }
 
-TEST_CASE("dropout keeps a fraction 1 - p of the weights, for every word of a counter, and each seed and head has its own mask") {
-    const int N = 512;  // 262,144 draws per case: the kept fraction's standard deviation is at most 0.001
+TEST_CASE("dropout keeps a fraction 1 - p of the weights, for every byte of a call, and each seed and head has its own mask") {
+    const int N = 512;  // 16,384 draws per byte position: the kept fraction's standard deviation is at most 0.004
     for (float p : {0.1f, 0.5f, 0.9f}) {
-        double kept[4] = {0, 0, 0, 0};
+        const double run_p = dropout_threshold(p) / 256.0;  // the p that runs, a multiple of 1/256
+        double kept[16] = {};
         for (int i = 0; i < N; ++i)
-            for (int j = 0; j < N; ++j) kept[j & 3] += dropout_keep(7, 5, i, j, p);
-        const double per_word = N * N / 4.0, sigma = std::sqrt(p * (1.0 - p) / per_word);
-        for (int w = 0; w < 4; ++w)
-            CHECK_MESSAGE(std::fabs(kept[w] / per_word - (1.0 - p)) < 6 * sigma,
-                          "p=" << p << " word " << w << ": kept " << kept[w] / per_word << ", want " << 1 - p);
+            for (int j = 0; j < N; ++j) kept[j % 16] += dropout_keep(7, 5, i, j, p);
+        const double per_byte = N * N / 16.0, sigma = std::sqrt(run_p * (1.0 - run_p) / per_byte);
+        for (int k = 0; k < 16; ++k)
+            CHECK_MESSAGE(std::fabs(kept[k] / per_byte - (1.0 - run_p)) < 6 * sigma,
+                          "p=" << p << " byte " << k << ": kept " << kept[k] / per_byte << ", want " << 1 - run_p);
     }
     int same_seed = 0, same_head = 0;
     for (int i = 0; i < 64; ++i)

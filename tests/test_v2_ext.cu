@@ -90,27 +90,41 @@ TEST_CASE("cu_seqlens: a packed batch's first tokens, as FlashAttention's interf
     CHECK(cu_seqlens({}) == std::vector<int>{0});
 }
 
-TEST_CASE("dropout_words: one generator call decides four consecutive keys, the words dropout_keep reads") {
-    for (int j = 0; j < 64; ++j) {
-        const Philox4 w = dropout_words(99, 4, 17, j & ~3);  // the counter of the group's first key
-        CHECK(dropout_keep(99, 4, 17, j, 0.5f) == dropout_kept(w.x[j & 3], dropout_threshold(0.5f)));
-    }
+TEST_CASE("dropout_keep: one generator call decides sixteen consecutive keys, byte k of it key 16 c + k") {
+    for (float p : {0.1f, 0.5f, 0.9f})
+        for (int j = 0; j < 64; ++j) {
+            // the counter of the strip (j / 16, row 17, head 4), keyed by the seed's two halves
+            const uint64_t seed = 0x123456789ull;
+            const Philox4 r = philox4x32_10(Philox4{{uint32_t(j / 16), 17u, 4u, 0u}}, uint32_t(seed), uint32_t(seed >> 32));
+            const uint32_t byte = r.x[j % 16 / 4] >> (8 * (j % 4)) & 0xFFu;
+            CHECK(dropout_keep(seed, 4, 17, j, p) == (byte >= dropout_threshold(p)));
+        }
 }
 
-TEST_CASE("dropout_kept's integer threshold decides as the fraction does: top 24 bits / 2^24 >= p") {
-    auto by_fraction = [](uint32_t word, float p) { return float(word >> 8) * (1.0f / 16777216.0f) >= p; };
-    for (float p : {0.0f, 0x1p-30f, 0x1p-24f, 1e-7f, 0.1f, 0.3f, 0.5f, 0.7f, 0.9f, std::nextafter(1.0f, 0.0f)}) {
-        const uint32_t threshold = dropout_threshold(p);
-        // the words around the threshold, and a spread of others
-        for (int64_t top = int64_t(threshold) - 3; top <= int64_t(threshold) + 3; ++top)
-            for (uint32_t low : {0u, 255u})
-                if (top >= 0 && top < (1 << 24)) {
-                    const uint32_t word = uint32_t(top) << 8 | low;
-                    CHECK_MESSAGE(dropout_kept(word, threshold) == by_fraction(word, p), "p " << p << " word " << word);
-                }
-        for (uint32_t word = 0; word < 0xFFFF0000u; word += 0x00FEDCBAu)
-            CHECK(dropout_kept(word, threshold) == by_fraction(word, p));
+TEST_CASE("bytes_at_least compares the four bytes at once as four separate comparisons do") {
+    uint32_t x = 12345u;
+    auto next = [&x] { return x = x * 1664525u + 1013904223u; };  // a cheap generator of test words
+    for (int n = 0; n < 20000; ++n) {
+        const uint32_t a = next(), b = n % 2 ? next() : (n / 2 % 256) * 0x01010101u;  // random, or a threshold
+        uint32_t want = 0;
+        for (int k = 0; k < 4; ++k) want |= uint32_t((a >> (8 * k) & 0xFFu) >= (b >> (8 * k) & 0xFFu)) << (8 * k + 7);
+        REQUIRE_MESSAGE(bytes_at_least(a, b) == want, "a " << a << ", b " << b);
     }
+    for (uint32_t v = 0; v < 256; ++v)  // every byte value against every threshold, in each of the four bytes
+        for (uint32_t t = 0; t < 256; ++t)
+            for (int k = 0; k < 4; ++k)
+                REQUIRE(bool(bytes_at_least(v << (8 * k), t * 0x01010101u) >> (8 * k + 7) & 1) == (v >= t));
+}
+
+TEST_CASE("dropout runs p rounded to a multiple of 1/256 and scales the kept weights by 1 / (1 - that)") {
+    CHECK(dropout_threshold(0.0f) == 0);
+    CHECK(dropout_threshold(0x1p-30f) == 0);  // keeps everything: the scale is then exactly 1
+    CHECK(dropout_scale(0x1p-30f) == 1.0);
+    CHECK(dropout_threshold(0.1f) == 26);     // 25.6
+    CHECK(dropout_scale(0.1f) == 256.0 / 230.0);
+    CHECK(dropout_threshold(0.5f) == 128);
+    CHECK(dropout_threshold(0.998f) == 255);  // 255.49: the largest p that runs
+    CHECK(dropout_threshold(0.9981f) == 256);  // refused by the command line (tests/cli_test.sh)
 }
 
 TEST_CASE("v2 tensor-core forward takes the extensions in its final kernel only; missing device inputs are refused") {
@@ -199,7 +213,7 @@ TEST_CASE("GPU v2 ext: the dropout mask is the reference's, weight for weight, i
             for (int j = 0; j < p.Nk; ++j)
                 for (int c = 0; c < p.d; ++c) in.v[(bh * p.Nk + j) * p.d + c] = j == c ? 1.0f : 0.0f;
         const Outputs got = run_gpu(p, in);
-        const float kept_value = 1.0f / (p.Nk * (1.0f - p.dropout));  // O's values are checked below
+        const float kept_value = float(dropout_scale(p.dropout)) / p.Nk;  // O's values are checked below
         size_t wrong = 0, kept = 0;
         for (size_t bh = 0; bh < size_t(p.B) * p.H; ++bh)
             for (int i = 0; i < p.Nq; ++i)
@@ -210,7 +224,8 @@ TEST_CASE("GPU v2 ext: the dropout mask is the reference's, weight for weight, i
                 }
         CHECK_MESSAGE(wrong == 0, dtype_name(t) << ": " << wrong << " weights differ from the reference's mask");
         const double n = double(p.B) * p.H * p.Nq * p.Nk;
-        CHECK(std::fabs(kept / n - 0.7) < 6 * std::sqrt(0.21 / n));  // and the mask keeps about 1 - p
+        const double keep = 1.0 - dropout_threshold(p.dropout) / 256.0;  // p = 0.3 runs as 77/256
+        CHECK(std::fabs(kept / n - keep) < 6 * std::sqrt(keep * (1.0 - keep) / n));  // the mask keeps about that
         check_against_reference(describe("dropout mask", p), p, in, got);
     }
 }
@@ -230,8 +245,8 @@ TEST_CASE("GPU v2 ext: where the extensions change nothing, the kernel with them
                 Outputs got = run_gpu(band, in);
                 CHECK_MESSAGE(same_bits(got.o, want.o), describe(causal ? "window -1,0" : "window 1000,1000", band));
                 CHECK(same_bits(got.lse, want.lse));
-                // Dropout with p = 2^-30 keeps every weight whose word is not 0 in its top 24 bits (all of them
-                // here) and scales by 1 / (1 - 2^-30), which is 1 in fp32: the dropout path changes no bit.
+                // Dropout with p = 2^-30 runs as 0/256: every weight kept, scaled by 256 / 256: the dropout path,
+                // mask drawn and applied, changes no bit.
                 Problem tiny = band;
                 tiny.dropout = 0x1p-30f;
                 for (size_t bh = 0; bh < size_t(tiny.B) * tiny.H; ++bh)

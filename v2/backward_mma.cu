@@ -159,9 +159,9 @@ struct Extensions {
     size_t bias_batch_stride, bias_head_stride, dS_batch_stride, dS_head_stride;
     bool dS_atomic;
     int alibi_heads;     // --alibi: head h's slope is alibi_slope(h, alibi_heads); 0 without
-    float dropout;       // --dropout p: Z_ij = keep_scale = 1 / (1 - p) where dropout_keep(seed, head_offset + b * H + h,
-    float keep_scale;    // i, j, p), else 0; without dropout p = 0 and keep_scale = 1
-    uint32_t keep_threshold;  // dropout_threshold(p): a weight is kept when dropout_kept(its word, this)
+    float dropout;       // --dropout p: Z_ij = keep_scale = dropout_scale(p) where dropout_keep(seed, head_offset + b * H
+    float keep_scale;    // + h, i, j, p), else 0; without dropout p = 0 and keep_scale = 1
+    uint32_t keep_threshold;  // dropout_threshold(p): a weight is kept when its byte is >= this (philox.cuh)
     uint64_t seed;
     int head_offset;
     // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (keys: cu_seqlens_k) of tensors laid out
@@ -428,11 +428,8 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         // tile's products (kExt only; all ones without dropout).
         uint64_t keep = ~uint64_t(0);
         if (kExt && x.dropout != 0.0f)
-            keep = dropout_bits_transposed<Br / 2>(x.seed, x.keep_threshold, head_extensions(x, batch, h).head, g,
-                                                   [&](int k) {
-                                                       return make_int2(i0 + k / 4 * 8 + 2 * t + (k & 1),
-                                                                        j0 + key_row + g + (k % 4) / 2 * 8);
-                                                   });
+            keep = dropout_bits_transposed<Br / 8>(x.seed, x.keep_threshold, head_extensions(x, batch, h).head, i0,
+                                                   j0 + key_row, g, t);
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
@@ -685,8 +682,8 @@ __global__ void __launch_bounds__(kDqThreads, 1)
             const uint32_t head = head_extensions(x, batch, h).head;
             keep = 0;
 #pragma unroll 1
-            for (int n = 0; n < Bc / 8; ++n)
-                dropout_mask_m16n8(keep, 4 * n, x.seed, x.keep_threshold, head, row0, key0 + n * 8 + 2 * t, t);
+            for (int q = 0; q < Bc / 32; ++q)
+                keep |= uint64_t(dropout_mask_m16n32(x.seed, x.keep_threshold, head, row0, key0 + 32 * q, t)) << (16 * q);
         }
 
         // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.
@@ -854,7 +851,7 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
         }
     }
     x.alibi_heads = p.alibi ? p.alibi_heads() : 0;
-    x.dropout = p.dropout, x.keep_scale = 1.0f / (1.0f - p.dropout), x.seed = p.dropout_seed, x.head_offset = p.head_offset;
+    x.dropout = p.dropout, x.keep_scale = float(dropout_scale(p.dropout)), x.seed = p.dropout_seed, x.head_offset = p.head_offset;
     x.keep_threshold = dropout_threshold(p.dropout);
     if (p.varlen()) x.cu_seqlens_q = in.cu_seqlens_q, x.cu_seqlens_k = in.cu_seqlens_k;
     x.tokens_q = int(p.tokens_q());

@@ -218,8 +218,8 @@ struct Extensions {
     int bias_batch, bias_heads;
     int alibi_heads;                // --alibi: the H of the slopes (0 without)
     int head_offset;                // flattened index of head 0: dropout's and ALiBi's heads are head_offset + bh
-    float dropout, keep_scale;      // --dropout p (0 without) and 1 / (1 - p)
-    uint32_t keep_threshold;        // dropout_threshold(p): a weight is kept when dropout_kept(its word, this)
+    float dropout, keep_scale;      // --dropout p (0 without) and dropout_scale(p), 1 / (1 - p) with p rounded to k/256
+    uint32_t keep_threshold;        // dropout_threshold(p): a weight is kept when its byte is >= this (philox.cuh)
     uint64_t seed;                  // keys the dropout mask
     const int* cu_seqlens_q;        // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
     const int* cu_seqlens_k;        //   of Q (of K); null without
@@ -228,7 +228,7 @@ struct Extensions {
 
 Extensions extensions(const Problem& p, const ForwardArgs& a) {
     return {p.H, p.kv_heads(), p.causal, p.window_left, p.window_right, a.bias, p.bias_batch, p.bias_heads,
-            p.alibi ? p.alibi_heads() : 0, p.head_offset, p.dropout, 1.0f / (1.0f - p.dropout),
+            p.alibi ? p.alibi_heads() : 0, p.head_offset, p.dropout, float(dropout_scale(p.dropout)),
             dropout_threshold(p.dropout), p.dropout_seed,
             a.cu_seqlens_q, a.cu_seqlens_k, int(p.tokens_q())};
 }
@@ -298,20 +298,24 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 }
 
 // --dropout: the mask of one tile (this warp's rows from row0, keys from key0), one bit per accumulator element of
-// S, bit 4 nt + e of keep[mt] (1: kept): one generator call for four weights (dropout_mask_m16n8, dropout.cuh). The
-// kernel draws the mask at the top of a K/V iteration, where S does not hold its registers yet (at d = 128, S and
-// O_i fill all 255).
+// S, bit 4 nt + e of keep[mt] (1: kept): each lane draws one strip of 16 keys for every 32 keys (dropout_mask_m16n32,
+// dropout.cuh). The kernel draws the mask at the top of a K/V iteration, where S does not hold its registers yet (at
+// d = 128, S and O_i fill all 255).
 template <int kNTiles, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
 __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Extensions& x, uint32_t head, int row0,
                                              int key0, int g, int t) {
-    static_assert(kNTiles * 4 <= 32, "one 32-bit word of mask per m tile");
+    static_assert(kNTiles % 4 == 0 && kNTiles * 4 <= 32, "32 keys at a time, one 32-bit word of mask per m tile");
+    constexpr int kGroups = kNTiles / 4;  // 32-key groups of a tile's row
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-        keep[mt] = 0;
+    for (int mt = 0; mt < kMTiles; ++mt) keep[mt] = 0;
+    // One generator call at a time (not unrolled): unrolled, ptxas interleaves the calls and spills at d = 64 and 128.
+#pragma unroll 1
+    for (int c = 0; c < kMTiles * kGroups; ++c) {
+        const int mt = c / kGroups, q = c % kGroups;
+        const uint32_t bits = dropout_mask_m16n32(x.seed, x.keep_threshold, head, row0 + mt * 16 + g, key0 + 32 * q, t);
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
-            dropout_mask_m16n8(keep[mt], 4 * nt, x.seed, x.keep_threshold, head, row0 + mt * 16 + g,
-                               key0 + frag_col(nt, 0, t), t);
+        for (int m = 0; m < kMTiles; ++m)
+            if (m == mt) keep[m] |= bits << (16 * q);
     }
 }
 

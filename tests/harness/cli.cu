@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "harness.h"
+#include "common/philox.cuh"  // dropout_threshold
 
 // A user's argument as it appears inside an error message: control characters (a newline would break the
 // one-line error) written as \xNN. Found by fuzz/fuzz_cli.cpp.
@@ -78,8 +79,9 @@ std::string usage(const char* program, bool allow_dtype, bool allow_backward) {
         "  --seqlens A,B,...   a packed batch of sequences of these lengths, tokens [T, H, d], nothing padded\n"
         "                 (--seqlens-q and --seqlens-k for different query and key lengths)\n"
         "  --window L,R   sliding window: query i sees keys i' - L .. i' + R (i' = i + Nk - Nq; -1: unbounded)\n"
-        "  --dropout P    drop each attention weight with probability P (0 <= P < 1), keep the rest / (1 - P);\n"
-        "                 the mask comes from a counter-based generator keyed by --seed (with --load too)\n";
+        "  --dropout P    drop each attention weight with probability P (0 <= P < 0.998, rounded to a multiple of\n"
+        "                 1/256), keep the rest / (1 - P); the mask comes from a counter-based generator keyed by\n"
+        "                 --seed (with --load too)\n";
     if (allow_dtype) u += "  --dtype T      fp32 (CUDA cores), fp16 or bf16 (tensor cores) (default fp32)\n";
     if (allow_backward)
         u += "  --backward     run the backward pass too (reads do.npy with --load, writes dq/dk/dv.npy with --save)\n"
@@ -192,6 +194,9 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             r.p.dropout = std::strtof(value.c_str(), &end);
             if (value.empty() || *end != '\0' || !(r.p.dropout >= 0.0f && r.p.dropout < 1.0f))
                 return *err = "--dropout expects a probability P with 0 <= P < 1, got '" + printable(value) + "'", false;
+            if (dropout_threshold(r.p.dropout) > 255)  // common/philox.cuh: P runs rounded to a multiple of 1/256
+                return *err = "--dropout P runs as P rounded to a multiple of 1/256, and " + printable(value) +
+                              " rounds to 1: use P < 0.998", false;
         }
         else if (flag == "--kernel") r.kernel = value;
         else if (flag == "--load") r.load_dir = value;

@@ -48,7 +48,7 @@ void forward_row(const Problem& p, const HostTensors& in, size_t row, DType roun
 
 double dropout_factor(const Problem& p, size_t bh, int i, int j) {
     if (p.dropout == 0.0f) return 1.0;
-    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), i, j, p.dropout) ? 1.0 / (1.0 - p.dropout) : 0.0;
+    return dropout_keep(p.dropout_seed, uint32_t(p.head_offset + bh), i, j, p.dropout) ? dropout_scale(p.dropout) : 0.0;
 }
 
 double score_bias(const Problem& p, const HostTensors& in, size_t bh, int i, int j) {

@@ -11,6 +11,7 @@
 
 #include "cuda_check.h"
 #include "harness.h"
+#include "common/philox.cuh"  // dropout_threshold
 
 // ------------------------------------------------------------------------------------------------ running
 namespace {
@@ -626,9 +627,10 @@ int stage_main(int argc, char** argv, const Stage& s) {
         std::printf("  packed batch: seqlens_q=%s seqlens_k=%s (%zu and %zu tokens)\n", q.c_str(), k.c_str(), p.tokens_q(), p.tokens_k());
     }
     if (p.has_extensions())
-        std::printf("  kv_heads=%d window=%d,%d (-1: unbounded) dropout=%g (mask keyed by seed %llu) bias=[%d, %d, Nq, Nk] "
-                    "alibi=%s\n", p.kv_heads(), p.window_left, p.window_right, p.dropout,
-                    (unsigned long long)p.dropout_seed, p.bias_batch, p.bias_heads, p.alibi ? "yes" : "no");
+        std::printf("  kv_heads=%d window=%d,%d (-1: unbounded) dropout=%g (runs as %u/256, mask keyed by seed %llu) "
+                    "bias=[%d, %d, Nq, Nk] alibi=%s\n", p.kv_heads(), p.window_left, p.window_right, p.dropout,
+                    dropout_threshold(p.dropout), (unsigned long long)p.dropout_seed, p.bias_batch, p.bias_heads,
+                    p.alibi ? "yes" : "no");
     if (o.bench && o.cpu) {
         std::printf("--bench: nothing is timed, the CPU model runs instead of the GPU kernels (timings need a CUDA "
                     "device)\n");
