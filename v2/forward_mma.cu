@@ -301,15 +301,17 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 // S, bit 4 nt + e of keep[mt] (1: kept): each lane draws one strip of 16 keys for every 32 keys (dropout_mask_m16n32,
 // dropout.cuh). The kernel draws the mask at the top of a K/V iteration, where S does not hold its registers yet (at
 // d = 128, S and O_i fill all 255).
-template <int kNTiles, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
+template <int kNTiles, int kCallsInFlight, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
 __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Extensions& x, uint32_t head, int row0,
                                              int key0, int g, int t) {
     static_assert(kNTiles % 4 == 0 && kNTiles * 4 <= 32, "32 keys at a time, one 32-bit word of mask per m tile");
     constexpr int kGroups = kNTiles / 4;  // 32-key groups of a tile's row
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) keep[mt] = 0;
-    // One generator call at a time (not unrolled): unrolled, ptxas interleaves the calls and spills at d = 64 and 128.
-#pragma unroll 1
+    // kCallsInFlight generator calls at a time (the loop unrolled that far): a call is a chain of 10 dependent
+    // rounds, and independent chains hide each other's latency. Two at d = 64; at d = 128 two make ptxas spill 80
+    // bytes (O_i holds 128 registers), so one; all four spill at both.
+#pragma unroll kCallsInFlight
     for (int c = 0; c < kMTiles * kGroups; ++c) {
         const int mt = c / kGroups, q = c % kGroups;
         const uint32_t bits = dropout_mask_m16n32(x.seed, x.keep_threshold, head, row0 + mt * 16 + g, key0 + 32 * q, t);
@@ -444,7 +446,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         uint32_t keep[kMTiles] = {};  // kExt, --dropout: this tile's mask (dropout_mask)
         if constexpr (kExt) {
             if (x.dropout > 0.0f)
-                dropout_mask<kNTiles>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
+                dropout_mask<kNTiles, kD <= 64 ? 2 : 1>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
         }
         if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
