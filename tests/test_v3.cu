@@ -1,15 +1,19 @@
 // test_v3.cu: FlashAttention-3 on Hopper (v3/). On the CPU: the host-side rules (tensor-map shapes, the K/V tile
-// schedule against brute force, the steps' configurations and register budget, the refusals). On a Hopper GPU: every
+// schedule against brute force, the steps' configurations and register budget, the refusals) and step 8's
+// polynomial exp2 against exp2 in double. On a Hopper GPU: every
 // step over the shape matrix against float64 (the same-precision rule) and against v2, the rung below, on the same
 // rounded inputs, LSE included.
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 
 #include "test_support.h"
 #include "v2/v2.h"
+#include "v3/exp2_poly.h"
 #include "v3/schedule.h"
 #include "v3/v3.h"
 
@@ -108,10 +112,10 @@ TEST_CASE("v3 tile schedule: visited K/V tiles hold every key a row sees, no til
 }
 
 TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file and the tiles fit shared memory") {
-    REQUIRE(v3_forward_steps().size() == 7);
+    REQUIRE(v3_forward_steps().size() == 8);
     for (int d : {64, 128}) {
         V3Config prev{};
-        for (int k = 1; k <= 7; ++k) {
+        for (int k = 1; k <= 8; ++k) {
             INFO("d " << d << " step " << k);
             V3Config c;
             REQUIRE(v3_config(k, d, &c).empty());
@@ -123,10 +127,12 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
             // Step 7's one idea, the persistent grid, takes the TMA store back out (Q_i's space is refilled early).
             const int added = (c.warp_specialised != prev.warp_specialised) + (c.ping_pong != prev.ping_pong) +
                               (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store && k != 7) +
-                              (k > 1 && c.stages != prev.stages) + (c.persistent != prev.persistent);
+                              (k > 1 && c.stages != prev.stages) + (c.persistent != prev.persistent) +
+                              (c.poly_exp != prev.poly_exp);
             CHECK(added == (k == 1 ? 0 : 1));
             CHECK(c.tma_store == (k == 5 || k == 6));
-            CHECK(c.persistent == (k == 7));
+            CHECK(c.persistent == (k >= 7));
+            CHECK(c.poly_exp == (k == 8));
             CHECK(c.stages == (k < 6 ? 2 : d == 64 ? 4 : 3));
             CHECK(c.smem_bytes >= c.Br * d * 2 + 2 * c.stages * c.Bc * d * 2 + 8 * (2 * c.stages + 2));
             prev = c;
@@ -134,7 +140,7 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
     }
     V3Config c;
     CHECK(one_line(v3_config(0, 64, &c)));
-    CHECK(one_line(v3_config(8, 64, &c)));
+    CHECK(one_line(v3_config(9, 64, &c)));
     CHECK(one_line(v3_config(1, 96, &c)));
 }
 
@@ -181,16 +187,18 @@ TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives 
 TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry points never exit") {
     Problem p;
     p.d = 64, p.dtype = DType::fp16;
-    for (int k = 0; k <= 7; ++k) {
+    for (int k = 0; k <= 8; ++k) {
         p.kernel = k;
         CHECK_MESSAGE(v3_unsupported(p).empty(), "step " << k);
     }
     std::vector<std::string> refusals;
-    p.kernel = 8;
+    p.kernel = 9;
     refusals.push_back(v3_unsupported(p));
     p.kernel = -1;
     refusals.push_back(v3_unsupported(p));
     p.kernel = 1, p.dtype = DType::bf16;  // the steps before the final one are compiled for fp16 only
+    refusals.push_back(v3_unsupported(p));
+    p.kernel = 7;
     refusals.push_back(v3_unsupported(p));
     p.kernel = 0, p.dtype = DType::fp32;
     refusals.push_back(v3_unsupported(p));
@@ -201,7 +209,7 @@ TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry point
     for (const std::string& why : refusals) CHECK(one_line(why));
     p.B = 1000, p.H = 1000;  // over the 65535 heads a 2-D grid would allow: the grid is 1-D
     CHECK(v3_unsupported(p).empty());
-    p.kernel = 7, p.dtype = DType::bf16, p.B = 1, p.H = 1;
+    p.kernel = 8, p.dtype = DType::bf16, p.B = 1, p.H = 1;
     CHECK(v3_unsupported(p).empty());
     // Null pointers: a launch would fault, so the reason must come back before anything launches.
     p.d = 96;
@@ -212,6 +220,47 @@ TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry point
         CHECK(one_line(v3_gpu_unusable()));
         CHECK(v3_forward_launch(p, ForwardArgs{}) == v3_gpu_unusable());
     }
+}
+
+// Step 8's exp2_poly (v3/exp2_poly.h) is __host__ __device__ and uses fmaf, so this runs the kernel's arithmetic.
+TEST_CASE("v3 exp2_poly: within its stated relative error of exp2 everywhere the softmax calls it, 0 below -126") {
+    const double bound = kExp2PolyMaxRelErr;
+    CHECK(bound <= 0x1p-13);  // well below fp16's half-ulp 2^-11, the rounding of P that follows
+    double worst = 0.0, worst_x = 0.0;
+    long checked = 0;
+    auto check = [&](float x) {
+        const float got = exp2_poly(x);
+        const double want = std::exp2(double(x));
+        ++checked;
+        if (x < -126.0f) {  // 2^x below the smallest normal float: 0 (this function's choice), never garbage
+            REQUIRE_MESSAGE(got == 0.0f, "x = " << x << " gave " << got);
+            REQUIRE_MESSAGE(!std::signbit(got), "x = " << x << " gave -0");
+            return;
+        }
+        const double rel = std::fabs(double(got) / want - 1.0);
+        if (rel > worst) worst = rel, worst_x = x;
+        REQUIRE_MESSAGE(rel <= bound, "x = " << x << " gave " << got << ", 2^x = " << want << ", relative error " << rel);
+    };
+    for (int k = 0; k <= 131 * 8192; ++k) check(-130.0f + float(k) / 8192.0f);  // [-130, 1] in steps of 2^-13, exact
+    for (int n = -130; n <= 1; ++n) {  // the integers and their float neighbours, where floor(x) changes
+        check(std::nextafter(float(n), -INFINITY));
+        check(std::nextafter(float(n), INFINITY));
+        if (n >= -126) CHECK_MESSAGE(exp2_poly(float(n)) == std::ldexp(1.0f, n), "2^" << n << " is exact");
+    }
+    for (float tiny : {1e-30f, 1e-10f, 1e-7f, 0x1p-24f, std::numeric_limits<float>::denorm_min()}) {
+        check(tiny);  // rounding of s * scale - m can leave x a little above 0
+        check(-tiny);  // x - floor(x) = 1 - tiny rounds to 1: the fit covers f = 1
+    }
+    CHECK(exp2_poly(0.0f) == 1.0f);
+    CHECK(exp2_poly(-0.0f) == 1.0f);
+    for (float x : {-INFINITY, -1e30f, -1000.0f, -150.5f, -150.0f, -149.0f, -127.5f, -127.0f, -126.5f}) {
+        CHECK_MESSAGE(exp2_poly(x) == 0.0f, "x = " << x);
+        CHECK_MESSAGE(!std::signbit(exp2_poly(x)), "x = " << x);
+    }
+    CHECK(exp2_poly(-126.0f) == 0x1p-126f);  // the smallest normal float, exact
+    MESSAGE("exp2_poly: max relative error " << worst << " (2^" << std::log2(worst) << ") at x = " << worst_x
+                                             << " over " << checked << " inputs; stated bound " << bound);
+    CHECK(worst > 0.5 * bound);  // the bound is the fit's, not a loose one
 }
 
 TEST_CASE("v3 stage: v2 below it, v2's CPU model as its model, which matches float64 in fp16 and bf16") {
@@ -256,7 +305,8 @@ TEST_CASE("GPU v3 every step matches float64 and v2 over the shape matrix") {
 
 // The shape matrix has few Q tiles, so every CTA of step 7 gets one. Here 450 heads of 4 Q tiles give each CTA many,
 // the first of every head's tiles sees no key at all (causal, Nq - Nk = 200 rows: O = 0 without a Q load), and step
-// 7 must give step 6's bits: the same arithmetic per tile, whatever tiles a CTA walked before.
+// 7 must give step 6's bits: the same arithmetic per tile, whatever tiles a CTA walked before. Step 8 (the final
+// step, persistent too) computes some exponentials differently, so its bits differ: it is checked against v2.
 TEST_CASE("GPU v3 persistent step: many Q tiles a CTA, step 6's bits") {
     if (const std::string why = v3_gpu_unusable(); !why.empty()) {
         MESSAGE("v3 GPU tests not run: " << why);
@@ -268,20 +318,25 @@ TEST_CASE("GPU v3 persistent step: many Q tiles a CTA, step 6's bits") {
                 Case c = make_case(400, 200, d, causal, Dist::normal, t);
                 c.p.B = 3, c.p.H = 150;
                 const HostTensors in = make_inputs(c.p, c.dist, 7);
-                Problem p6 = c.p, p7 = c.p;
-                p6.kernel = 6, p7.kernel = 7;
-                if (t != DType::fp16) p6.kernel = 0, p7.kernel = 0;  // bf16 has the final step only: check it alone
-                const Outputs a = gpu_forward(p7, in, v3_forward, [](const Problem&) -> size_t { return 0; });
-                if (t == DType::fp16) {
+                std::vector<Outputs> outs;
+                if (t == DType::fp16) {  // steps 6 and 7 are compiled for fp16 only
+                    Problem p6 = c.p, p7 = c.p;
+                    p6.kernel = 6, p7.kernel = 7;
+                    const Outputs a = gpu_forward(p7, in, v3_forward, [](const Problem&) -> size_t { return 0; });
                     const Outputs b = gpu_forward(p6, in, v3_forward, [](const Problem&) -> size_t { return 0; });
                     CHECK_MESSAGE(a.o == b.o, c.name());
                     CHECK_MESSAGE(a.lse == b.lse, c.name());
-                } else {
-                    check_against(c.name() + " vs v2", c.p, in, a, v2_on(c.p, in));
+                    outs.push_back(a);
                 }
+                Problem p_final = c.p;
+                p_final.kernel = 0;
+                const Outputs f = gpu_forward(p_final, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                check_against(c.name() + " final step vs v2", c.p, in, f, v2_on(c.p, in));
+                outs.push_back(f);
                 const size_t masked_rows = causal ? 200 : 0;  // rows 0..199 of every head see no key
-                for (size_t bh = 0; bh < 450; ++bh)
-                    for (size_t r = 0; r < masked_rows; ++r) REQUIRE(a.lse[bh * 400 + r] == -INFINITY);
+                for (const Outputs& a : outs)
+                    for (size_t bh = 0; bh < 450; ++bh)
+                        for (size_t r = 0; r < masked_rows; ++r) REQUIRE(a.lse[bh * 400 + r] == -INFINITY);
             }
 }
 

@@ -29,9 +29,12 @@
 //   6 deep-ring    the K/V ring holds 3 tiles (4 at d = 64) instead of 2: the producer runs further ahead
 //   7 persistent   a CTA per SM walks many Q tiles; the producer loads the next Q_i and its first K/V tiles while
 //                  the consumers finish the last one (O leaves from registers again: Q_i's space is being reused)
+//   8 poly-exp     a sixteenth of the softmax's exponentials on the FMA pipe (a polynomial, exp2_poly.h), the rest
+//                  on MUFU: at d = 64 MUFU alone takes as long as the tile's products
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
+#include "exp2_poly.h"
 #include "hopper.cuh"
 #include "schedule.h"
 #include "v2/mma.cuh"  // pack2, exp2_approx, shared_addr
@@ -61,10 +64,11 @@ struct Features {
     // Step 7 stores O from registers again: Q_i's space, where steps 5-6 stage O, is then already being refilled
     // with the next Q tile (steps 4 and 5 together had measured -0.6% to +1.4% over step 3, docs/v3.md).
     static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
+    static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial (poly_exp_block)
     static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
     static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
 };
-constexpr int kFinalStep = 7;
+constexpr int kFinalStep = 8;
 
 // Registers per thread after setmaxnreg (multiples of 8): 128 x 24 + 256 x 240 = 64,512 of the 65,536.
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -126,11 +130,23 @@ __device__ __forceinline__ void fence_o(float (&O)[kD / 64][32]) {
     for (int n = 0; n < kD / 64; ++n) fence_registers(O[n]);
 }
 
+// Step 8: which of a thread's scores take their exponential from the polynomial on the FMA pipe (exp2_poly.h)
+// instead of MUFU.EX2. A thread holds 2 scores of each of its two rows in each of S's 16 n8 blocks; block i goes to
+// the polynomial when i % kPolyEvery == kPolyEvery - 1: with 16, block 15 only, 2 of the row's 32 scores a thread
+// holds (1/16). Why so few (docs/v3.md, "Step 8"): a warp's tile at d = 64 is 467 instructions to issue (step 7's
+// SASS, unmasked tile) against 66 MUFU.EX2 that keep MUFU busy 528 clocks (4 lanes a clock per SM sub-partition).
+// Each exponential moved takes 8 clocks off MUFU and adds 8 instructions (exp2_poly's 9 for one MUFU.EX2), so the two
+// meet at about 4 scores of the thread's 64; a quarter (kPolyEvery = 4) would make the warp issue-bound at ~596.
+// The set is fixed at compile time (the loops are unrolled: no branch, every thread alike).
+constexpr int kPolyEvery = 16;
+__device__ constexpr bool poly_exp_block(int i) { return i % kPolyEvery == kPolyEvery - 1; }
+
 // The online softmax of one tile (lines 19-20 of Algorithm 1): masks S, updates m and l, and turns S into P in
 // place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
 // thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles). A row with no
-// key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens.
-template <bool kCausal>
+// key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens. kPolyExp
+// (step 8): the scores of poly_exp_block use exp2_poly; l adds the very value that becomes P, whichever unit made it.
+template <bool kCausal, bool kPolyExp>
 __device__ __forceinline__ void online_softmax(float (&S)[64], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                                const int (&row)[2], int j, bool masked, int Nq, int Nk,
                                                float scale_log2) {
@@ -162,7 +178,8 @@ __device__ __forceinline__ void online_softmax(float (&S)[64], float (&m)[2], fl
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 float& s = S[4 * i + 2 * h + e];
-                s = exp2_approx(fmaf(s, scale_log2, -m_use));
+                const float x = fmaf(s, scale_log2, -m_use);
+                s = kPolyExp && poly_exp_block(i) ? exp2_poly(x) : exp2_approx(x);
                 sum += s;
             }
         l[h] = l[h] * alpha[h] + sum;  // this thread's columns only; the quad adds them up at the end
@@ -341,7 +358,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_registers(S);
-                online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
                 pack_p<T>(S, P);
                 rescale_o<kD>(O, alpha);  // line 22, first half
                 fence_o<kD>(O);
@@ -367,7 +384,8 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             wgmma_wait<0>();
             fence_registers(S);
             if (n == 1) release_q();
-            online_softmax<kCausal>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk, scale_log2);  // O is 0 still
+            online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk,
+                                                 scale_log2);  // O is 0 still
             pack_p<T>(S, P);
             for (int j = 1; j < n; ++j) {
                 wait_full(j);
@@ -385,7 +403,8 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
                     fence_registers(S);
                     if (j == n - 1) release_q();
-                    online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                    online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                                                         scale_log2);
                     wgmma_wait<0>();
                     fence_o<kD>(O);
                     fence_registers(P);
@@ -394,7 +413,8 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     fence_registers(S);
                     fence_o<kD>(O);
                     fence_registers(P);
-                    online_softmax<kCausal>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                    online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                                                         scale_log2);
                 }
                 release(j - 1);
                 pack_p<T>(S, P);  // P_j replaces P_{j-1}, whose product is done
@@ -547,6 +567,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 4: return launch_causal_or_not<T, kD, 4>(p, a, stream);
             case 5: return launch_causal_or_not<T, kD, 5>(p, a, stream);
             case 6: return launch_causal_or_not<T, kD, 6>(p, a, stream);
+            case 7: return launch_causal_or_not<T, kD, 7>(p, a, stream);
             default: break;
         }
     }
@@ -567,7 +588,8 @@ V3Config config_of(int d) {
     using F = Features<kStep>;
     V3Config c;
     c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
-    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.consumers = F::kConsumers, c.threads = F::kThreads;
+    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.poly_exp = F::kPolyExp;
+    c.consumers = F::kConsumers, c.threads = F::kThreads;
     if (d == 64) {
         using L = Tiles<64, kStep>;
         c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem;
@@ -589,8 +611,9 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"tma-store", "O leaves through shared memory and a TMA store"},
         {"deep-ring", "the K/V ring holds 3 tiles (4 at d = 64): the producer copies further ahead of the consumers"},
         {"persistent", "a CTA per SM walks many Q tiles: the next tile's Q and K/V load while the last one finishes"},
+        {"poly-exp", "1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
     };
-    static_assert(v3_fwd::kFinalStep == 7, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 8, "one entry per step");
     return steps;
 }
 
@@ -604,6 +627,7 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 5: *c = v3_fwd::config_of<5>(d); return "";
         case 6: *c = v3_fwd::config_of<6>(d); return "";
         case 7: *c = v3_fwd::config_of<7>(d); return "";
+        case 8: *c = v3_fwd::config_of<8>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }

@@ -26,7 +26,8 @@ struct V3Config {
     bool ping_pong;         // two consumer warpgroups take turns at the tensor cores (step 3 on)
     bool overlap;           // softmax of tile j overlaps P V of tile j-1 inside a warpgroup (step 4 on)
     bool tma_store;         // O leaves through shared memory and a TMA store (steps 5 and 6)
-    bool persistent;        // a CTA per SM walks many Q tiles, the next one's loads under the last one (step 7)
+    bool persistent;        // a CTA per SM walks many Q tiles, the next one's loads under the last one (step 7 on)
+    bool poly_exp;          // some of the softmax's exponentials by a polynomial on the FMA pipe (step 8)
     int consumers;          // consumer warpgroups (64 query rows each)
     int threads;            // 128 per warpgroup, producer included
     int Br, Bc, stages;     // Q tile rows, K/V tile rows, K/V ring depth (2; 3 or 4 from step 6 on)
