@@ -29,8 +29,8 @@
 //   6 deep-ring    the K/V ring holds 3 tiles (4 at d = 64) instead of 2: the producer runs further ahead
 //   7 persistent   a CTA per SM walks many Q tiles; the producer loads the next Q_i and its first K/V tiles while
 //                  the consumers finish the last one (O leaves from registers again: Q_i's space is being reused)
-//   8 poly-exp     a sixteenth of the softmax's exponentials on the FMA pipe (a polynomial, exp2_poly.h), the rest
-//                  on MUFU: at d = 64 MUFU alone takes as long as the tile's products
+//   8 poly-exp     at d = 64, a sixteenth of the softmax's exponentials on the FMA pipe (a polynomial, exp2_poly.h),
+//                  the rest on MUFU: there MUFU alone takes as long as the tile's products (d = 128: step 7)
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -64,7 +64,7 @@ struct Features {
     // Step 7 stores O from registers again: Q_i's space, where steps 5-6 stage O, is then already being refilled
     // with the next Q tile (steps 4 and 5 together had measured -0.6% to +1.4% over step 3, docs/v3.md).
     static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
-    static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial (poly_exp_block)
+    static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (kernel)
     static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
     static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
 };
@@ -220,6 +220,9 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     using F = Features<kStep>;
     using L = Tiles<kD, kStep>;
     static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
+    // Step 8's polynomial at d = 64 only: at d = 128 a tile's products take twice as long as its exponentials on
+    // MUFU, and moving some to the FMA pipe cost 0.6-1.4% there (H200, docs/v3.md "Step 8").
+    constexpr bool kPolyExp = F::kPolyExp && kD == 64;
     static_assert(L::kBc == 128, "S is one wgmma n128 accumulator: online_softmax's key columns assume Bc = 128");
 
     extern __shared__ unsigned char smem_raw[];
@@ -358,7 +361,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_registers(S);
-                online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
                 pack_p<T>(S, P);
                 rescale_o<kD>(O, alpha);  // line 22, first half
                 fence_o<kD>(O);
@@ -384,7 +387,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             wgmma_wait<0>();
             fence_registers(S);
             if (n == 1) release_q();
-            online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk,
+            online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk,
                                                  scale_log2);  // O is 0 still
             pack_p<T>(S, P);
             for (int j = 1; j < n; ++j) {
@@ -403,7 +406,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
                     fence_registers(S);
                     if (j == n - 1) release_q();
-                    online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                    online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
                                                          scale_log2);
                     wgmma_wait<0>();
                     fence_o<kD>(O);
@@ -413,7 +416,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     fence_registers(S);
                     fence_o<kD>(O);
                     fence_registers(P);
-                    online_softmax<kCausal, F::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                    online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
                                                          scale_log2);
                 }
                 release(j - 1);
@@ -588,7 +591,7 @@ V3Config config_of(int d) {
     using F = Features<kStep>;
     V3Config c;
     c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
-    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.poly_exp = F::kPolyExp;
+    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.poly_exp = F::kPolyExp && d == 64;
     c.consumers = F::kConsumers, c.threads = F::kThreads;
     if (d == 64) {
         using L = Tiles<64, kStep>;
@@ -611,7 +614,7 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"tma-store", "O leaves through shared memory and a TMA store"},
         {"deep-ring", "the K/V ring holds 3 tiles (4 at d = 64): the producer copies further ahead of the consumers"},
         {"persistent", "a CTA per SM walks many Q tiles: the next tile's Q and K/V load while the last one finishes"},
-        {"poly-exp", "1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
+        {"poly-exp", "d = 64: 1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
     };
     static_assert(v3_fwd::kFinalStep == 8, "one entry per step");
     return steps;
