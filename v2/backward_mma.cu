@@ -313,16 +313,20 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 // 884334f; SASS of the fp16 d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and 64 without).
 // kExt: the extensions (x; the causal flag is then in x.band). The grid's y is then a K/V head, B * Hk; the block
 // walks the Q tiles of every query head of its group, the tiles of each that reach the band of K_j.
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq>
+// kDropout: dropout alone (no other extension; causal or not), with atomic dQ, in the default kernel: its tiles
+// (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.seed, x.keep_scale) on top: the
+// extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own.
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
                  float scale, Extensions x) {
     using F = Features<kStep>;
+    static_assert(!(kDropout && (kExt || !kAtomicDq)), "kDropout is the default kernel with dropout, atomic dQ");
     const int d = kExactD ? kD : head_dim;
     // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
-    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
+    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt && !kDropout);
     constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
     constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1>;
@@ -403,7 +407,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     // line 7: this warp's 16 keys x its part's kPartCols columns, as m16n8 fragments
     float dK_j[kPartCols / 8][4] = {}, dV_j[kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
-    const float ds_scale = kExt ? scale : 1.0f;     // what dK_j and dQ_i still need (kExt: dS rounded unscaled)
+    const float ds_scale = kExt || kDropout ? scale : 1.0f;  // what dK_j and dQ_i still need (dS rounded unscaled)
     const int key_row = warp % kKeyWarps * 16;      // first row of this warp within K_j
     // First column of this warp's part of dK_j, dV_j (a constant 0 with one part, so that the swizzled addresses
     // below stay a per-lane base plus compile-time offsets).
@@ -425,11 +429,14 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
         }
 
         // Dropout's mask of this lane's elements, bit k for element k (fragment k / 4, entry k % 4), before the
-        // tile's products (kExt only; all ones without dropout).
+        // tile's products (kExt and kDropout only; all ones without dropout).
         uint64_t keep = ~uint64_t(0);
-        if (kExt && x.dropout != 0.0f)
-            keep = dropout_bits_transposed<Br / 8>(x.seed, x.keep_threshold, head_extensions(x, batch, h).head, i0,
-                                                   j0 + key_row, g, t);
+        if ((kExt || kDropout) && x.dropout != 0.0f) {
+            const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
+            keep = dropout_bits_transposed<Br / 8>(x.seed, x.keep_threshold, head, i0, j0 + key_row, g, t);
+        }
+        // kDropout: Z of element 4 n + e (dropout's factor: keep_scale if kept, else 0).
+        auto z = [&](int k) { return keep >> k & 1 ? x.keep_scale : 0.0f; };
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
@@ -480,12 +487,17 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
                         if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
                     }
                     S[n][e] = p;
+                    if constexpr (kDropout) {  // lines 11 and 14 as extension_element forms them: P Z and dS, unscaled
+                        const float zk = z(4 * n + e);
+                        dP[n][e] = p * (zk * dP[n][e] - s_D[stage * Br + q + (e & 1)]);
+                        S[n][e] = p * zk;
+                    }
                 }
             }
         }
 
         // line 12: dV_j += P_ij^T dO_i: A = P^T straight from the accumulators (fragments n, n+1 form one 16x16 A
-        // block), B = dO_i stored [query][d], read with .trans (this warp's columns).
+        // block), B = dO_i stored [query][d], read with .trans (this warp's columns). kExt, kDropout: (P Z)^T.
 #pragma unroll
         for (int n = 0; n < Br / 8; n += 2) {
             const uint32_t a[4] = {pack2<T>(S[n][0], S[n][1]), pack2<T>(S[n][2], S[n][3]),
@@ -501,14 +513,14 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
 
         // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. It goes to
         // shared memory ([key][query]) for dQ (unless --deterministic), and stays in registers (packed) as the A
-        // operand of dK_j. With the extensions dP already holds dS_ij^T, and it is rounded unscaled, as the
+        // operand of dK_j. With the extensions (and kDropout) dP already holds dS_ij^T, and it is rounded unscaled, as the
         // reference and the dq kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale
         // that is not a power of two into the rounding put single elements past the same-precision tolerance.
         uint32_t dS[Br / 8][2];
 #pragma unroll
         for (int n = 0; n < Br / 8; ++n) {
             const int q = n * 8 + 2 * t;
-            if constexpr (kExt) {
+            if constexpr (kExt || kDropout) {
                 dS[n][0] = pack2<T>(dP[n][0], dP[n][1]);
                 dS[n][1] = pack2<T>(dP[n][2], dP[n][3]);
             } else {
@@ -860,21 +872,23 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 
 // The dk_dv kernel of one instantiation: its shared memory set once, at its first launch (later, timed launches do no
 // host work but the launch).
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq>
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
                   const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
-    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
+    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt && !kDropout);
     constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
-    static const cudaError_t attribute_set = cudaFuncSetAttribute(
-        dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    static const cudaError_t attribute_set =
+        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
     const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
-    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
+    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
     CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, int kD, int kStep, bool kExactD, bool kExt>
+// kDropout: dropout alone, atomic dQ (dk_dv_kernel).
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kDropout = false>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
             T* dK, T* dV, void* workspace, const ExtensionPointers& in, cudaStream_t stream) {
     const int BH = p.B * p.H, Nq_pad = padded_rows(p);
@@ -897,7 +911,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
-    if (p.deterministic) {  // dk_dv without dQ, then the dq kernel
+    if (p.deterministic && !kDropout) {  // dk_dv without dQ, then the dq kernel (kDropout: the dispatch never asks)
         launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q, K, V, dO, lse_log2, D, nullptr, dK, dV, Nq_pad, x,
                                                          stream);
         constexpr int dq_smem = dq_smem_bytes<kD>();
@@ -915,7 +929,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         }
         return;
     }
-    launch_dk_dv<T, kD, kStep, kExactD, kExt, true>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, Nq_pad, x, stream);
+    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, Nq_pad, x,
+                                                              stream);
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
@@ -931,6 +946,17 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
+// Dropout as the only extension, with atomic dQ, at d = 64 and 128 (the benchmark head dims; d known at compile time)
+// runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations. Why: there dropout cost
+// 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose general per-element work
+// alone is about 2.1x and 1.6x (docs/extensions.md). A problem with dropout alone is a problem whose extensions are
+// all off once its dropout is.
+bool dropout_alone(const Problem& p) {
+    Problem without = p;
+    without.dropout = 0.0f;
+    return p.dropout > 0.0f && !without.has_extensions();
+}
+
 // The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
 // instantiation of dk_dv and of dq per tile and type, not two.
 template <typename T, int kD>
@@ -941,6 +967,13 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
+        if constexpr (kExactVariant<kD> && kD <= 128) {
+            if (dropout_alone(p) && !p.deterministic && p.d == kD) {
+                launch<T, kD, kFinalStep, true, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                             out(dK), out(dV), workspace, ext, stream);
+                return "";
+            }
+        }
         if (p.has_extensions()) {
             launch<T, kD, kFinalStep, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
                                                    out(dV), workspace, ext, stream);
