@@ -315,7 +315,9 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 // walks the Q tiles of every query head of its group, the tiles of each that reach the band of K_j.
 // kDropout: dropout alone (no other extension; causal or not), with atomic dQ, in the default kernel: its tiles
 // (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.seed, x.keep_scale) on top: the
-// extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own.
+// extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own. At d = 64
+// ptxas spills 168 bytes with Br = 128 (24 with Br = 64), and it is still 7% faster than Br = 64 (H200, N = 1k-16k,
+// docs/measured/dropout_backward_kdropout_2026-12-04.log).
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     static_assert(!(kDropout && (kExt || !kAtomicDq)), "kDropout is the default kernel with dropout, atomic dQ");
     const int d = kExactD ? kD : head_dim;
     // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
-    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt && !kDropout);
+    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
     constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
     constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1>;
@@ -875,7 +877,7 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
                   const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
-    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt && !kDropout);
+    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
     constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
