@@ -60,17 +60,9 @@ __host__ __device__ inline float exp2_poly(float x) {
     const float f = x - j;       // in [0, 1]
     const float p = fmaf(f, fmaf(f, fmaf(f, kExp2PolyC3, kExp2PolyC2), kExp2PolyC1), 1.0f);
     uint32_t t_bits;
-#ifdef __CUDA_ARCH__
-    t_bits = __float_as_uint(t);
-#else
-    std::memcpy(&t_bits, &t, 4);
-#endif
+    std::memcpy(&t_bits, &t, 4);  // the float's bits (on the device a register move, no copy)
     const uint32_t scale_bits = (t_bits << 23) + (127u << 23);  // exponent field j + 127, mantissa 0: 2^j (0 at j = -127)
     float scale;
-#ifdef __CUDA_ARCH__
-    scale = __uint_as_float(scale_bits);
-#else
     std::memcpy(&scale, &scale_bits, 4);
-#endif
     return p * scale;
 }
