@@ -255,5 +255,13 @@ TEST_CASE("GPU v2 ext: where the extensions change nothing, the kernel with them
                             REQUIRE(dropout_keep(tiny.dropout_seed, uint32_t(bh), i, j, tiny.dropout));
                 got = run_gpu(tiny, in);
                 CHECK_MESSAGE(same_bits(got.o, want.o), describe("dropout 2^-30", tiny));
+                // Dropout alone: at d = 64 the plain kernel with dropout's mask (Problem::dropout_alone), at d = 40
+                // the extension kernel; either way no bit changes.
+                Problem alone = plain;
+                alone.dropout = 0x1p-30f;
+                REQUIRE(alone.dropout_alone());
+                got = run_gpu(alone, in);
+                CHECK_MESSAGE(same_bits(got.o, want.o), describe("dropout 2^-30 alone", alone));
+                CHECK(same_bits(got.lse, want.lse));
             }
 }

@@ -948,16 +948,10 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
-// Dropout as the only extension, with atomic dQ, at d = 64 and 128 (the benchmark head dims; d known at compile time)
-// runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations. Why: there dropout cost
-// 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose general per-element work
-// alone is about 2.1x and 1.6x (docs/extensions.md). A problem with dropout alone is a problem whose extensions are
-// all off once its dropout is.
-bool dropout_alone(const Problem& p) {
-    Problem without = p;
-    without.dropout = 0.0f;
-    return p.dropout > 0.0f && !without.has_extensions();
-}
+// Dropout as the only extension (Problem::dropout_alone), with atomic dQ, at d = 64 and 128 (the benchmark head dims;
+// d known at compile time) runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations.
+// Why: there dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose
+// general per-element work alone is about 2.1x and 1.6x (docs/extensions.md).
 
 // The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
 // instantiation of dk_dv and of dq per tile and type, not two.
@@ -970,7 +964,7 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     const int step = step_of(p);
     if (step == kFinalStep) {
         if constexpr (kExactVariant<kD> && kD <= 128) {
-            if (dropout_alone(p) && !p.deterministic && p.d == kD) {
+            if (p.dropout_alone() && !p.deterministic && p.d == kD) {
                 launch<T, kD, kFinalStep, true, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
                                                              out(dK), out(dV), workspace, ext, stream);
                 return "";

@@ -328,14 +328,17 @@ __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Ex
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
 // are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
 // from x (the plain kernel never reads it); then the grid's Nq is the longest sequence's and kCausal is false.
+// kDropout: dropout alone (Problem::dropout_alone), in the plain kernel: its mask and factor from x, nothing else.
 
-template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt,
+          bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                          T* __restrict__ O, float* __restrict__ LSE, int problem_Nq, int problem_Nk, int head_dim,
                          float scale_exp, const Extensions x) {
     using F = Features<kStep>;
     static_assert(!kExt || (kStep == kFinalStep && !kCausal), "the extensions are in the final kernel, causal in x");
+    static_assert(!kDropout || (kStep == kFinalStep && !kExt), "dropout alone: the final plain kernel");
     const int d = kExactD ? kD : head_dim;
     constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
@@ -443,8 +446,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const float s_scale = score_bias ? 1.0f : scale_exp;  // what turns S into log2-domain scores
 
     for (int j = tile_begin; j < tile_end; ++j) {  // line 6
-        uint32_t keep[kMTiles] = {};  // kExt, --dropout: this tile's mask (dropout_mask)
-        if constexpr (kExt) {
+        uint32_t keep[kMTiles] = {};  // kExt or kDropout, --dropout: this tile's mask (dropout_mask)
+        if constexpr (kExt || kDropout) {
             if (x.dropout > 0.0f)
                 dropout_mask<kNTiles, kD <= 64 ? 2 : 1>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
         }
@@ -546,8 +549,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             }
         }
 
-        // kExt, --dropout: l_i has summed the undropped P (the softmax's normaliser); O_i sums only the kept weights.
-        if constexpr (kExt) {
+        // --dropout: l_i has summed the undropped P (the softmax's normaliser); O_i sums only the kept weights.
+        if constexpr (kExt || kDropout) {
             if (x.dropout > 0.0f) {
 #pragma unroll
                 for (int mt = 0; mt < kMTiles; ++mt)
@@ -623,7 +626,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             // l = 0 exactly when the row saw no key (otherwise its max element contributed exp(0) = 1). kExt: the
             // weights dropout kept are scaled by 1 / (1 - p) here, once (keep_scale is 1 without dropout).
-            const float inv_l = (l > 0.0f ? 1.0f / l : 0.0f) * (kExt ? x.keep_scale : 1.0f);
+            const float inv_l = (l > 0.0f ? 1.0f / l : 0.0f) * (kExt || kDropout ? x.keep_scale : 1.0f);
             const int r = warp_row0 + mt * 16 + g + h * 8;
 #pragma unroll
             for (int dt = 0; dt < kDTiles; ++dt) {
@@ -653,9 +656,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     }
 }
 
-template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt>
+template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt,
+          bool kDropout = false>
 void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
-    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep, kExactD, kExt>;
+    auto kernel = flash_forward_kernel<T, kD, kBr, kBc, kWarps, kCausal, kStep, kExactD, kExt, kDropout>;
     constexpr int kSmem = smem_bytes<kBr, kBc, kD, kStep>();
     // Once per instantiation, at its first launch: later (timed) launches do no host work but the launch itself.
     static const cudaError_t attribute_set =
@@ -692,11 +696,22 @@ struct Tile {
     static constexpr int kBc = 64;
 };
 
-// The final step has a third kernel per tile, with the extensions (causal among them, as the band's edge).
+// The final step has a third kernel per tile, with the extensions (causal among them, as the band's edge), and at
+// d = 64 and 128 (d known) two more for dropout alone, causal or not: the plain kernel with dropout's mask, which
+// saves the extension kernel's general cost (1.10x the plain kernel at d = 64, docs/extensions.md).
 template <typename T, int kD, int kStep, bool kExactD>
 void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     using Tl = Tile<kD>;
     if constexpr (kStep == kFinalStep) {
+        if constexpr (kExactD && (kD == 64 || kD == 128)) {
+            if (p.dropout_alone()) {
+                if (p.causal)
+                    launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep, true, false, true>(p, a, stream);
+                else
+                    launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, true, false, true>(p, a, stream);
+                return;
+            }
+        }
         if (p.has_extensions()) {
             launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD, true>(p, a, stream);
             return;
