@@ -39,7 +39,8 @@
 // instantiation of the final kernel, kExt = true, so the plain kernel (kExt = false) compiles to the code it had. In
 // it the causal mask is the right edge of a band of keys (band_keys, tests/problem.h) that the window narrows; the
 // K/V loop runs from the tile of the first key the Q tile's first row sees to the tile of the last key its last row
-// sees. Their parameters travel by value in one struct, Extensions.
+// sees. Their parameters travel by value in one struct, Extensions. Dropout alone (Problem::dropout_alone) at d = 64
+// and 128 runs the plain kernel with dropout's mask instead (kDropout), without the extension kernel's other work.
 #include "forward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
@@ -449,7 +450,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         uint32_t keep[kMTiles] = {};  // kExt or kDropout, --dropout: this tile's mask (dropout_mask)
         if constexpr (kExt || kDropout) {
             if (x.dropout > 0.0f)
-                dropout_mask<kNTiles, kD <= 64 ? 2 : 1>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin, j * kBc, g, t);
+                dropout_mask<kNTiles, kD <= 64 ? 2 : 1>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin,
+                                                        j * kBc, g, t);
         }
         if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
@@ -624,8 +626,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             float l = l_i[mt][h];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            // l = 0 exactly when the row saw no key (otherwise its max element contributed exp(0) = 1). kExt: the
-            // weights dropout kept are scaled by 1 / (1 - p) here, once (keep_scale is 1 without dropout).
+            // l = 0 exactly when the row saw no key (otherwise its max element contributed exp(0) = 1). kExt,
+            // kDropout: the weights dropout kept are scaled by 1 / (1 - p) here, once (keep_scale is 1 without it).
             const float inv_l = (l > 0.0f ? 1.0f / l : 0.0f) * (kExt || kDropout ? x.keep_scale : 1.0f);
             const int r = warp_row0 + mt * 16 + g + h * 8;
 #pragma unroll
