@@ -20,12 +20,15 @@ runs=("bin/naive ${shape[*]} --d 40" "bin/naive ${shape[*]} --d 64 --backward"
       # head dims between tiles (zero-filled columns) and past 128 (8 warps), and the deterministic backward
       "bin/v2 ${shape[*]} --d 200 --dtype bf16" "bin/v2 ${shape[*]} --d 72 --dtype fp16 --backward"
       "bin/v2 ${shape[*]} --d 256 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 40 --dtype bf16 --backward --deterministic")
-# the extensions in v2's tensor-core forward (docs/extensions.md): each feature, and all together with a packed batch
+# the extensions in v2's tensor-core passes (docs/extensions.md): each feature, and all together with a packed batch
 ext=(--heads 4 --d 64 --dtype fp16 --check)
 runs+=("bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2" "bin/v2 ${shape[*]} --d 40 --dtype bf16 --window 9,3"
        "bin/v2 ${shape[*]} --d 128 --dtype fp16 --dropout 0.2" "bin/v2 ${shape[*]} --d 64 --dtype bf16 --bias"
        "bin/v2 ${shape[*]} --d 64 --dtype fp16 --alibi"
-       "bin/v2 ${ext[*]} --seqlens-q 1,77,30 --seqlens-k 45,1,130 --causal --kv-heads 1 --window 20,-1 --dropout 0.1 --alibi")
+       "bin/v2 ${ext[*]} --seqlens-q 1,77,30 --seqlens-k 45,1,130 --causal --kv-heads 1 --window 20,-1 --dropout 0.1 --alibi"
+       # and in the backward: dropout alone (the default kernels with the mask), the extension kernels
+       "bin/v2 ${shape[*]} --d 64 --dtype bf16 --dropout 0.3 --backward"
+       "bin/v2 ${shape[*]} --d 40 --dtype bf16 --dropout 0.2 --window 9,3 --kv-heads 1 --backward")
 # v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
 for k in 1 2 3 4; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
 for k in 1 2; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done
