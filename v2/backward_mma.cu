@@ -235,19 +235,23 @@ __device__ inline HeadExtensions head_extensions(const Extensions& x, int b, int
             x.bias ? x.bias + b * x.bias_batch_stride + h * x.bias_head_stride : nullptr,
             x.dS ? x.dS + b * x.dS_batch_stride + h * x.dS_head_stride : nullptr};
 }
-// Lines 11 and 14 for one element (row i, key j) with the extensions, in place: s = S_ij becomes P_ij Z_ij (what
-// dV_j += (P Z)^T dO_i takes), dp = dP_ij = dO_i . V_j becomes dS_ij = P_ij (Z_ij dP_ij - D_i), unscaled, where
-// P_ij = exp2(S_ij * scale * log2 e + bias_ij * log2 e - LSE_i * log2 e) and Z_ij is dropout's factor (keep: its
-// bit of the mask from dropout.cuh). The band and Nk mask only where in_band is false (a tile that straddles the band's
-// edge or the last key).
+// Lines 11 and 14 of one element with dropout's factor Z_ij (keep: its bit of the mask from dropout.cuh), in place:
+// s becomes P_ij Z_ij (what dV_j += (P Z)^T dO_i takes), dp = dP_ij = dO_i . V_j becomes dS_ij = P_ij (Z_ij dP_ij - D_i),
+// unscaled (the caller rounds it and scale multiplies the fp32 sums).
+__device__ inline void dropout_element(const Extensions& x, float p, float D, bool keep, float* s, float* dp) {
+    const float z = keep ? x.keep_scale : 0.0f;
+    *dp = p * (z * *dp - D);
+    *s = p * z;
+}
+// dropout_element for one element (row i, key j) with the extensions, where P_ij = exp2(S_ij * scale * log2 e +
+// bias_ij * log2 e - LSE_i * log2 e). The band and Nk mask only where in_band is false (a tile that straddles the
+// band's edge or the last key).
 __device__ inline void extension_element(const Extensions& x, const HeadExtensions& he, float* s, float* dp,
                                          float scale_log2, float lse_log2, float D, int i, int j, int Nq, int Nk,
                                          bool in_band, bool keep) {
     float p = exp2_approx(*s * scale_log2 + score_bias_log2(x, he.bias, he.slope, i, j, Nq, Nk) - lse_log2);
     if (!in_band && (j >= Nk || !x.band.sees(i, j, Nk - Nq))) p = 0.0f;
-    const float z = keep ? x.keep_scale : 0.0f;
-    *dp = p * (z * *dp - D);
-    *s = p * z;
+    dropout_element(x, p, D, keep, s, dp);
 }
 // dbias += dS_ij, or dS_ij stored in its own place (a bias with nothing broadcast, or the --deterministic workspace;
 // both zeroed first: masked and skipped elements are never written).
@@ -437,8 +441,6 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
             keep = dropout_bits_transposed<Br / 8>(x.seed, x.keep_threshold, head, i0, j0 + key_row, g, t);
         }
-        // kDropout: Z of element 4 n + e (dropout's factor: keep_scale if kept, else 0).
-        auto z = [&](int k) { return keep >> k & 1 ? x.keep_scale : 0.0f; };
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
         float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
@@ -489,11 +491,9 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
                         if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
                     }
                     S[n][e] = p;
-                    if constexpr (kDropout) {  // lines 11 and 14 as extension_element forms them: P Z and dS, unscaled
-                        const float zk = z(4 * n + e);
-                        dP[n][e] = p * (zk * dP[n][e] - s_D[stage * Br + q + (e & 1)]);
-                        S[n][e] = p * zk;
-                    }
+                    if constexpr (kDropout)  // P Z and dS, unscaled, as the extension kernel forms them
+                        dropout_element(x, p, s_D[stage * Br + q + (e & 1)], keep >> (4 * n + e) & 1, &S[n][e],
+                                        &dP[n][e]);
                 }
             }
         }
@@ -952,7 +952,6 @@ constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 // d known at compile time) runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations.
 // Why: there dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose
 // general per-element work alone is about 2.1x and 1.6x (docs/extensions.md).
-
 // The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
 // instantiation of dk_dv and of dq per tile and type, not two.
 template <typename T, int kD>
