@@ -9,18 +9,35 @@
 
 #include "common/philox.cuh"
 
+// The all-gather both layouts use: kLanes lanes (lane ids base + stride * idx, idx = 0 .. kLanes - 1) each hold one
+// strip's 16-bit mask, `mine`; afterwards every one of them holds all of them, words[w] = the mask of idx 2w (bits
+// 0-15) and of idx 2w + 1 (bits 16-31). First the pairs swap (xor stride), then the blocks double (xor 2 stride,
+// 4 stride, ...): log2(kLanes) rounds, kLanes / 2 shuffles in all.
+template <int kLanes>
+__device__ __forceinline__ void gather_masks(uint32_t mine, int idx, int stride, uint32_t (&words)[kLanes / 2]) {
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, stride);
+    words[0] = idx & 1 ? other | mine << 16 : mine | other << 16;
+#pragma unroll
+    for (int half = 1; half < kLanes / 2; half *= 2) {  // words[0 .. half) held; the partner holds the other half
+        const bool upper = idx & (2 * half);            // this lane's block is the second of the two
+#pragma unroll
+        for (int i = 0; i < half; ++i) {
+            const uint32_t own = words[i], got = __shfl_xor_sync(0xffffffffu, own, 2 * half * stride);
+            words[i] = upper ? got : own;
+            words[i + half] = upper ? own : got;
+        }
+    }
+}
+
 // S = Q K^T (forward, and the backward's dq kernel): an m16n8 accumulator holds rows g and g + 8 and keys 2t, 2t + 1
 // in lane (g, t). Four n8 tiles (32 keys from key0, a multiple of 16) are 4 strips of the quad's rows: strip s is
 // row g + 8 (s % 2) with keys key0 + 16 (s / 2) .. + 15, and the quad's lane t draws strip t. Returns this lane's
 // 16 bits: bit 4 n + e for accumulator entry e (row g for e < 2, else g + 8; key 2t + e % 2) of n8 tile n.
 __device__ __forceinline__ uint32_t dropout_mask_m16n32(uint64_t seed, uint32_t threshold, uint32_t head, int row_g,
                                                         int key0, int t) {
-    const uint32_t mine = dropout_keep16(seed, head, row_g + (t & 1) * 8, key0 / 16 + t / 2, threshold);
-    // All-gather in the quad: strip s's 16 bits end at bit 16 s of `all` (xor 1: pairs, xor 2: the two pairs).
-    const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
-    const uint32_t pair = t & 1 ? other | mine << 16 : mine | other << 16;
-    const uint32_t far = __shfl_xor_sync(0xffffffffu, pair, 2);
-    const uint32_t lo = t & 2 ? far : pair, hi = t & 2 ? pair : far;  // strips 0, 1 and 2, 3
+    uint32_t strips[2];  // strips 0, 1 and 2, 3, from the quad's four lanes
+    gather_masks<4>(dropout_keep16(seed, head, row_g + (t & 1) * 8, key0 / 16 + t / 2, threshold), t, 1, strips);
+    const uint32_t lo = strips[0], hi = strips[1];
     // This lane's keys of strip s are 2t, 2t + 1 (in n8 tile 2 (s / 2)) and 8 + 2t, 9 + 2t (tile 2 (s / 2) + 1): after
     // the shift by 2t they are the low two bits of byte 2 (s % 2) and byte 2 (s % 2) + 1 of lo (s < 2) or hi. Bytes 0,
     // 1, 2, 3 go to bits 0, 4, 2, 6 (tile 0 rows g, tile 1 rows g, tile 0 rows g + 8, tile 1 rows g + 8) by one
@@ -43,14 +60,10 @@ __device__ __forceinline__ uint64_t dropout_bits_transposed(uint64_t seed, uint3
     uint64_t bits = 0;
 #pragma unroll 1  // the generator's registers are free again when the tile's products need them
     for (int c = 0; c < kQTiles / 4; ++c) {
-        const uint32_t mine = dropout_keep16(seed, head, q0 + 8 * (4 * c + g / 2) + 2 * t + g % 2, key0 / 16, threshold);
-        // All-gather over g: word w of `strips` holds the masks of lanes 2w (bits 0-15) and 2w + 1 (bits 16-31).
-        const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 4);
-        const uint32_t pair = g & 1 ? other | mine << 16 : mine | other << 16;
-        const uint32_t far = __shfl_xor_sync(0xffffffffu, pair, 8);
-        const uint32_t a = g & 2 ? far : pair, b = g & 2 ? pair : far;  // lanes 4 (g / 4) + 0, 1 and + 2, 3
-        const uint32_t a_far = __shfl_xor_sync(0xffffffffu, a, 16), b_far = __shfl_xor_sync(0xffffffffu, b, 16);
-        const uint32_t strips[4] = {g & 4 ? a_far : a, g & 4 ? b_far : b, g & 4 ? a : a_far, g & 4 ? b : b_far};
+        // word w of `strips`: the masks of lanes g = 2w (bits 0-15) and 2w + 1 (bits 16-31) of this t
+        uint32_t strips[4];
+        gather_masks<8>(dropout_keep16(seed, head, q0 + 8 * (4 * c + g / 2) + 2 * t + g % 2, key0 / 16, threshold), g,
+                        4, strips);
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
             // n8 tile 4c + w: bit g and bit 8 + g of lanes 2w (query 2t) and 2w + 1 (query 2t + 1), at bits 0, 8, 16,
