@@ -71,17 +71,13 @@ struct Problem {
     size_t bias_offset(size_t bh) const { return bias_head_offset(bh, H, bias_batch, bias_heads, Nq, Nk); }
     size_t bias_elems() const { return size_t(bias_batch) * bias_heads * Nq * Nk; }
     int alibi_heads() const { return alibi_H > 0 ? alibi_H : H; }
-    bool has_extensions() const {
-        return kv_heads() != H || window_left >= 0 || window_right >= 0 || dropout > 0.0f || has_bias() || alibi ||
-               varlen();
+    bool has_extensions() const { return dropout > 0.0f || has_extensions_besides_dropout(); }
+    bool has_extensions_besides_dropout() const {
+        return kv_heads() != H || window_left >= 0 || window_right >= 0 || has_bias() || alibi || varlen();
     }
     // Dropout is the only extension (causal or not): v2 then runs its default kernels with dropout's mask at d = 64
     // and 128 (forward_mma.cu, backward_mma.cu).
-    bool dropout_alone() const {
-        Problem without = *this;
-        without.dropout = 0.0f;
-        return dropout > 0.0f && !without.has_extensions();
-    }
+    bool dropout_alone() const { return dropout > 0.0f && !has_extensions_besides_dropout(); }
     bool varlen() const { return !seqlens_q.empty(); }
     size_t tokens_q() const { return varlen() ? std::accumulate(seqlens_q.begin(), seqlens_q.end(), size_t(0)) : size_t(B) * Nq; }
     size_t tokens_k() const { return varlen() ? std::accumulate(seqlens_k.begin(), seqlens_k.end(), size_t(0)) : size_t(B) * Nk; }
