@@ -44,8 +44,10 @@ __host__ __device__ inline Philox4 philox4x32_10(Philox4 counter, uint32_t key0,
 // not one 32-bit word a weight: a call costs about 60 integer instructions; at 16 weights a call that is 4 a weight,
 // at 4 (the first version) 15, which made the forward kernel 2.5x slower with dropout than without.
 __host__ __device__ inline uint32_t dropout_threshold(float p) { return uint32_t(floorf(p * 256.0f + 0.5f)); }
-// 1 / (1 - t / 256): the factor of a kept weight. p must round to t <= 255 (p < 0.998): t = 256 would drop every
-// weight and divide by 0 here (the harness refuses it: tests/harness/cli.cu).
+// The p dropout runs: 0 <= p and p rounds to t <= 255 (p < 0.998). t = 256 would drop every weight and divide by 0
+// in dropout_scale; the command line and v2's entry points refuse the rest in one line.
+__host__ __device__ inline bool dropout_runs(float p) { return p >= 0.0f && p < 1.0f && dropout_threshold(p) <= 255; }
+// 1 / (1 - t / 256): the factor of a kept weight (p as dropout_runs takes it).
 __host__ __device__ inline double dropout_scale(float p) { return 256.0 / double(256u - dropout_threshold(p)); }
 
 // The four bytes of x compared with those of y at once (unsigned, "SIMD within a register"): bit 7 of byte k of the

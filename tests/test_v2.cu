@@ -216,6 +216,13 @@ TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason 
     CHECK_THROWS_AS(v2_forward(p, ForwardArgs{}), std::invalid_argument);
     p.dtype = DType::fp16, p.d = 0;
     CHECK_THROWS_AS(v2_backward(p, BackwardArgs{}), std::invalid_argument);
+    // A dropout probability the mask cannot run (rounds to 256/256, or not a probability), from a library caller.
+    p.d = 64;
+    for (float bad : {0.999f, 1.0f, -0.1f, std::nanf("")}) {
+        p.dropout = bad;
+        CHECK_THROWS_AS(v2_forward(p, ForwardArgs{}), std::invalid_argument);
+        CHECK_THROWS_AS(v2_backward(p, BackwardArgs{}), std::invalid_argument);
+    }
 }
 
 // Every multiple of 8 from 8 to 256 runs the next larger tile in both passes; anything else is refused in one line.

@@ -3,13 +3,18 @@
 #include <stdexcept>
 
 #include "backward_mma.h"
+#include "common/philox.cuh"  // dropout_runs
 #include "forward_mma.h"
 #include "v2.h"
 
 namespace {
 
-// What both passes refuse before their own limits: --kernel on fp32, tensor cores older than sm_80.
+// What both passes refuse before their own limits: --kernel on fp32, tensor cores older than sm_80, a dropout
+// probability the mask cannot run (the command line refuses it first; a caller of the library may not).
 std::string common_refusal(const Problem& p) {
+    if (!dropout_runs(p.dropout))
+        return "v2 --dropout P needs 0 <= P < 0.998 (it runs rounded to a multiple of 1/256), got " +
+               std::to_string(p.dropout);
     if (p.dtype == DType::fp32 && p.kernel != 0)
         return "v2 --kernel picks a tensor-core step; fp32 has one kernel per pass (use --dtype fp16)";
     const int sm = gpu_available() ? gpu_compute_capability() : 0;  // 0: no GPU, the CPU model runs

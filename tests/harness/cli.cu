@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "harness.h"
-#include "common/philox.cuh"  // dropout_threshold
+#include "common/philox.cuh"  // dropout_runs
 
 // A user's argument as it appears inside an error message: control characters (a newline would break the
 // one-line error) written as \xNN. Found by fuzz/fuzz_cli.cpp.
@@ -194,7 +194,7 @@ bool parse_options(int argc, const char* const* argv, bool allow_dtype, bool all
             r.p.dropout = std::strtof(value.c_str(), &end);
             if (value.empty() || *end != '\0' || !(r.p.dropout >= 0.0f && r.p.dropout < 1.0f))
                 return *err = "--dropout expects a probability P with 0 <= P < 1, got '" + printable(value) + "'", false;
-            if (dropout_threshold(r.p.dropout) > 255)  // common/philox.cuh: P runs rounded to a multiple of 1/256
+            if (!dropout_runs(r.p.dropout))  // common/philox.cuh: P runs rounded to a multiple of 1/256
                 return *err = "--dropout P runs as P rounded to a multiple of 1/256, and " + printable(value) +
                               " rounds to 1: use P < 0.998", false;
         }
