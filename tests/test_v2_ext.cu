@@ -124,7 +124,10 @@ TEST_CASE("dropout runs p rounded to a multiple of 1/256 and scales the kept wei
     CHECK(dropout_scale(0.1f) == 256.0 / 230.0);
     CHECK(dropout_threshold(0.5f) == 128);
     CHECK(dropout_threshold(0.998f) == 255);  // 255.49: the largest p that runs
-    CHECK(dropout_threshold(0.9981f) == 256);  // refused by the command line (tests/cli_test.sh)
+    CHECK(dropout_runs(0.998f));
+    CHECK(dropout_threshold(0.9981f) == 256);  // refused by the command line (tests/cli_test.sh) and v2's entry points
+    CHECK(!dropout_runs(0.9981f));
+    CHECK(!dropout_runs(-0.1f));
 }
 
 TEST_CASE("v2 tensor-core forward takes the extensions in its final kernel only; missing device inputs are refused") {
