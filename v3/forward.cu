@@ -64,7 +64,7 @@ struct Features {
     // Step 7 stores O from registers again: Q_i's space, where steps 5-6 stage O, is then already being refilled
     // with the next Q tile (steps 4 and 5 together had measured -0.6% to +1.4% over step 3, docs/v3.md).
     static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
-    static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (kernel)
+    static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (Tiles)
     static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
     static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
 };
@@ -87,6 +87,9 @@ struct Tiles {
     // stage s only once both consumers have finished P_j V_j on it, which the ping-pong delays by a turn: a third
     // stage lets the copy of tile j+2 start while tile j is still being read.
     static constexpr int kStages = !Features<kStep>::kDeepRing ? 2 : kD == 64 ? 4 : 3;
+    // Step 8's polynomial at d = 64 only: at d = 128 a tile's products take twice as long as its exponentials on
+    // MUFU, and moving some to the FMA pipe cost 0.3-1.4% there (H200, docs/v3.md "Step 8 against step 7").
+    static constexpr bool kPolyExp = Features<kStep>::kPolyExp && kD == 64;
     static constexpr int kColBlocks = kD / 64;                  // 64-column (128-byte) blocks of a row
     static constexpr int kQBytes = kBr * kD * 2;
     static constexpr int kKVBytes = kBc * kD * 2;               // one K tile (or one V tile)
@@ -220,9 +223,6 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     using F = Features<kStep>;
     using L = Tiles<kD, kStep>;
     static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
-    // Step 8's polynomial at d = 64 only: at d = 128 a tile's products take twice as long as its exponentials on
-    // MUFU, and moving some to the FMA pipe cost 0.6-1.4% there (H200, docs/v3.md "Step 8").
-    constexpr bool kPolyExp = F::kPolyExp && kD == 64;
     static_assert(L::kBc == 128, "S is one wgmma n128 accumulator: online_softmax's key columns assume Bc = 128");
 
     extern __shared__ unsigned char smem_raw[];
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_registers(S);
-                online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
                 pack_p<T>(S, P);
                 rescale_o<kD>(O, alpha);  // line 22, first half
                 fence_o<kD>(O);
@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             wgmma_wait<0>();
             fence_registers(S);
             if (n == 1) release_q();
-            online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk,
+            online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk,
                                                  scale_log2);  // O is 0 still
             pack_p<T>(S, P);
             for (int j = 1; j < n; ++j) {
@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
                     fence_registers(S);
                     if (j == n - 1) release_q();
-                    online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                    online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
                                                          scale_log2);
                     wgmma_wait<0>();
                     fence_o<kD>(O);
@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     fence_registers(S);
                     fence_o<kD>(O);
                     fence_registers(P);
-                    online_softmax<kCausal, kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                    online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
                                                          scale_log2);
                 }
                 release(j - 1);
@@ -591,14 +591,14 @@ V3Config config_of(int d) {
     using F = Features<kStep>;
     V3Config c;
     c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
-    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.poly_exp = F::kPolyExp && d == 64;
+    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent;
     c.consumers = F::kConsumers, c.threads = F::kThreads;
     if (d == 64) {
         using L = Tiles<64, kStep>;
-        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem;
+        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem, c.poly_exp = L::kPolyExp;
     } else {
         using L = Tiles<128, kStep>;
-        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem;
+        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem, c.poly_exp = L::kPolyExp;
     }
     return c;
 }
