@@ -61,6 +61,8 @@ const std::vector<KernelStep>& v2_backward_steps() {
                            "Q_i, dO_i loaded after tile i-1 is done"},
         {"bwd-2-stage", "cp.async double buffer: Q_{i+1}, dO_{i+1}, LSE, D land while tile i is computed"},
         {"bwd-br128", "d = 64 takes Br = 128 query rows a Q tile: half the barriers and K_j, V_j fragment reloads"},
+        {"bwd-key-pairs", "two warps share 32 keys: each computes S^T, dP^T for half the queries and owns half the "
+                          "columns of dK_j, dV_j; P^T and dS^T cross through shared memory; a quarter fewer ldmatrix"},
     };
     return steps;
 }
@@ -69,33 +71,48 @@ namespace {
 
 using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
 
-constexpr int kFinalStep = 3;
+constexpr int kFinalStep = 4;
+constexpr int kBr128Step = 3;  // the host's padded_rows needs it too
 template <int kStep>
 struct Features {
-    static constexpr bool kDoubleBuffer = kStep >= 2;  // 2: Q_i, dO_i (and LSE_i, D_i) in two cp.async stages
-    static constexpr bool kBr128AtD64 = kStep >= 3;    // 3: Br = 128 at d = 64
+    static constexpr bool kDoubleBuffer = kStep >= 2;            // 2: Q_i, dO_i (and LSE_i, D_i) in two cp.async stages
+    static constexpr bool kBr128AtD64 = kStep >= kBr128Step;     // 3: Br = 128 at d = 64
+    static constexpr bool kKeyPairs = kStep >= 4;                // 4: two warps share 32 keys at d <= 128 (KVTile)
 };
+// Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 ptxas
+// spilled 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp at d <= 128.
+template <int kStep, bool kExt>
+constexpr bool kKeyPairsOf = Features<kStep>::kKeyPairs && !kExt;
 
 // Query rows per Q tile (the inner loop). From step 3 on, d = 64 takes 128: each Q tile then costs half the
 // barriers and K_j/V_j fragment reloads per FLOP, and the registers allow it (S^T, dP^T 64 each, dK_j, dV_j 32
 // each, per thread). d = 128 takes 64, since dK_j and dV_j already need 128 registers per thread.
 // (kD is the head-dim tile.) Past 128, Br = 64 and the column split below keep the same register budget as kD = 128.
 __host__ __device__ constexpr int q_tile_rows(int kD, bool br128_at_d64) { return kD == 64 && br128_at_d64 ? 128 : 64; }
-// The K/V tile of one dk_dv thread block: Bc keys, kParts warps per 16 of them, each owning kD / kParts columns of
-// those keys' dK_j, dV_j rows. Past kD = 128, 64 keys and two parts: K_j, V_j, and two stages of Q_i, dO_i then take
-// 201 KiB of shared memory at kD = 256 (one block of 8 warps an SM), and each thread holds kD / 2 columns of its
-// dK_j, dV_j rows (128 registers, as at kD = 128). The price: the two warps of a part pair both compute S_ij^T and
-// dP_ij^T, 2 of the 5 products, for their 16 keys (7 products' work instead of 5). (Measured on an H200, d = 256,
-// N = 4096, fp16: the two parts as two thread blocks of 4 warps each, one block an SM, ran at 0.53x
-// FlashAttention-2 non-causal, 0.58x causal.)
-template <int kD>
+// The K/V tile of one dk_dv thread block, Bc keys, and how its 8 warps share it. A warp owns a key group of kKeyTiles
+// x 16 keys; kParts warps share each group, and part p of a group computes S_ij^T and dP_ij^T of its keys for the
+// queries p Br / kParts .. of the Q tile and owns the columns p kD / kParts .. of their dK_j, dV_j rows. With two
+// parts, dV_j += P_ij^T dO_i needs P^T of both parts' queries: each warp stores its P^T and dS^T in shared memory
+// and reads its partner's there (its own stay in registers).
+// - Steps 1-3, d <= 128: 16 keys a warp, one part: every warp reads all of Q_i and dO_i (the B operands) for one m16
+//   tile of keys, 0.55 ldmatrix.x4 per mma at d = 128; the kernel is bound by shared-memory bandwidth (issue 12:
+//   at N = 8192, d = 128, 1.59e9 shared wavefronts against FlashAttention-2's 1.31e9, and 1.23x its time).
+// - Step 4, d <= 128 (kKeyPairs): 32 keys a warp (two m16 tiles that share every B fragment), two parts: a quarter
+//   fewer ldmatrix (136 instead of 176 a warp per Q tile at d = 128, 128 instead of 168 at d = 64), the same
+//   registers (half the queries, twice the keys).
+// - Past kD = 128, every step: 64 keys, 16 a warp, two parts: K_j, V_j, two stages of Q_i, dO_i, P^T and dS^T take
+//   209 KiB of shared memory at kD = 256 (one block of 8 warps an SM), and each thread holds kD / 2 columns of its
+//   dK_j, dV_j rows (128 registers, as at kD = 128).
+template <int kD, bool kKeyPairs>
 struct KVTile {
     static constexpr int Bc = kD <= 128 ? 128 : 64;
-    static constexpr int kParts = kD <= 128 ? 1 : 2;
-    static constexpr int kKeyWarps = Bc / 16;  // warps of one part: one per 16 keys
-    static constexpr int kWarps = kKeyWarps * kParts;
+    static constexpr int kKeyTiles = kD <= 128 && kKeyPairs ? 2 : 1;
+    static constexpr int kParts = kD <= 128 && !kKeyPairs ? 1 : 2;
+    static constexpr int kKeyRows = 16 * kKeyTiles;
+    static constexpr int kWarps = Bc / kKeyRows * kParts;
     static constexpr int kThreads = kWarps * 32;
     static constexpr int kPartCols = kD / kParts;
+    static_assert(kWarps == 8, "8 warps a block");
 };
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -295,15 +312,60 @@ __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, flo
     }
 }
 
-template <int kD, int Br, int kStages>
+// Lines 12 and 16 of one warp: acc += A B summed over the Br queries of Q tile i, for the warp's kKeyTiles x 16 keys
+// and kPartCols columns from col0. A = P_ij^T or dS_ij^T (keys x queries): the kQ queries from q_row0 are this
+// warp's own, packed in registers (own); with two parts (Br = 2 kQ) the others, from partner_q0, are read from the
+// partner's copy in shared memory (sA, [Bc][Br], swizzled), plain ldmatrix. B = dO_i or Q_i (sB, [query][kD],
+// swizzled), read with .trans; each B fragment feeds all kKeyTiles m16 tiles.
+template <typename T, int kD, int Br, int kKeyTiles, int kColTiles, int kQTiles>
+__device__ __forceinline__ void accumulate_over_queries(float (&acc)[kKeyTiles][kColTiles][4],
+                                                        const uint32_t (&own)[kKeyTiles][kQTiles][2], uint32_t sA,
+                                                        uint32_t sB, int key_row, int q_row0, int partner_q0, int col0,
+                                                        int lane) {
+    constexpr int kQ = kQTiles * 8;  // this warp's queries; kPartCols = kColTiles * 8
+    auto products = [&](const uint32_t (&a)[kKeyTiles][4], int q) {  // the 16 queries from q
+#pragma unroll
+        for (int c = 0; c < kColTiles; c += 2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, sB + swizzle<kD>(q + ldm_bt_row(lane), col0 + c * 8 + ldm_bt_col(lane)));
+#pragma unroll
+            for (int m = 0; m < kKeyTiles; ++m) {
+                mma_m16n8k16<T>(acc[m][c], a[m], b[0], b[1]);
+                mma_m16n8k16<T>(acc[m][c + 1], a[m], b[2], b[3]);
+            }
+        }
+    };
+#pragma unroll
+    for (int n = 0; n < kQTiles; n += 2) {
+        uint32_t a[kKeyTiles][4];
+#pragma unroll
+        for (int m = 0; m < kKeyTiles; ++m) {
+            a[m][0] = own[m][n][0], a[m][1] = own[m][n][1], a[m][2] = own[m][n + 1][0], a[m][3] = own[m][n + 1][1];
+        }
+        products(a, q_row0 + n * 8);
+    }
+    if constexpr (Br == 2 * kQ) {
+#pragma unroll
+        for (int k = 0; k < kQ; k += 16) {
+            uint32_t a[kKeyTiles][4];
+#pragma unroll
+            for (int m = 0; m < kKeyTiles; ++m)
+                ldmatrix_x4(a[m], sA + swizzle<Br>(key_row + 16 * m + ldm_a_row(lane), partner_q0 + k + ldm_a_col(lane)));
+            products(a, partner_q0 + k);
+        }
+    }
+}
+
+template <int kD, int Br, int kStages, bool kKeyPairs>
 struct SharedLayout {  // byte offsets into dynamic shared memory
-    static constexpr int Bc = KVTile<kD>::Bc;
+    static constexpr int Bc = KVTile<kD, kKeyPairs>::Bc;
     static constexpr int kTile = Bc * kD * 2, qTile = Br * kD * 2;
     static constexpr int K = 0, V = kTile;
     static constexpr int Q = 2 * kTile;                // kStages stages
     static constexpr int dO = Q + kStages * qTile;     // kStages stages
     static constexpr int dS = dO + kStages * qTile;    // dS_ij^T, [Bc][Br]
-    static constexpr int lse = dS + Bc * Br * 2;       // float [kStages][Br]
+    static constexpr int P = dS + Bc * Br * 2;         // P_ij^T, [Bc][Br], with two parts (KVTile)
+    static constexpr int lse = P + (KVTile<kD, kKeyPairs>::kParts == 2 ? Bc * Br * 2 : 0);  // float [kStages][Br]
     static constexpr int D = lse + kStages * Br * 4;   // float [kStages][Br]
     static constexpr int bytes = D + kStages * Br * 4;
 };
@@ -323,7 +385,7 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 // ptxas spills 168 bytes with Br = 128 (24 with Br = 64), and it is still 7% faster than Br = 64 (H200, N = 1k-16k,
 // docs/measured/dropout_backward_kdropout_2026-12-04.log).
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
-__global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
+__global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
@@ -333,9 +395,10 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     const int d = kExactD ? kD : head_dim;
     // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
     constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
-    constexpr int Bc = KVTile<kD>::Bc, kWarps = KVTile<kD>::kWarps, kThreads = KVTile<kD>::kThreads;
-    constexpr int kKeyWarps = KVTile<kD>::kKeyWarps, kPartCols = KVTile<kD>::kPartCols;
-    using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1>;
+    using KV = KVTile<kD, kKeyPairsOf<kStep, kExt>>;
+    constexpr int Bc = KV::Bc, kWarps = KV::kWarps, kThreads = KV::kThreads, kPartCols = KV::kPartCols;
+    constexpr int kKeyTiles = KV::kKeyTiles, kParts = KV::kParts, kQ = Br / kParts;  // kQ: queries of a part
+    using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairsOf<kStep, kExt>>;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t s = shared_addr(smem);
     const float* s_lse = reinterpret_cast<const float*>(smem + L::lse);
@@ -410,14 +473,15 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
     if (!kExt || n_steps > 0) load_q_tile(0, 0);
     cp_async_commit();
 
-    // line 7: this warp's 16 keys x its part's kPartCols columns, as m16n8 fragments
-    float dK_j[kPartCols / 8][4] = {}, dV_j[kPartCols / 8][4] = {};
+    // line 7: this warp's kKeyTiles x 16 keys x its part's kPartCols columns, as m16n8 fragments
+    float dK_j[kKeyTiles][kPartCols / 8][4] = {}, dV_j[kKeyTiles][kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
     const float ds_scale = kExt || kDropout ? scale : 1.0f;  // what dK_j and dQ_i still need (dS rounded unscaled)
-    const int key_row = warp % kKeyWarps * 16;      // first row of this warp within K_j
-    // First column of this warp's part of dK_j, dV_j (a constant 0 with one part, so that the swizzled addresses
-    // below stay a per-lane base plus compile-time offsets).
-    const int col0 = KVTile<kD>::kParts == 1 ? 0 : warp / kKeyWarps * kPartCols;
+    // This warp's key group (its first row within K_j) and part (KVTile): its first query within Q_i, its partner's,
+    // and the first column of its part of dK_j, dV_j. With one part they are constant 0, so that the swizzled
+    // addresses below stay a per-lane base plus compile-time offsets.
+    const int key_row = warp / kParts * KV::kKeyRows, part = warp % kParts;
+    const int q_row0 = part * kQ, partner_q0 = (part ^ 1) * kQ, col0 = part * kPartCols;
 
     for (int step = 0; step < n_steps; ++step) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
         const int stage = F::kDoubleBuffer ? step & 1 : 0, i0 = tile_of(step) * Br, h = head_of(step);
@@ -434,120 +498,127 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             cp_async_commit();
         }
 
-        // Dropout's mask of this lane's elements, bit k for element k (fragment k / 4, entry k % 4), before the
-        // tile's products (kExt and kDropout only; all ones without dropout).
-        uint64_t keep = ~uint64_t(0);
+        // Dropout's mask of this lane's elements of key tile m, bit k for element k (fragment k / 4, entry k % 4),
+        // before the tile's products (kExt and kDropout only; all ones without dropout).
+        uint64_t keep[kKeyTiles];
+#pragma unroll
+        for (int m = 0; m < kKeyTiles; ++m) keep[m] = ~uint64_t(0);
         if ((kExt || kDropout) && x.dropout != 0.0f) {
             const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
-            keep = dropout_bits_transposed<Br / 8>(x.seed, x.keep_threshold, head, i0, j0 + key_row, g, t);
+#pragma unroll
+            for (int m = 0; m < kKeyTiles; ++m)
+                keep[m] = dropout_bits_transposed<kQ / 8>(x.seed, x.keep_threshold, head, i0 + q_row0,
+                                                          j0 + key_row + 16 * m, g, t);
         }
 
-        // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, 16 keys x Br queries per warp.
-        float S[Br / 8][4] = {}, dP[Br / 8][4] = {};
+        // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, kKeyTiles x 16 keys x kQ queries per warp.
+        // Each B fragment (Q_i, dO_i) feeds all kKeyTiles m16 tiles.
+        float S[kKeyTiles][kQ / 8][4] = {}, dP[kKeyTiles][kQ / 8][4] = {};
 #pragma unroll
         for (int k = 0; k < kD; k += 16) {
-            uint32_t a_K[4], a_V[4];
-            ldmatrix_x4(a_K, s + L::K + swizzle<kD>(key_row + ldm_a_row(lane), k + ldm_a_col(lane)));
-            ldmatrix_x4(a_V, s + L::V + swizzle<kD>(key_row + ldm_a_row(lane), k + ldm_a_col(lane)));
+            uint32_t a_K[kKeyTiles][4], a_V[kKeyTiles][4];
 #pragma unroll
-            for (int n = 0; n < Br / 8; n += 2) {
+            for (int m = 0; m < kKeyTiles; ++m) {
+                ldmatrix_x4(a_K[m], s + L::K + swizzle<kD>(key_row + 16 * m + ldm_a_row(lane), k + ldm_a_col(lane)));
+                ldmatrix_x4(a_V[m], s + L::V + swizzle<kD>(key_row + 16 * m + ldm_a_row(lane), k + ldm_a_col(lane)));
+            }
+#pragma unroll
+            for (int n = 0; n < kQ / 8; n += 2) {
                 uint32_t b[4];
-                ldmatrix_x4(b, sQ + swizzle<kD>(n * 8 + ldm_b_row(lane), k + ldm_b_col(lane)));
-                mma_m16n8k16<T>(S[n], a_K, b[0], b[1]);
-                mma_m16n8k16<T>(S[n + 1], a_K, b[2], b[3]);
-                ldmatrix_x4(b, sdO + swizzle<kD>(n * 8 + ldm_b_row(lane), k + ldm_b_col(lane)));
-                mma_m16n8k16<T>(dP[n], a_V, b[0], b[1]);
-                mma_m16n8k16<T>(dP[n + 1], a_V, b[2], b[3]);
+                ldmatrix_x4(b, sQ + swizzle<kD>(q_row0 + n * 8 + ldm_b_row(lane), k + ldm_b_col(lane)));
+#pragma unroll
+                for (int m = 0; m < kKeyTiles; ++m) {
+                    mma_m16n8k16<T>(S[m][n], a_K[m], b[0], b[1]);
+                    mma_m16n8k16<T>(S[m][n + 1], a_K[m], b[2], b[3]);
+                }
+                ldmatrix_x4(b, sdO + swizzle<kD>(q_row0 + n * 8 + ldm_b_row(lane), k + ldm_b_col(lane)));
+#pragma unroll
+                for (int m = 0; m < kKeyTiles; ++m) {
+                    mma_m16n8k16<T>(dP[m][n], a_V[m], b[0], b[1]);
+                    mma_m16n8k16<T>(dP[m][n + 1], a_V[m], b[2], b[3]);
+                }
             }
         }
 
-        // line 11: P_ij^T = exp2(S * scale * log2(e) - LSE_i * log2(e)). This lane holds keys (g, g + 8) and, in
-        // fragment n, queries 8n + 2t, 8n + 2t + 1 (see the D layout in mma.cuh). Masking is needed only on the last
-        // K/V tile (keys past Nk) and on Q tiles that cross the causal diagonal.
-        // With the extensions (extension_element): the bias, the band (tested per element only in tiles that straddle
-        // its edge) and dropout; dP takes dS_ij, which also goes to dbias (from one warp of a part pair).
+        // line 11: P_ij^T = exp2(S * scale * log2(e) - LSE_i * log2(e)). This lane holds, in key tile m, keys
+        // (16m + g, 16m + g + 8) of its group and, in fragment n, queries q_row0 + 8n + 2t, +1 (the D layout in
+        // mma.cuh). Masking is needed only on the last K/V tile (keys past Nk) and on Q tiles that cross the causal
+        // diagonal. With the extensions (extension_element): the bias, the band (tested per element only in tiles that
+        // straddle its edge) and dropout; dP takes dS_ij, which also goes to dbias.
         if constexpr (kExt) {
             const HeadExtensions he = head_extensions(x, batch, h);
             const bool in_band = j0 + Bc <= Nk && x.band.sees(i0, j0 + Bc - 1, shift) && x.band.sees(i0 + Br - 1, j0, shift);
 #pragma unroll
-            for (int n = 0; n < Br / 8; ++n)
+            for (int m = 0; m < kKeyTiles; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int q = n * 8 + 2 * t + (e & 1), key = j0 + key_row + g + (e / 2) * 8;
-                    extension_element(x, he, &S[n][e], &dP[n][e], scale_log2, s_lse[stage * Br + q], s_D[stage * Br + q],
-                                      i0 + q, key, Nq, Nk, in_band, (keep >> (4 * n + e)) & 1);
-                    if (he.dS && col0 == 0 && dP[n][e] != 0.0f) put_dS(x, he.dS, i0 + q, key, Nk, dP[n][e]);
-                }
+                for (int n = 0; n < kQ / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int q = q_row0 + n * 8 + 2 * t + (e & 1), key = j0 + key_row + 16 * m + g + (e / 2) * 8;
+                        extension_element(x, he, &S[m][n][e], &dP[m][n][e], scale_log2, s_lse[stage * Br + q],
+                                          s_D[stage * Br + q], i0 + q, key, Nq, Nk, in_band, (keep[m] >> (4 * n + e)) & 1);
+                        if (he.dS && dP[m][n][e] != 0.0f) put_dS(x, he.dS, i0 + q, key, Nk, dP[m][n][e]);
+                    }
         } else {
             const bool needs_mask = j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
 #pragma unroll
-            for (int n = 0; n < Br / 8; ++n) {
-                const int q = n * 8 + 2 * t;
+            for (int m = 0; m < kKeyTiles; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float p = exp2_approx(S[n][e] * scale_log2 - s_lse[stage * Br + q + (e & 1)]);
-                    if (needs_mask) {
-                        const int key = j0 + key_row + g + (e / 2) * 8, query = i0 + q + (e & 1);
-                        if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                for (int n = 0; n < kQ / 8; ++n) {
+                    const int q = q_row0 + n * 8 + 2 * t;
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float p = exp2_approx(S[m][n][e] * scale_log2 - s_lse[stage * Br + q + (e & 1)]);
+                        if (needs_mask) {
+                            const int key = j0 + key_row + 16 * m + g + (e / 2) * 8, query = i0 + q + (e & 1);
+                            if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                        }
+                        S[m][n][e] = p;
+                        if constexpr (kDropout)  // P Z and dS, unscaled, as the extension kernel forms them
+                            dropout_element(x, p, s_D[stage * Br + q + (e & 1)], keep[m] >> (4 * n + e) & 1,
+                                            &S[m][n][e], &dP[m][n][e]);
                     }
-                    S[n][e] = p;
-                    if constexpr (kDropout)  // P Z and dS, unscaled, as the extension kernel forms them
-                        dropout_element(x, p, s_D[stage * Br + q + (e & 1)], keep >> (4 * n + e) & 1, &S[n][e],
-                                        &dP[n][e]);
+                }
+        }
+
+        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. With the
+        // extensions (and kDropout) dP already holds dS_ij^T, and it is rounded unscaled, as the reference and the dq
+        // kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale that is not a power of two
+        // into the rounding put single elements past the same-precision tolerance.
+        // P^T (kExt, kDropout: (P Z)^T) and dS^T, packed, are the A operands of lines 12 and 16 (fragments n, n + 1
+        // form one 16 x 16 block). dS^T goes to shared memory ([key][query]) for dQ (unless --deterministic) and,
+        // with two parts, P^T and dS^T both go there for the partner.
+        uint32_t P_packed[kKeyTiles][kQ / 8][2], dS[kKeyTiles][kQ / 8][2];
+#pragma unroll
+        for (int m = 0; m < kKeyTiles; ++m)
+#pragma unroll
+            for (int n = 0; n < kQ / 8; ++n) {
+                const int q = q_row0 + n * 8 + 2 * t, key = key_row + 16 * m + g;
+                P_packed[m][n][0] = pack2<T>(S[m][n][0], S[m][n][1]);
+                P_packed[m][n][1] = pack2<T>(S[m][n][2], S[m][n][3]);
+                if constexpr (kExt || kDropout) {
+                    dS[m][n][0] = pack2<T>(dP[m][n][0], dP[m][n][1]);
+                    dS[m][n][1] = pack2<T>(dP[m][n][2], dP[m][n][3]);
+                } else {
+                    const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
+                    dS[m][n][0] = pack2<T>(scale * S[m][n][0] * (dP[m][n][0] - D0), scale * S[m][n][1] * (dP[m][n][1] - D1));
+                    dS[m][n][1] = pack2<T>(scale * S[m][n][2] * (dP[m][n][2] - D0), scale * S[m][n][3] * (dP[m][n][3] - D1));
+                }
+                if (kAtomicDq || kParts == 2) {
+                    *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key, q)) = dS[m][n][0];
+                    *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key + 8, q)) = dS[m][n][1];
+                }
+                if (kParts == 2) {
+                    *reinterpret_cast<uint32_t*>(smem + L::P + swizzle<Br>(key, q)) = P_packed[m][n][0];
+                    *reinterpret_cast<uint32_t*>(smem + L::P + swizzle<Br>(key + 8, q)) = P_packed[m][n][1];
                 }
             }
-        }
+        if (kParts == 2) named_barrier_sync(1 + warp / kParts, 2 * 32);  // the partner's P^T, dS^T are stored
 
-        // line 12: dV_j += P_ij^T dO_i: A = P^T straight from the accumulators (fragments n, n+1 form one 16x16 A
-        // block), B = dO_i stored [query][d], read with .trans (this warp's columns). kExt, kDropout: (P Z)^T.
-#pragma unroll
-        for (int n = 0; n < Br / 8; n += 2) {
-            const uint32_t a[4] = {pack2<T>(S[n][0], S[n][1]), pack2<T>(S[n][2], S[n][3]),
-                                   pack2<T>(S[n + 1][0], S[n + 1][1]), pack2<T>(S[n + 1][2], S[n + 1][3])};
-#pragma unroll
-            for (int c = 0; c < kPartCols / 8; c += 2) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, sdO + swizzle<kD>(n * 8 + ldm_bt_row(lane), col0 + c * 8 + ldm_bt_col(lane)));
-                mma_m16n8k16<T>(dV_j[c], a, b[0], b[1]);
-                mma_m16n8k16<T>(dV_j[c + 1], a, b[2], b[3]);
-            }
-        }
-
-        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. It goes to
-        // shared memory ([key][query]) for dQ (unless --deterministic), and stays in registers (packed) as the A
-        // operand of dK_j. With the extensions (and kDropout) dP already holds dS_ij^T, and it is rounded unscaled, as the
-        // reference and the dq kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale
-        // that is not a power of two into the rounding put single elements past the same-precision tolerance.
-        uint32_t dS[Br / 8][2];
-#pragma unroll
-        for (int n = 0; n < Br / 8; ++n) {
-            const int q = n * 8 + 2 * t;
-            if constexpr (kExt || kDropout) {
-                dS[n][0] = pack2<T>(dP[n][0], dP[n][1]);
-                dS[n][1] = pack2<T>(dP[n][2], dP[n][3]);
-            } else {
-                const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
-                dS[n][0] = pack2<T>(scale * S[n][0] * (dP[n][0] - D0), scale * S[n][1] * (dP[n][1] - D1));
-                dS[n][1] = pack2<T>(scale * S[n][2] * (dP[n][2] - D0), scale * S[n][3] * (dP[n][3] - D1));
-            }
-            if (kAtomicDq && col0 == 0) {  // one warp of a part pair writes the pair's (identical) dS
-                *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g, q)) = dS[n][0];
-                *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key_row + g + 8, q)) = dS[n][1];
-            }
-        }
-
-        // line 16: dK_j += dS_ij^T Q_i, B = Q_i stored [query][d], read with .trans (this warp's columns).
-#pragma unroll
-        for (int n = 0; n < Br / 8; n += 2) {
-            const uint32_t a[4] = {dS[n][0], dS[n][1], dS[n + 1][0], dS[n + 1][1]};
-#pragma unroll
-            for (int c = 0; c < kPartCols / 8; c += 2) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, sQ + swizzle<kD>(n * 8 + ldm_bt_row(lane), col0 + c * 8 + ldm_bt_col(lane)));
-                mma_m16n8k16<T>(dK_j[c], a, b[0], b[1]);
-                mma_m16n8k16<T>(dK_j[c + 1], a, b[2], b[3]);
-            }
-        }
+        // line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, over all Br queries of Q_i (this warp's
+        // from registers, its partner's from shared memory), B = dO_i or Q_i stored [query][d], read with .trans.
+        accumulate_over_queries<T, kD, Br>(dV_j, P_packed, s + L::P, sdO, key_row, q_row0, partner_q0, col0, lane);
+        accumulate_over_queries<T, kD, Br>(dK_j, dS, s + L::dS, sQ, key_row, q_row0, partner_q0, col0, lane);
         __syncthreads();  // all of dS_ij^T is in shared memory (one stage: every warp is done with Q_i, dO_i)
         if constexpr (!kAtomicDq) continue;  // --deterministic: the dq kernel computes dQ
 
@@ -588,19 +659,23 @@ __global__ void __launch_bounds__(KVTile<kD>::kThreads, 1)
             }
     }
 
-    // line 18: dK_j, dV_j: fragment c holds keys (g, g + 8) x columns col0 + 8c + 2t, +1 of this warp's 16 keys.
+    // line 18: dK_j, dV_j: fragment [m][c] holds keys (16m + g, 16m + g + 8) of this warp's group x columns
+    // col0 + 8c + 2t, +1.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int key = j0 + key_row + g + half * 8;
-        if (key >= Nk) continue;
+    for (int m = 0; m < kKeyTiles; ++m)
 #pragma unroll
-        for (int c = 0; c < kPartCols / 8; ++c) {
-            if (col0 + c * 8 >= d) continue;
-            const size_t at = size_t(key) * kv_ld + col0 + c * 8 + 2 * t;
-            *reinterpret_cast<uint32_t*>(dK + at) = pack2<T>(ds_scale * dK_j[c][2 * half], ds_scale * dK_j[c][2 * half + 1]);
-            *reinterpret_cast<uint32_t*>(dV + at) = pack2<T>(dV_j[c][2 * half], dV_j[c][2 * half + 1]);
+        for (int half = 0; half < 2; ++half) {
+            const int key = j0 + key_row + 16 * m + g + half * 8;
+            if (key >= Nk) continue;
+#pragma unroll
+            for (int c = 0; c < kPartCols / 8; ++c) {
+                if (col0 + c * 8 >= d) continue;
+                const size_t at = size_t(key) * kv_ld + col0 + c * 8 + 2 * t;
+                *reinterpret_cast<uint32_t*>(dK + at) =
+                    pack2<T>(ds_scale * dK_j[m][c][2 * half], ds_scale * dK_j[m][c][2 * half + 1]);
+                *reinterpret_cast<uint32_t*>(dV + at) = pack2<T>(dV_j[m][c][2 * half], dV_j[m][c][2 * half + 1]);
+            }
         }
-    }
 }
 
 // --deterministic: dQ_i = scale * sum_j dS_ij K_j, one thread block of 4 warps per Q tile of 64 rows (16 a warp), the
@@ -829,7 +904,7 @@ int step_of(const Problem& p) { return p.kernel == 0 ? kFinalStep : p.kernel; }
 // kernel's 64). A packed batch: every sequence's rows (workspace_start), ceil(T / kSeqPad) + B blocks of kSeqPad.
 int padded_rows(const Problem& p) {
     if (p.varlen()) return (ceil_div(int(p.tokens_q()), kSeqPad) + p.B) * kSeqPad;
-    const int Br = q_tile_rows(v2_backward_mma_head_dim_tile(p.d), step_of(p) >= kFinalStep);
+    const int Br = q_tile_rows(v2_backward_mma_head_dim_tile(p.d), step_of(p) >= kBr128Step);
     return ceil_div(p.Nq, Br) * Br;
 }
 size_t workspace_rows(const Problem& p) { return size_t(p.varlen() ? 1 : p.B) * p.H * padded_rows(p); }
@@ -877,14 +952,16 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
                   const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
-    constexpr int kBr = q_tile_rows(kD, Features<kStep>::kBr128AtD64 && !kExt);
-    constexpr int smem = SharedLayout<kD, kBr, Features<kStep>::kDoubleBuffer ? 2 : 1>::bytes;
+    using F = Features<kStep>;
+    using KV = KVTile<kD, kKeyPairsOf<kStep, kExt>>;
+    constexpr int kBr = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
+    constexpr int smem = SharedLayout<kD, kBr, F::kDoubleBuffer ? 2 : 1, kKeyPairsOf<kStep, kExt>>::bytes;
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KVTile<kD>::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
-    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KVTile<kD>::kThreads, smem, stream>>>(
+    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
+    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KV::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
     CUDA_CHECK_LAUNCH();
 }
@@ -993,6 +1070,10 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
                 return "";
             case 2:
                 launch<T, kD, 2, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                              workspace, ext, stream);
+                return "";
+            case 3:
+                launch<T, kD, 3, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
             default: break;

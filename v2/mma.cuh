@@ -1,8 +1,8 @@
 // mma.cuh: the PTX wrappers the v2 tensor-core kernels share (forward_mma.cu, backward_mma.cu): mma.sync
 // m16n8k16 for fp16 and bf16, packing two floats into one register of two 16-bit values, ldmatrix x4 (plain and
-// .trans) and its lane addressing, cp.async with its commit / wait, the shared-address conversion and a
-// one-instruction exp2. mma.sync m16n8k16 and cp.async need sm_80: compiled for an older GPU (make ARCH=sm_75) they
-// become a trap, and v2_unsupported refuses fp16/bf16 on such a device before anything launches.
+// .trans) and its lane addressing, cp.async with its commit / wait, the shared-address conversion, a one-instruction
+// exp2 and named barriers. mma.sync m16n8k16 and cp.async need sm_80: compiled for an older GPU (make ARCH=sm_75)
+// they become a trap, and v2_unsupported refuses fp16/bf16 on such a device before anything launches.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
 //
@@ -149,6 +149,16 @@ __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
+}
+
+// Named barriers (ids 1..15; 0 is __syncthreads): sync waits until `threads` threads (a multiple of 32) have
+// arrived or synced at barrier `id`; arrive counts this warp and goes on. The v2 backward pairs warps with them, the
+// v3 forward its warpgroups.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace v2_ptx

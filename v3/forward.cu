@@ -51,6 +51,8 @@ namespace v3_fwd {
 
 using namespace v3_ptx;
 using v2_ptx::exp2_approx;
+using v2_ptx::named_barrier_arrive;
+using v2_ptx::named_barrier_sync;
 using v2_ptx::pack2;
 using v2_ptx::shared_addr;
 

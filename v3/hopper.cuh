@@ -202,7 +202,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_
     }
 }
 
-// --------------------------------------------------------------------------------- registers and named barriers
+// ------------------------------------------------------------------------------------------------- registers
 // Moves registers between warpgroups (all warps of a warpgroup execute it): the producer gives registers back, the
 // consumers take them. Totals must fit the 64K register file: 128 x 24 + 256 x 240 = 64,512.
 template <int kRegs>
@@ -213,12 +213,6 @@ template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
-// Named barriers (ids 1..15; 0 is __syncthreads): sync waits until `threads` threads have arrived or synced.
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
+// Named barriers: v2/mma.cuh (v2_ptx::named_barrier_sync, named_barrier_arrive), which the v2 backward uses too.
 
 }  // namespace v3_ptx
