@@ -19,8 +19,8 @@
 // Head dims: any multiple of 8 from 8 to 256 runs the tile kD = 64, 128, 192 or 256 that holds it
 // (v2_backward_mma_head_dim_tile); columns d..kD-1 of every shared tile are zero-filled by cp.async (nothing past
 // column d is read from device memory) and are never stored. Past kD = 128 one warp's dK_j and dV_j rows would need
-// kD registers a thread, so the K/V tile shrinks to 64 keys and two warps share each 16 keys, one half of the
-// columns of dK_j and dV_j each (8 warps): both compute S_ij^T and dP_ij^T of their 16 keys over all kD columns.
+// kD registers a thread, so the K/V tile shrinks to 64 keys and two warps share each 16 keys (KVTile): each computes
+// S_ij^T, dP_ij^T for half of the Q tile's queries and owns half of the columns of dK_j and dV_j.
 //
 // The `// line N` comments are the lines of Algorithm 2 of the FlashAttention-2 paper (as in backward_fp32.cu).
 //
@@ -28,9 +28,11 @@
 // (two of the five Br x Bc x d products) to form dS_ij, i.e. 7 products instead of 5, 40% more tensor-core work.
 // The atomics cost one fp32 red per dQ element per K/V tile; they go to L2 and overlap the next tile's products.
 //
-// The transposed formulation. A warp owns 16 rows of K_j (16 keys) and computes S_ij^T = K_j Q_i^T, 16 x Br, so
-// that the accumulator fragment of P_ij^T is already the A operand of dV_j += P_ij^T dO_i (and dS_ij^T that of
-// dK_j += dS_ij^T Q_i): P never goes through shared memory, and dS only once, for dQ_i = dS_ij K_j.
+// The transposed formulation. A warp owns rows of K_j (16 keys; 32 from step 4) and computes S_ij^T = K_j Q_i^T for
+// them, so that the accumulator fragment of P_ij^T is already the A operand of dV_j += P_ij^T dO_i (and dS_ij^T that
+// of dK_j += dS_ij^T Q_i): with one warp to a key group P never goes through shared memory, and dS only once, for
+// dQ_i = dS_ij K_j; where two warps split the queries (step 4, and past kD = 128) each stores its P^T once for the
+// other.
 //
 // Shared memory is swizzled, not padded: a tile row is 64 to 256 halves (8 to 32 chunks of 16 bytes) and chunk c of
 // row r is stored at chunk c ^ (r % 8). ldmatrix reads 8 rows at one chunk index: without the swizzle all 8 land
@@ -39,7 +41,8 @@
 // The optimisation steps (bin/v2 --dtype fp16 --backward --kernel K; v2_backward_steps() below names them) are
 // this one kernel template with fewer features switched on: step 1 loads each Q_i, dO_i only once the previous
 // tile is done, step 2 adds the cp.async double buffer (Q_{i+1}, dO_{i+1} land while tile i is computed), step 3
-// (the final kernel) takes Br = 128 query rows per Q tile at d = 64.
+// takes Br = 128 query rows per Q tile at d = 64, step 4 (the final kernel) gives each pair of warps 32 keys, split
+// between them by queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile).
 #include "backward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"

@@ -1,6 +1,6 @@
 // hopper.cuh: the Hopper (sm_90a) instructions the v3 forward uses, one thin wrapper each, with the facts the kernel
 // relies on. Compiled only for sm_90a (the Makefile builds v3/ with -arch=sm_90a whatever ARCH is); PTX ISA sections:
-// "mbarrier", "cp.async.bulk.tensor", "wgmma", "setmaxnreg", "bar".
+// "mbarrier", "cp.async.bulk.tensor", "wgmma", "setmaxnreg".
 //
 // mbarrier (a 64-bit object in shared memory): initialised with an arrival count; a phase completes when that many
 // arrivals have happened AND every byte announced with expect_tx has landed (TMA copies "complete_tx" their bytes on
