@@ -82,8 +82,9 @@ struct Features {
     static constexpr bool kBr128AtD64 = kStep >= kBr128Step;     // 3: Br = 128 at d = 64
     static constexpr bool kKeyPairs = kStep >= 4;                // 4: two warps share 32 keys at d <= 128 (KVTile)
 };
-// Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 ptxas
-// spilled 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp at d <= 128.
+// Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 the
+// kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp at
+// d <= 128.
 template <int kStep, bool kExt>
 constexpr bool kKeyPairsOf = Features<kStep>::kKeyPairs && !kExt;
 
@@ -385,8 +386,8 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 // kDropout: dropout alone (no other extension; causal or not), with atomic dQ, in the default kernel: its tiles
 // (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.seed, x.keep_scale) on top: the
 // extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own. At d = 64
-// ptxas spills 168 bytes with Br = 128 (24 with Br = 64), and it is still 7% faster than Br = 64 (H200, N = 1k-16k,
-// docs/measured/dropout_backward_kdropout_2026-12-04.log).
+// step 3's layout spilled 168 bytes with Br = 128 (24 with Br = 64), and was still 7% faster than Br = 64 (H200,
+// N = 1k-16k, docs/measured/dropout_backward_kdropout_2026-12-04.log); step 4's key pairs spill 32.
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 __global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
