@@ -19,8 +19,8 @@
 // Head dims: any multiple of 8 from 8 to 256 runs the tile kD = 64, 128, 192 or 256 that holds it
 // (v2_backward_mma_head_dim_tile); columns d..kD-1 of every shared tile are zero-filled by cp.async (nothing past
 // column d is read from device memory) and are never stored. Past kD = 128 one warp's dK_j and dV_j rows would need
-// kD registers a thread, so the K/V tile shrinks to 64 keys and two warps share each 16 keys (KVTile): each computes
-// S_ij^T, dP_ij^T for half of the Q tile's queries and owns half of the columns of dK_j and dV_j.
+// kD registers a thread, so the K/V tile shrinks to 64 keys and several warps share a key group (KVTile): each
+// computes S_ij^T, dP_ij^T for its share of the Q tile's queries and owns that share of the columns of dK_j, dV_j.
 //
 // The `// line N` comments are the lines of Algorithm 2 of the FlashAttention-2 paper (as in backward_fp32.cu).
 //
@@ -31,8 +31,8 @@
 // The transposed formulation. A warp owns rows of K_j (16 keys; 32 from step 4) and computes S_ij^T = K_j Q_i^T for
 // them, so that the accumulator fragment of P_ij^T is already the A operand of dV_j += P_ij^T dO_i (and dS_ij^T that
 // of dK_j += dS_ij^T Q_i): with one warp to a key group P never goes through shared memory, and dS only once, for
-// dQ_i = dS_ij K_j; where two warps split the queries (step 4, and past kD = 128) each stores its P^T once for the
-// other.
+// dQ_i = dS_ij K_j; where warps split the queries (step 4, and past kD = 128) each stores its P^T once for the
+// others.
 //
 // Shared memory is swizzled, not padded: a tile row is 64 to 256 halves (8 to 32 chunks of 16 bytes) and chunk c of
 // row r is stored at chunk c ^ (r % 8). ldmatrix reads 8 rows at one chunk index: without the swizzle all 8 land
@@ -83,8 +83,7 @@ struct Features {
     static constexpr bool kKeyPairs = kStep >= 4;                // 4: two warps share 32 keys at d <= 128 (KVTile)
 };
 // Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 the
-// kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp at
-// d <= 128.
+// kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp.
 template <int kStep, bool kExt>
 constexpr bool kKeyPairsOf = Features<kStep>::kKeyPairs && !kExt;
 
@@ -95,23 +94,25 @@ constexpr bool kKeyPairsOf = Features<kStep>::kKeyPairs && !kExt;
 __host__ __device__ constexpr int q_tile_rows(int kD, bool br128_at_d64) { return kD == 64 && br128_at_d64 ? 128 : 64; }
 // The K/V tile of one dk_dv thread block, Bc keys, and how its 8 warps share it. A warp owns a key group of kKeyTiles
 // x 16 keys; kParts warps share each group, and part p of a group computes S_ij^T and dP_ij^T of its keys for the
-// queries p Br / kParts .. of the Q tile and owns the columns p kD / kParts .. of their dK_j, dV_j rows. With two
-// parts, dV_j += P_ij^T dO_i needs P^T of both parts' queries: each warp stores its P^T and dS^T in shared memory
-// and reads its partner's there (its own stay in registers).
+// queries p Br / kParts .. of the Q tile and owns the columns p kD / kParts .. of their dK_j, dV_j rows. With several
+// parts, dV_j += P_ij^T dO_i needs P^T of every part's queries: each warp stores its P^T and dS^T in shared memory
+// and reads the other parts' there (its own stay in registers).
 // - Steps 1-3, d <= 128: 16 keys a warp, one part: every warp reads all of Q_i and dO_i (the B operands) for one m16
 //   tile of keys, 0.55 ldmatrix.x4 per mma at d = 128; the kernel is bound by shared-memory bandwidth (issue 12:
 //   at N = 8192, d = 128, 1.59e9 shared wavefronts against FlashAttention-2's 1.31e9, and 1.23x its time).
 // - Step 4, d <= 128 (kKeyPairs): 32 keys a warp (two m16 tiles that share every B fragment), two parts: a quarter
 //   fewer ldmatrix (136 instead of 176 a warp per Q tile at d = 128, 128 instead of 168 at d = 64), the same
 //   registers (half the queries, twice the keys).
-// - Past kD = 128, every step: 64 keys, 16 a warp, two parts: K_j, V_j, two stages of Q_i, dO_i, P^T and dS^T take
-//   209 KiB of shared memory at kD = 256 (one block of 8 warps an SM), and each thread holds kD / 2 columns of its
-//   dK_j, dV_j rows (128 registers, as at kD = 128).
+// - Past kD = 128 (the final step only): 64 keys; K_j, V_j, two stages of Q_i, dO_i, P^T and dS^T take 209 KiB of
+//   shared memory at kD = 256 (one block of 8 warps an SM). With kKeyPairs 32 keys a warp and four parts (16 queries,
+//   kD / 4 columns each; 164 ldmatrix a warp per Q tile at kD = 256 instead of 188 with 16 keys and two parts);
+//   without (the extension kernels) 16 keys a warp and two parts. Either way a thread holds 128 registers of dK_j,
+//   dV_j, as at kD = 128.
 template <int kD, bool kKeyPairs>
 struct KVTile {
     static constexpr int Bc = kD <= 128 ? 128 : 64;
-    static constexpr int kKeyTiles = kD <= 128 && kKeyPairs ? 2 : 1;
-    static constexpr int kParts = kD <= 128 && !kKeyPairs ? 1 : 2;
+    static constexpr int kKeyTiles = kKeyPairs ? 2 : 1;
+    static constexpr int kParts = kD <= 128 ? (kKeyPairs ? 2 : 1) : (kKeyPairs ? 4 : 2);
     static constexpr int kKeyRows = 16 * kKeyTiles;
     static constexpr int kWarps = Bc / kKeyRows * kParts;
     static constexpr int kThreads = kWarps * 32;
@@ -318,15 +319,14 @@ __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, flo
 
 // Lines 12 and 16 of one warp: acc += A B summed over the Br queries of Q tile i, for the warp's kKeyTiles x 16 keys
 // and kPartCols columns from col0. A = P_ij^T or dS_ij^T (keys x queries): the kQ queries from q_row0 are this
-// warp's own, packed in registers (own); with two parts (Br = 2 kQ) the others, from partner_q0, are read from the
-// partner's copy in shared memory (sA, [Bc][Br], swizzled), plain ldmatrix. B = dO_i or Q_i (sB, [query][kD],
-// swizzled), read with .trans; each B fragment feeds all kKeyTiles m16 tiles.
+// warp's own, packed in registers (own); with several parts (Br = kParts kQ) the others' are read from their copy in
+// shared memory (sA, [Bc][Br], swizzled), plain ldmatrix. B = dO_i or Q_i (sB, [query][kD], swizzled), read with
+// .trans; each B fragment feeds all kKeyTiles m16 tiles.
 template <typename T, int kD, int Br, int kKeyTiles, int kColTiles, int kQTiles>
 __device__ __forceinline__ void accumulate_over_queries(float (&acc)[kKeyTiles][kColTiles][4],
                                                         const uint32_t (&own)[kKeyTiles][kQTiles][2], uint32_t sA,
-                                                        uint32_t sB, int key_row, int q_row0, int partner_q0, int col0,
-                                                        int lane) {
-    constexpr int kQ = kQTiles * 8;  // this warp's queries; kPartCols = kColTiles * 8
+                                                        uint32_t sB, int key_row, int q_row0, int col0, int lane) {
+    constexpr int kQ = kQTiles * 8, kParts = Br / kQ;  // this warp's queries, and its group's parts
     auto products = [&](const uint32_t (&a)[kKeyTiles][4], int q) {  // the 16 queries from q
 #pragma unroll
         for (int c = 0; c < kColTiles; c += 2) {
@@ -348,14 +348,16 @@ __device__ __forceinline__ void accumulate_over_queries(float (&acc)[kKeyTiles][
         }
         products(a, q_row0 + n * 8);
     }
-    if constexpr (Br == 2 * kQ) {
+#pragma unroll
+    for (int o = 1; o < kParts; ++o) {  // the other parts' queries, from (q_row0 + o kQ) mod Br
+        const int other_q0 = (q_row0 + o * kQ) % Br;
 #pragma unroll
         for (int k = 0; k < kQ; k += 16) {
             uint32_t a[kKeyTiles][4];
 #pragma unroll
             for (int m = 0; m < kKeyTiles; ++m)
-                ldmatrix_x4(a[m], sA + swizzle<Br>(key_row + 16 * m + ldm_a_row(lane), partner_q0 + k + ldm_a_col(lane)));
-            products(a, partner_q0 + k);
+                ldmatrix_x4(a[m], sA + swizzle<Br>(key_row + 16 * m + ldm_a_row(lane), other_q0 + k + ldm_a_col(lane)));
+            products(a, other_q0 + k);
         }
     }
 }
@@ -368,8 +370,8 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
     static constexpr int Q = 2 * kTile;                // kStages stages
     static constexpr int dO = Q + kStages * qTile;     // kStages stages
     static constexpr int dS = dO + kStages * qTile;    // dS_ij^T, [Bc][Br]
-    static constexpr int P = dS + Bc * Br * 2;         // P_ij^T, [Bc][Br], with two parts (KVTile)
-    static constexpr int lse = P + (KVTile<kD, kKeyPairs>::kParts == 2 ? Bc * Br * 2 : 0);  // float [kStages][Br]
+    static constexpr int P = dS + Bc * Br * 2;         // P_ij^T, [Bc][Br], with several parts (KVTile)
+    static constexpr int lse = P + (KVTile<kD, kKeyPairs>::kParts > 1 ? Bc * Br * 2 : 0);  // float [kStages][Br]
     static constexpr int D = lse + kStages * Br * 4;   // float [kStages][Br]
     static constexpr int bytes = D + kStages * Br * 4;
 };
@@ -481,11 +483,11 @@ __global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads
     float dK_j[kKeyTiles][kPartCols / 8][4] = {}, dV_j[kKeyTiles][kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
     const float ds_scale = kExt || kDropout ? scale : 1.0f;  // what dK_j and dQ_i still need (dS rounded unscaled)
-    // This warp's key group (its first row within K_j) and part (KVTile): its first query within Q_i, its partner's,
-    // and the first column of its part of dK_j, dV_j. With one part they are constant 0, so that the swizzled
+    // This warp's key group (its first row within K_j) and part (KVTile): its first query within Q_i and the first
+    // column of its part of dK_j, dV_j. With one part they are constant 0, so that the swizzled
     // addresses below stay a per-lane base plus compile-time offsets.
     const int key_row = warp / kParts * KV::kKeyRows, part = warp % kParts;
-    const int q_row0 = part * kQ, partner_q0 = (part ^ 1) * kQ, col0 = part * kPartCols;
+    const int q_row0 = part * kQ, col0 = part * kPartCols;
 
     for (int step = 0; step < n_steps; ++step) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
         const int stage = F::kDoubleBuffer ? step & 1 : 0, i0 = tile_of(step) * Br, h = head_of(step);
@@ -507,12 +509,14 @@ __global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads
         uint64_t keep[kKeyTiles];
 #pragma unroll
         for (int m = 0; m < kKeyTiles; ++m) keep[m] = ~uint64_t(0);
-        if ((kExt || kDropout) && x.dropout != 0.0f) {
-            const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
+        if constexpr (kExt || kDropout) {
+            if (x.dropout != 0.0f) {
+                const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
 #pragma unroll
-            for (int m = 0; m < kKeyTiles; ++m)
-                keep[m] = dropout_bits_transposed<kQ / 8>(x.seed, x.keep_threshold, head, i0 + q_row0,
-                                                          j0 + key_row + 16 * m, g, t);
+                for (int m = 0; m < kKeyTiles; ++m)
+                    keep[m] = dropout_bits_transposed<kQ / 8>(x.seed, x.keep_threshold, head, i0 + q_row0,
+                                                              j0 + key_row + 16 * m, g, t);
+            }
         }
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, kKeyTiles x 16 keys x kQ queries per warp.
@@ -591,7 +595,7 @@ __global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads
         // into the rounding put single elements past the same-precision tolerance.
         // P^T (kExt, kDropout: (P Z)^T) and dS^T, packed, are the A operands of lines 12 and 16 (fragments n, n + 1
         // form one 16 x 16 block). dS^T goes to shared memory ([key][query]) for dQ (unless --deterministic) and,
-        // with two parts, P^T and dS^T both go there for the partner.
+        // with several parts, P^T and dS^T both go there for the group's other warps.
         uint32_t P_packed[kKeyTiles][kQ / 8][2], dS[kKeyTiles][kQ / 8][2];
 #pragma unroll
         for (int m = 0; m < kKeyTiles; ++m)
@@ -608,21 +612,21 @@ __global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads
                     dS[m][n][0] = pack2<T>(scale * S[m][n][0] * (dP[m][n][0] - D0), scale * S[m][n][1] * (dP[m][n][1] - D1));
                     dS[m][n][1] = pack2<T>(scale * S[m][n][2] * (dP[m][n][2] - D0), scale * S[m][n][3] * (dP[m][n][3] - D1));
                 }
-                if (kAtomicDq || kParts == 2) {
+                if (kAtomicDq || kParts > 1) {
                     *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key, q)) = dS[m][n][0];
                     *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key + 8, q)) = dS[m][n][1];
                 }
-                if (kParts == 2) {
+                if (kParts > 1) {
                     *reinterpret_cast<uint32_t*>(smem + L::P + swizzle<Br>(key, q)) = P_packed[m][n][0];
                     *reinterpret_cast<uint32_t*>(smem + L::P + swizzle<Br>(key + 8, q)) = P_packed[m][n][1];
                 }
             }
-        if (kParts == 2) named_barrier_sync(1 + warp / kParts, 2 * 32);  // the partner's P^T, dS^T are stored
+        if (kParts > 1) named_barrier_sync(1 + warp / kParts, kParts * 32);  // the group's P^T, dS^T are stored
 
         // line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, over all Br queries of Q_i (this warp's
-        // from registers, its partner's from shared memory), B = dO_i or Q_i stored [query][d], read with .trans.
-        accumulate_over_queries<T, kD, Br>(dV_j, P_packed, s + L::P, sdO, key_row, q_row0, partner_q0, col0, lane);
-        accumulate_over_queries<T, kD, Br>(dK_j, dS, s + L::dS, sQ, key_row, q_row0, partner_q0, col0, lane);
+        // from registers, the other parts' from shared memory), B = dO_i or Q_i stored [query][d], read with .trans.
+        accumulate_over_queries<T, kD, Br>(dV_j, P_packed, s + L::P, sdO, key_row, q_row0, col0, lane);
+        accumulate_over_queries<T, kD, Br>(dK_j, dS, s + L::dS, sQ, key_row, q_row0, col0, lane);
         __syncthreads();  // all of dS_ij^T is in shared memory (one stage: every warp is done with Q_i, dO_i)
         if constexpr (!kAtomicDq) continue;  // --deterministic: the dq kernel computes dQ
 
