@@ -80,7 +80,7 @@ template <int kStep>
 struct Features {
     static constexpr bool kDoubleBuffer = kStep >= 2;            // 2: Q_i, dO_i (and LSE_i, D_i) in two cp.async stages
     static constexpr bool kBr128AtD64 = kStep >= kBr128Step;     // 3: Br = 128 at d = 64
-    static constexpr bool kKeyPairs = kStep >= 4;                // 4: two warps share 32 keys at d <= 128 (KVTile)
+    static constexpr bool kKeyPairs = kStep >= 4;                // 4: 32 keys a warp, split by queries (KVTile)
 };
 // Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 the
 // kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp.
