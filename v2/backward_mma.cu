@@ -82,10 +82,6 @@ struct Features {
     static constexpr bool kBr128AtD64 = kStep >= kBr128Step;     // 3: Br = 128 at d = 64
     static constexpr bool kKeyPairs = kStep >= 4;                // 4: 32 keys a warp, split by queries (KVTile)
 };
-// Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 the
-// kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp.
-template <int kStep, bool kExt>
-constexpr bool kKeyPairsOf = Features<kStep>::kKeyPairs && !kExt;
 
 // Query rows per Q tile (the inner loop). From step 3 on, d = 64 takes 128: each Q tile then costs half the
 // barriers and K_j/V_j fragment reloads per FLOP, and the registers allow it (S^T, dP^T 64 each, dK_j, dV_j 32
@@ -376,6 +372,20 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
     static constexpr int bytes = D + kStages * Br * 4;
 };
 
+// The tiles of one dk_dv instantiation, which the kernel and its launch both read: the Q tile's rows Br, the K/V
+// tile's warps (KV) and the shared layout (L).
+template <int kD, int kStep, bool kExt>
+struct DkDvTiles {
+    using F = Features<kStep>;
+    // Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 the
+    // kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp.
+    static constexpr bool kKeyPairs = F::kKeyPairs && !kExt;
+    // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
+    static constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
+    using KV = KVTile<kD, kKeyPairs>;
+    using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairs>;
+};
+
 // Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile; kExactD: d == kD, known at compile
 // time (see kExactVariant below). kAtomicDq: dQ_i += dS_ij K_j goes to dQ_accum, [Nq_pad, kD] per head, with fp32
 // atomics; without it (--deterministic) nothing goes there and the dq kernel computes dQ. It is a template parameter,
@@ -391,7 +401,7 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 // step 3's layout spilled 168 bytes with Br = 128 (24 with Br = 64), and was still 7% faster than Br = 64 (H200,
 // N = 1k-16k, docs/measured/dropout_backward_kdropout_2026-12-04.log); step 4's key pairs spill 32.
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
-__global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads, 1)
+__global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
@@ -399,12 +409,12 @@ __global__ void __launch_bounds__(KVTile<kD, kKeyPairsOf<kStep, kExt>>::kThreads
     using F = Features<kStep>;
     static_assert(!(kDropout && (kExt || !kAtomicDq)), "kDropout is the default kernel with dropout, atomic dQ");
     const int d = kExactD ? kD : head_dim;
-    // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
-    constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
-    using KV = KVTile<kD, kKeyPairsOf<kStep, kExt>>;
+    using Tiles = DkDvTiles<kD, kStep, kExt>;
+    using KV = typename Tiles::KV;
+    using L = typename Tiles::L;
+    constexpr int Br = Tiles::Br;
     constexpr int Bc = KV::Bc, kWarps = KV::kWarps, kThreads = KV::kThreads, kPartCols = KV::kPartCols;
     constexpr int kKeyTiles = KV::kKeyTiles, kParts = KV::kParts, kQ = Br / kParts;  // kQ: queries of a part
-    using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairsOf<kStep, kExt>>;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t s = shared_addr(smem);
     const float* s_lse = reinterpret_cast<const float*>(smem + L::lse);
@@ -960,10 +970,9 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
                   const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
-    using F = Features<kStep>;
-    using KV = KVTile<kD, kKeyPairsOf<kStep, kExt>>;
-    constexpr int kBr = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
-    constexpr int smem = SharedLayout<kD, kBr, F::kDoubleBuffer ? 2 : 1, kKeyPairsOf<kStep, kExt>>::bytes;
+    using Tiles = DkDvTiles<kD, kStep, kExt>;
+    using KV = typename Tiles::KV;
+    constexpr int smem = Tiles::L::bytes;
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
