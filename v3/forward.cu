@@ -410,11 +410,6 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                     if (j == n - 1) release_q();
                     online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
                                                          scale_log2);
-                    // Stage j is full already (waited above, not yet released): this wait returns at once. It is
-                    // here for ptxas, which moves the wait for P V (WARPGROUP.DEPBAR) up to the start of the softmax
-                    // unless a loop stands between them, and then no exponential overlaps P V (docs/v3.md, "The
-                    // overlap that was not"). The poll loop of mbarrier_wait is such a loop.
-                    wait_full(j);
                     wgmma_wait<0>();
                     fence_o<kD>(O);
                     fence_registers(P);
