@@ -24,7 +24,9 @@
 //   2 warp-spec    a producer warpgroup (24 registers a thread) issues the copies, two consumers (240) compute
 //   3 ping-pong    the consumers take turns at the tensor cores (named barriers): one's softmax runs while the
 //                  other's products do; the product block of a turn is S_j = Q K_j^T and O += P_{j-1} V_{j-1}
-//   4 overlap      inside a warpgroup, the softmax of S_j runs while O += P_{j-1} V_{j-1} is still in flight
+//   4 overlap      Algorithm 2's waits: the softmax of S_j written between the wait for S_j and the wait for
+//                  O += P_{j-1} V_{j-1}. ptxas moves the second wait up to the softmax's start, so the compiled
+//                  kernel keeps step 3's schedule; forced, the overlap measured slower (docs/v3.md, "Step 4")
 //   5 tma-store    O_i leaves through shared memory (Q_i's space) and a TMA store
 //   6 deep-ring    the K/V ring holds 3 tiles (4 at d = 64) instead of 2: the producer runs further ahead
 //   7 persistent   a CTA per SM walks many Q tiles; the producer loads the next Q_i and its first K/V tiles while
@@ -405,6 +407,8 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
                 wgmma_commit();
                 hand_over(false);
                 if constexpr (F::kOverlap) {
+                    // The source order of Algorithm 2. In SASS the second wait (WARPGROUP.DEPBAR) sits at the start
+                    // of the softmax: ptxas may always wait earlier, and does (scripts/v3_sass_overlap.py).
                     wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
                     fence_registers(S);
                     if (j == n - 1) release_q();
@@ -612,7 +616,7 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"tma-wgmma", "one warpgroup: TMA copies into a 2-stage mbarrier ring, wgmma for S = Q K^T and O += P V"},
         {"warp-spec", "a producer warpgroup issues the copies; two consumer warpgroups compute (setmaxnreg 24/240)"},
         {"ping-pong", "the two consumers take turns at the tensor cores: one's softmax runs under the other's products"},
-        {"overlap", "inside a warpgroup, the softmax of tile j runs while O += P V of tile j-1 is in flight"},
+        {"overlap", "Algorithm 2's waits: softmax of tile j written between the waits for S_j and P_{j-1} V_{j-1}"},
         {"tma-store", "O leaves through shared memory and a TMA store"},
         {"deep-ring", "the K/V ring holds 3 tiles (4 at d = 64): the producer copies further ahead of the consumers"},
         {"persistent", "a CTA per SM walks many Q tiles: the next tile's Q and K/V load while the last one finishes"},

@@ -24,7 +24,7 @@ const std::vector<KernelStep>& v3_forward_steps();
 struct V3Config {
     bool warp_specialised;  // a producer warpgroup issues the copies (step 2 on)
     bool ping_pong;         // two consumer warpgroups take turns at the tensor cores (step 3 on)
-    bool overlap;           // softmax of tile j overlaps P V of tile j-1 inside a warpgroup (step 4 on)
+    bool overlap;           // Algorithm 2's waits: softmax of tile j between the waits for S_j and P V (step 4 on)
     bool tma_store;         // O leaves through shared memory and a TMA store (steps 5 and 6)
     bool persistent;        // a CTA per SM walks many Q tiles, the next one's loads under the last one (step 7 on)
     bool poly_exp;          // some of the softmax's exponentials by a polynomial on the FMA pipe (step 8)
