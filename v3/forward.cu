@@ -105,14 +105,17 @@ struct Tiles {
 // The consumer's pieces. A warpgroup's thread (warp w, lane = 4g + t) holds rows 16w + g and 16w + g + 8 of its 64.
 
 // Issues S = Q_i K_j^T (d/16 wgmma of k = 16). sQ_rows: this warpgroup's 64 rows of block 0 of Q_i; sK: stage's K.
+// Each operand's descriptor is built once and advanced by the k step's byte offset (one 32-bit add; building every
+// descriptor from its address took about 5 uniform-datapath instructions each, a quarter of the loop's issue).
 template <typename T, int kD, int kStep>
 __device__ __forceinline__ void issue_s(float (&S)[64], uint32_t sQ_rows, uint32_t sK) {
     using L = Tiles<kD, kStep>;
+    const uint64_t a0 = smem_descriptor(sQ_rows, 16, 1024), b0 = smem_descriptor(sK, 16, 1024);
 #pragma unroll
     for (int k = 0; k < kD / 16; ++k) {
         const uint32_t block = k / 4, in_row = k % 4 * 32;  // 64-column block, byte offset of the k step in a row
-        const uint64_t a = smem_descriptor(sQ_rows + block * L::kBr * 128 + in_row, 16, 1024);
-        const uint64_t b = smem_descriptor(sK + block * L::kBc * 128 + in_row, 16, 1024);
+        const uint64_t a = advance_descriptor(a0, block * L::kBr * 128 + in_row);
+        const uint64_t b = advance_descriptor(b0, block * L::kBc * 128 + in_row);
         wgmma_m64n128k16_ss<T>(S, a, b, k > 0);
     }
 }
@@ -121,11 +124,12 @@ __device__ __forceinline__ void issue_s(float (&S)[64], uint32_t sQ_rows, uint32
 template <typename T, int kD, int kStep>
 __device__ __forceinline__ void issue_pv(float (&O)[kD / 64][32], const uint32_t (&P)[8][4], uint32_t sV) {
     using L = Tiles<kD, kStep>;
+    const uint64_t b0 = smem_descriptor(sV, L::kBc * 128, 1024);
 #pragma unroll
     for (int n = 0; n < kD / 64; ++n) {
 #pragma unroll
         for (int k = 0; k < L::kBc / 16; ++k) {
-            const uint64_t b = smem_descriptor(sV + n * L::kBc * 128 + k * 16 * 128, L::kBc * 128, 1024);
+            const uint64_t b = advance_descriptor(b0, n * L::kBc * 128 + k * 16 * 128);
             wgmma_m64n64k16_rs<T>(O[n], P[k], b, 1);
         }
     }
@@ -277,7 +281,10 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
         }
     };
 
-    const int wg = threadIdx.x / 128;
+    // Through a shuffle from lane 0 the compiler knows wg is the same in every lane of a warp, so the addresses and
+    // wgmma descriptors derived from it live in uniform registers (from threadIdx.x directly: vector registers and
+    // two R2UR moves for every S = Q K^T descriptor).
+    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
     if constexpr (F::kWarpSpecialised) {
         if (wg == 0) {  // the producer warpgroup (line 3)
             setmaxnreg_dec<kProducerRegs>();  // line 4

@@ -111,6 +111,12 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_
     return uint64_t((addr & 0x3FFFF) >> 4) | uint64_t(lbo_bytes >> 4) << 16 | uint64_t(sbo_bytes >> 4) << 32 |
            uint64_t(1) << 62;  // 1: 128-byte swizzle, as the tensor maps
 }
+// The descriptor of the operand `bytes` further on in shared memory than the one `desc` describes. The start address
+// is the low 14 bits, in 16-byte units; a CTA's shared addresses stay below 2^18 bytes, so the sum never carries into
+// the next field and a 32-bit add of the low word is the whole update.
+__device__ __forceinline__ uint64_t advance_descriptor(uint64_t desc, uint32_t bytes) {
+    return (desc & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(desc) + (bytes >> 4));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int kPending>
