@@ -281,10 +281,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
         }
     };
 
-    // Through a shuffle from lane 0 the compiler knows wg is the same in every lane of a warp, so the addresses and
-    // wgmma descriptors derived from it live in uniform registers (from threadIdx.x directly: vector registers and
-    // two R2UR moves for every S = Q K^T descriptor).
-    const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
+    const int wg = threadIdx.x / 128;
     if constexpr (F::kWarpSpecialised) {
         if (wg == 0) {  // the producer warpgroup (line 3)
             setmaxnreg_dec<kProducerRegs>();  // line 4
