@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--ns", default="1024,2048,4096,8192,16384")
     ap.add_argument("--ds", default="64,128")
     ap.add_argument("--dtypes", default="fp16")
-    ap.add_argument("--steps", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--steps", default="1,2,3,4,5,6,7,8,9")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()

@@ -33,6 +33,8 @@
 //                  the consumers finish the last one (O leaves from registers again: Q_i's space is being reused)
 //   8 poly-exp     at d = 64, a sixteenth of the softmax's exponentials on the FMA pipe (a polynomial, exp2_poly.h),
 //                  the rest on MUFU: there MUFU alone takes as long as the tile's products (d = 128: step 7)
+//   9 three-wg     at d = 64, three consumer warpgroups (Q tiles of 192 rows, 160 registers a thread) take turns
+//                  at the tensor cores: more warps to hide the softmax's latencies (d = 128: step 8, which needs 240)
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -69,22 +71,26 @@ struct Features {
     // with the next Q tile (steps 4 and 5 together had measured -0.6% to +1.4% over step 3, docs/v3.md).
     static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
     static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (Tiles)
-    static constexpr int kConsumers = kWarpSpecialised ? 2 : 1;
-    static constexpr int kThreads = 128 * (kConsumers + (kWarpSpecialised ? 1 : 0));
+    static constexpr bool kThreeConsumers = kStep >= 9;  // step 9: three consumer warpgroups at d = 64 (Tiles)
 };
-constexpr int kFinalStep = 8;
+constexpr int kFinalStep = 9;
 
-// Registers per thread after setmaxnreg (multiples of 8): 128 x 24 + 256 x 240 = 64,512 of the 65,536.
-constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-// Named barriers 1 and 2: the turns of consumer 0 and consumer 1 (ping-pong); 3 and 4: each consumer's own
-// warpgroup before its TMA store.
-constexpr int kTurnBarrier = 1, kStoreBarrier = 3;
+// Named barriers 1, 2 (and 3): the turns of consumers 0, 1 (and 2) in the ping-pong; 4 and 5: each consumer's own
+// warpgroup before its TMA store (steps 5-6, two consumers).
+constexpr int kTurnBarrier = 1, kStoreBarrier = 4;
 
 // Tile sizes and the shared-memory map of one instantiation. Every tile is d/64 blocks of rows x 128 bytes (one TMA
 // box each), 1024-byte aligned so that the 128-byte swizzle pattern starts at each 8-row group.
 template <int kD, int kStep>
 struct Tiles {
-    static constexpr int kBr = 64 * Features<kStep>::kConsumers;
+    // Consumer warpgroups, 64 query rows each: one without warp specialisation, two, or three from step 9 at d = 64.
+    static constexpr int kConsumers =
+        !Features<kStep>::kWarpSpecialised ? 1 : Features<kStep>::kThreeConsumers && kD == 64 ? 3 : 2;
+    static constexpr int kThreads = 128 * (kConsumers + (Features<kStep>::kWarpSpecialised ? 1 : 0));
+    // Registers per thread after setmaxnreg (multiples of 8): 128 x 24 + 256 x 240 = 64,512 of the 65,536 with two
+    // consumers; 128 x 24 + 384 x 160 = 64,512 with three (d = 64: O 32, S 64, P 32 registers and the rest).
+    static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 3 ? 160 : 240;
+    static constexpr int kBr = 64 * kConsumers;
     static constexpr int kBc = 128;
     // The ring: 2 stages until step 6, then as many as shared memory holds beside Q_i (at d = 128: 32 KiB of Q
     // and 3 x 64 KiB of K and V, 225 KiB of the 227 a block may have). With 2 stages the producer may refill
@@ -221,10 +227,10 @@ __device__ __forceinline__ void rescale_o(float (&O)[kD / 64][32], const float (
 
 // ---------------------------------------------------------------------------------------------------------------
 // The kernel. Grid: one CTA per Q tile (ceil(Nq / Br) * heads of them), or from step 7 at most one per SM. Block:
-// Features<kStep>::kThreads. scale_log2 = scale * log2 e.
+// Tiles<kD, kStep>::kThreads. scale_log2 = scale * log2 e.
 
 template <typename T, int kD, bool kCausal, int kStep>
-__global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
+__global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_o,
                    T* __restrict__ O_out, float* __restrict__ LSE, int Nq, int Nk, int heads, float scale_log2) {
@@ -256,10 +262,10 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     if (threadIdx.x == 0) {
         for (int s = 0; s < L::kStages; ++s) {
             mbarrier_init(full(s), 1);                     // the producer's arrive (with the bytes)
-            mbarrier_init(empty(s), 4 * F::kConsumers);    // one arrive per consumer warp
+            mbarrier_init(empty(s), 4 * L::kConsumers);    // one arrive per consumer warp
         }
         mbarrier_init(q_full, 1);
-        mbarrier_init(q_empty, 4 * F::kConsumers);  // step 7: every consumer warp is done with Q_i
+        mbarrier_init(q_empty, 4 * L::kConsumers);  // step 7: every consumer warp is done with Q_i
         fence_barrier_init();
     }
     __syncthreads();
@@ -284,7 +290,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
     const int wg = threadIdx.x / 128;
     if constexpr (F::kWarpSpecialised) {
         if (wg == 0) {  // the producer warpgroup (line 3)
-            setmaxnreg_dec<kProducerRegs>();  // line 4
+            setmaxnreg_dec<L::kProducerRegs>();  // line 4
             if (threadIdx.x == 0) {
                 int it = 0, q_loads = 0;
                 for (int pos = order.first(blockIdx.x); pos < order.positions; pos = order.next(pos, gridDim.x)) {
@@ -299,7 +305,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             }
             return;
         }
-        setmaxnreg_inc<kConsumerRegs>();  // line 13
+        setmaxnreg_inc<L::kConsumerRegs>();  // line 13
     }
 
     // ------------------------------------------------------------------------------------------- consumer (line 12)
@@ -346,15 +352,17 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             if constexpr (F::kPersistent)
                 if (lane == 0) mbarrier_arrive(q_empty);
         };
-        // Ping-pong: consumer c may issue products only in its turn; it hands the turn over after issuing them.
-        // Consumer 1 opens each tile with a hand-over so consumer 0 goes first; it skips its last one (nobody would
-        // wait for it): each consumer waits n + 1 times a tile and is handed the turn n + 1 times.
+        // Ping-pong: consumer c may issue products only in its turn; it hands the turn over to consumer c + 1 (the
+        // last one to consumer 0) after issuing them. The last consumer opens each tile with a hand-over so consumer
+        // 0 goes first, and skips its own last one (nobody would wait for it): each consumer waits n + 1 times a tile
+        // and is handed the turn n + 1 times.
+        const int last_consumer = L::kConsumers - 1, next_consumer = c == last_consumer ? 0 : c + 1;
         auto take_turn = [&] {
             if constexpr (F::kPingPong) named_barrier_sync(kTurnBarrier + c, 256);
         };
         auto hand_over = [&](bool last) {
             if constexpr (F::kPingPong)
-                if (!(last && c == 1)) named_barrier_arrive(kTurnBarrier + 1 - c, 256);
+                if (!(last && c == last_consumer)) named_barrier_arrive(kTurnBarrier + next_consumer, 256);
         };
 
         if constexpr (!F::kPingPong) {
@@ -384,7 +392,7 @@ __global__ void __launch_bounds__(Features<kStep>::kThreads, 1)
             }
         } else if (n > 0) {
             // Products of a turn: S_j = Q K_j^T and O += P_{j-1} V_{j-1} (Algorithm 2's order), softmax of S_j after.
-            if (c == 1) named_barrier_arrive(kTurnBarrier, 256);
+            if (c == last_consumer) named_barrier_arrive(kTurnBarrier, 256);
             wait_full(0);
             take_turn();
             fence_registers(S);
@@ -557,7 +565,7 @@ std::string launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) 
     CUDA_CHECK(attribute_set);
     // One CTA per Q tile; from step 7 one per SM at most (the kernel takes all of an SM's shared memory).
     const int grid = v3_tile_order(p.Nq, L::kBr, heads, Features<kStep>::kPersistent, kCausal).ctas(device_sm_count());
-    kernel<<<grid, Features<kStep>::kThreads, L::kSmem, stream>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq,
+    kernel<<<grid, L::kThreads, L::kSmem, stream>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq,
                                                                   p.Nk, heads, p.resolved_scale() * 1.4426950408889634f);
     CUDA_CHECK_LAUNCH();
     return "";
@@ -581,6 +589,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 5: return launch_causal_or_not<T, kD, 5>(p, a, stream);
             case 6: return launch_causal_or_not<T, kD, 6>(p, a, stream);
             case 7: return launch_causal_or_not<T, kD, 7>(p, a, stream);
+            case 8: return launch_causal_or_not<T, kD, 8>(p, a, stream);
             default: break;
         }
     }
@@ -602,14 +611,15 @@ V3Config config_of(int d) {
     V3Config c;
     c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
     c.tma_store = F::kTmaStore, c.persistent = F::kPersistent;
-    c.consumers = F::kConsumers, c.threads = F::kThreads;
-    if (d == 64) {
-        using L = Tiles<64, kStep>;
-        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem, c.poly_exp = L::kPolyExp;
-    } else {
-        using L = Tiles<128, kStep>;
-        c.Br = L::kBr, c.Bc = L::kBc, c.stages = L::kStages, c.smem_bytes = L::kSmem, c.poly_exp = L::kPolyExp;
-    }
+    auto tiles = [&](auto L) {
+        c.consumers = L.kConsumers, c.threads = L.kThreads;
+        c.producer_regs = L.kProducerRegs, c.consumer_regs = L.kConsumerRegs;
+        c.Br = L.kBr, c.Bc = L.kBc, c.stages = L.kStages, c.smem_bytes = L.kSmem, c.poly_exp = L.kPolyExp;
+    };
+    if (d == 64)
+        tiles(Tiles<64, kStep>{});
+    else
+        tiles(Tiles<128, kStep>{});
     return c;
 }
 
@@ -625,8 +635,9 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"deep-ring", "the K/V ring holds 3 tiles (4 at d = 64): the producer copies further ahead of the consumers"},
         {"persistent", "a CTA per SM walks many Q tiles: the next tile's Q and K/V load while the last one finishes"},
         {"poly-exp", "d = 64: 1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
+        {"three-wg", "d = 64: three consumer warpgroups (Q tiles of 192 rows, 160 registers) take turns (d = 128: step 8)"},
     };
-    static_assert(v3_fwd::kFinalStep == 8, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 9, "one entry per step");
     return steps;
 }
 
@@ -641,6 +652,7 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 6: *c = v3_fwd::config_of<6>(d); return "";
         case 7: *c = v3_fwd::config_of<7>(d); return "";
         case 8: *c = v3_fwd::config_of<8>(d); return "";
+        case 9: *c = v3_fwd::config_of<9>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }

@@ -28,7 +28,8 @@ struct V3Config {
     bool tma_store;         // O leaves through shared memory and a TMA store (steps 5 and 6)
     bool persistent;        // a CTA per SM walks many Q tiles, the next one's loads under the last one (step 7 on)
     bool poly_exp;          // some of the softmax's exponentials by a polynomial on the FMA pipe (step 8)
-    int consumers;          // consumer warpgroups (64 query rows each)
+    int consumers;          // consumer warpgroups (64 query rows each): 1, 2, or 3 from step 9 at d = 64
+    int producer_regs, consumer_regs;  // registers per thread after setmaxnreg (warp-specialised steps)
     int threads;            // 128 per warpgroup, producer included
     int Br, Bc, stages;     // Q tile rows, K/V tile rows, K/V ring depth (2; 3 or 4 from step 6 on)
     int smem_bytes;         // dynamic shared memory the launch asks for
