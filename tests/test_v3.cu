@@ -142,6 +142,20 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
             prev = c;
         }
     }
+    // The final kernel's choice (v3_step_of): step 9, but step 8 at d = 64, causal, Nq < 4096; a given step is itself.
+    Problem p;
+    p.d = 64, p.causal = true;
+    for (int nq : {1, 1000, 4095, 4096, 16384}) {
+        p.Nq = nq;
+        p.kernel = 0;
+        CHECK(v3_step_of(p) == (nq < 4096 ? 8 : 9));
+        p.kernel = 3;
+        CHECK(v3_step_of(p) == 3);
+    }
+    p.kernel = 0, p.Nq = 1000, p.causal = false;
+    CHECK(v3_step_of(p) == 9);
+    p.d = 128, p.causal = true;
+    CHECK(v3_step_of(p) == 9);
     V3Config c;
     CHECK(one_line(v3_config(0, 64, &c)));
     CHECK(one_line(v3_config(10, 64, &c)));

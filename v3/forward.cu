@@ -578,8 +578,10 @@ std::string launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStr
 
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
-    const int step = p.kernel == 0 ? kFinalStep : p.kernel;
+    const int step = v3_step_of(p);
     if (step == kFinalStep) return launch_causal_or_not<T, kD, kFinalStep>(p, a, stream);
+    if constexpr (kD == 64)
+        if (p.kernel == 0) return launch<T, 64, true, 8>(p, a, stream);  // v3_step_of's short causal case, any dtype
     if constexpr (std::is_same_v<T, __half>) {
         switch (step) {
             case 1: return launch_causal_or_not<T, kD, 1>(p, a, stream);
@@ -639,6 +641,11 @@ const std::vector<KernelStep>& v3_forward_steps() {
     };
     static_assert(v3_fwd::kFinalStep == 9, "one entry per step");
     return steps;
+}
+
+int v3_step_of(const Problem& p) {
+    if (p.kernel != 0) return p.kernel;
+    return p.d == 64 && p.causal && p.Nq < 4096 ? 8 : v3_fwd::kFinalStep;
 }
 
 std::string v3_config(int step, int d, V3Config* c) {

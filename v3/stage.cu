@@ -19,11 +19,11 @@ const Stage& v3_stage() {
         s.cpu_forward = v2_model_forward;
         s.describe = [](const Problem& p) -> std::string {
             V3Config c;
-            const int step = p.kernel == 0 ? int(v3_forward_steps().size()) : p.kernel;
+            const int step = v3_step_of(p);
             if (std::string why = v3_config(step, p.d, &c); !why.empty()) return why;
-            std::printf("  Hopper: tiles Br=%d Bc=%d, %d-stage K/V ring, %d threads (%d consumer warpgroup%s%s), "
+            std::printf("  Hopper: step %d, tiles Br=%d Bc=%d, %d-stage K/V ring, %d threads (%d consumer warpgroup%s%s), "
                         "%d bytes of shared memory, grid %d Q tiles x %d heads\n",
-                        c.Br, c.Bc, c.stages, c.threads, c.consumers, c.consumers > 1 ? "s" : "",
+                        step, c.Br, c.Bc, c.stages, c.threads, c.consumers, c.consumers > 1 ? "s" : "",
                         c.warp_specialised ? " + 1 producer" : "", c.smem_bytes, (p.Nq + c.Br - 1) / c.Br, p.B * p.H);
             return "";
         };

@@ -18,6 +18,10 @@
 // ---------------------------------------------------------------------------------------------- steps (--kernel)
 // p.kernel = k runs step k (1-based; 0 = the final step). The steps before the final one are compiled for fp16 only.
 const std::vector<KernelStep>& v3_forward_steps();
+// The step a launch runs: p.kernel, or for p.kernel = 0 the final kernel's choice: the last step, except at d = 64,
+// causal, Nq < 4096, where step 8's Q tiles of 128 rows beat step 9's 192 (on the H200 step 9 measured 15-16% slower
+// there and 4-16% faster everywhere else at d = 64; docs/v3.md "Step 9"). Step 8 is then compiled in bf16 too.
+int v3_step_of(const Problem& p);
 
 // What a step is made of, as the kernel template sees it at compile time (forward.cu, Features<kStep>), for the
 // host and the tests: warpgroups, tile sizes and the pipeline depth.
