@@ -8,6 +8,7 @@ L2 flushed before each rep (scripts/torch_timing.py). One CSV line per shape and
 then a table of each step's ratio to cuDNN and to FlashAttention-2.
 
 Usage: python3 scripts/compare_v3.py [--ns 1024,4096] [--ds 64,128] [--dtypes fp16] [--steps 1,5] [--reps 20]
+Step 0 is the final kernel as `bin/v3` runs it without --kernel (its choice of step: v3_step_of in v3/v3.h).
 """
 import argparse, os, subprocess, sys
 
@@ -30,7 +31,7 @@ def torch_ms(backend, B, H, N, d, causal, dtype, reps):
 
 def v3_ms(step, B, H, N, d, causal, dtype, reps):
     cmd = ["timeout", "120", V3, "--batch", str(B), "--heads", str(H), "--n", str(N), "--d", str(d), "--dtype", dtype,
-           "--bench", "--reps", str(reps), "--kernel", str(step)] + (["--causal"] if causal else [])
+           "--bench", "--reps", str(reps)] + (["--kernel", str(step)] if int(step) else []) + (["--causal"] if causal else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("csv,"):
