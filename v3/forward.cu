@@ -565,8 +565,8 @@ std::string launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) 
     CUDA_CHECK(attribute_set);
     // One CTA per Q tile; from step 7 one per SM at most (the kernel takes all of an SM's shared memory).
     const int grid = v3_tile_order(p.Nq, L::kBr, heads, Features<kStep>::kPersistent, kCausal).ctas(device_sm_count());
-    kernel<<<grid, L::kThreads, L::kSmem, stream>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq,
-                                                                  p.Nk, heads, p.resolved_scale() * 1.4426950408889634f);
+    kernel<<<grid, L::kThreads, L::kSmem, stream>>>(tq, tk, tv, to, static_cast<T*>(a.o), a.lse, p.Nq, p.Nk, heads,
+                                                    p.resolved_scale() * 1.4426950408889634f);
     CUDA_CHECK_LAUNCH();
     return "";
 }
