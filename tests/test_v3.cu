@@ -164,34 +164,36 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
 
 TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives every CTA an equal share") {
     // The work of a tile is the K/V tiles it visits; a CTA's share is the sum over its tiles (v3_kv_tiles).
-    for (bool causal : {false, true})
-        for (bool persistent : {false, true})
-            for (int N : {1, 77, 1000, 1024, 4096, 16384})
-                for (int heads : {1, 3, 16, 256})
-                    for (int sms : {7, 132}) {
-                        INFO("causal " << causal << " persistent " << persistent << " N " << N << " heads " << heads
-                                       << " SMs " << sms);
-                        const V3TileOrder order = v3_tile_order(N, 128, heads, persistent, causal);
-                        const int ctas = order.ctas(sms);
-                        CHECK(ctas == (persistent ? std::min(sms, (order.positions + order.per_turn() - 1) / order.per_turn())
-                                                  : order.positions));
-                        std::vector<int> seen(size_t(order.positions), 0);
-                        std::vector<long> share(size_t(ctas), 0);
-                        for (int b = 0; b < ctas; ++b)
-                            for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
-                                int bh, i;
-                                order.tile(pos, &bh, &i);
-                                REQUIRE((bh >= 0 && bh < heads && i >= 0 && i < order.n_q));
-                                ++seen[size_t(bh) * order.n_q + i];
-                                share[size_t(b)] += v3_kv_tiles(i * 128, 128, N, N, 128, causal).n_tiles;
+    for (int Br : {128, 192})  // two consumer warpgroups, or three (step 9 at d = 64)
+        for (bool causal : {false, true})
+            for (bool persistent : {false, true})
+                for (int N : {1, 77, 1000, 1024, 4096, 16384})
+                    for (int heads : {1, 3, 16, 256})
+                        for (int sms : {7, 132}) {
+                            INFO("Br " << Br << " causal " << causal << " persistent " << persistent << " N " << N
+                                       << " heads " << heads << " SMs " << sms);
+                            const V3TileOrder order = v3_tile_order(N, Br, heads, persistent, causal);
+                            const int ctas = order.ctas(sms);
+                            const int turns = (order.positions + order.per_turn() - 1) / order.per_turn();
+                            CHECK(ctas == (persistent ? std::min(sms, turns) : order.positions));
+                            std::vector<int> seen(size_t(order.positions), 0);
+                            std::vector<long> share(size_t(ctas), 0);
+                            for (int b = 0; b < ctas; ++b)
+                                for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
+                                    int bh, i;
+                                    order.tile(pos, &bh, &i);
+                                    REQUIRE((bh >= 0 && bh < heads && i >= 0 && i < order.n_q));
+                                    ++seen[size_t(bh) * order.n_q + i];
+                                    share[size_t(b)] += v3_kv_tiles(i * Br, Br, N, N, 128, causal).n_tiles;
+                                }
+                            // each tile exactly once
+                            CHECK(std::count(seen.begin(), seen.end(), 1) == order.positions);
+                            if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
+                                const long most = *std::max_element(share.begin(), share.end());
+                                const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
+                                CHECK(most <= 1.1 * mean);
                             }
-                        CHECK(std::count(seen.begin(), seen.end(), 1) == order.positions);  // each tile exactly once
-                        if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
-                            const long most = *std::max_element(share.begin(), share.end());
-                            const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
-                            CHECK(most <= 1.1 * mean);
                         }
-                    }
     // Without the pairs, one causal tile a turn in last-first order: at N = 1024 (8 Q tiles) and 132 CTAs, CTA b
     // gets tiles b % 8 and (b + 4) % 8 of a head in turn, and the busiest CTA has about twice the least busy's work.
     const V3TileOrder single{8, 8 * 256, true, false};  // non-causal order: one tile a turn, taken last-first below
