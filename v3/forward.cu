@@ -580,8 +580,9 @@ template <typename T, int kD>
 std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     const int step = v3_step_of(p);
     if (step == kFinalStep) return launch_causal_or_not<T, kD, kFinalStep>(p, a, stream);
+    // v3_step_of's other choice for the final kernel (step 8 at d = 64, causal), compiled for both dtypes.
     if constexpr (kD == 64)
-        if (p.kernel == 0) return launch<T, 64, true, 8>(p, a, stream);  // v3_step_of's short causal case, any dtype
+        if (p.kernel == 0 && step == 8 && p.causal) return launch<T, 64, true, 8>(p, a, stream);
     if constexpr (std::is_same_v<T, __half>) {
         switch (step) {
             case 1: return launch_causal_or_not<T, kD, 1>(p, a, stream);
