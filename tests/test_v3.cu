@@ -48,6 +48,13 @@ Outputs v2_on(const Problem& p, const HostTensors& in) {
     return gpu_forward(p32, in, v2_forward, v2_workspace_bytes);
 }
 
+// v3's step k (0: the final kernel) on the same inputs.
+Outputs v3_at_step(const Problem& p, const HostTensors& in, int k) {
+    Problem pk = p;
+    pk.kernel = k;
+    return gpu_forward(pk, in, v3_forward, v3_stage().workspace_bytes);
+}
+
 bool one_line(const std::string& why) { return !why.empty() && why.find('\n') == std::string::npos; }
 
 }  // namespace
@@ -315,7 +322,7 @@ TEST_CASE("GPU v3 every step matches float64 and v2 over the shape matrix") {
                 Problem p = c.p;
                 p.kernel = k;
                 REQUIRE(v3_unsupported(p).empty());
-                const Outputs got = gpu_forward(p, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                const Outputs got = v3_at_step(c.p, in, k);
                 const std::string label = "v3 step " + std::to_string(k) + " " + v3_forward_steps()[k - 1].name + " ";
                 check_against_reference(label + c.name(), p, in, got);
                 check_against(label + "vs v2 " + c.name(), p, in, got, v2);
@@ -341,20 +348,15 @@ TEST_CASE("GPU v3 persistent step: many Q tiles a CTA, step 6's bits") {
                 c.p.B = 3, c.p.H = 150;
                 const HostTensors in = make_inputs(c.p, c.dist, 7);
                 std::vector<Outputs> outs;
-                Problem p_final = c.p;
-                p_final.kernel = 0;
-                const Outputs f = gpu_forward(p_final, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                const Outputs f = v3_at_step(c.p, in, 0);
                 check_against(c.name() + " final step vs v2", c.p, in, f, v2_on(c.p, in));
                 outs.push_back(f);
                 if (t == DType::fp16) {  // the steps before the final one are compiled for fp16 only
-                    Problem p6 = c.p, p7 = c.p, p8 = c.p;
-                    p6.kernel = 6, p7.kernel = 7, p8.kernel = 8;
-                    const Outputs a = gpu_forward(p7, in, v3_forward, [](const Problem&) -> size_t { return 0; });
-                    const Outputs b = gpu_forward(p6, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                    const Outputs a = v3_at_step(c.p, in, 7), b = v3_at_step(c.p, in, 6);
                     CHECK_MESSAGE(a.o == b.o, c.name());
                     CHECK_MESSAGE(a.lse == b.lse, c.name());
                     outs.push_back(a);
-                    const Outputs e = gpu_forward(p8, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+                    const Outputs e = v3_at_step(c.p, in, 8);
                     CHECK_MESSAGE(e.o == f.o, c.name() << ": step 8 vs 9");
                     CHECK_MESSAGE(e.lse == f.lse, c.name() << ": step 8 vs 9");
                 }
@@ -374,10 +376,7 @@ TEST_CASE("GPU v3 every step gives the same bits on every run") {
     const Case c = make_case(1000, 1000, 128, true, Dist::normal, DType::fp16);
     const HostTensors in = make_inputs(c.p, c.dist, 3);
     for (int k = 1; k <= int(v3_forward_steps().size()); ++k) {
-        Problem p = c.p;
-        p.kernel = k;
-        const Outputs a = gpu_forward(p, in, v3_forward, [](const Problem&) -> size_t { return 0; });
-        const Outputs b = gpu_forward(p, in, v3_forward, [](const Problem&) -> size_t { return 0; });
+        const Outputs a = v3_at_step(c.p, in, k), b = v3_at_step(c.p, in, k);
         CHECK_MESSAGE(a.o == b.o, "step " << k);
         CHECK_MESSAGE(a.lse == b.lse, "step " << k);
     }
