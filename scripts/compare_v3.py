@@ -31,7 +31,8 @@ def torch_ms(backend, B, H, N, d, causal, dtype, reps):
 
 def v3_ms(step, B, H, N, d, causal, dtype, reps):
     cmd = ["timeout", "120", V3, "--batch", str(B), "--heads", str(H), "--n", str(N), "--d", str(d), "--dtype", dtype,
-           "--bench", "--reps", str(reps)] + (["--kernel", str(step)] if int(step) else []) + (["--causal"] if causal else [])
+           "--bench", "--reps", str(reps)] + (["--kernel", str(step)] if int(step) else [])
+    cmd += ["--causal"] if causal else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("csv,"):

@@ -210,7 +210,8 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_
 
 // ------------------------------------------------------------------------------------------------- registers
 // Moves registers between warpgroups (all warps of a warpgroup execute it): the producer gives registers back, the
-// consumers take them. Totals must fit the 64K register file: 128 x 24 + 256 x 240 = 64,512.
+// consumers take them. Totals must fit the 64K register file: 128 x 24 + 256 x 240 = 64,512 with two consumers,
+// 128 x 24 + 384 x 160 = 64,512 with three (Tiles::kProducerRegs, kConsumerRegs in forward.cu).
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
