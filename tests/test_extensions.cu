@@ -26,15 +26,20 @@ Problem small(int Nq, int Nk, int d) {
 
 }  // namespace
 
-TEST_CASE("Philox4x32-10 reproduces the known-answer vectors of the reference implementation") {
-    auto check = [](Philox4 c, uint32_t k0, uint32_t k1, Philox4 want) {
-        const Philox4 got = philox4x32_10(c, k0, k1);
+TEST_CASE("Philox4x32-7 (dropout's) and -10 reproduce the known-answer vectors of the reference implementation") {
+    auto check = [](auto keys, Philox4 c, Philox4 want) {
+        const Philox4 got = philox4x32(c, keys);
         for (int w = 0; w < 4; ++w) CHECK(got.x[w] == want.x[w]);
     };
-    check({{0, 0, 0, 0}}, 0, 0, {{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}});
-    check({{~0u, ~0u, ~0u, ~0u}}, ~0u, ~0u, {{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}});
-    check({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u,
-          {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}});
+    const Philox4 zeros{{0, 0, 0, 0}}, ones{{~0u, ~0u, ~0u, ~0u}};
+    const Philox4 pi{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}};
+    check(philox_keys<10>(0, 0), zeros, {{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}});
+    check(philox_keys<10>(~0u, ~0u), ones, {{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}});
+    check(philox_keys<10>(0xa4093822u, 0x299f31d0u), pi, {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}});
+    static_assert(kDropoutRounds == 7, "the vectors below are Philox4x32-7's");
+    check(dropout_keys(0), zeros, {{0x5f6fb709u, 0x0d893f64u, 0x4f121f81u, 0x4f730a48u}});
+    check(dropout_keys(~0ull), ones, {{0x5207ddc2u, 0x45165e59u, 0x4d8ee751u, 0x8c52f662u}});
+    check(dropout_keys(0x299f31d0a4093822ull), pi, {{0x4dfccabau, 0x190a87f0u, 0xc47362bau, 0xb6b5242au}});
 }
 
 TEST_CASE("dropout keeps a fraction 1 - p of the weights, for every byte of a call, and each seed and head has its own mask") {

@@ -93,9 +93,9 @@ TEST_CASE("cu_seqlens: a packed batch's first tokens, as FlashAttention's interf
 TEST_CASE("dropout_keep: one generator call decides sixteen consecutive keys, byte k of it key 16 c + k") {
     for (float p : {0.1f, 0.5f, 0.9f})
         for (int j = 0; j < 64; ++j) {
-            // the counter of the strip (j / 16, row 17, head 4), keyed by the seed's two halves
+            // the counter of the strip (j / 16, row 17, head 4), keyed by the seed
             const uint64_t seed = 0x123456789ull;
-            const Philox4 r = philox4x32_10(Philox4{{uint32_t(j / 16), 17u, 4u, 0u}}, uint32_t(seed), uint32_t(seed >> 32));
+            const Philox4 r = philox4x32(Philox4{{uint32_t(j / 16), 17u, 4u, 0u}}, dropout_keys(seed));
             const uint32_t byte = r.x[j % 16 / 4] >> (8 * (j % 4)) & 0xFFu;
             CHECK(dropout_keep(seed, 4, 17, j, p) == (byte >= dropout_threshold(p)));
         }

@@ -180,7 +180,7 @@ struct Extensions {
     float dropout;       // --dropout p: Z_ij = keep_scale = dropout_scale(p) where dropout_keep(seed, head_offset + b * H
     float keep_scale;    // + h, i, j, p), else 0; without dropout p = 0 and keep_scale = 1
     uint32_t keep_threshold;  // dropout_threshold(p): a weight is kept when its byte is >= this (philox.cuh)
-    uint64_t seed;
+    DropoutKeys dropout_keys;  // the generator's round keys, from --seed (philox.cuh: read from constant memory)
     int head_offset;
     // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (keys: cu_seqlens_k) of tensors laid out
     // [T, H, d]; null for the padded [B, H, N, d] layout. tokens_q: Tq, LSE being [H, Tq].
@@ -396,8 +396,8 @@ struct DkDvTiles {
 // kExt: the extensions (x; the causal flag is then in x.band). The grid's y is then a K/V head, B * Hk; the block
 // walks the Q tiles of every query head of its group, the tiles of each that reach the band of K_j.
 // kDropout: dropout alone (no other extension; causal or not), with atomic dQ, in the default kernel: its tiles
-// (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.seed, x.keep_scale) on top: the
-// extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own. At d = 64
+// (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.dropout_keys, x.keep_scale) on
+// top: the extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own. At d = 64
 // step 3's layout spilled 168 bytes with Br = 128 (24 with Br = 64), and was still 7% faster than Br = 64 (H200,
 // N = 1k-16k, docs/measured/dropout_backward_kdropout_2026-12-04.log); step 4's key pairs spill 32.
 template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
 #pragma unroll
                 for (int m = 0; m < kKeyTiles; ++m)
-                    keep[m] = dropout_bits_transposed<kQ / 8>(x.seed, x.keep_threshold, head, i0 + q_row0,
+                    keep[m] = dropout_bits_transposed<kQ / 8>(x.dropout_keys, x.keep_threshold, head, i0 + q_row0,
                                                               j0 + key_row + 16 * m, g, t);
             }
         }
@@ -790,7 +790,8 @@ __global__ void __launch_bounds__(kDqThreads, 1)
             keep = 0;
 #pragma unroll 1
             for (int q = 0; q < Bc / 32; ++q)
-                keep |= uint64_t(dropout_mask_m16n32(x.seed, x.keep_threshold, head, row0, key0 + 32 * q, t)) << (16 * q);
+                keep |= uint64_t(dropout_mask_m16n32(x.dropout_keys, x.keep_threshold, head, row0, key0 + 32 * q, t))
+                        << (16 * q);
         }
 
         // lines 10 and 13 again: S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, 16 queries x Bc keys per warp.
@@ -958,7 +959,8 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
         }
     }
     x.alibi_heads = p.alibi ? p.alibi_heads() : 0;
-    x.dropout = p.dropout, x.keep_scale = float(dropout_scale(p.dropout)), x.seed = p.dropout_seed, x.head_offset = p.head_offset;
+    x.dropout = p.dropout, x.keep_scale = float(dropout_scale(p.dropout)), x.head_offset = p.head_offset;
+    x.dropout_keys = dropout_keys(p.dropout_seed);
     x.keep_threshold = dropout_threshold(p.dropout);
     if (p.varlen()) x.cu_seqlens_q = in.cu_seqlens_q, x.cu_seqlens_k = in.cu_seqlens_k;
     x.tokens_q = int(p.tokens_q());

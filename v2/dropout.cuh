@@ -33,10 +33,10 @@ __device__ __forceinline__ void gather_masks(uint32_t mine, int idx, int stride,
 // in lane (g, t). Four n8 tiles (32 keys from key0, a multiple of 16) are 4 strips of the quad's rows: strip s is
 // row g + 8 (s % 2) with keys key0 + 16 (s / 2) .. + 15, and the quad's lane t draws strip t. Returns this lane's
 // 16 bits: bit 4 n + e for accumulator entry e (row g for e < 2, else g + 8; key 2t + e % 2) of n8 tile n.
-__device__ __forceinline__ uint32_t dropout_mask_m16n32(uint64_t seed, uint32_t threshold, uint32_t head, int row_g,
-                                                        int key0, int t) {
+__device__ __forceinline__ uint32_t dropout_mask_m16n32(const DropoutKeys& keys, uint32_t threshold, uint32_t head,
+                                                        int row_g, int key0, int t) {
     uint32_t strips[2];  // strips 0, 1 and 2, 3, from the quad's four lanes
-    gather_masks<4>(dropout_keep16(seed, head, row_g + (t & 1) * 8, key0 / 16 + t / 2, threshold), t, 1, strips);
+    gather_masks<4>(dropout_keep16(keys, head, row_g + (t & 1) * 8, key0 / 16 + t / 2, threshold), t, 1, strips);
     const uint32_t lo = strips[0], hi = strips[1];
     // This lane's keys of strip s are 2t, 2t + 1 (in n8 tile 2 (s / 2)) and 8 + 2t, 9 + 2t (tile 2 (s / 2) + 1): after
     // the shift by 2t they are the low two bits of byte 2 (s % 2) and byte 2 (s % 2) + 1 of lo (s < 2) or hi. Bytes 0,
@@ -54,15 +54,15 @@ __device__ __forceinline__ uint32_t dropout_mask_m16n32(uint64_t seed, uint32_t 
 // keeps bits g and g + 8 of every strip. Returns bit 4 n + e for entry e of n8 tile n (key g + 8 (e / 2), query
 // 2t + e % 2): the same layout as dropout_mask_m16n32, over kQTiles n8 tiles.
 template <int kQTiles>
-__device__ __forceinline__ uint64_t dropout_bits_transposed(uint64_t seed, uint32_t threshold, uint32_t head, int q0,
-                                                             int key0, int g, int t) {
+__device__ __forceinline__ uint64_t dropout_bits_transposed(const DropoutKeys& keys, uint32_t threshold, uint32_t head,
+                                                             int q0, int key0, int g, int t) {
     static_assert(kQTiles % 4 == 0 && kQTiles <= 16, "query tiles in fours, one bit per element");
     uint64_t bits = 0;
 #pragma unroll 1  // the generator's registers are free again when the tile's products need them
     for (int c = 0; c < kQTiles / 4; ++c) {
         // word w of `strips`: the masks of lanes g = 2w (bits 0-15) and 2w + 1 (bits 16-31) of this t
         uint32_t strips[4];
-        gather_masks<8>(dropout_keep16(seed, head, q0 + 8 * (4 * c + g / 2) + 2 * t + g % 2, key0 / 16, threshold), g,
+        gather_masks<8>(dropout_keep16(keys, head, q0 + 8 * (4 * c + g / 2) + 2 * t + g % 2, key0 / 16, threshold), g,
                         4, strips);
 #pragma unroll
         for (int w = 0; w < 4; ++w) {

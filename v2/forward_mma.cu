@@ -221,7 +221,7 @@ struct Extensions {
     int head_offset;                // flattened index of head 0: dropout's and ALiBi's heads are head_offset + bh
     float dropout, keep_scale;      // --dropout p (0 without) and dropout_scale(p), 1 / (1 - p) with p rounded to k/256
     uint32_t keep_threshold;        // dropout_threshold(p): a weight is kept when its byte is >= this (philox.cuh)
-    uint64_t seed;                  // keys the dropout mask
+    DropoutKeys dropout_keys;       // the generator's round keys, from --seed (philox.cuh: read from constant memory)
     const int* cu_seqlens_q;        // --seqlens: sequence b is tokens cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
     const int* cu_seqlens_k;        //   of Q (of K); null without
     int tokens_q;                   //   Tq: the packed LSE is [H, Tq]
@@ -230,7 +230,7 @@ struct Extensions {
 Extensions extensions(const Problem& p, const ForwardArgs& a) {
     return {p.H, p.kv_heads(), p.causal, p.window_left, p.window_right, a.bias, p.bias_batch, p.bias_heads,
             p.alibi ? p.alibi_heads() : 0, p.head_offset, p.dropout, float(dropout_scale(p.dropout)),
-            dropout_threshold(p.dropout), p.dropout_seed,
+            dropout_threshold(p.dropout), dropout_keys(p.dropout_seed),
             a.cu_seqlens_q, a.cu_seqlens_k, int(p.tokens_q())};
 }
 
@@ -315,7 +315,8 @@ __device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Ex
 #pragma unroll kCallsInFlight
     for (int c = 0; c < kMTiles * kGroups; ++c) {
         const int mt = c / kGroups, q = c % kGroups;
-        const uint32_t bits = dropout_mask_m16n32(x.seed, x.keep_threshold, head, row0 + mt * 16 + g, key0 + 32 * q, t);
+        const uint32_t bits =
+            dropout_mask_m16n32(x.dropout_keys, x.keep_threshold, head, row0 + mt * 16 + g, key0 + 32 * q, t);
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m)
             if (m == mt) keep[m] |= bits << (16 * q);
