@@ -74,3 +74,47 @@ __device__ __forceinline__ uint64_t dropout_bits_transposed(const DropoutKeys& k
     }
     return bits;
 }
+
+// Both 16-bit halves of x compared with those of y as fp16 numbers (x >= y): 0xFFFF in a half where it holds, else 0.
+__device__ __forceinline__ uint32_t halves_at_least(uint32_t x, uint32_t y) {
+    uint32_t mask;
+    asm("set.ge.u32.f16x2 %0, %1, %2;" : "=r"(mask) : "r"(x), "r"(y));
+    return mask;
+}
+
+// The forward's mask, applied to P after it is packed to 16 bits (v2/forward_mma.cu, line 10): for 32 keys from key0
+// (a multiple of 32: two k16 steps of P V) of one m16 tile, keep[k][r] is a mask (0xFFFF in a 16-bit half: kept) to
+// AND with register r of P's A fragment of k step k (r = 0, 1: rows g, g + 8 of keys 2t, 2t + 1; r = 2, 3: the same
+// of keys 8 + 2t, 9 + 2t). The strips are dropout_mask_m16n32's (lane t draws strip t: row g + 8 (t % 2), keys key0
+// + 16 (t / 2) ..), but the lanes swap the generator's bytes instead of comparison bits and compare them where they
+// are used, two at a time: a byte b widened to 16 bits (0x00bb) is a non-negative fp16 subnormal, ordered as b is,
+// so one half2 comparison with the threshold in both halves decides two weights (FlashAttention-2 compares its bytes
+// the same way).
+__device__ __forceinline__ void dropout_keep_p32(uint32_t (&keep)[2][4], const DropoutKeys& keys, uint32_t threshold,
+                                                 uint32_t head, int row_g, int key0, int t) {
+    const Philox4 r = philox4x32(Philox4{{uint32_t(key0 / 16 + t / 2), uint32_t(row_g + 8 * (t & 1)), head, 0u}}, keys);
+    // Lane u needs bytes 2u, 2u + 1 (keys 2u, 2u + 1: halfword u % 2 of word u / 2) and bytes 8 + 2u, 9 + 2u (halfword
+    // u % 2 of word 2 + u / 2) of every strip: one word for each lane of the quad, built by a byte permute. Lanes t
+    // and t ^ 1 need words t / 2 and 2 + t / 2, lanes t ^ 2 and t ^ 3 the other two.
+    const bool upper = t & 2;
+    const uint32_t near_lo = upper ? r.x[1] : r.x[0], near_hi = upper ? r.x[3] : r.x[2];
+    const uint32_t far_lo = upper ? r.x[0] : r.x[1], far_hi = upper ? r.x[2] : r.x[3];
+    const uint32_t own_half = t & 1 ? 0x7632u : 0x5410u, other_half = t & 1 ? 0x5410u : 0x7632u;  // halfword t % 2, or not
+    uint32_t got[4];  // got[k]: strip t ^ k's four bytes for this lane, from lane t ^ k
+    got[0] = __byte_perm(near_lo, near_hi, own_half);
+    got[1] = __shfl_xor_sync(0xffffffffu, __byte_perm(near_lo, near_hi, other_half), 1);
+    got[2] = __shfl_xor_sync(0xffffffffu, __byte_perm(far_lo, far_hi, own_half), 2);
+    got[3] = __shfl_xor_sync(0xffffffffu, __byte_perm(far_lo, far_hi, other_half), 3);
+    // Strip s is got[s ^ t]: undo the xor with t's two bits, a select each.
+    uint32_t swapped[4], strip[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) swapped[s] = t & 1 ? got[s ^ 1] : got[s];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) strip[s] = t & 2 ? swapped[s ^ 2] : swapped[s];
+    const uint32_t threshold2 = threshold * 0x00010001u;  // the threshold, a fp16 subnormal, in both halves
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {  // strip s: row g + 8 (s % 2), k step s / 2; its bytes 0, 1: keys 2t, 2t + 1
+        keep[s / 2][s % 2] = halves_at_least(__byte_perm(strip[s], 0, 0x4140), threshold2);      // 0x00bb in each half
+        keep[s / 2][2 + s % 2] = halves_at_least(__byte_perm(strip[s], 0, 0x4342), threshold2);  // bytes 2, 3: 8 + 2t ..
+    }
+}

@@ -298,31 +298,6 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
         }
 }
 
-// --dropout: the mask of one tile (this warp's rows from row0, keys from key0), one bit per accumulator element of
-// S, bit 4 nt + e of keep[mt] (1: kept): each lane draws one strip of 16 keys for every 32 keys (dropout_mask_m16n32,
-// dropout.cuh). The kernel draws the mask at the top of a K/V iteration, where S does not hold its registers yet (at
-// d = 128, S and O_i fill all 255).
-template <int kNTiles, int kCallsInFlight, int kMTiles>  // kNTiles: S's n8 tiles, given; kMTiles from keep
-__device__ __forceinline__ void dropout_mask(uint32_t (&keep)[kMTiles], const Extensions& x, uint32_t head, int row0,
-                                             int key0, int g, int t) {
-    static_assert(kNTiles % 4 == 0 && kNTiles * 4 <= 32, "32 keys at a time, one 32-bit word of mask per m tile");
-    constexpr int kGroups = kNTiles / 4;  // 32-key groups of a tile's row
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) keep[mt] = 0;
-    // kCallsInFlight generator calls at a time (the loop unrolled that far): a call is a chain of 10 dependent
-    // rounds, and independent chains hide each other's latency. Two at d = 64; at d = 128 two make ptxas spill 80
-    // bytes (O_i holds 128 registers), so one; all four spill at both.
-#pragma unroll kCallsInFlight
-    for (int c = 0; c < kMTiles * kGroups; ++c) {
-        const int mt = c / kGroups, q = c % kGroups;
-        const uint32_t bits =
-            dropout_mask_m16n32(x.dropout_keys, x.keep_threshold, head, row0 + mt * 16 + g, key0 + 32 * q, t);
-#pragma unroll
-        for (int m = 0; m < kMTiles; ++m)
-            if (m == mt) keep[m] |= bits << (16 * q);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 past kD = 128: see Tile below), 8 warps an
 // SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
@@ -341,6 +316,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     using F = Features<kStep>;
     static_assert(!kExt || (kStep == kFinalStep && !kCausal), "the extensions are in the final kernel, causal in x");
     static_assert(!kDropout || (kStep == kFinalStep && !kExt), "dropout alone: the final plain kernel");
+    static_assert(!(kExt || kDropout) || (Features<kStep>::kPInRegisters && kBc % 32 == 0),
+                  "dropout's mask is applied to P in registers, 32 keys at a time");
     const int d = kExactD ? kD : head_dim;
     constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = kBr / kWarps;   // query rows per warp
@@ -448,12 +425,6 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const float s_scale = score_bias ? 1.0f : scale_exp;  // what turns S into log2-domain scores
 
     for (int j = tile_begin; j < tile_end; ++j) {  // line 6
-        uint32_t keep[kMTiles] = {};  // kExt or kDropout, --dropout: this tile's mask (dropout_mask)
-        if constexpr (kExt || kDropout) {
-            if (x.dropout > 0.0f)
-                dropout_mask<kNTiles, kD <= 64 ? 2 : 1>(keep, x, uint32_t(x.head_offset + bh), warp_rows_begin,
-                                                        j * kBc, g, t);
-        }
         if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
             // The group is committed even when empty so that "wait until one group is pending" always means tile j.
@@ -552,19 +523,6 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             }
         }
 
-        // --dropout: l_i has summed the undropped P (the softmax's normaliser); O_i sums only the kept weights.
-        if constexpr (kExt || kDropout) {
-            if (x.dropout > 0.0f) {
-#pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-                    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            if (!(keep[mt] >> (4 * nt + e) & 1)) S[mt][nt][e] = 0.0f;
-            }
-        }
-
         // Step 1: P goes to this warp's own rows of a shared [Br][Bc] tile and comes back as A fragments.
         if constexpr (!F::kPInRegisters) {
             const uint32_t sP = sV + kKVBuffers * kKVTileBytes;
@@ -581,6 +539,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 
         // line 10: O_i += P V_j. From step 2 on, the A fragment of P for keys 16kk..16kk+15 is the accumulators of S's
         // n8 tiles 2kk and 2kk+1, packed in pairs: (row g, keys 2t, 2t+1), (row g+8, ...), (row g, keys 2t+8, +9), ...
+        uint32_t keep[kMTiles][2][4];  // kExt or kDropout, --dropout: the mask of two k steps (dropout_keep_p32)
 #pragma unroll
         for (int kk = 0; kk < kBc / 16; ++kk) {
             uint32_t p[kMTiles][4];
@@ -591,6 +550,18 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     p[mt][1] = pack2<T>(S[mt][2 * kk][2], S[mt][2 * kk][3]);
                     p[mt][2] = pack2<T>(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
                     p[mt][3] = pack2<T>(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+                    // --dropout: l_i has summed the undropped P (the softmax's normaliser); O_i sums only the kept
+                    // weights. Their factor 1 / (1 - p) waits for the epilogue.
+                    if constexpr (kExt || kDropout) {
+                        if (x.dropout > 0.0f) {
+                            if (kk % 2 == 0)
+                                dropout_keep_p32(keep[mt], x.dropout_keys, x.keep_threshold,
+                                                 uint32_t(x.head_offset + bh), warp_rows_begin + mt * 16 + g,
+                                                 j * kBc + 16 * kk, t);
+#pragma unroll
+                            for (int r = 0; r < 4; ++r) p[mt][r] &= keep[mt][kk % 2][r];
+                        }
+                    }
                 } else {
                     using PFrag = Fragments<false, kPPitchBytes>;
                     const uint32_t sP = sV + kKVBuffers * kKVTileBytes;
