@@ -551,9 +551,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     p[mt][2] = pack2<T>(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
                     p[mt][3] = pack2<T>(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
                     // --dropout: l_i has summed the undropped P (the softmax's normaliser); O_i sums only the kept
-                    // weights. Their factor 1 / (1 - p) waits for the epilogue.
+                    // weights. Their factor 1 / (1 - p) waits for the epilogue. kDropout has p > 0: no branch, so
+                    // that ptxas can interleave the generator calls of the tile (each is a chain of 7 rounds).
                     if constexpr (kExt || kDropout) {
-                        if (x.dropout > 0.0f) {
+                        if (kDropout || x.dropout > 0.0f) {
                             if (kk % 2 == 0)
                                 dropout_keep_p32(keep[mt], x.dropout_keys, x.keep_threshold,
                                                  uint32_t(x.head_offset + bh), warp_rows_begin + mt * 16 + g,
