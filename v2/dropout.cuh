@@ -1,9 +1,11 @@
 // dropout.cuh: dropout's mask on the tensor-core fragments, shared by the forward (forward_mma.cu) and backward
 // (backward_mma.cu) kernels. The mask itself is defined once, in common/philox.cuh: one generator call decides a strip
-// of 16 consecutive keys of one row (dropout_keep16: 16 keep bits). In both fragment layouts below the weights of a
+// of 16 consecutive keys of one row (dropout_keep16: 16 keep bits). In every fragment layout below the weights of a
 // strip sit in several lanes of a warp, and each lane holds weights of several strips, so the lanes share the calls:
-// each lane draws one strip, then the lanes that need each other's strips swap their 16-bit masks with shuffles
-// (an all-gather), and each picks out its own bits. (g = lane / 4, t = lane % 4, as in mma.cuh.)
+// each lane draws one strip, then the lanes that need each other's strips swap with shuffles, either their 16-bit
+// masks (the backward: an all-gather, and each picks out its own bits) or the generator's bytes (the forward,
+// dropout_keep_p32: each lane receives its own bytes and compares them where it applies them). (g = lane / 4, t =
+// lane % 4, as in mma.cuh.)
 #pragma once
 #include <cstdint>
 
@@ -29,7 +31,7 @@ __device__ __forceinline__ void gather_masks(uint32_t mine, int idx, int stride,
     }
 }
 
-// S = Q K^T (forward, and the backward's dq kernel): an m16n8 accumulator holds rows g and g + 8 and keys 2t, 2t + 1
+// S = Q K^T (the backward's dq kernel): an m16n8 accumulator holds rows g and g + 8 and keys 2t, 2t + 1
 // in lane (g, t). Four n8 tiles (32 keys from key0, a multiple of 16) are 4 strips of the quad's rows: strip s is
 // row g + 8 (s % 2) with keys key0 + 16 (s / 2) .. + 15, and the quad's lane t draws strip t. Returns this lane's
 // 16 bits: bit 4 n + e for accumulator entry e (row g for e < 2, else g + 8; key 2t + e % 2) of n8 tile n.
