@@ -36,11 +36,13 @@
 // diagonal, and the last tile when Nk is not a multiple of Bc, pay for the mask.
 //
 // The extensions (--kv-heads, --window, --bias, --alibi, --dropout, --seqlens; docs/extensions.md) live in a second
-// instantiation of the final kernel, kExt = true, so the plain kernel (kExt = false) compiles to the code it had. In
-// it the causal mask is the right edge of a band of keys (band_keys, tests/problem.h) that the window narrows; the
-// K/V loop runs from the tile of the first key the Q tile's first row sees to the tile of the last key its last row
-// sees. Their parameters travel by value in one struct, Extensions. Dropout alone (Problem::dropout_alone) at d = 64
-// and 128 runs the plain kernel with dropout's mask instead (kDropout), without the extension kernel's other work.
+// instantiation of the final kernel, kExt = true, so the plain kernel (kExt = false) keeps the code it had, but for
+// the K/V head it reads (grouped-query heads are an index: kv_head_of, two integer divisions a CTA). In the extension
+// kernel the causal mask is the right edge of a band of keys (band_keys, tests/problem.h) that the window narrows;
+// the K/V loop runs from the tile of the first key the Q tile's first row sees to the tile of the last key its last
+// row sees. Their parameters travel by value in one struct, Extensions. Dropout with no extension but grouped-query
+// heads (Problem::forward_default_kernels) at d = 64 and 128 runs the plain kernel with dropout's mask instead
+// (kDropout), without the extension kernel's other work.
 #include "forward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
@@ -304,8 +306,9 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 // scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
 // are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
-// from x (the plain kernel never reads it); then the grid's Nq is the longest sequence's and kCausal is false.
-// kDropout: dropout alone (Problem::dropout_alone), in the plain kernel: its mask and factor from x, nothing else.
+// from x (the plain kernel reads only H and kv_heads, for the K/V head); then the grid's Nq is the longest sequence's
+// and kCausal is false. kDropout: dropout (with grouped-query heads or not: Problem::forward_default_kernels), in the
+// plain kernel: its mask and factor from x, nothing else.
 
 template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt,
           bool kDropout = false>
@@ -315,7 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                          float scale_exp, const Extensions x) {
     using F = Features<kStep>;
     static_assert(!kExt || (kStep == kFinalStep && !kCausal), "the extensions are in the final kernel, causal in x");
-    static_assert(!kDropout || (kStep == kFinalStep && !kExt), "dropout alone: the final plain kernel");
+    static_assert(!kDropout || (kStep == kFinalStep && !kExt), "kDropout: the final plain kernel");
     static_assert(!(kExt || kDropout) || (Features<kStep>::kPInRegisters && kBc % 32 == 0),
                   "dropout's mask is applied to P in registers, 32 keys at a time");
     const int d = kExactD ? kD : head_dim;
@@ -370,8 +373,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     } else {
         Q_i = Q + (bh * Nq + q0) * d;
         O_out = O + (bh * Nq + q0) * d;
-        K_bh = K + bh * Nk * d;
-        V_bh = V + bh * Nk * d;
+        const size_t bkv = kv_head_of(bh, x.H, x.kv_heads);  // grouped-query heads: the K/V head of query head bh
+        K_bh = K + bkv * Nk * d;
+        V_bh = V + bkv * Nk * d;
         LSE_i = LSE + bh * Nq + q0;
         const int q_end = min(q0 + kBr, Nq);
         const int kv_end = kCausal ? min(Nk, causal_key_end(q_end - 1, Nq, Nk)) : Nk;
@@ -672,14 +676,15 @@ struct Tile {
 };
 
 // The final step has a third kernel per tile, with the extensions (causal among them, as the band's edge), and at
-// d = 64 and 128 (d known) two more for dropout alone, causal or not: the plain kernel with dropout's mask, which
-// saves the extension kernel's general cost (1.10x the plain kernel at d = 64, docs/extensions.md).
+// d = 64 and 128 (d known) two more for dropout with no other extension but grouped-query heads, causal or not: the
+// plain kernel with dropout's mask, which saves the extension kernel's general cost (1.10x the plain kernel at d = 64,
+// docs/extensions.md). Grouped-query heads alone run the plain kernel.
 template <typename T, int kD, int kStep, bool kExactD>
 void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     using Tl = Tile<kD>;
     if constexpr (kStep == kFinalStep) {
         if constexpr (kExactD && (kD == 64 || kD == 128)) {
-            if (p.dropout_alone()) {
+            if (p.dropout > 0.0f && p.forward_default_kernels()) {
                 if (p.causal)
                     launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep, true, false, true>(p, a, stream);
                 else
@@ -687,7 +692,7 @@ void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t s
                 return;
             }
         }
-        if (p.has_extensions()) {
+        if (p.dropout > 0.0f || !p.forward_default_kernels()) {
             launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD, true>(p, a, stream);
             return;
         }
