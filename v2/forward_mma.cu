@@ -41,7 +41,7 @@
 // kernel the causal mask is the right edge of a band of keys (band_keys, tests/problem.h) that the window narrows;
 // the K/V loop runs from the tile of the first key the Q tile's first row sees to the tile of the last key its last
 // row sees. Their parameters travel by value in one struct, Extensions. Dropout with no extension but grouped-query
-// heads (Problem::forward_default_kernels) at d = 64 and 128 runs the plain kernel with dropout's mask instead
+// heads (Problem::gqa_and_dropout_only) at d = 64 and 128 runs the plain kernel with dropout's mask instead
 // (kDropout), without the extension kernel's other work.
 #include "forward_mma.h"
 #include "cuda_check.h"
@@ -307,7 +307,7 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
 // are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
 // from x (the plain kernel reads only H and kv_heads, for the K/V head); then the grid's Nq is the longest sequence's
-// and kCausal is false. kDropout: dropout (with grouped-query heads or not: Problem::forward_default_kernels), in the
+// and kCausal is false. kDropout: dropout (with grouped-query heads or not: Problem::gqa_and_dropout_only), in the
 // plain kernel: its mask and factor from x, nothing else.
 
 template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt,
@@ -684,7 +684,7 @@ void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t s
     using Tl = Tile<kD>;
     if constexpr (kStep == kFinalStep) {
         if constexpr (kExactD && (kD == 64 || kD == 128)) {
-            if (p.dropout > 0.0f && p.forward_default_kernels()) {
+            if (p.dropout > 0.0f && p.gqa_and_dropout_only()) {
                 if (p.causal)
                     launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, true, kStep, true, false, true>(p, a, stream);
                 else
@@ -692,7 +692,7 @@ void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t s
                 return;
             }
         }
-        if (p.dropout > 0.0f || !p.forward_default_kernels()) {
+        if (p.dropout > 0.0f || !p.gqa_and_dropout_only()) {
             launch<T, kD, Tl::kBr, Tl::kBc, Tl::kWarps, false, kStep, kExactD, true>(p, a, stream);
             return;
         }
