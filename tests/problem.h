@@ -78,9 +78,9 @@ struct Problem {
     // Dropout is the only extension (causal or not): v2 then runs its default kernels with dropout's mask at d = 64
     // and 128 (forward_mma.cu, backward_mma.cu).
     bool dropout_alone() const { return dropout > 0.0f && !has_extensions_besides_dropout(); }
-    // No extension but grouped-query heads and dropout: v2's default kernels take such a problem (a K/V head is an
-    // index; the backward's dk_dv block walks the Q tiles of its K/V head's group), with dropout at d = 64 and 128
-    // (forward_mma.cu; backward_mma.cu, with atomic dQ).
+    // No extension but grouped-query heads and dropout: v2's default forward kernels take such a problem (a K/V head
+    // is an index, forward_mma.cu), with dropout at d = 64 and 128. (The backward takes the extension kernels for
+    // grouped-query heads: docs/extensions.md, "Grouped-query attention" under Backward.)
     bool gqa_and_dropout_only() const {
         return window_left < 0 && window_right < 0 && !has_bias() && !alibi && !varlen();
     }

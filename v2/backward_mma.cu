@@ -422,12 +422,13 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
 
     const int bh = blockIdx.y, j0 = blockIdx.x * Bc;  // line 5: the grid walks the K/V tiles
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    // The query heads whose Q tiles the block walks: bh is K/V head hk of batch entry (packed: sequence) `batch`,
-    // and the heads are its group, n_heads of them from h0 (without grouped-query heads one: bh itself). Grouped-query
-    // attention: dK_j and dV_j sum over the group on chip and are written once, no atomics.
-    const int hk = bh % x.Hk, batch = bh / x.Hk, n_heads = x.H / x.Hk, h0 = hk * n_heads;
-    int q0 = 0, q_ld = d, kv_ld = d;
+    // The query heads whose Q tiles the block walks: n_heads of them from h0 (one: bh itself, by default). With
+    // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
+    // (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics).
+    int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d;
     if constexpr (kExt) {
+        const int hk = bh % x.Hk;
+        batch = bh / x.Hk, n_heads = x.H / x.Hk, h0 = hk * n_heads;
         const Sequence seq = sequence_of(x, batch, Nq, Nk);
         if (j0 >= seq.Nk) return;  // a packed batch: this sequence has fewer K/V tiles than the longest
         const size_t kv_start = head_start(x, batch, hk, x.Hk, Nk, seq.k0, d);
@@ -435,23 +436,24 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         q0 = seq.q0, Nq = seq.Nq, Nk = seq.Nk;
         q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
+        Q += size_t(bh) * Nq * d;
+        dO += size_t(bh) * Nq * d;
         K += size_t(bh) * Nk * d;
         V += size_t(bh) * Nk * d;
         dK += size_t(bh) * Nk * d;
         dV += size_t(bh) * Nk * d;
+        lse_log2 += size_t(bh) * Nq_pad;
+        D += size_t(bh) * Nq_pad;
+        dQ_accum += size_t(bh) * Nq_pad * kD;
     }
-    // Where query head h of batch entry `batch` has its rows.
+    // Where query head h's rows are (the default kernel's pointers are already at head bh's).
     struct HeadRows {
         const T *Q, *dO;
         const float *lse_log2, *D;
         float* dQ_accum;
     };
     auto rows_of = [&](int h) -> HeadRows {
-        if constexpr (!kExt) {
-            const size_t bq = size_t(batch) * x.H + h;  // [B, H, Nq, d]; the workspace [B, H, Nq_pad]
-            return {Q + bq * Nq * d, dO + bq * Nq * d, lse_log2 + bq * Nq_pad, D + bq * Nq_pad,
-                    dQ_accum ? dQ_accum + bq * Nq_pad * kD : nullptr};
-        }
+        if constexpr (!kExt) return {Q, dO, lse_log2, D, dQ_accum};
         const size_t at = head_start(x, batch, h, x.H, Nq, q0, d), row0 = workspace_start(x, batch, h, Nq_pad, q0);
         return {Q + at, dO + at, lse_log2 + row0, D + row0, dQ_accum + row0 * kD};
     };
@@ -468,8 +470,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     }
     // Step k of the walk: tile first_tile + k % tiles_per_head of query head h0 + k / tiles_per_head.
     const int tiles_per_head = end_tile - first_tile, n_steps = n_heads * tiles_per_head;
-    auto tile_of = [&](int step) { return first_tile + (n_heads > 1 ? step % tiles_per_head : step); };
-    auto head_of = [&](int step) { return n_heads > 1 ? h0 + step / tiles_per_head : h0; };
+    auto tile_of = [&](int step) { return first_tile + (kExt ? step % tiles_per_head : step); };
+    auto head_of = [&](int step) { return kExt ? h0 + step / tiles_per_head : h0; };
 
     auto load_q_tile = [&](int step, int stage) {
         const HeadRows r = rows_of(head_of(step));
@@ -484,7 +486,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     };
     load_tile_async<Bc, kD, kThreads>(s + L::K, K, j0, Nk, d, kv_ld);  // line 6
     load_tile_async<Bc, kD, kThreads>(s + L::V, V, j0, Nk, d, kv_ld);
-    if (n_steps > 0) load_q_tile(0, 0);
+    if (!kExt || n_steps > 0) load_q_tile(0, 0);
     cp_async_commit();
 
     // line 7: this warp's kKeyTiles x 16 keys x its part's kPartCols columns, as m16n8 fragments
@@ -519,8 +521,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         for (int m = 0; m < kKeyTiles; ++m) keep[m] = ~uint64_t(0);
         if constexpr (kExt || kDropout) {
             if (x.dropout != 0.0f) {
-                const uint32_t head =
-                    kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + batch * x.H + h);
+                const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
 #pragma unroll
                 for (int m = 0; m < kKeyTiles; ++m)
                     keep[m] = dropout_bits_transposed<kQ / 8>(x.dropout_keys, x.keep_threshold, head, i0 + q_row0,
@@ -978,7 +979,7 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * p.kv_heads());  // one row a K/V head
+    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
     dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KV::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
     CUDA_CHECK_LAUNCH();
@@ -1043,12 +1044,12 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
-// Dropout with no extension but grouped-query heads (Problem::gqa_and_dropout_only), with atomic dQ, at d = 64 and
-// 128 (the benchmark head dims; d known at compile time) runs the default dk_dv kernel with dropout's mask
-// (kDropout): four more instantiations. Why: there dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default
-// kernel in the extension kernel, whose general per-element work alone is about 2.1x and 1.6x (docs/extensions.md).
-// Grouped-query heads alone run the default kernels too (atomic dQ). The other extensions run the final step's
-// kernels with kExt, for any d <= kD only: one more instantiation of dk_dv and of dq per tile and type, not two.
+// Dropout as the only extension (Problem::dropout_alone), with atomic dQ, at d = 64 and 128 (the benchmark head dims;
+// d known at compile time) runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations.
+// Why: there dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose
+// general per-element work alone is about 2.1x and 1.6x (docs/extensions.md).
+// The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
+// instantiation of dk_dv and of dq per tile and type, not two.
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
@@ -1057,17 +1058,14 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
-        // Grouped-query heads and dropout alone (atomic dQ) run the default dk_dv kernel; --deterministic keeps the
-        // extension kernels for them (the default dq kernel reads K/V head bh).
-        const bool default_kernels = p.gqa_and_dropout_only() && (!p.deterministic || p.kv_heads() == p.H);
         if constexpr (kExactVariant<kD> && kD <= 128) {
-            if (p.dropout > 0.0f && default_kernels && !p.deterministic && p.d == kD) {
+            if (p.dropout_alone() && !p.deterministic && p.d == kD) {
                 launch<T, kD, kFinalStep, true, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
                                                              out(dK), out(dV), workspace, ext, stream);
                 return "";
             }
         }
-        if (p.dropout > 0.0f || !default_kernels) {
+        if (p.has_extensions()) {
             launch<T, kD, kFinalStep, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
                                                    out(dV), workspace, ext, stream);
             return "";
