@@ -72,18 +72,16 @@ struct Problem {
     size_t bias_elems() const { return size_t(bias_batch) * bias_heads * Nq * Nk; }
     int alibi_heads() const { return alibi_H > 0 ? alibi_H : H; }
     bool has_extensions() const { return dropout > 0.0f || has_extensions_besides_dropout(); }
-    bool has_extensions_besides_dropout() const {
-        return kv_heads() != H || window_left >= 0 || window_right >= 0 || has_bias() || alibi || varlen();
-    }
-    // Dropout is the only extension (causal or not): v2 then runs its default kernels with dropout's mask at d = 64
-    // and 128 (forward_mma.cu, backward_mma.cu).
-    bool dropout_alone() const { return dropout > 0.0f && !has_extensions_besides_dropout(); }
     // No extension but grouped-query heads and dropout: v2's default forward kernels take such a problem (a K/V head
     // is an index, forward_mma.cu), with dropout at d = 64 and 128. (The backward takes the extension kernels for
     // grouped-query heads: docs/extensions.md, "Grouped-query attention" under Backward.)
     bool gqa_and_dropout_only() const {
         return window_left < 0 && window_right < 0 && !has_bias() && !alibi && !varlen();
     }
+    bool has_extensions_besides_dropout() const { return kv_heads() != H || !gqa_and_dropout_only(); }
+    // Dropout is the only extension (causal or not): v2 then runs its default kernels with dropout's mask at d = 64
+    // and 128 (forward_mma.cu, backward_mma.cu).
+    bool dropout_alone() const { return dropout > 0.0f && !has_extensions_besides_dropout(); }
     bool varlen() const { return !seqlens_q.empty(); }
     size_t tokens_q() const { return varlen() ? std::accumulate(seqlens_q.begin(), seqlens_q.end(), size_t(0)) : size_t(B) * Nq; }
     size_t tokens_k() const { return varlen() ? std::accumulate(seqlens_k.begin(), seqlens_k.end(), size_t(0)) : size_t(B) * Nk; }

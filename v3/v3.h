@@ -27,11 +27,11 @@ int v3_step_of(const Problem& p);
 // host and the tests: warpgroups, tile sizes and the pipeline depth.
 struct V3Config {
     bool warp_specialised;  // a producer warpgroup issues the copies (step 2 on)
-    bool ping_pong;         // two consumer warpgroups take turns at the tensor cores (step 3 on)
+    bool ping_pong;         // the consumer warpgroups take turns at the tensor cores (step 3 on)
     bool overlap;           // Algorithm 2's waits: softmax of tile j between the waits for S_j and P V (step 4 on)
     bool tma_store;         // O leaves through shared memory and a TMA store (steps 5 and 6)
     bool persistent;        // a CTA per SM walks many Q tiles, the next one's loads under the last one (step 7 on)
-    bool poly_exp;          // some of the softmax's exponentials by a polynomial on the FMA pipe (step 8)
+    bool poly_exp;          // some of the softmax's exponentials by a polynomial on the FMA pipe (step 8 on)
     int consumers;          // consumer warpgroups (64 query rows each): 1, 2, or 3 from step 9 at d = 64
     int producer_regs, consumer_regs;  // registers per thread after setmaxnreg (warp-specialised steps)
     int threads;            // 128 per warpgroup, producer included
