@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     auto tile_of = [&](int step) { return first_tile + (kExt ? step % tiles_per_head : step); };
     auto head_of = [&](int step) { return kExt ? h0 + step / tiles_per_head : h0; };
 
-    auto load_q_tile = [&](int step, int stage) {
+    auto load_q_tile = [&](int step, int stage) {  // line 9: Q_i, dO_i, LSE_i, D_i of walk step `step`
         const HeadRows r = rows_of(head_of(step));
         const int tile = tile_of(step);
         load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, d, q_ld);

@@ -644,7 +644,9 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);  // a packed batch: Nq is the longest sequence's
+    // lines 1-2: Q, O, LSE cut into Q tiles (the grid's x; a packed batch: Nq is the longest sequence's), K, V into
+    // K/V tiles (the kernel's loop)
+    const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);
     const float scale = p.resolved_scale();
     const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
     kernel<<<grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
