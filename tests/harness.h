@@ -136,6 +136,9 @@ std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, c
 bool gpu_available();  // a CUDA device is present and usable
 std::string gpu_name();
 int gpu_compute_capability();  // e.g. 75 for a T4, 80 for an A100, 90 for an H100 (device 0, read once)
+// The shared memory one block may ask for on device 0 (cudaDevAttrMaxSharedMemoryPerBlockOptin, read once): 227 KiB
+// on Hopper, 163 KiB on an A100, 99 KiB on sm_86 / sm_89 GPUs (RTX 30xx, 40xx, L4).
+size_t gpu_smem_per_block();
 
 // Device memory handed out through DeviceBuffer is counted, so programs report their peak device memory.
 // Allocation first checks free memory and stops with one clear line (bytes needed, bytes free) if it will not fit.

@@ -225,6 +225,29 @@ TEST_CASE("v2 entry points refuse what they have no instantiation for: a reason 
     }
 }
 
+// The tiles were chosen on Hopper (227 KiB of shared memory a block). An A100 has 163 KiB and the sm_86 / sm_89 GPUs
+// 99 KiB: there the kernels whose blocks need more are refused in one line instead of failing at launch. The byte
+// counts are the kernels' own layouts (forward: 768 (kD + 8), Q_i and two K/V buffers of padded rows; backward:
+// K_j, V_j, two stages of Q_i and dO_i, P^T and dS^T, about 162 KiB from tile 64 to 192 and 209 KiB at 256).
+TEST_CASE("v2 refuses in one line what needs more shared memory a block than the GPU has (A100, sm_86 / sm_89)") {
+    const size_t hopper = 232448, a100 = 166912, ada = 101376;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+    Problem p;
+    p.dtype = DType::bf16, p.B = 1, p.H = 1, p.Nq = p.Nk = 100;
+    for (int d : {8, 40, 64, 96, 104, 128, 160, 192, 200, 256})
+        for (bool det : {false, true}) {
+            INFO("d " << d << " deterministic " << det);
+            p.d = d, p.deterministic = det;
+            CHECK(v2_smem_refusal(p, false, hopper).empty());
+            CHECK(v2_smem_refusal(p, true, hopper).empty());
+            CHECK(v2_smem_refusal(p, false, a100).empty() == (d <= 192));  // forward tile 256: 202752 bytes
+            CHECK(v2_smem_refusal(p, true, a100).empty() == (d <= 192));   // backward tile 256: 214016 bytes
+            CHECK(v2_smem_refusal(p, false, ada).empty() == (d <= 96));    // forward tile 128: 104448 bytes
+            CHECK(!v2_smem_refusal(p, true, ada).empty());                 // every backward tile: over 160 KiB
+            for (const std::string& why : {v2_smem_refusal(p, false, ada), v2_smem_refusal(p, true, ada)})
+                if (!why.empty()) CHECK((why.find('\n') == std::string::npos && why.find("101376") != std::string::npos));
+        }
+}
+
 // Every multiple of 8 from 8 to 256 runs the next larger tile in both passes; anything else is refused in one line.
 TEST_CASE("v2 head-dim dispatch: the tile each d runs, and d = 12, 264, 0 refused in one line") {
     const std::vector<std::pair<int, int>> forward = {{8, 32},   {32, 32},   {40, 64},   {64, 64},   {72, 96},

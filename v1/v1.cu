@@ -233,17 +233,8 @@ __global__ void __launch_bounds__(THREADS, 1) flash_attention_1_kernel(KernelArg
     for (int r = tid; r < Nq; r += THREADS) LSE[r] = log_sum_exp({m[r], l[r]});
 }
 
-// Read once, at the first call.
-size_t device_smem_per_block() {
-    static const size_t bytes = [] {
-        if (!gpu_available()) return H100_SMEM_PER_BLOCK;
-        int device = 0, n = 0;
-        CUDA_CHECK(cudaGetDevice(&device));
-        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        return size_t(n);
-    }();
-    return bytes;
-}
+// The GPU's, or an H100's where there is none (the CPU model's tiles then are an H100's).
+size_t device_smem_per_block() { return gpu_available() ? gpu_smem_per_block() : H100_SMEM_PER_BLOCK; }
 
 }  // namespace
 

@@ -1161,6 +1161,38 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why) {
     return reason.empty();
 }
 
+namespace {
+template <int kD, int kStep>
+size_t dk_dv_smem_bytes(bool ext) {
+    if constexpr (kStep == kFinalStep)
+        if (ext) return DkDvTiles<kD, kStep, true>::L::bytes;
+    return DkDvTiles<kD, kStep, false>::L::bytes;
+}
+template <int kD>
+size_t backward_smem_bytes(const Problem& p) {
+    size_t bytes = std::max(dk_dv_smem_bytes<kD, kFinalStep>(false), dk_dv_smem_bytes<kD, kFinalStep>(true));
+    if constexpr (kD <= 128) {  // the earlier steps' tiles (compiled for d = 64 and 128 only)
+        switch (step_of(p)) {
+            case 1: bytes = dk_dv_smem_bytes<kD, 1>(false); break;
+            case 2: bytes = dk_dv_smem_bytes<kD, 2>(false); break;
+            case 3: bytes = dk_dv_smem_bytes<kD, 3>(false); break;
+            default: break;
+        }
+    }
+    return p.deterministic ? std::max(bytes, size_t(dq_smem_bytes<kD>())) : bytes;
+}
+}  // namespace
+
+size_t v2_backward_mma_smem_bytes(const Problem& p) {
+    switch (v2_backward_mma_head_dim_tile(p.d)) {
+        case 64: return backward_smem_bytes<64>(p);
+        case 128: return backward_smem_bytes<128>(p);
+        case 192: return backward_smem_bytes<192>(p);
+        case 256: return backward_smem_bytes<256>(p);
+        default: return 0;
+    }
+}
+
 size_t v2_backward_mma_workspace_bytes(const Problem& p) {
     // LSE in log2 units [rows], D [rows], and with atomics the fp32 dQ accumulator [rows, tile]; under
     // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]

@@ -23,6 +23,10 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why);
 // aligned (cudaMalloc's are).
 size_t v2_backward_mma_workspace_bytes(const Problem& p);
 
+// The dynamic shared memory (bytes) the largest of the kernels p may run takes (dk_dv with or without the extensions,
+// and with --deterministic the dq kernel), for v2_smem_refusal (v2.h).
+size_t v2_backward_mma_smem_bytes(const Problem& p);
+
 // Q, K, V, O, dO, dQ, dK, dV are __half or __nv_bfloat16 per p.dtype; LSE float [B, H, Nq] from the forward.
 // The extensions' device inputs, null where p does not use them (as BackwardArgs in tests/harness.h carries them):
 // bias [bias_batch, bias_heads, Nq, Nk] float32 and dbias, its gradient in the same shape (p.has_bias()), and for a

@@ -767,6 +767,33 @@ int v2_mma_head_dim_tile(int d) {
     return 0;
 }
 
+namespace {
+template <int kD>
+size_t forward_smem_bytes(int step) {
+    using Tl = v2_mma::Tile<kD>;
+    switch (step) {
+        case 1: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 1>();
+        case 2: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 2>();
+        case 3: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 3>();
+        case 4: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 4>();
+        default: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, v2_mma::kFinalStep>();
+    }
+}
+}  // namespace
+
+size_t v2_mma_smem_bytes(const Problem& p) {
+    const int step = p.kernel == 0 ? v2_mma::kFinalStep : p.kernel;
+    switch (v2_mma_head_dim_tile(p.d)) {
+        case 32: return forward_smem_bytes<32>(step);
+        case 64: return forward_smem_bytes<64>(step);
+        case 96: return forward_smem_bytes<96>(step);
+        case 128: return forward_smem_bytes<128>(step);
+        case 192: return forward_smem_bytes<192>(step);
+        case 256: return forward_smem_bytes<256>(step);
+        default: return 0;
+    }
+}
+
 bool v2_mma_supports(const Problem& p, std::string* why) {
     const int n_steps = int(v2_forward_steps().size());
     if (p.dtype != DType::fp16 && p.dtype != DType::bf16) {

@@ -18,6 +18,10 @@ int v2_mma_head_dim_tile(int d);
 // fp16 and d = 32, 64, 96, 128 only and without the extensions); otherwise writes a one-line reason to *why.
 bool v2_mma_supports(const Problem& p, std::string* why);
 
+// The dynamic shared memory (bytes) one block of the kernel p runs takes (its head-dim tile and step), for
+// v2_smem_refusal (v2.h): Q_i and two K/V buffers of padded rows, P as well in step 1.
+size_t v2_mma_smem_bytes(const Problem& p);
+
 // a.q, a.k, a.v, a.o are __half or __nv_bfloat16 per p.dtype; a.lse float. The extensions (p.has_extensions())
 // read a.bias (--bias) and a.cu_seqlens_q/k (--seqlens) and run in the final kernel. Launches forward step p.kernel
 // and returns ""; or launches nothing and returns why (v2_mma_supports's reason, or a missing extension input).

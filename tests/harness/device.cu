@@ -29,6 +29,8 @@ std::string gpu_name() { return gpu_properties().name; }
 
 int gpu_compute_capability() { return gpu_properties().major * 10 + gpu_properties().minor; }
 
+size_t gpu_smem_per_block() { return gpu_properties().sharedMemPerBlockOptin; }
+
 namespace {
 size_t g_live = 0, g_peak = 0;
 }
