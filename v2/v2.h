@@ -62,7 +62,7 @@ std::string v2_backward_unsupported(const Problem& p);  // backward: likewise
 // Part of both: "" when a block of the tensor-core kernels p runs (the forward's, or with `backward` the backward's)
 // fits in smem_per_block bytes of shared memory (gpu_smem_per_block() on the GPU in use), else one line with what it
 // needs and what the GPU has. A100s and the 99 KiB GPUs of sm_86 / sm_89 have less than the Hopper GPUs the tiles
-// were chosen on (forward_mma.cu, backward_mma.cu). (The fp32 kernels fit everywhere.)
+// were chosen on (forward_mma.cu, backward_mma.cu).
 std::string v2_smem_refusal(const Problem& p, bool backward, size_t smem_per_block);
 size_t v2_workspace_bytes(const Problem& p);
 void v2_forward(const Problem& p, const ForwardArgs& a);
