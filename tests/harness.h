@@ -133,7 +133,7 @@ std::vector<Comparison> compare_grads(const Problem& p, const HostTensors& in, c
                                       const HostGrads* want = nullptr);
 
 // ----------------------------------------------------------------------------------------------------- device
-bool gpu_available();  // a CUDA device is present and usable
+bool gpu_available();  // a CUDA device is present and usable (asked once)
 std::string gpu_name();
 int gpu_compute_capability();  // e.g. 75 for a T4, 80 for an A100, 90 for an H100 (device 0, read once)
 // The shared memory one block may ask for on device 0 (cudaDevAttrMaxSharedMemoryPerBlockOptin, read once): 227 KiB
