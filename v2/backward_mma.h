@@ -24,7 +24,7 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why);
 size_t v2_backward_mma_workspace_bytes(const Problem& p);
 
 // The dynamic shared memory (bytes) the largest of the kernels p may run takes (dk_dv with or without the extensions,
-// and with --deterministic the dq kernel), for v2_smem_refusal (v2.h).
+// and with --deterministic the dq kernel), for v2_smem_refusal (forward_mma.h).
 size_t v2_backward_mma_smem_bytes(const Problem& p);
 
 // Q, K, V, O, dO, dQ, dK, dV are __half or __nv_bfloat16 per p.dtype; LSE float [B, H, Nq] from the forward.

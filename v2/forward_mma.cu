@@ -44,6 +44,7 @@
 // heads (Problem::gqa_and_dropout_only) at d = 64 and 128 runs the plain kernel with dropout's mask instead
 // (kDropout), without the extension kernel's other work.
 #include "forward_mma.h"
+#include "backward_mma.h"  // v2_backward_mma_smem_bytes, for v2_smem_refusal
 #include "cuda_check.h"
 #include "mma.cuh"
 #include "common/blocks.cuh"
@@ -833,6 +834,14 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
         return false;
     }
     return true;
+}
+
+std::string v2_smem_refusal(const Problem& p, bool backward, size_t smem_per_block) {
+    const size_t need = backward ? v2_backward_mma_smem_bytes(p) : v2_mma_smem_bytes(p);
+    if (need <= smem_per_block) return "";
+    return std::string("v2 ") + (backward ? "backward" : "forward") + " (" + dtype_name(p.dtype) + ") at head dim " +
+           std::to_string(p.d) + " needs " + std::to_string(need) + " bytes of shared memory a block; this GPU allows " +
+           std::to_string(smem_per_block) + " (Hopper 232448, an A100 166912, sm_86 / sm_89 101376)";
 }
 
 std::string v2_forward_mma(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {

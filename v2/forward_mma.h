@@ -19,8 +19,16 @@ int v2_mma_head_dim_tile(int d);
 bool v2_mma_supports(const Problem& p, std::string* why);
 
 // The dynamic shared memory (bytes) one block of the kernel p runs takes (its head-dim tile and step), for
-// v2_smem_refusal (v2.h): Q_i and two K/V buffers of padded rows, P as well in step 1.
+// v2_smem_refusal: Q_i and two K/V buffers of padded rows, P as well in step 1.
 size_t v2_mma_smem_bytes(const Problem& p);
+
+// "" when a block of the tensor-core kernels p runs (the forward's, or with `backward` the backward's,
+// v2_backward_mma_smem_bytes) fits in smem_per_block bytes of shared memory (the GPU's opt-in limit a block,
+// cudaDevAttrMaxSharedMemoryPerBlockOptin), else one line with what it needs and what the GPU has. A100s and the
+// 99 KiB GPUs of sm_86 / sm_89 have less than the Hopper GPUs the tiles were chosen on. Both passes' callers ask it
+// before a launch: v2_unsupported and v2_backward_unsupported (v2.h) for the programs, the PyTorch bridge for its
+// operators (a kernel asking for more than the GPU allows fails in cudaFuncSetAttribute, which ends the process).
+std::string v2_smem_refusal(const Problem& p, bool backward, size_t smem_per_block);
 
 // a.q, a.k, a.v, a.o are __half or __nv_bfloat16 per p.dtype; a.lse float. The extensions (p.has_extensions())
 // read a.bias (--bias) and a.cu_seqlens_q/k (--seqlens) and run in the final kernel. Launches forward step p.kernel

@@ -26,14 +26,6 @@ std::string common_refusal(const Problem& p) {
 
 }  // namespace
 
-std::string v2_smem_refusal(const Problem& p, bool backward, size_t smem_per_block) {
-    const size_t need = backward ? v2_backward_mma_smem_bytes(p) : v2_mma_smem_bytes(p);
-    if (need <= smem_per_block) return "";
-    return std::string("v2 ") + (backward ? "backward" : "forward") + " (" + dtype_name(p.dtype) + ") at head dim " +
-           std::to_string(p.d) + " needs " + std::to_string(need) + " bytes of shared memory a block; this GPU allows " +
-           std::to_string(smem_per_block) + " (Hopper 232448, an A100 166912, sm_86 / sm_89 101376)";
-}
-
 std::string v2_unsupported(const Problem& p) {
     if (std::string why = common_refusal(p); !why.empty()) return why;
     if (p.dtype == DType::fp32) return v2_fp32_unsupported(p);

@@ -59,11 +59,7 @@ const std::vector<KernelStep>& v2_backward_steps();
 // std::invalid_argument with that reason and launch nothing.
 std::string v2_unsupported(const Problem& p);           // forward: "" or one line saying why not
 std::string v2_backward_unsupported(const Problem& p);  // backward: likewise
-// Part of both: "" when a block of the tensor-core kernels p runs (the forward's, or with `backward` the backward's)
-// fits in smem_per_block bytes of shared memory (gpu_smem_per_block() on the GPU in use), else one line with what it
-// needs and what the GPU has. A100s and the 99 KiB GPUs of sm_86 / sm_89 have less than the Hopper GPUs the tiles
-// were chosen on (forward_mma.cu, backward_mma.cu).
-std::string v2_smem_refusal(const Problem& p, bool backward, size_t smem_per_block);
+// Part of both: v2_smem_refusal (forward_mma.h), with the GPU's gpu_smem_per_block().
 size_t v2_workspace_bytes(const Problem& p);
 void v2_forward(const Problem& p, const ForwardArgs& a);
 size_t v2_backward_workspace_bytes(const Problem& p);

@@ -77,6 +77,14 @@ Problem problem_of(const Tensor& q, const Tensor& k, const Tensor& v, bool causa
 // bench_attention.py do). On by default.
 std::atomic<bool> g_hopper_forward{true};
 
+// "" when a block of the v2 kernels of p (the forward's, or the backward's) fits in the shared memory a block may
+// have on q's GPU, else why not (v2_smem_refusal): asked before the launch, whose cudaFuncSetAttribute would
+// otherwise fail and end the process (an A100 at head dims above 192, any backward on sm_86 / sm_89).
+std::string v2_smem_why_not(const Problem& p, const Tensor& q, bool backward) {
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());  // cached by PyTorch
+    return v2_smem_refusal(p, backward, prop->sharedMemPerBlockOptin);
+}
+
 // "" when the forward of p on these tensors runs v3, else why it runs v2.
 std::string why_not_v3(const Problem& p, const Tensor& q) {
 #ifdef FLASH_SCRATCH_V3
@@ -100,6 +108,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     const bool hopper = why_not_v3(p, q).empty();
     std::string why;
     TORCH_CHECK_VALUE(hopper || v2_mma_supports(p, &why), "flash_scratch.attention: ", why);
+    if (!hopper) why = v2_smem_why_not(p, q, false);
+    TORCH_CHECK_VALUE(why.empty(), "flash_scratch.attention: ", why);
     const c10::cuda::CUDAGuard guard(q.device());
     Tensor o = at::empty_like(q);
     Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -136,6 +146,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dO, const Tensor& q, c
                       "flash_scratch.attention backward: LSE must be the float32 [B, H, Nq] tensor the forward returned");
     std::string why;
     TORCH_CHECK_VALUE(v2_backward_mma_supports(p, &why), "flash_scratch.attention backward: ", why);
+    why = v2_smem_why_not(p, q, true);
+    TORCH_CHECK_VALUE(why.empty(), "flash_scratch.attention backward: ", why);
     const c10::cuda::CUDAGuard guard(q.device());
     Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     Tensor ws = at::empty({int64_t(v2_backward_mma_workspace_bytes(p))}, q.options().dtype(at::kByte));
