@@ -2,8 +2,8 @@
 """check_doc_refs: every `path:N` or `path:N-M` reference in the docs still points at the lines it pointed at when
 it was written.
 
-The docs tie their prose to code lines (`v2/forward_mma.cu:377-379`, `hopper.cuh:89`), and every edit above those
-lines moves them. For each reference this script asks git which commit last wrote the doc's line (git blame), takes
+The docs tie their prose to code lines (`v2/forward_mma.cu:377-379`, `hopper.cuh:89`, and a bare `:623` for the file
+the paragraph named last), and every edit above those lines moves them. For each reference this script asks git which commit last wrote the doc's line (git blame), takes
 the referenced file as it was in that commit, and follows the referenced lines to the working tree (difflib on the
 two versions). A reference whose lines are still there, unchanged, but at other numbers is stale: the script prints
 it and exits 1. `--fix` rewrites those references in place, to the numbers the lines have now.
@@ -13,7 +13,8 @@ script prints its guess (the offset most of its unchanged lines moved by) and le
 reports without failing: lines edited in place (the prose may need reading again), and files it cannot find. A bare file name (`forward.cu:363`) is the one
 tracked file whose path ends with it, or, when several do, the one in the folder the doc is about (docs/v3.md: v3/).
 In a shallow clone (no history) every line looks freshly written and the check passes without judging anything; it
-says so. scripts/check_doc_lines.py checks the docs' paper-line tables, whose cells name no file.
+says so. Bare references in table rows are left to scripts/check_doc_lines.py, which checks the docs' paper-line
+tables (their cells name no file; the column does).
 
 Usage: python3 scripts/check_doc_refs.py [--fix] [DOC ...]     (default: README.md and docs/*.md)
 """
@@ -25,7 +26,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = re.compile(r"(?<![\w/.-])([\w./-]+\.(?:cu|cuh|h|cpp|py|sh)):(\d+)(?:-(\d+))?(?!\d)")
+# `path:N[-M]`, or a bare `:N[-M]` in backticks, which means the file the paragraph named last
+REF = re.compile(r"(?<![\w/.-])(?P<name>[\w./-]+\.(?:cu|cuh|h|cpp|py|sh)):(?P<a>\d+)(?:-(?P<b>\d+))?(?!\d)"
+                 r"|(?<=`):(?P<bare_a>\d+)(?:-(?P<bare_b>\d+))?(?=`)")
 UNCOMMITTED = "0" * 40
 
 
@@ -100,13 +103,24 @@ def main():
     for doc in docs:
         text = open(os.path.join(ROOT, doc)).read().splitlines()
         commits = blame_commits(doc)
+        last = None  # the file the paragraph named last: what a bare `:N` means
         for n, line in enumerate(text, 1):
+            if not line.strip() or line.startswith("|"):
+                last = None  # a new paragraph, or a table row (whose bare cells check_doc_lines.py reads)
+
             def follow(m):
-                nonlocal checked
-                name, a, b = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
+                nonlocal checked, last
+                bare = m.group("name") is None
+                if bare and last is None:
+                    return m.group(0)
+                name = last if bare else m.group("name")
+                last = name
+                a = int(m.group("bare_a" if bare else "a"))
+                b = int(m.group("bare_b" if bare else "b") or a)
+                ranged = m.group("bare_b" if bare else "b") is not None
                 path = resolve(name, doc, tracked)
                 commit = commits[n - 1] if n - 1 < len(commits) else UNCOMMITTED
-                where = f"{doc}:{n}: {m.group(0)}"
+                where = f"{doc}:{n}: {m.group(0)}" + (f" (of {name})" if bare else "")
                 if path is None or lines_at(commit, path) is None:
                     unknown.append(where + (" (no such tracked file)" if path is None else f" ({path} not in {commit[:7]})"))
                     return m.group(0)
@@ -135,7 +149,7 @@ def main():
                 uneven = not edited and len(set(offsets)) > 1
                 if uneven and 0 < (mapped[b] - mapped[a]) - (b - a) <= 3:
                     na, nb, uneven = mapped[a], mapped[b], False
-                ref = f"{name}:{na}" + (f"-{nb}" if m.group(3) else "")
+                ref = ("" if bare else name) + f":{na}" + (f"-{nb}" if ranged else "")
                 if edited or uneven:  # moved and edited: a person decides where it points now
                     why = "lines edited since" if edited else "its lines moved apart"
                     by_hand.append(where + f" -> {ref}? (written in {commit[:7]}; {why})")
