@@ -14,6 +14,7 @@
 #include "online_softmax/online_softmax.h"
 #include "v1/v1.h"
 #include "v2/v2.h"
+#include "v3/schedule.h"
 
 ForwardRun cpu_run(const CpuForward& model) {
     return [model](const Problem& p, const HostTensors& in) {
@@ -445,12 +446,76 @@ Exercise deterministic_dq_model() {
               }}}};
 }
 
+// The K/V tiles a CTA walks over its Q tiles in a grid of `sms` persistent CTAs (v3's step 7 on): its share of the
+// work, for every CTA, in the order the kernel takes them (v3/schedule.h). *tiles_ok: every (head, Q tile) once.
+std::vector<long> cta_shares(int N, int Br, int heads, int sms, bool* tiles_ok) {
+    const V3TileOrder order = v3_tile_order(N, Br, heads, true, true);
+    const int ctas = order.ctas(sms);
+    std::vector<int> seen(size_t(order.positions), 0);
+    std::vector<long> share(size_t(ctas), 0);
+    *tiles_ok = true;
+    for (int b = 0; b < ctas; ++b)
+        for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
+            int bh, i;
+            order.tile(pos, &bh, &i);
+            if (bh < 0 || bh >= heads || i < 0 || i >= order.n_q) {
+                *tiles_ok = false;
+                return share;
+            }
+            ++seen[size_t(bh) * order.n_q + i];
+            share[size_t(b)] += v3_kv_tiles(i * Br, Br, N, N, 128, true).n_tiles;
+        }
+    for (int n : seen) *tiles_ok = *tiles_ok && n == 1;
+    return share;
+}
+
+struct PersistentGrid {
+    int N, Br, heads, sms;
+    std::string name() const {
+        return "N=" + std::to_string(N) + " Br=" + std::to_string(Br) + " heads=" + std::to_string(heads) +
+               " CTAs=" + std::to_string(sms);
+    }
+};
+// 132 CTAs (an H100 SXM's SMs) with 8 Q tiles a head (N = 1024, Br = 128): a turn of two tiles lands on the same
+// pair of a head's tiles every time for a CTA (2 x 132 is a multiple of 8), which an unbalanced order cannot hide.
+const PersistentGrid kGrids[] = {{1024, 128, 256, 132}, {4096, 128, 64, 132}, {2048, 192, 100, 114},
+                                 {1000, 128, 300, 132}, {16384, 128, 16, 132}, {77, 128, 500, 7}};
+
+Exercise v3_causal_order() {
+    return {"v3-causal-order",
+            {{"every-tile-once", "k runs over 0 .. n_q - 1 for each head: *i must take every value 0 .. n_q - 1 exactly once",
+              [] {
+                  for (const PersistentGrid& g : kGrids) {
+                      bool ok;
+                      cta_shares(g.N, g.Br, g.heads, g.sms, &ok);
+                      if (!ok) return CheckResult{false, g.name() + ": some Q tile is taken twice, never, or out of range"};
+                  }
+                  return CheckResult{true, "every (head, Q tile) taken exactly once, on 6 grids"};
+              }},
+             {"equal-shares", "causal Q tile i visits about i + 1 K/V tiles; a CTA takes two positions a turn (k even, k + 1): pair a heavy tile with a light one (last with first, second-last with second, ...)",
+              [] {
+                  for (const PersistentGrid& g : kGrids) {
+                      bool ok;
+                      const std::vector<long> share = cta_shares(g.N, g.Br, g.heads, g.sms, &ok);
+                      if (!ok) return CheckResult{false, g.name() + ": not every tile once (see every-tile-once)"};
+                      const long most = *std::max_element(share.begin(), share.end());
+                      double mean = 0;
+                      for (long x : share) mean += double(x) / double(share.size());
+                      if (most > 1.1 * mean)
+                          return CheckResult{false, g.name() + ": the busiest CTA walks " + std::to_string(most) +
+                                                        " K/V tiles, the mean is " + std::to_string(long(mean)) +
+                                                        " (at most 1.1x: the grid waits for its busiest CTA)"};
+                  }
+                  return CheckResult{true, "the busiest CTA within 1.1x of the mean share, on 6 grids"};
+              }}}};
+}
+
 }  // namespace
 
 const std::vector<Exercise>& cpu_exercises() {
     static const std::vector<Exercise> all = {softmax_3pass_model(),     online_merge(),         online_rows_model(),
                                               fa1_block_sizes(),         fa1_inner_loop_model(), fa2_deferred_norm_model(),
                                               causal_skip_model(),       window_skip_model(),    backward_ds_model(),
-                                              deterministic_dq_model()};
+                                              deterministic_dq_model(),  v3_causal_order()};
     return all;
 }

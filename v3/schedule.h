@@ -49,9 +49,17 @@ struct V3TileOrder {
         return (pos + 1) % per_turn() != 0 ? pos + 1 : pos + 1 + (ctas - 1) * per_turn();
     }
     __host__ __device__ void tile(int pos, int* bh, int* i) const {  // position -> head, Q tile
-        const int k = pos % n_q;
+        const int k = pos % n_q;  // the k-th tile of head bh in the sequence
         *bh = pos / n_q;
-        *i = !causal ? k : !persistent ? n_q - 1 - k : k % 2 == 0 ? n_q - 1 - k / 2 : k / 2;
+        if (!causal) {
+            *i = k;
+        } else if (!persistent) {
+            *i = n_q - 1 - k;  // the heaviest first
+        } else {
+            // EXERCISE(v3-causal-order): Q tile *i for the k-th position of a head, a persistent causal grid
+            *i = k % 2 == 0 ? n_q - 1 - k / 2 : k / 2;  // last, first, second-last, second, ...
+            // END EXERCISE
+        }
     }
 };
 
