@@ -3,9 +3,9 @@
 it was written.
 
 The docs tie their prose to code lines (`v2/forward_mma.cu:377-379`, `hopper.cuh:89`, and a bare `:623` for the file
-the paragraph named last), and every edit above those lines moves them. For each reference this script asks git which commit last wrote the doc's line (git blame), takes
-the referenced file as it was in that commit, and follows the referenced lines to the working tree (difflib on the
-two versions). A reference whose lines are still there, unchanged, but at other numbers is stale: the script prints
+the paragraph named last), and every edit above those lines moves them. For each reference this script asks git which commit wrote it (git blame for its line, then back
+through the commits that edited the line but left the reference as it was), takes the referenced file as it was in
+that commit, and follows the referenced lines to the working tree (difflib on the two versions). A reference whose lines are still there, unchanged, but at other numbers is stale: the script prints
 it and exits 1. `--fix` rewrites those references in place, to the numbers the lines have now.
 
 A reference whose lines moved and were also edited fails too, but only a person can say where it points now: the
@@ -36,18 +36,53 @@ def git(*args):
     return subprocess.run(["git", "-C", ROOT] + list(args), capture_output=True, text=True)
 
 
-def blame_commits(doc):
-    """The commit that last wrote each line of doc (1-based list index - 1); UNCOMMITTED for edits not committed."""
-    out = git("blame", "--porcelain", "--", doc).stdout.splitlines()
-    commits, i = [], 0
+def blame(doc, rev=None, line=None):
+    """(commit, line number in that commit's version) of the commit that last wrote each line of doc (UNCOMMITTED for
+    edits not committed), or of one line of doc as it is in rev."""
+    args = ["blame", "--porcelain"] + (["-L", f"{line},{line}", rev] if rev else []) + ["--", doc]
+    out = git(*args).stdout.splitlines()
+    found, i = [], 0
     while i < len(out):
         head = out[i].split()
         if len(head) >= 3 and re.fullmatch(r"[0-9a-f]{40}", head[0]):
-            commits.append(head[0])
+            found.append((head[0], int(head[1])))
             while i < len(out) and not out[i].startswith("\t"):  # header lines up to the content line
                 i += 1
         i += 1
-    return commits
+    return found
+
+
+_matches = {}
+
+
+def line_before(doc, commit, parent, line):
+    """The line of doc in parent that commit rewrote into its line `line`, or None (a new line, or a block rewritten
+    into another number of lines)."""
+    key = (doc, commit, parent)
+    if key not in _matches:
+        old, new = lines_at(parent, doc), lines_at(commit, doc)
+        _matches[key] = [] if old is None else difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes()
+    for tag, i1, i2, j1, j2 in _matches[key]:
+        if j1 <= line - 1 < j2:
+            return i1 + (line - 1 - j1) + 1 if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1) else None
+    return None
+
+
+def written_in(doc, commit, line, index, token):
+    """The commit that wrote the index-th reference of a doc line, `token`: the commit that last changed the line
+    (line: its number there), or, when the line as it was before that commit had the same reference in the same
+    place, the commit that wrote that one, and so on back. An edit elsewhere in a line (another reference fixed,
+    a word changed) does not make its old references new."""
+    while commit != UNCOMMITTED:
+        parent = git("rev-parse", "--verify", "-q", commit + "^").stdout.strip()
+        before = line_before(doc, commit, parent, line) if parent else None
+        if before is None:
+            return commit
+        old = [m.group(0) for m in REF.finditer(lines_at(parent, doc)[before - 1])]
+        if index >= len(old) or old[index] != token:
+            return commit
+        commit, line = blame(doc, parent, before)[0]
+    return commit
 
 
 _versions = {}
@@ -102,14 +137,16 @@ def main():
     stale, by_hand, changed, unknown, checked = [], [], [], [], 0
     for doc in docs:
         text = open(os.path.join(ROOT, doc)).read().splitlines()
-        commits = blame_commits(doc)
+        blamed = blame(doc)
         last = None  # the file the paragraph named last: what a bare `:N` means
         for n, line in enumerate(text, 1):
             if not line.strip() or line.startswith("|"):
                 last = None  # a new paragraph, or a table row (whose bare cells check_doc_lines.py reads)
+            index = -1  # of the reference on this line
 
             def follow(m):
-                nonlocal checked, last
+                nonlocal checked, last, index
+                index += 1
                 bare = m.group("name") is None
                 if bare and last is None:
                     return m.group(0)
@@ -119,7 +156,9 @@ def main():
                 b = int(m.group("bare_b" if bare else "b") or a)
                 ranged = m.group("bare_b" if bare else "b") is not None
                 path = resolve(name, doc, tracked)
-                commit = commits[n - 1] if n - 1 < len(commits) else UNCOMMITTED
+                commit = UNCOMMITTED
+                if n - 1 < len(blamed):
+                    commit = written_in(doc, blamed[n - 1][0], blamed[n - 1][1], index, m.group(0))
                 where = f"{doc}:{n}: {m.group(0)}" + (f" (of {name})" if bare else "")
                 if path is None or lines_at(commit, path) is None:
                     unknown.append(where + (" (no such tracked file)" if path is None else f" ({path} not in {commit[:7]})"))
