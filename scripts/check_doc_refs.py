@@ -3,18 +3,20 @@
 it was written.
 
 The docs tie their prose to code lines (`v2/forward_mma.cu:377-379`, `hopper.cuh:89`, and a bare `:623` for the file
-the paragraph named last), and every edit above those lines moves them. For each reference this script asks git which commit wrote it (git blame for its line, then back
-through the commits that edited the line but left the reference as it was), takes the referenced file as it was in
-that commit, and follows the referenced lines to the working tree (difflib on the two versions). A reference whose lines are still there, unchanged, but at other numbers is stale: the script prints
-it and exits 1. `--fix` rewrites those references in place, to the numbers the lines have now.
+the paragraph named last), and every edit above those lines moves them. For each reference this script asks git
+which commit wrote it (git blame for its line, then back through the commits that edited the line but left the
+reference as it was), takes the referenced file as it was in that commit, and follows the referenced lines to the
+working tree (difflib on the two versions). A reference whose lines are still there, unchanged, but at other numbers
+is stale: the script prints it and exits 1. `--fix` rewrites those references in place, to the numbers the lines
+have now.
 
 A reference whose lines moved and were also edited fails too, but only a person can say where it points now: the
 script prints its guess (the offset most of its unchanged lines moved by) and leaves it. What it cannot judge it
-reports without failing: lines edited in place (the prose may need reading again), and files it cannot find. A bare file name (`forward.cu:363`) is the one
-tracked file whose path ends with it, or, when several do, the one in the folder the doc is about (docs/v3.md: v3/).
-In a shallow clone (no history) every line looks freshly written and the check passes without judging anything; it
-says so. Bare references in table rows are left to scripts/check_doc_lines.py, which checks the docs' paper-line
-tables (their cells name no file; the column does).
+reports without failing: lines edited in place (the prose may need reading again), and files it cannot find. A bare
+file name (`forward.cu:363`) is the one tracked file whose path ends with it, or, when several do, the one in the
+folder the doc is about (docs/v3.md: v3/). In a shallow clone (no history) every line looks freshly written and the
+check passes without judging anything; it says so. Bare references in table rows are left to
+scripts/check_doc_lines.py, which checks the docs' paper-line tables (their cells name no file; the column does).
 
 Usage: python3 scripts/check_doc_refs.py [--fix] [DOC ...]     (default: README.md and docs/*.md)
 """
