@@ -446,27 +446,13 @@ Exercise deterministic_dq_model() {
               }}}};
 }
 
-// The K/V tiles a CTA walks over its Q tiles in a grid of `sms` persistent CTAs (v3's step 7 on): its share of the
-// work, for every CTA, in the order the kernel takes them (v3/schedule.h). *tiles_ok: every (head, Q tile) once.
+// The K/V tiles each CTA walks in a grid of `sms` persistent CTAs (v3's step 7 on), causal, Nq = Nk = N, in the order
+// the kernel takes its Q tiles (v3/schedule.h). *tiles_ok: every (head, Q tile) taken once.
 std::vector<long> cta_shares(int N, int Br, int heads, int sms, bool* tiles_ok) {
     const V3TileOrder order = v3_tile_order(N, Br, heads, true, true);
-    const int ctas = order.ctas(sms);
-    std::vector<int> seen(size_t(order.positions), 0);
-    std::vector<long> share(size_t(ctas), 0);
-    *tiles_ok = true;
-    for (int b = 0; b < ctas; ++b)
-        for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
-            int bh, i;
-            order.tile(pos, &bh, &i);
-            if (bh < 0 || bh >= heads || i < 0 || i >= order.n_q) {
-                *tiles_ok = false;
-                return share;
-            }
-            ++seen[size_t(bh) * order.n_q + i];
-            share[size_t(b)] += v3_kv_tiles(i * Br, Br, N, N, 128, true).n_tiles;
-        }
-    for (int n : seen) *tiles_ok = *tiles_ok && n == 1;
-    return share;
+    const V3Walk w = v3_walk(order, order.ctas(sms), Br, N, N, 128, true);
+    *tiles_ok = w.in_range && std::count(w.seen.begin(), w.seen.end(), 1) == order.positions;
+    return w.share;
 }
 
 struct PersistentGrid {

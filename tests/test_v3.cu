@@ -183,18 +183,11 @@ TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives 
                             const int ctas = order.ctas(sms);
                             const int turns = (order.positions + order.per_turn() - 1) / order.per_turn();
                             CHECK(ctas == (persistent ? std::min(sms, turns) : order.positions));
-                            std::vector<int> seen(size_t(order.positions), 0);
-                            std::vector<long> share(size_t(ctas), 0);
-                            for (int b = 0; b < ctas; ++b)
-                                for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
-                                    int bh, i;
-                                    order.tile(pos, &bh, &i);
-                                    REQUIRE((bh >= 0 && bh < heads && i >= 0 && i < order.n_q));
-                                    ++seen[size_t(bh) * order.n_q + i];
-                                    share[size_t(b)] += v3_kv_tiles(i * Br, Br, N, N, 128, causal).n_tiles;
-                                }
+                            const V3Walk w = v3_walk(order, ctas, Br, N, N, 128, causal);
+                            REQUIRE(w.in_range);
+                            const std::vector<long>& share = w.share;
                             // each tile exactly once
-                            CHECK(std::count(seen.begin(), seen.end(), 1) == order.positions);
+                            CHECK(std::count(w.seen.begin(), w.seen.end(), 1) == order.positions);
                             if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
                                 const long most = *std::max_element(share.begin(), share.end());
                                 const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;

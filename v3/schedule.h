@@ -2,6 +2,8 @@
 #pragma once
 #include <cuda_runtime.h>  // before problem.h, which uses __host__ __device__
 
+#include <vector>
+
 #include "problem.h"
 
 struct V3KvTiles {
@@ -66,4 +68,29 @@ struct V3TileOrder {
 __host__ __device__ inline V3TileOrder v3_tile_order(int Nq, int Br, int heads, bool persistent, bool causal) {
     const int n_q = (Nq + Br - 1) / Br;
     return V3TileOrder{n_q, n_q * heads, persistent, causal};
+}
+
+// The grid's walk, on the host (the tests and the course's exercise v3-causal-order): every CTA of `ctas` takes its
+// positions of `order` as the kernel does, and each (head, Q tile) it meets adds the K/V tiles the tile visits
+// (v3_kv_tiles, tiles of Bc keys) to that CTA's share. seen counts each (head, Q tile), head by head: all ones when
+// the order takes every tile once. in_range is false, and the walk stops, at a tile outside the grid.
+struct V3Walk {
+    std::vector<long> share;  // per CTA
+    std::vector<int> seen;    // per (head, Q tile): bh * n_q + i
+    bool in_range = true;
+};
+inline V3Walk v3_walk(const V3TileOrder& order, int ctas, int Br, int Nq, int Nk, int Bc, bool causal) {
+    V3Walk w{std::vector<long>(size_t(ctas), 0), std::vector<int>(size_t(order.positions), 0)};
+    for (int b = 0; b < ctas; ++b)
+        for (int pos = order.first(b); pos < order.positions; pos = order.next(pos, ctas)) {
+            int bh, i;
+            order.tile(pos, &bh, &i);
+            if (bh < 0 || bh >= order.positions / order.n_q || i < 0 || i >= order.n_q) {
+                w.in_range = false;
+                return w;
+            }
+            ++w.seen[size_t(bh) * order.n_q + i];
+            w.share[size_t(b)] += v3_kv_tiles(i * Br, Br, Nq, Nk, Bc, causal).n_tiles;
+        }
+    return w;
 }
