@@ -6,7 +6,7 @@ through PyTorch's scaled_dot_product_attention, at the demo's shape and at a lar
 
 Two numbers per case, medians of many repetitions: GPU time between CUDA events (the L2 flushed before each rep),
 and host time per call with the GPU kept busy (what a training loop pays in Python and dispatch per call). Our GPU
-time is given twice: as flash_scratch runs it (v3 forward on Hopper for d = 64 and 128) and with the v2 forward
+time is given twice: as flash_scratch runs it (v3 forward on Hopper for d = 64, 128 and 256) and with the v2 forward
 (set_hopper_forward(False)); the backward is v2's in both.
 """
 import os

@@ -231,11 +231,12 @@ fi
 if [ -x bin/v3 ]; then
     expect 2 bin/v3 --n 33                                # fp32: wgmma operands are 16-bit
     expect 2 bin/v3 --dtype fp16 --d 96
-    expect 2 bin/v3 --dtype fp16 --kernel 10              # steps 1..9
+    expect 2 bin/v3 --dtype fp16 --kernel 11              # steps 1..10
     expect 2 bin/v3 --dtype bf16 --kernel 1               # the steps before the final one are fp16 only
     expect 2 bin/v3 --dtype bf16 --kernel 8
     expect 0 bin/v3 --kernel list
     expect 0 bin/v3 --dtype bf16 --batch 1 --heads 2 --nq 77 --nk 45 --causal --check
+    expect 0 bin/v3 --dtype fp16 --d 256 --batch 1 --heads 2 --nq 77 --nk 400 --causal --check
     if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1)" != 9.0 ]; then
         grep -q "running the CPU model of v3 instead" "$tmp/out" ||
             { echo "FAIL: bin/v3 without a Hopper GPU must say so and run its CPU model"; fails=$((fails + 1)); }

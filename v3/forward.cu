@@ -1,10 +1,10 @@
 // forward.cu: the FlashAttention-3 forward pass on Hopper (Shah et al., 2024, Algorithm 1 for the warp-specialised
-// kernel, Algorithm 2 for the softmax/product overlap), fp16 and bf16, head dims 64 and 128.
+// kernel, Algorithm 2 for the softmax/product overlap), fp16 and bf16, head dims 64, 128 and 256.
 //
 // One CTA owns one Q tile Q_i of Br rows of one (batch, head). Each consumer warpgroup owns 64 of those rows (one
-// wgmma m64 tile) and walks the K/V tiles K_j, V_j of Bc = 128 keys:
+// wgmma m64 tile) and walks the K/V tiles K_j, V_j of Bc = 128 keys (64 at d = 256):
 //
-//     S    = Q_i K_j^T                          wgmma m64n128k16, Q and K from shared memory, fp32 accumulators
+//     S    = Q_i K_j^T                          wgmma m64n{Bc}k16, Q and K from shared memory, fp32 accumulators
 //     m'   = max(m_i, rowmax(S) * scale log2 e)  statistics in the log2 domain, fp32
 //     P    = exp2(S * scale log2 e - m')         one FFMA + one EX2 per score; P rounded to 16 bits, in registers
 //     l_i  = l_i exp2(m_i - m') + rowsum(P)
@@ -35,6 +35,8 @@
 //                  the rest on MUFU: there MUFU alone takes as long as the tile's products (d = 128: step 7)
 //   9 three-wg     at d = 64, three consumer warpgroups (Q tiles of 192 rows, 160 registers a thread) take turns
 //                  at the tensor cores: more warps to hide the softmax's latencies (d = 128: step 8, which needs 240)
+//  10 lazy-rescale a row's running max m moves only when the tile's max passes it by more than 8 (log2 domain):
+//                  most tiles then skip O's rescale (alpha = 1), and P stays below 2^8, safe in fp16 and bf16
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -72,8 +74,9 @@ struct Features {
     static constexpr bool kTmaStore = kStep >= 5 && !kPersistent;
     static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (Tiles)
     static constexpr bool kThreeConsumers = kStep >= 9;  // step 9: three consumer warpgroups at d = 64 (Tiles)
+    static constexpr bool kLazyRescale = kStep >= 10;    // step 10: m moves only by more than kRescaleSlack
 };
-constexpr int kFinalStep = 9;
+constexpr int kFinalStep = 10;
 
 // Named barriers 1, 2 (and 3): the turns of consumers 0, 1 (and 2) in the ping-pong; 4 and 5: each consumer's own
 // warpgroup before its TMA store (steps 5-6, two consumers).
@@ -91,12 +94,15 @@ struct Tiles {
     // consumers; 128 x 24 + 384 x 160 = 64,512 with three (d = 64: O 32, S 64, P 32 registers and the rest).
     static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 3 ? 160 : 240;
     static constexpr int kBr = 64 * kConsumers;
-    static constexpr int kBc = 128;
+    // K/V tiles of 128 keys; 64 at d = 256, where O alone takes 128 registers a thread: S (Bc/2), P (Bc/4) and O
+    // are alive together, 224 of the 240 with Bc = 128 (no room for addresses and the softmax), 176 with 64.
+    static constexpr int kBc = kD == 256 ? 64 : 128;
     // The ring: 2 stages until step 6, then as many as shared memory holds beside Q_i (at d = 128: 32 KiB of Q
     // and 3 x 64 KiB of K and V, 225 KiB of the 227 a block may have). With 2 stages the producer may refill
     // stage s only once both consumers have finished P_j V_j on it, which the ping-pong delays by a turn: a third
-    // stage lets the copy of tile j+2 start while tile j is still being read.
-    static constexpr int kStages = !Features<kStep>::kDeepRing ? 2 : kD == 64 ? 4 : 3;
+    // stage lets the copy of tile j+2 start while tile j is still being read. At d = 256 a third stage does not fit
+    // (64 KiB of Q + 3 x 64 KiB): step 6 is step 5 there.
+    static constexpr int kStages = !Features<kStep>::kDeepRing || kD == 256 ? 2 : kD == 64 ? 4 : 3;
     // Step 8's polynomial at d = 64 only: at d = 128 a tile's products take twice as long as its exponentials on
     // MUFU, and moving some to the FMA pipe cost 0.3-1.4% there (H200, docs/v3.md "Step 8 against step 7").
     static constexpr bool kPolyExp = Features<kStep>::kPolyExp && kD == 64;
@@ -114,7 +120,7 @@ struct Tiles {
 // Each operand's descriptor is built once and advanced by the k step's byte offset (one 32-bit add; building every
 // descriptor from its address took about 5 uniform-datapath instructions each, a quarter of the loop's issue).
 template <typename T, int kD, int kStep>
-__device__ __forceinline__ void issue_s(float (&S)[64], uint32_t sQ_rows, uint32_t sK) {
+__device__ __forceinline__ void issue_s(float (&S)[Tiles<kD, kStep>::kBc / 2], uint32_t sQ_rows, uint32_t sK) {
     using L = Tiles<kD, kStep>;
     const uint64_t a0 = smem_descriptor(sQ_rows, 16, 1024), b0 = smem_descriptor(sK, 16, 1024);
 #pragma unroll
@@ -122,13 +128,17 @@ __device__ __forceinline__ void issue_s(float (&S)[64], uint32_t sQ_rows, uint32
         const uint32_t block = k / 4, in_row = k % 4 * 32;  // 64-column block, byte offset of the k step in a row
         const uint64_t a = advance_descriptor(a0, block * L::kBr * 128 + in_row);
         const uint64_t b = advance_descriptor(b0, block * L::kBc * 128 + in_row);
-        wgmma_m64n128k16_ss<T>(S, a, b, k > 0);
+        if constexpr (L::kBc == 128)
+            wgmma_m64n128k16_ss<T>(S, a, b, k > 0);
+        else
+            wgmma_m64n64k16_ss<T>(S, a, b, k > 0);
     }
 }
 
 // Issues O += P V_j: for each 64-column block of O, Bc/16 wgmma of k = 16 keys, P's k block from registers.
 template <typename T, int kD, int kStep>
-__device__ __forceinline__ void issue_pv(float (&O)[kD / 64][32], const uint32_t (&P)[8][4], uint32_t sV) {
+__device__ __forceinline__ void issue_pv(float (&O)[kD / 64][32], const uint32_t (&P)[Tiles<kD, kStep>::kBc / 16][4],
+                                         uint32_t sV) {
     using L = Tiles<kD, kStep>;
     const uint64_t b0 = smem_descriptor(sV, L::kBc * 128, 1024);
 #pragma unroll
@@ -158,40 +168,54 @@ __device__ __forceinline__ void fence_o(float (&O)[kD / 64][32]) {
 constexpr int kPolyEvery = 16;
 __device__ constexpr bool poly_exp_block(int i) { return i % kPolyEvery == kPolyEvery - 1; }
 
-// The online softmax of one tile (lines 19-20 of Algorithm 1): masks S, updates m and l, and turns S into P in
-// place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
+// The online softmax of one tile of Bc keys (lines 19-20 of Algorithm 1): masks S, updates m and l, and turns S
+// into P in place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
 // thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles). A row with no
 // key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens. kPolyExp
 // (step 8): the scores of poly_exp_block use exp2_poly; l adds the very value that becomes P, whichever unit made it.
-template <bool kCausal, bool kPolyExp>
-__device__ __forceinline__ void online_softmax(float (&S)[64], float (&m)[2], float (&l)[2], float (&alpha)[2],
+//
+// kLazy (step 10): the running max m of a row moves only when the tile's max passes it by more than kRescaleSlack
+// (the exponentials then stay below 2^kRescaleSlack = 256: P and l stay finite in fp32, P in fp16 and bf16). When no
+// row of the warp moves, alpha is 1 and the function returns false: the caller skips O's rescale, 32 (d = 64) or 64
+// (d = 128) multiplies a thread per tile. When one row moves, every row of the warp takes its exact max, so the
+// choice is warp-uniform. O, l and m stay consistent whichever m is used: O / l and m + log2 l do not depend on it.
+// Returns whether O must be rescaled by alpha (always, before step 10).
+constexpr float kRescaleSlack = 8.0f;
+template <int kBc, bool kCausal, bool kPolyExp, bool kLazy = false>
+__device__ __forceinline__ bool online_softmax(float (&S)[kBc / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                                const int (&row)[2], int j, bool masked, int Nq, int Nk,
                                                float scale_log2) {
     if (masked) {
-        const int col0 = j * 128 + 2 * (threadIdx.x % 4);  // key of S[4i + 2h + e] is col0 + 8i + e
+        const int col0 = j * kBc + 2 * (threadIdx.x % 4);  // key of S[4i + 2h + e] is col0 + 8i + e
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int sees = kCausal ? min(Nk, causal_key_end(row[h], Nq, Nk)) : Nk;  // keys [0, sees) visible
 #pragma unroll
-            for (int i = 0; i < 16; ++i)
+            for (int i = 0; i < kBc / 8; ++i)
 #pragma unroll
                 for (int e = 0; e < 2; ++e)
                     if (col0 + 8 * i + e >= sees) S[4 * i + 2 * h + e] = -INFINITY;
         }
     }
+    float mx[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float mx = -INFINITY;
+        mx[h] = -INFINITY;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(S[4 * i + 2 * h], S[4 * i + 2 * h + 1]));
-        mx = warp_max<4>(mx);  // the 4 lanes of a quad hold one row
-        const float m_new = fmaxf(m[h], mx * scale_log2);
+        for (int i = 0; i < kBc / 8; ++i) mx[h] = fmaxf(mx[h], fmaxf(S[4 * i + 2 * h], S[4 * i + 2 * h + 1]));
+        mx[h] = warp_max<4>(mx[h]) * scale_log2;  // the 4 lanes of a quad hold one row
+    }
+    bool move = true;  // -inf > -inf + slack is false: a row that has seen no key yet stays at -inf until it does
+    if constexpr (kLazy) move = __any_sync(0xffffffffu, mx[0] > m[0] + kRescaleSlack || mx[1] > m[1] + kRescaleSlack);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float m_new = move ? fmaxf(m[h], mx[h]) : m[h];
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[h] = exp2_approx(m[h] - m_use);
+        alpha[h] = move ? exp2_approx(m[h] - m_use) : 1.0f;
         m[h] = m_new;
         float sum = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; ++i)
+        for (int i = 0; i < kBc / 8; ++i)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 float& s = S[4 * i + 2 * h + e];
@@ -201,15 +225,16 @@ __device__ __forceinline__ void online_softmax(float (&S)[64], float (&m)[2], fl
             }
         l[h] = l[h] * alpha[h] + sum;  // this thread's columns only; the quad adds them up at the end
     }
+    return move;
 }
 
 // P, 16-bit, as the A fragments of P V: accumulators of n8 blocks 2k, 2k+1 packed pairwise = k block k
 // (hopper.cuh). In the overlap step this runs only once the previous P V is done: registers that a later wgmma
 // reads, written while another wgmma is in flight, make ptxas serialise the pipeline (C7513).
-template <typename T>
-__device__ __forceinline__ void pack_p(const float (&S)[64], uint32_t (&P)[8][4]) {
+template <typename T, int kBc>
+__device__ __forceinline__ void pack_p(const float (&S)[kBc / 2], uint32_t (&P)[kBc / 16][4]) {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < kBc / 16; ++k) {
         P[k][0] = pack2<T>(S[8 * k + 0], S[8 * k + 1]);
         P[k][1] = pack2<T>(S[8 * k + 2], S[8 * k + 3]);
         P[k][2] = pack2<T>(S[8 * k + 4], S[8 * k + 5]);
@@ -236,8 +261,7 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
                    T* __restrict__ O_out, float* __restrict__ LSE, int Nq, int Nk, int heads, float scale_log2) {
     using F = Features<kStep>;
     using L = Tiles<kD, kStep>;
-    static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
-    static_assert(L::kBc == 128, "S is one wgmma n128 accumulator: online_softmax's key columns assume Bc = 128");
+    static_assert(kD == 64 || kD == 128 || kD == 256, "head dims 64, 128 and 256");
 
     extern __shared__ unsigned char smem_raw[];
     const uint32_t sQ = (shared_addr(smem_raw) + 1023) & ~1023u;
@@ -333,8 +357,8 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
 #pragma unroll
             for (int i = 0; i < 32; ++i) O[n_blk][i] = 0.0f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
-        float S[64];
-        uint32_t P[8][4];
+        float S[L::kBc / 2];         // this thread's scores of a tile: 2 of each of its rows in each n8 block
+        uint32_t P[L::kBc / 16][4];  // P as 16-bit A fragments, one per 16 keys
 
         if (n > 0) mbarrier_wait(q_full, q_uses % 2, "Q", 0);  // line 15
         auto wait_full = [&](int j) {
@@ -377,8 +401,8 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_registers(S);
-                online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
-                pack_p<T>(S, P);
+                online_softmax<L::kBc, kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                pack_p<T, L::kBc>(S, P);
                 rescale_o<kD>(O, alpha);  // line 22, first half
                 fence_o<kD>(O);
                 fence_registers(P);
@@ -403,9 +427,9 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
             wgmma_wait<0>();
             fence_registers(S);
             if (n == 1) release_q();
-            online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq, Nk,
-                                                 scale_log2);  // O is 0 still
-            pack_p<T>(S, P);
+            online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq,
+                                                                  Nk, scale_log2);  // O is 0 still
+            pack_p<T, L::kBc>(S, P);
             for (int j = 1; j < n; ++j) {
                 wait_full(j);
                 take_turn();
@@ -418,14 +442,16 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
                 issue_pv<T, kD, kStep>(O, P, stage_v(j - 1));
                 wgmma_commit();
                 hand_over(false);
+                bool rescale;  // O needs alpha: always before step 10
                 if constexpr (F::kOverlap) {
                     // The source order of Algorithm 2. In SASS the second wait (WARPGROUP.DEPBAR) sits at the start
                     // of the softmax: ptxas may always wait earlier, and does (scripts/v3_sass_overlap.py).
                     wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
                     fence_registers(S);
                     if (j == n - 1) release_q();
-                    online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
-                                                         scale_log2);
+                    rescale = online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, j,
+                                                                                    j >= kv.first_masked, Nq, Nk,
+                                                                                    scale_log2);
                     wgmma_wait<0>();
                     fence_o<kD>(O);
                     fence_registers(P);
@@ -434,12 +460,13 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
                     fence_registers(S);
                     fence_o<kD>(O);
                     fence_registers(P);
-                    online_softmax<kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
-                                                         scale_log2);
+                    rescale = online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, j,
+                                                                                    j >= kv.first_masked, Nq, Nk,
+                                                                                    scale_log2);
                 }
                 release(j - 1);
-                pack_p<T>(S, P);  // P_j replaces P_{j-1}, whose product is done
-                rescale_o<kD>(O, alpha);
+                pack_p<T, L::kBc>(S, P);  // P_j replaces P_{j-1}, whose product is done
+                if (rescale) rescale_o<kD>(O, alpha);  // warp-uniform
             }
             take_turn();
             fence_registers(P);
@@ -593,6 +620,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 6: return launch_causal_or_not<T, kD, 6>(p, a, stream);
             case 7: return launch_causal_or_not<T, kD, 7>(p, a, stream);
             case 8: return launch_causal_or_not<T, kD, 8>(p, a, stream);
+            case 9: return launch_causal_or_not<T, kD, 9>(p, a, stream);
             default: break;
         }
     }
@@ -604,6 +632,7 @@ std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStre
     switch (p.d) {
         case 64: return launch_step<T, 64>(p, a, stream);
         case 128: return launch_step<T, 128>(p, a, stream);
+        case 256: return launch_step<T, 256>(p, a, stream);
         default: return "v3 has no instantiation for head dim " + std::to_string(p.d);
     }
 }
@@ -613,7 +642,7 @@ V3Config config_of(int d) {
     using F = Features<kStep>;
     V3Config c;
     c.warp_specialised = F::kWarpSpecialised, c.ping_pong = F::kPingPong, c.overlap = F::kOverlap;
-    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent;
+    c.tma_store = F::kTmaStore, c.persistent = F::kPersistent, c.lazy_rescale = F::kLazyRescale;
     auto tiles = [&](auto L) {
         c.consumers = L.kConsumers, c.threads = L.kThreads;
         c.producer_regs = L.kProducerRegs, c.consumer_regs = L.kConsumerRegs;
@@ -621,8 +650,10 @@ V3Config config_of(int d) {
     };
     if (d == 64)
         tiles(Tiles<64, kStep>{});
-    else
+    else if (d == 128)
         tiles(Tiles<128, kStep>{});
+    else
+        tiles(Tiles<256, kStep>{});
     return c;
 }
 
@@ -639,8 +670,9 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"persistent", "a CTA per SM walks many Q tiles: the next tile's Q and K/V load while the last one finishes"},
         {"poly-exp", "d = 64: 1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
         {"three-wg", "d = 64: three consumer warpgroups (Q tiles of 192 rows, 160 registers) take turns (d = 128: step 8)"},
+        {"lazy-rescale", "a row's max moves only when a tile's max passes it by 2^8: most tiles skip O's rescale"},
     };
-    static_assert(v3_fwd::kFinalStep == 9, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 10, "one entry per step");
     return steps;
 }
 
@@ -650,7 +682,7 @@ int v3_step_of(const Problem& p) {
 }
 
 std::string v3_config(int step, int d, V3Config* c) {
-    if (d != 64 && d != 128) return "v3 supports head dims 64 and 128, got " + std::to_string(d);
+    if (d != 64 && d != 128 && d != 256) return "v3 supports head dims 64, 128 and 256, got " + std::to_string(d);
     switch (step) {
         case 1: *c = v3_fwd::config_of<1>(d); return "";
         case 2: *c = v3_fwd::config_of<2>(d); return "";
@@ -661,6 +693,7 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 7: *c = v3_fwd::config_of<7>(d); return "";
         case 8: *c = v3_fwd::config_of<8>(d); return "";
         case 9: *c = v3_fwd::config_of<9>(d); return "";
+        case 10: *c = v3_fwd::config_of<10>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }

@@ -20,7 +20,7 @@ std::string v3_unsupported(const Problem& p) {
     const int steps = int(v3_forward_steps().size());
     if (p.dtype == DType::fp32)
         return "v3 runs fp16 and bf16 (wgmma operands are 16-bit): use --dtype fp16 or --dtype bf16";
-    if (p.d != 64 && p.d != 128) return "v3 supports head dims 64 and 128, got " + std::to_string(p.d);
+    if (p.d != 64 && p.d != 128 && p.d != 256) return "v3 supports head dims 64, 128 and 256, got " + std::to_string(p.d);
     if (p.Nq < 1 || p.Nk < 1)
         return "v3 needs Nq >= 1 and Nk >= 1, got Nq = " + std::to_string(p.Nq) + ", Nk = " + std::to_string(p.Nk);
     if ((long(p.Nq) + 63) / 64 * p.B * p.H > INT32_MAX)

@@ -1,4 +1,4 @@
-// v3.h: FlashAttention-3 (Shah et al., 2024) forward on Hopper (sm_90a), fp16 and bf16, head dims 64 and 128.
+// v3.h: FlashAttention-3 (Shah et al., 2024) forward on Hopper (sm_90a), fp16 and bf16, head dims 64, 128 and 256.
 //
 // What changes from FlashAttention-2 (v2/): the loops and the math are the same (one CTA per Q tile, the K/V tiles
 // walked inside, online softmax in the log2 domain); what changes is who moves the data and how the products run.
@@ -32,13 +32,14 @@ struct V3Config {
     bool tma_store;         // O leaves through shared memory and a TMA store (steps 5 and 6)
     bool persistent;        // a CTA per SM walks many Q tiles, the next one's loads under the last one (step 7 on)
     bool poly_exp;          // some of the softmax's exponentials by a polynomial on the FMA pipe (step 8 on)
+    bool lazy_rescale;      // a row's max moves only by more than 2^8: most tiles skip O's rescale (step 10 on)
     int consumers;          // consumer warpgroups (64 query rows each): 1, 2, or 3 from step 9 at d = 64
     int producer_regs, consumer_regs;  // registers per thread after setmaxnreg (warp-specialised steps)
     int threads;            // 128 per warpgroup, producer included
     int Br, Bc, stages;     // Q tile rows, K/V tile rows, K/V ring depth (2; 3 or 4 from step 6 on)
     int smem_bytes;         // dynamic shared memory the launch asks for
 };
-// "" and *c filled when (step, d) is compiled (step 1..steps, d = 64 or 128), else one line saying why not.
+// "" and *c filled when (step, d) is compiled (step 1..steps, d = 64, 128 or 256), else one line saying why not.
 std::string v3_config(int step, int d, V3Config* c);
 
 // -------------------------------------------------------------------------------------------- tensor maps (host)
@@ -54,7 +55,7 @@ struct V3TensorMapShape {
 std::string v3_tensor_map_shape(int heads, int rows, int d, int box_rows, V3TensorMapShape* s);
 
 // --------------------------------------------------------------------------------------------- the stage entry
-std::string v3_unsupported(const Problem& p);  // "" when bin/v3 accepts p (fp16/bf16, d = 64 or 128, ...)
+std::string v3_unsupported(const Problem& p);  // "" when bin/v3 accepts p (fp16/bf16, d = 64, 128 or 256, ...)
 // "" on a Hopper GPU (sm_90), else one line saying why the kernels cannot run here (the stage runs its CPU model).
 std::string v3_gpu_unusable();
 // Launches step p.kernel on the current device, on `stream` (the PyTorch bridge passes its current stream; the

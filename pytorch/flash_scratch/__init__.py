@@ -6,7 +6,7 @@
 
 The same conventions as every stage program (docs/conventions.md): causal masks aligned bottom-right (query i
 sees keys j <= i + Nk - Nq), a row that sees no key gives O = 0 and LSE = -inf, scale defaults to 1/sqrt(d).
-The forward runs v3 (FlashAttention-3) on a Hopper GPU for d = 64 and 128, v2 otherwise; gradients flow to q, k
+The forward runs v3 (FlashAttention-3) on a Hopper GPU for d = 64, 128 and 256, v2 otherwise; gradients flow to q, k
 and v through the v2 backward kernel; LSE is returned without a gradient.
 
 Importing compiles the extension from the repository's own sources on first use (pytorch/flash_scratch/_build.py)
@@ -41,7 +41,7 @@ def _(dO, q, k, v, o, lse, causal, scale, deterministic):
 def attention(q, k, v, causal=False, scale=None, return_lse=False, deterministic=False):
     """softmax(scale * q k^T [+ causal mask]) v; differentiable in q, k and v.
 
-    Head dims: any multiple of 8 from 8 to 256 (v2; v3 takes 64 and 128 on Hopper); others raise with the kernels'
+    Head dims: any multiple of 8 from 8 to 256 (v2; v3 takes 64, 128 and 256 on Hopper); others raise with the kernels'
     own message, as do a wrong dtype, device, rank or layout (checked in C++). deterministic=True runs the backward
     whose dQ needs no atomic additions: the same gradient bits on every call, somewhat slower. Returns O, or
     (O, LSE) with return_lse=True.

@@ -82,7 +82,7 @@ def shape_id(s):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
 def test_values_and_gradients(dtype, shape):
-    """On Hopper the forward of d = 64 and 128 is v3's (test_hopper_forward_is_v3), and the v2 backward runs on the
+    """On Hopper the forward of d = 64, 128 and 256 is v3's (test_hopper_forward_is_v3), and the v2 backward runs on the
     LSE v3 wrote; elsewhere both passes are v2's."""
     check_values_and_gradients(dtype, shape, deterministic=False)
 
@@ -138,8 +138,8 @@ def test_deterministic(dtype, shape):
 @pytest.mark.skipif(not HOPPER, reason="v3, the Hopper forward, runs on sm_90 only")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_hopper_forward_is_v3(dtype):
-    """On Hopper the forward of d = 64 and 128 runs v3, other head dims v2; v3 and v2 agree to rounding."""
-    for d in (64, 128):
+    """On Hopper the forward of d = 64, 128 and 256 runs v3, other head dims v2; v3 and v2 agree to rounding."""
+    for d in (64, 128, 256):
         q, k, v, _ = inputs(2, 3, 300, 200, d, dtype, seed=17)
         assert forward_kernel(q, k, v) == "v3"
         for causal in (False, True):
@@ -155,7 +155,7 @@ def test_hopper_forward_is_v3(dtype):
             assert torch.equal(torch.isinf(lse3), torch.isinf(lse2))
             assert torch.allclose(lse3, lse2, rtol=0, atol=1e-4)
     q, k, v, _ = inputs(1, 2, 64, 64, 40, dtype)
-    assert forward_kernel(q, k, v).startswith("v2 (v3 supports head dims 64 and 128")
+    assert forward_kernel(q, k, v).startswith("v2 (v3 supports head dims 64, 128 and 256")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
