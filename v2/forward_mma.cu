@@ -76,8 +76,13 @@ struct Features {
     static constexpr bool kCpAsync = kStep >= 4;         // 4: cp.async, K_j and V_j double-buffered
     static constexpr bool kExp2 = kStep >= 5;            // 5: exp2 with the scale folded into one FFMA,
     static constexpr bool kStagedEpilogue = kStep >= 5;  //    and O_i leaves through shared memory
+    static constexpr bool kLazyRescale = kStep >= 6;     // 6: m_i moves only when a tile's max passes it by 2^8
 };
-constexpr int kFinalStep = 5;
+constexpr int kFinalStep = 6;
+// Step 6: how far (log2 domain) a tile's row max may pass m_i before m_i moves. Below it the row keeps its old m_i,
+// its exponentials stay under 2^8 = 256 (finite in fp32, and in fp16 and bf16 once packed), and O_i and l_i need no
+// rescale: O_i / l_i and m_i + log2 l_i are the same whichever m_i they were computed with.
+constexpr float kRescaleSlack = 8.0f;
 
 }  // namespace v2_mma
 
@@ -88,8 +93,9 @@ const std::vector<KernelStep>& v2_forward_steps() {
         {"ldmatrix", "fragments by ldmatrix.x4; tile rows padded by 16 bytes so its 8-row reads are conflict-free"},
         {"cp-async", "K_j, V_j copied with cp.async into two buffers: tile j+1 lands while tile j is computed"},
         {"exp2-epilogue", "exp2 with scale * log2 e folded into one FFMA; O_i staged in shared memory, 16-byte stores"},
+        {"lazy-rescale", "m_i moves only when a tile's row max passes it by 2^8: most tiles skip O_i's rescale"},
     };
-    static_assert(v2_mma::kFinalStep == 5, "one entry per step");
+    static_assert(v2_mma::kFinalStep == 6, "one entry per step");
     return steps;
 }
 
@@ -495,28 +501,49 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 
         // line 9: online softmax (and line 10's rescale of O_i). Each row lives in one quad of lanes (same g), so the
         // row max needs two shuffles.
+        float row_max[kMTiles][2];  // h = 0: row g, h = 1: row g + 8 (accumulator elements 2h, 2h+1)
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(S[mt][nt][2 * h], S[mt][nt][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                row_max[mt][h] = mx * s_scale;
+            }
+        // Step 6: m_i moves only when some row of the warp passes it by more than kRescaleSlack; then every row of
+        // the warp takes its exact max (one warp-uniform choice). Otherwise O_i and l_i keep their scale: the
+        // kDTiles * 2 multiplies a row below are skipped. (-inf > -inf + slack is false: a row that has seen only
+        // masked keys stays at -inf until it sees one.)
+        bool move = true;
+        if constexpr (F::kLazyRescale) {
+            bool passes = false;
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) passes |= row_max[mt][h] > m_i[mt][h] + kRescaleSlack;
+            move = __any_sync(0xffffffffu, passes);
+        }
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // h = 0: row g, h = 1: row g + 8 (accumulator elements 2h, 2h+1)
-                float row_max = -INFINITY;
+            for (int h = 0; h < 2; ++h) {
+                if (move) {
+                    const float m_new = fmaxf(m_i[mt][h], row_max[mt][h]);
+                    // A row that has seen only masked keys keeps m = -inf; -inf - -inf would give NaN, so such a
+                    // row's alpha uses 0 as the base (and its exponentials below are of -inf, i.e. 0).
+                    const float alpha = softmax_exp<F::kExp2>(m_i[mt][h] - (m_new == -INFINITY ? 0.0f : m_new));
+                    m_i[mt][h] = m_new;
+                    l_i[mt][h] *= alpha;
 #pragma unroll
-                for (int nt = 0; nt < kNTiles; ++nt)
-                    row_max = fmaxf(row_max, fmaxf(S[mt][nt][2 * h], S[mt][nt][2 * h + 1]));
-                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
-                row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
-                const float m_new = fmaxf(m_i[mt][h], row_max * s_scale);
-                // A row that has seen only masked keys keeps m = -inf; subtracting -inf from -inf would give NaN,
-                // so such a row uses 0 as its base: every exponential below is then of -inf, i.e. 0.
-                const float base = m_new == -INFINITY ? 0.0f : m_new;
-                const float alpha = softmax_exp<F::kExp2>(m_i[mt][h] - base);
-                m_i[mt][h] = m_new;
-                l_i[mt][h] *= alpha;
-#pragma unroll
-                for (int dt = 0; dt < kDTiles; ++dt) {
-                    O_i[mt][dt][2 * h] *= alpha;
-                    O_i[mt][dt][2 * h + 1] *= alpha;
+                    for (int dt = 0; dt < kDTiles; ++dt) {
+                        O_i[mt][dt][2 * h] *= alpha;
+                        O_i[mt][dt][2 * h + 1] *= alpha;
+                    }
                 }
+                const float base = m_i[mt][h] == -INFINITY ? 0.0f : m_i[mt][h];
 #pragma unroll
                 for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -738,6 +765,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 2: launch_causal_or_not<T, kD, 2, true>(p, a, stream); return "";
             case 3: launch_causal_or_not<T, kD, 3, true>(p, a, stream); return "";
             case 4: launch_causal_or_not<T, kD, 4, true>(p, a, stream); return "";
+            case 5: launch_causal_or_not<T, kD, 5, true>(p, a, stream); return "";
             default: break;
         }
     }
@@ -777,6 +805,7 @@ size_t forward_smem_bytes(int step) {
         case 2: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 2>();
         case 3: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 3>();
         case 4: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 4>();
+        case 5: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, 5>();
         default: return v2_mma::smem_bytes<Tl::kBr, Tl::kBc, kD, v2_mma::kFinalStep>();
     }
 }
