@@ -133,7 +133,8 @@ __device__ inline void atomic_add_fragment(float* row_g, int row_stride, const f
         atomicAdd(reinterpret_cast<float4*>(row_g + row_stride - 2),
                   make_float4(scale * got0, scale * got1, scale * c[2], scale * c[3]));
     else  // row g, columns 2t .. 2t + 3
-        atomicAdd(reinterpret_cast<float4*>(row_g), make_float4(scale * c[0], scale * c[1], scale * got0, scale * got1));
+        atomicAdd(reinterpret_cast<float4*>(row_g),
+                  make_float4(scale * c[0], scale * c[1], scale * got0, scale * got1));
 #else
     atomicAdd(row_g, scale * c[0]);
     atomicAdd(row_g + 1, scale * c[1]);
