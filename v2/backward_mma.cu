@@ -119,27 +119,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---------------------------------------------------------------- kernel-specific wrappers (the shared ones: mma.cuh)
 
-// dQ accumulation of one accumulator fragment (c[0], c[1] at row g, columns 2t, 2t+1; c[2], c[3] at row g + 8),
-// row_g: the address of (g, 2t). sm_90 has a four-float atomic add: lanes t and t^1 swap halves (t even gets its
-// partner's row-g pair, t odd the partner's row-(g+8) pair), so each lane holds four consecutive columns, 16-byte
-// aligned, and adds them with one red: half the reds of two-float adds, which fill the global queue at the end of a
-// tile (docs/backward.md, "Where the rest goes"). Before sm_90: four one-float adds.
-__device__ inline void atomic_add_fragment(float* row_g, int row_stride, const float (&c)[4], float scale) {
+// dQ accumulation: sm_90 has a two-float atomic add (one instruction for the pair d0, d1 of a fragment).
+__device__ inline void atomic_add2(float* addr, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const bool odd = threadIdx.x % 2;  // lane t = lane % 4: odd t
-    const float give0 = odd ? c[0] : c[2], give1 = odd ? c[1] : c[3];
-    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-    if (odd)  // row g + 8, columns 2t - 2 .. 2t + 1
-        atomicAdd(reinterpret_cast<float4*>(row_g + row_stride - 2),
-                  make_float4(scale * got0, scale * got1, scale * c[2], scale * c[3]));
-    else  // row g, columns 2t .. 2t + 3
-        atomicAdd(reinterpret_cast<float4*>(row_g),
-                  make_float4(scale * c[0], scale * c[1], scale * got0, scale * got1));
+    atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x, y));
 #else
-    atomicAdd(row_g, scale * c[0]);
-    atomicAdd(row_g + 1, scale * c[1]);
-    atomicAdd(row_g + row_stride, scale * c[2]);
-    atomicAdd(row_g + row_stride + 1, scale * c[3]);
+    atomicAdd(addr, x);
+    atomicAdd(addr + 1, y);
 #endif
 }
 
@@ -686,7 +672,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 const int col = wn * kCols + c * 8;
                 if (col >= d) continue;
                 float* row = rows_of(h).dQ_accum + size_t(i0 + wm * 32 + m * 16 + g) * kD + col + 2 * t;
-                atomic_add_fragment(row, 8 * kD, dQ_i[m][c], ds_scale);
+                atomic_add2(row, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
+                atomic_add2(row + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
             }
     }
 
