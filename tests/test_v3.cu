@@ -123,10 +123,10 @@ TEST_CASE("v3 tile schedule: visited K/V tiles hold every key a row sees, no til
 }
 
 TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file and the tiles fit shared memory") {
-    REQUIRE(v3_forward_steps().size() == 11);
+    REQUIRE(v3_forward_steps().size() == 10);
     for (int d : {64, 128, 256}) {
         V3Config prev{};
-        for (int k = 1; k <= 11; ++k) {
+        for (int k = 1; k <= 10; ++k) {
             INFO("d " << d << " step " << k);
             V3Config c;
             REQUIRE(v3_config(k, d, &c).empty());
@@ -139,76 +139,69 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
                 CHECK((c.producer_regs % 8 == 0 && c.consumer_regs % 8 == 0));
             }
             // Step 7's one idea, the persistent grid, takes the TMA store back out (Q_i's space is refilled early).
-            // Step 11's wide K/V tiles leave room for 2 stages only: the one idea is the tile, the ring follows.
             const int added = (c.warp_specialised != prev.warp_specialised) + (c.ping_pong != prev.ping_pong) +
                               (c.overlap != prev.overlap) + (c.tma_store != prev.tma_store && k != 7) +
-                              (k > 1 && k != 11 && c.stages != prev.stages) + (k > 1 && c.Bc != prev.Bc) +
-                              (c.persistent != prev.persistent) +
+                              (k > 1 && c.stages != prev.stages) + (c.persistent != prev.persistent) +
                               (c.poly_exp != prev.poly_exp) + (k > 2 && c.consumers != prev.consumers) +
                               (c.lazy_rescale != prev.lazy_rescale);
-            // steps 8 and 9 are d = 64's alone, 11 d = 128's; at d = 256 a third K/V stage does not fit (6 = 5)
-            CHECK(added == (k == 1 || ((k == 8 || k == 9) && d != 64) || (k == 6 && d == 256) ||
-                                    (k == 11 && d != 128)
-                                ? 0
-                                : 1));
+            // steps 8 and 9 are d = 64's alone; at d = 256 a third K/V stage does not fit (step 6 = step 5)
+            CHECK(added == (k == 1 || ((k == 8 || k == 9) && d != 64) || (k == 6 && d == 256) ? 0 : 1));
             CHECK(c.tma_store == (k == 5 || k == 6));
             CHECK(c.persistent == (k >= 7));
             CHECK(c.poly_exp == (k >= 8 && d == 64));
             CHECK(c.consumers == (k == 1 ? 1 : k >= 9 && d == 64 ? 3 : 2));
             CHECK(c.lazy_rescale == (k >= 10));
-            CHECK(c.stages == (k < 6 || d == 256 || (k == 11 && d == 128) ? 2 : d == 64 ? 4 : 3));
-            // at d = 256 O takes 128 registers: S and P get fewer; step 11 widens the tile at d = 128
-            CHECK(c.Bc == (d == 256 ? 64 : k == 11 && d == 128 ? 176 : 128));
+            CHECK(c.stages == (k < 6 || d == 256 ? 2 : d == 64 ? 4 : 3));
+            CHECK(c.Bc == (d == 256 ? 64 : 128));  // at d = 256 O takes 128 registers: S and P get fewer
             CHECK(c.smem_bytes >= c.Br * d * 2 + 2 * c.stages * c.Bc * d * 2 + 8 * (2 * c.stages + 2));
             prev = c;
         }
     }
-    // The final kernel's choice (v3_step_of): step 11, but step 8 at d = 64, causal, Nq < 4096; a given step is itself.
+    // The final kernel's choice (v3_step_of): step 10, but step 8 at d = 64, causal, Nq < 4096; a given step is itself.
     Problem p;
     p.d = 64, p.causal = true;
     for (int nq : {1, 1000, 4095, 4096, 16384}) {
         p.Nq = nq;
         p.kernel = 0;
-        CHECK(v3_step_of(p) == (nq < 4096 ? 8 : 11));
+        CHECK(v3_step_of(p) == (nq < 4096 ? 8 : 10));
         p.kernel = 3;
         CHECK(v3_step_of(p) == 3);
     }
     p.kernel = 0, p.Nq = 1000, p.causal = false;
-    CHECK(v3_step_of(p) == 11);
+    CHECK(v3_step_of(p) == 10);
     p.d = 128, p.causal = true;
-    CHECK(v3_step_of(p) == 11);
+    CHECK(v3_step_of(p) == 10);
     V3Config c;
     CHECK(one_line(v3_config(0, 64, &c)));
-    CHECK(one_line(v3_config(12, 64, &c)));
+    CHECK(one_line(v3_config(11, 64, &c)));
     CHECK(one_line(v3_config(1, 96, &c)));
 }
 
 TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives every CTA an equal share") {
     // The work of a tile is the K/V tiles it visits; a CTA's share is the sum over its tiles (v3_kv_tiles).
     for (int Br : {128, 192})  // two consumer warpgroups, or three (step 9 at d = 64)
-        for (int Bc : {64, 128, 176})  // K/V tiles at d = 256, 64 and 128, step 11 at d = 128
-            for (bool causal : {false, true})
-                for (bool persistent : {false, true})
-                    for (int N : {1, 77, 1000, 1024, 4096, 16384})
-                        for (int heads : {1, 3, 16, 256})
-                            for (int sms : {7, 132}) {
-                                INFO("Br " << Br << " Bc " << Bc << " causal " << causal << " persistent "
-                                           << persistent << " N " << N << " heads " << heads << " SMs " << sms);
-                                const V3TileOrder order = v3_tile_order(N, Br, heads, persistent, causal);
-                                const int ctas = order.ctas(sms);
-                                const int turns = (order.positions + order.per_turn() - 1) / order.per_turn();
-                                CHECK(ctas == (persistent ? std::min(sms, turns) : order.positions));
-                                const V3Walk w = v3_walk(order, ctas, Br, N, N, Bc, causal);
-                                REQUIRE(w.in_range);
-                                const std::vector<long>& share = w.share;
-                                // each tile exactly once
-                                CHECK(std::count(w.seen.begin(), w.seen.end(), 1) == order.positions);
-                                if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
-                                    const long most = *std::max_element(share.begin(), share.end());
-                                    const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
-                                    CHECK(most <= 1.1 * mean);
-                                }
+        for (bool causal : {false, true})
+            for (bool persistent : {false, true})
+                for (int N : {1, 77, 1000, 1024, 4096, 16384})
+                    for (int heads : {1, 3, 16, 256})
+                        for (int sms : {7, 132}) {
+                            INFO("Br " << Br << " causal " << causal << " persistent " << persistent << " N " << N
+                                       << " heads " << heads << " SMs " << sms);
+                            const V3TileOrder order = v3_tile_order(N, Br, heads, persistent, causal);
+                            const int ctas = order.ctas(sms);
+                            const int turns = (order.positions + order.per_turn() - 1) / order.per_turn();
+                            CHECK(ctas == (persistent ? std::min(sms, turns) : order.positions));
+                            const V3Walk w = v3_walk(order, ctas, Br, N, N, 128, causal);
+                            REQUIRE(w.in_range);
+                            const std::vector<long>& share = w.share;
+                            // each tile exactly once
+                            CHECK(std::count(w.seen.begin(), w.seen.end(), 1) == order.positions);
+                            if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
+                                const long most = *std::max_element(share.begin(), share.end());
+                                const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
+                                CHECK(most <= 1.1 * mean);
                             }
+                        }
     // Without the pairs, one causal tile a turn in last-first order: at N = 1024 (8 Q tiles) and 132 CTAs, CTA b
     // gets tiles b % 8 and (b + 4) % 8 of a head in turn, and the busiest CTA has about twice the least busy's work.
     const V3TileOrder single{8, 8 * 256, true, false};  // non-causal order: one tile a turn, taken last-first below
@@ -222,12 +215,12 @@ TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives 
 TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry points never exit") {
     Problem p;
     p.d = 64, p.dtype = DType::fp16;
-    for (int k = 0; k <= 11; ++k) {
+    for (int k = 0; k <= 10; ++k) {
         p.kernel = k;
         CHECK_MESSAGE(v3_unsupported(p).empty(), "step " << k);
     }
     std::vector<std::string> refusals;
-    p.kernel = 12;
+    p.kernel = 11;
     refusals.push_back(v3_unsupported(p));
     p.kernel = -1;
     refusals.push_back(v3_unsupported(p));
@@ -244,7 +237,7 @@ TEST_CASE("v3 refuses in one line what it has no kernel for, and its entry point
     for (const std::string& why : refusals) CHECK(one_line(why));
     p.B = 1000, p.H = 1000;  // over the 65535 heads a 2-D grid would allow: the grid is 1-D
     CHECK(v3_unsupported(p).empty());
-    p.kernel = 11, p.dtype = DType::bf16, p.B = 1, p.H = 1;
+    p.kernel = 10, p.dtype = DType::bf16, p.B = 1, p.H = 1;
     CHECK(v3_unsupported(p).empty());
     // Null pointers: a launch would fault, so the reason must come back before anything launches.
     p.d = 96;

@@ -37,8 +37,6 @@
 //                  at the tensor cores: more warps to hide the softmax's latencies (d = 128: step 8, which needs 240)
 //  10 lazy-rescale a row's running max m moves only when the tile's max passes it by more than 8 (log2 domain):
 //                  most tiles then skip O's rescale (alpha = 1), and P stays below 2^8, safe in fp16 and bf16
-//  11 wide-kv      at d = 128, K/V tiles of 176 keys (FlashAttention-3's tile there): one m64n176k16 per k step
-//                  for S, fewer tiles, turns and barriers per key; the ring has 2 stages (3 x 88 KiB do not fit)
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -77,9 +75,8 @@ struct Features {
     static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (Tiles)
     static constexpr bool kThreeConsumers = kStep >= 9;  // step 9: three consumer warpgroups at d = 64 (Tiles)
     static constexpr bool kLazyRescale = kStep >= 10;    // step 10: m moves only by more than kRescaleSlack
-    static constexpr bool kWideKV = kStep >= 11;         // step 11: K/V tiles of 176 keys at d = 128 (Tiles)
 };
-constexpr int kFinalStep = 11;
+constexpr int kFinalStep = 10;
 
 // Named barriers 1, 2 (and 3): the turns of consumers 0, 1 (and 2) in the ping-pong; 4 and 5: each consumer's own
 // warpgroup before its TMA store (steps 5-6, two consumers).
@@ -99,14 +96,13 @@ struct Tiles {
     static constexpr int kBr = 64 * kConsumers;
     // K/V tiles of 128 keys; 64 at d = 256, where O alone takes 128 registers a thread: S (Bc/2), P (Bc/4) and O
     // are alive together, 224 of the 240 with Bc = 128 (no room for addresses and the softmax), 176 with 64.
-    // Step 11 at d = 128: 176 keys, S 88 + P 44 + O 64 = 196 registers (d = 64's three consumers have 160).
-    static constexpr int kBc = kD == 256 ? 64 : Features<kStep>::kWideKV && kD == 128 ? 176 : 128;
+    static constexpr int kBc = kD == 256 ? 64 : 128;
     // The ring: 2 stages until step 6, then as many as shared memory holds beside Q_i (at d = 128: 32 KiB of Q
     // and 3 x 64 KiB of K and V, 225 KiB of the 227 a block may have). With 2 stages the producer may refill
     // stage s only once both consumers have finished P_j V_j on it, which the ping-pong delays by a turn: a third
     // stage lets the copy of tile j+2 start while tile j is still being read. At d = 256 a third stage does not fit
-    // (64 KiB of Q + 3 x 64 KiB): step 6 is step 5 there; nor with step 11's tiles (32 KiB of Q + 3 x 88 KiB).
-    static constexpr int kStages = !Features<kStep>::kDeepRing || kD == 256 || kBc == 176 ? 2 : kD == 64 ? 4 : 3;
+    // (64 KiB of Q + 3 x 64 KiB): step 6 is step 5 there.
+    static constexpr int kStages = !Features<kStep>::kDeepRing || kD == 256 ? 2 : kD == 64 ? 4 : 3;
     // Step 8's polynomial at d = 64 only: at d = 128 a tile's products take twice as long as its exponentials on
     // MUFU, and moving some to the FMA pipe cost 0.3-1.4% there (H200, docs/v3.md "Step 8 against step 7").
     static constexpr bool kPolyExp = Features<kStep>::kPolyExp && kD == 64;
@@ -132,9 +128,7 @@ __device__ __forceinline__ void issue_s(float (&S)[Tiles<kD, kStep>::kBc / 2], u
         const uint32_t block = k / 4, in_row = k % 4 * 32;  // 64-column block, byte offset of the k step in a row
         const uint64_t a = advance_descriptor(a0, block * L::kBr * 128 + in_row);
         const uint64_t b = advance_descriptor(b0, block * L::kBc * 128 + in_row);
-        if constexpr (L::kBc == 176)
-            wgmma_m64n176k16_ss<T>(S, a, b, k > 0);
-        else if constexpr (L::kBc == 128)
+        if constexpr (L::kBc == 128)
             wgmma_m64n128k16_ss<T>(S, a, b, k > 0);
         else
             wgmma_m64n64k16_ss<T>(S, a, b, k > 0);
@@ -175,11 +169,10 @@ constexpr int kPolyEvery = 16;
 __device__ constexpr bool poly_exp_block(int i) { return i % kPolyEvery == kPolyEvery - 1; }
 
 // The online softmax of one tile of Bc keys (lines 19-20 of Algorithm 1): masks S, updates m and l, and turns S
-// into P in place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query
-// row of this thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles).
-// A row with no key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never
-// happens. kPolyExp (step 8): the scores of poly_exp_block use exp2_poly; l adds the very value that becomes P,
-// whichever unit made it.
+// into P in place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
+// thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles). A row with no
+// key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens. kPolyExp
+// (step 8): the scores of poly_exp_block use exp2_poly; l adds the very value that becomes P, whichever unit made it.
 //
 // kLazy (step 10): the running max m of a row moves only when the tile's max passes it by more than kRescaleSlack
 // (the exponentials then stay below 2^kRescaleSlack = 256: P and l stay finite in fp32, P in fp16 and bf16). When no
@@ -408,8 +401,7 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_registers(S);
-                online_softmax<L::kBc, kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
-                                                             scale_log2);
+                online_softmax<L::kBc, kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
                 pack_p<T, L::kBc>(S, P);
                 rescale_o<kD>(O, alpha);  // line 22, first half
                 fence_o<kD>(O);
@@ -435,8 +427,8 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
             wgmma_wait<0>();
             fence_registers(S);
             if (n == 1) release_q();
-            online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, 0, 0 >= kv.first_masked,
-                                                                          Nq, Nk, scale_log2);  // O is 0 still
+            online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq,
+                                                                  Nk, scale_log2);  // O is 0 still
             pack_p<T, L::kBc>(S, P);
             for (int j = 1; j < n; ++j) {
                 wait_full(j);
@@ -629,7 +621,6 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 7: return launch_causal_or_not<T, kD, 7>(p, a, stream);
             case 8: return launch_causal_or_not<T, kD, 8>(p, a, stream);
             case 9: return launch_causal_or_not<T, kD, 9>(p, a, stream);
-            case 10: return launch_causal_or_not<T, kD, 10>(p, a, stream);
             default: break;
         }
     }
@@ -680,9 +671,8 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"poly-exp", "d = 64: 1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
         {"three-wg", "d = 64: three consumer warpgroups (Q tiles of 192 rows, 160 registers) take turns (d = 128: step 8)"},
         {"lazy-rescale", "a row's max moves only when a tile's max passes it by 2^8: most tiles skip O's rescale"},
-        {"wide-kv", "d = 128: K/V tiles of 176 keys, S by one m64n176k16 a k step, 2 stages (d = 64, 256: step 10)"},
     };
-    static_assert(v3_fwd::kFinalStep == 11, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 10, "one entry per step");
     return steps;
 }
 
@@ -704,7 +694,6 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 8: *c = v3_fwd::config_of<8>(d); return "";
         case 9: *c = v3_fwd::config_of<9>(d); return "";
         case 10: *c = v3_fwd::config_of<10>(d); return "";
-        case 11: *c = v3_fwd::config_of<11>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }
