@@ -39,6 +39,7 @@ if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)" = 
     runs+=("bin/v3 ${shape[*]} --d 128 --dtype bf16")
     # 45 keys are one K/V tile: with 400 the ring turns over and step 10's max moves or stays between tiles
     runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --causal --check --d 128 --dtype fp16")
+    runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --check --d 256 --dtype bf16")  # K/V tiles of 64 keys
 fi
 failed=0
 for tool in memcheck racecheck synccheck initcheck; do

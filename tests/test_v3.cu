@@ -180,28 +180,29 @@ TEST_CASE("v3 steps: each adds one idea, the warpgroups fit the register file an
 TEST_CASE("v3 tile order: every Q tile once, and a persistent causal grid gives every CTA an equal share") {
     // The work of a tile is the K/V tiles it visits; a CTA's share is the sum over its tiles (v3_kv_tiles).
     for (int Br : {128, 192})  // two consumer warpgroups, or three (step 9 at d = 64)
-        for (bool causal : {false, true})
-            for (bool persistent : {false, true})
-                for (int N : {1, 77, 1000, 1024, 4096, 16384})
-                    for (int heads : {1, 3, 16, 256})
-                        for (int sms : {7, 132}) {
-                            INFO("Br " << Br << " causal " << causal << " persistent " << persistent << " N " << N
-                                       << " heads " << heads << " SMs " << sms);
-                            const V3TileOrder order = v3_tile_order(N, Br, heads, persistent, causal);
-                            const int ctas = order.ctas(sms);
-                            const int turns = (order.positions + order.per_turn() - 1) / order.per_turn();
-                            CHECK(ctas == (persistent ? std::min(sms, turns) : order.positions));
-                            const V3Walk w = v3_walk(order, ctas, Br, N, N, 128, causal);
-                            REQUIRE(w.in_range);
-                            const std::vector<long>& share = w.share;
-                            // each tile exactly once
-                            CHECK(std::count(w.seen.begin(), w.seen.end(), 1) == order.positions);
-                            if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
-                                const long most = *std::max_element(share.begin(), share.end());
-                                const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
-                                CHECK(most <= 1.1 * mean);
+        for (int Bc : {64, 128})  // K/V tiles at d = 256; at d = 64 and 128
+            for (bool causal : {false, true})
+                for (bool persistent : {false, true})
+                    for (int N : {1, 77, 1000, 1024, 4096, 16384})
+                        for (int heads : {1, 3, 16, 256})
+                            for (int sms : {7, 132}) {
+                                INFO("Br " << Br << " Bc " << Bc << " causal " << causal << " persistent " << persistent
+                                           << " N " << N << " heads " << heads << " SMs " << sms);
+                                const V3TileOrder order = v3_tile_order(N, Br, heads, persistent, causal);
+                                const int ctas = order.ctas(sms);
+                                const int turns = (order.positions + order.per_turn() - 1) / order.per_turn();
+                                CHECK(ctas == (persistent ? std::min(sms, turns) : order.positions));
+                                const V3Walk w = v3_walk(order, ctas, Br, N, N, Bc, causal);
+                                REQUIRE(w.in_range);
+                                const std::vector<long>& share = w.share;
+                                // each tile exactly once
+                                CHECK(std::count(w.seen.begin(), w.seen.end(), 1) == order.positions);
+                                if (persistent && order.positions >= 16 * ctas) {  // many turns a CTA: shares even out
+                                    const long most = *std::max_element(share.begin(), share.end());
+                                    const double mean = double(std::accumulate(share.begin(), share.end(), 0L)) / ctas;
+                                    CHECK(most <= 1.1 * mean);
+                                }
                             }
-                        }
     // Without the pairs, one causal tile a turn in last-first order: at N = 1024 (8 Q tiles) and 132 CTAs, CTA b
     // gets tiles b % 8 and (b + 4) % 8 of a head in turn, and the busiest CTA has about twice the least busy's work.
     const V3TileOrder single{8, 8 * 256, true, false};  // non-causal order: one tile a turn, taken last-first below
@@ -318,7 +319,8 @@ TEST_CASE("GPU v3 every step matches float64 and v2 over the shape matrix") {
     for (DType t : {DType::fp16, DType::bf16})
         for (const Case& c : v3_cases(t)) {
             const HostTensors in = make_inputs(c.p, c.dist, 29);  // rounded to c.p.dtype
-            const Outputs v2 = v2_on(c.p, in);
+            const bool below = c.p.d <= 128;  // v2's fp32 kernel stops at d = 128: at 256 float64 is the yardstick
+            const Outputs v2 = below ? v2_on(c.p, in) : Outputs{};
             for (int k = t == DType::fp16 ? 1 : steps; k <= steps; ++k) {
                 Problem p = c.p;
                 p.kernel = k;
@@ -326,7 +328,7 @@ TEST_CASE("GPU v3 every step matches float64 and v2 over the shape matrix") {
                 const Outputs got = v3_at_step(c.p, in, k);
                 const std::string label = "v3 step " + std::to_string(k) + " " + v3_forward_steps()[k - 1].name + " ";
                 check_against_reference(label + c.name(), p, in, got);
-                check_against(label + "vs v2 " + c.name(), p, in, got, v2);
+                if (below) check_against(label + "vs v2 " + c.name(), p, in, got, v2);
             }
         }
 }
@@ -350,7 +352,10 @@ TEST_CASE("GPU v3 persistent step: many Q tiles a CTA, step 6's bits") {
                 const HostTensors in = make_inputs(c.p, c.dist, 7);
                 std::vector<Outputs> outs;
                 const Outputs f = v3_at_step(c.p, in, 0);
-                check_against(c.name() + " final step vs v2", c.p, in, f, v2_on(c.p, in));
+                if (d <= 128)  // v2's fp32 kernel stops at d = 128
+                    check_against(c.name() + " final step vs v2", c.p, in, f, v2_on(c.p, in));
+                else
+                    check_against_reference(c.name() + " final step", c.p, in, f);
                 outs.push_back(f);
                 if (t == DType::fp16) {  // the steps before the final one are compiled for fp16 only
                     const Outputs a = v3_at_step(c.p, in, 7), b = v3_at_step(c.p, in, 6);

@@ -76,12 +76,13 @@ struct Features {
     static constexpr bool kCpAsync = kStep >= 4;         // 4: cp.async, K_j and V_j double-buffered
     static constexpr bool kExp2 = kStep >= 5;            // 5: exp2 with the scale folded into one FFMA,
     static constexpr bool kStagedEpilogue = kStep >= 5;  //    and O_i leaves through shared memory
-    static constexpr bool kLazyRescale = kStep >= 6;     // 6: m_i moves only when a tile's max passes it by 2^8
+    static constexpr bool kLazyRescale = kStep >= 6;     // 6: m_i moves only by more than 2^8 (d = 128: kLazy)
 };
 constexpr int kFinalStep = 6;
 // Step 6: how far (log2 domain) a tile's row max may pass m_i before m_i moves. Below it the row keeps its old m_i,
 // its exponentials stay under 2^8 = 256 (finite in fp32, and in fp16 and bf16 once packed), and O_i and l_i need no
-// rescale: O_i / l_i and m_i + log2 l_i are the same whichever m_i they were computed with.
+// rescale: O_i / l_i and m_i + log2 l_i are the same whichever m_i they were computed with. Only the d = 128 tile
+// takes it (kLazy in the kernel): on an H200 it made d = 128 2-4% faster and d = 64 up to 13% slower (docs/v2.md).
 constexpr float kRescaleSlack = 8.0f;
 
 }  // namespace v2_mma
@@ -334,6 +335,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     constexpr int kMTiles = kWarpRows / 16;   // m16 tiles per warp
     constexpr int kNTiles = kBc / 8;          // n8 tiles of S = Q_i K_j^T
     constexpr int kDTiles = kD / 8;           // n8 tiles of O_i
+    constexpr bool kLazy = F::kLazyRescale && kD == 128;  // step 6's lazy rescale, at the d = 128 tile only
     constexpr int kPitchBytes = kPitch<kD, kStep> * 2;
     constexpr int kPPitchBytes = kBc * 2;     // step 1: P in shared memory, [Br][Bc] after the V buffer
     using Frag = Fragments<F::kLdmatrix, kPitchBytes>;
@@ -518,7 +520,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         // kDTiles * 2 multiplies a row below are skipped. (-inf > -inf + slack is false: a row that has seen only
         // masked keys stays at -inf until it sees one.)
         bool move = true;
-        if constexpr (F::kLazyRescale) {
+        if constexpr (kLazy) {
             bool passes = false;
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt)

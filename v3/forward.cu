@@ -169,10 +169,11 @@ constexpr int kPolyEvery = 16;
 __device__ constexpr bool poly_exp_block(int i) { return i % kPolyEvery == kPolyEvery - 1; }
 
 // The online softmax of one tile of Bc keys (lines 19-20 of Algorithm 1): masks S, updates m and l, and turns S
-// into P in place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query row of this
-// thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles). A row with no
-// key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never happens. kPolyExp
-// (step 8): the scores of poly_exp_block use exp2_poly; l adds the very value that becomes P, whichever unit made it.
+// into P in place (fp32), with alpha = exp2(m_old - m_new), the factor O must be rescaled by. row[h] is the query
+// row of this thread's rows, j the K/V tile; `masked`: some key of the tile is hidden from some row (v3_kv_tiles).
+// A row with no key seen yet has m = -inf; it subtracts 0 instead (every p is 0 then), so -inf - -inf never
+// happens. kPolyExp (step 8): the scores of poly_exp_block use exp2_poly; l adds the very value that becomes P,
+// whichever unit made it.
 //
 // kLazy (step 10): the running max m of a row moves only when the tile's max passes it by more than kRescaleSlack
 // (the exponentials then stay below 2^kRescaleSlack = 256: P and l stay finite in fp32, P in fp16 and bf16). When no
@@ -401,7 +402,8 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_registers(S);
-                online_softmax<L::kBc, kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk, scale_log2);
+                online_softmax<L::kBc, kCausal, L::kPolyExp>(S, m, l, alpha, row, j, j >= kv.first_masked, Nq, Nk,
+                                                             scale_log2);
                 pack_p<T, L::kBc>(S, P);
                 rescale_o<kD>(O, alpha);  // line 22, first half
                 fence_o<kD>(O);
@@ -427,8 +429,8 @@ __global__ void __launch_bounds__(Tiles<kD, kStep>::kThreads, 1)
             wgmma_wait<0>();
             fence_registers(S);
             if (n == 1) release_q();
-            online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, 0, 0 >= kv.first_masked, Nq,
-                                                                  Nk, scale_log2);  // O is 0 still
+            online_softmax<L::kBc, kCausal, L::kPolyExp, F::kLazyRescale>(S, m, l, alpha, row, 0, 0 >= kv.first_masked,
+                                                                          Nq, Nk, scale_log2);  // O is 0 still
             pack_p<T, L::kBc>(S, P);
             for (int j = 1; j < n; ++j) {
                 wait_full(j);
