@@ -94,7 +94,7 @@ const std::vector<KernelStep>& v2_forward_steps() {
         {"ldmatrix", "fragments by ldmatrix.x4; tile rows padded by 16 bytes so its 8-row reads are conflict-free"},
         {"cp-async", "K_j, V_j copied with cp.async into two buffers: tile j+1 lands while tile j is computed"},
         {"exp2-epilogue", "exp2 with scale * log2 e folded into one FFMA; O_i staged in shared memory, 16-byte stores"},
-        {"lazy-rescale", "m_i moves only when a tile's row max passes it by 2^8: most tiles skip O_i's rescale"},
+        {"lazy-rescale", "d = 128: m_i moves only when a row max passes it by 2^8: most tiles skip O_i's rescale"},
     };
     static_assert(v2_mma::kFinalStep == 6, "one entry per step");
     return steps;
