@@ -177,8 +177,8 @@ __device__ constexpr bool poly_exp_block(int i) { return i % kPolyEvery == kPoly
 //
 // kLazy (step 10): the running max m of a row moves only when the tile's max passes it by more than kRescaleSlack
 // (the exponentials then stay below 2^kRescaleSlack = 256: P and l stay finite in fp32, P in fp16 and bf16). When no
-// row of the warp moves, alpha is 1 and the function returns false: the caller skips O's rescale, 32 (d = 64) or 64
-// (d = 128) multiplies a thread per tile. When one row moves, every row of the warp takes its exact max, so the
+// row of the warp moves, alpha is 1 and the function returns false: the caller skips O's rescale, d / 2 multiplies
+// a thread per tile (32, 64, 128). When one row moves, every row of the warp takes its exact max, so the
 // choice is warp-uniform. O, l and m stay consistent whichever m is used: O / l and m + log2 l do not depend on it.
 // Returns whether O must be rescaled by alpha (always, before step 10).
 constexpr float kRescaleSlack = 8.0f;
