@@ -400,14 +400,20 @@ struct DkDvTiles {
 // top: the extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own. At d = 64
 // step 3's layout spilled 168 bytes with Br = 128 (24 with Br = 64), and was still 7% faster than Br = 64 (H200,
 // N = 1k-16k, docs/measured/dropout_backward_kdropout_2026-12-04.log); step 4's key pairs spill 32.
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
+// kGroup: grouped-query heads (--kv-heads, with or without dropout and causal, nothing else), atomic dQ, in the
+// default kernel: the grid's y is a K/V head, B * Hk, and the block walks the Q tiles of its group's H / Hk query
+// heads as the extension kernel does, with the default per-element code. A template flag, not a runtime one, so
+// that the plain instantiations compile to the code they had (a runtime group walk in them added 176 SASS
+// instructions and measured 2-6% slower, docs/extensions.md).
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false,
+          bool kGroup = false>
 __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
                  float scale, Extensions x) {
     using F = Features<kStep>;
-    static_assert(!(kDropout && (kExt || !kAtomicDq)), "kDropout is the default kernel with dropout, atomic dQ");
+    static_assert(!((kDropout || kGroup) && (kExt || !kAtomicDq)), "kDropout, kGroup: the default kernel, atomic dQ");
     const int d = kExactD ? kD : head_dim;
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     using KV = typename Tiles::KV;
@@ -423,8 +429,9 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const int bh = blockIdx.y, j0 = blockIdx.x * Bc;  // line 5: the grid walks the K/V tiles
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     // The query heads whose Q tiles the block walks: n_heads of them from h0 (one: bh itself, by default). With
-    // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
-    // (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics).
+    // the extensions or kGroup, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its
+    // group (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics);
+    // kGroup's h0 is flattened (batch * H + hk * H / Hk), the extensions' is within the batch entry.
     int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d;
     if constexpr (kExt) {
         const int hk = bh % x.Hk;
@@ -436,23 +443,28 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         q0 = seq.q0, Nq = seq.Nq, Nk = seq.Nk;
         q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
-        Q += size_t(bh) * Nq * d;
-        dO += size_t(bh) * Nq * d;
+        if constexpr (kGroup) n_heads = x.H / x.Hk, h0 = bh / x.Hk * x.H + bh % x.Hk * n_heads;
+        Q += size_t(h0) * Nq * d;
+        dO += size_t(h0) * Nq * d;
         K += size_t(bh) * Nk * d;
         V += size_t(bh) * Nk * d;
         dK += size_t(bh) * Nk * d;
         dV += size_t(bh) * Nk * d;
-        lse_log2 += size_t(bh) * Nq_pad;
-        D += size_t(bh) * Nq_pad;
-        dQ_accum += size_t(bh) * Nq_pad * kD;
+        lse_log2 += size_t(h0) * Nq_pad;
+        D += size_t(h0) * Nq_pad;
+        dQ_accum += size_t(h0) * Nq_pad * kD;
     }
-    // Where query head h's rows are (the default kernel's pointers are already at head bh's).
+    // Where query head h's rows are (the default kernel's pointers are already at head h0's).
     struct HeadRows {
         const T *Q, *dO;
         const float *lse_log2, *D;
         float* dQ_accum;
     };
     auto rows_of = [&](int h) -> HeadRows {
+        if constexpr (kGroup) {
+            const size_t k = h - h0;
+            return {Q + k * Nq * d, dO + k * Nq * d, lse_log2 + k * Nq_pad, D + k * Nq_pad, dQ_accum + k * Nq_pad * kD};
+        }
         if constexpr (!kExt) return {Q, dO, lse_log2, D, dQ_accum};
         const size_t at = head_start(x, batch, h, x.H, Nq, q0, d), row0 = workspace_start(x, batch, h, Nq_pad, q0);
         return {Q + at, dO + at, lse_log2 + row0, D + row0, dQ_accum + row0 * kD};
@@ -470,8 +482,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     }
     // Step k of the walk: tile first_tile + k % tiles_per_head of query head h0 + k / tiles_per_head.
     const int tiles_per_head = end_tile - first_tile, n_steps = n_heads * tiles_per_head;
-    auto tile_of = [&](int step) { return first_tile + (kExt ? step % tiles_per_head : step); };
-    auto head_of = [&](int step) { return kExt ? h0 + step / tiles_per_head : h0; };
+    auto tile_of = [&](int step) { return first_tile + (kExt || kGroup ? step % tiles_per_head : step); };
+    auto head_of = [&](int step) { return kExt || kGroup ? h0 + step / tiles_per_head : h0; };
 
     auto load_q_tile = [&](int step, int stage) {  // line 9: Q_i, dO_i, LSE_i, D_i of walk step `step`
         const HeadRows r = rows_of(head_of(step));
@@ -486,7 +498,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     };
     load_tile_async<Bc, kD, kThreads>(s + L::K, K, j0, Nk, d, kv_ld);  // line 6
     load_tile_async<Bc, kD, kThreads>(s + L::V, V, j0, Nk, d, kv_ld);
-    if (!kExt || n_steps > 0) load_q_tile(0, 0);
+    if ((!kExt && !kGroup) || n_steps > 0) load_q_tile(0, 0);
     cp_async_commit();
 
     // line 7: this warp's kKeyTiles x 16 keys x its part's kPartCols columns, as m16n8 fragments
@@ -521,7 +533,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         for (int m = 0; m < kKeyTiles; ++m) keep[m] = ~uint64_t(0);
         if constexpr (kExt || kDropout) {
             if (x.dropout != 0.0f) {
-                const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
+                const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + h);
 #pragma unroll
                 for (int m = 0; m < kKeyTiles; ++m)
                     keep[m] = dropout_bits_transposed<kQ / 8>(x.dropout_keys, x.keep_threshold, head, i0 + q_row0,
@@ -969,24 +981,25 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 
 // The dk_dv kernel of one instantiation: its shared memory set once, at its first launch (later, timed launches do no
 // host work but the launch).
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false,
+          bool kGroup = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
                   const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     using KV = typename Tiles::KV;
     constexpr int smem = Tiles::L::bytes;
     static const cudaError_t attribute_set =
-        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
+        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kGroup>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
-    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KV::kThreads, smem, stream>>>(
+    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt || kGroup ? p.kv_heads() : p.H));  // one row a K/V head
+    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kGroup><<<grid, KV::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
     CUDA_CHECK_LAUNCH();
 }
 
-// kDropout: dropout alone, atomic dQ (dk_dv_kernel).
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kDropout = false>
+// kDropout: dropout, kGroup: grouped-query heads, without the extension kernels, atomic dQ (dk_dv_kernel).
+template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kDropout = false, bool kGroup = false>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
             T* dK, T* dV, void* workspace, const ExtensionPointers& in, cudaStream_t stream) {
     const int BH = p.B * p.H, Nq_pad = padded_rows(p);
@@ -1009,7 +1022,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
-    if (p.deterministic && !kDropout) {  // dk_dv without dQ, then the dq kernel (kDropout: the dispatch never asks)
+    if (p.deterministic && !kDropout && !kGroup) {  // dk_dv without dQ, then the dq kernel (never with those two)
         launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q, K, V, dO, lse_log2, D, nullptr, dK, dV, Nq_pad, x,
                                                          stream);
         constexpr int dq_smem = dq_smem_bytes<kD>();
@@ -1027,8 +1040,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         }
         return;
     }
-    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, Nq_pad, x,
-                                                              stream);
+    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout, kGroup>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV,
+                                                                      Nq_pad, x, stream);
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
@@ -1044,10 +1057,11 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
-// Dropout as the only extension (Problem::dropout_alone), with atomic dQ, at d = 64 and 128 (the benchmark head dims;
-// d known at compile time) runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations.
-// Why: there dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose
-// general per-element work alone is about 2.1x and 1.6x (docs/extensions.md).
+// Dropout and grouped-query heads with no other extension (Problem::gqa_and_dropout_only), with atomic dQ, at d = 64
+// and 128 (the benchmark head dims; d known at compile time) run the default dk_dv kernel with dropout's mask
+// (kDropout) and the group walk (kGroup): three more dk_dv instantiations per type and tile. Why: in the extension
+// kernel dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel, its general per-element work alone
+// about 2.1x and 1.6x, and GQA took 1.7-2.1x what the default kernel walking the group took (docs/extensions.md).
 // The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
 // instantiation of dk_dv and of dq per tile and type, not two.
 template <typename T, int kD>
@@ -1059,9 +1073,17 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     const int step = step_of(p);
     if (step == kFinalStep) {
         if constexpr (kExactVariant<kD> && kD <= 128) {
-            if (p.dropout_alone() && !p.deterministic && p.d == kD) {
-                launch<T, kD, kFinalStep, true, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
-                                                             out(dK), out(dV), workspace, ext, stream);
+            const bool dropout = p.dropout > 0.0f, group = p.kv_heads() != p.H;
+            if ((dropout || group) && p.gqa_and_dropout_only() && !p.deterministic && p.d == kD) {
+                if (dropout && group)
+                    launch<T, kD, kFinalStep, true, false, true, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
+                                                                       out(dQ), out(dK), out(dV), workspace, ext, stream);
+                else if (dropout)
+                    launch<T, kD, kFinalStep, true, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                                 out(dK), out(dV), workspace, ext, stream);
+                else
+                    launch<T, kD, kFinalStep, true, false, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
+                                                                        out(dQ), out(dK), out(dV), workspace, ext, stream);
                 return "";
             }
         }
