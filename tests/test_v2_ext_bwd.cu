@@ -235,8 +235,8 @@ TEST_CASE("GPU v2 extensions backward: combinations, with --causal, lengths of 1
     p.dropout = 0.3f, p.dropout_seed = 5, p.bias_batch = 1, p.bias_heads = p.H, add("dropout + bias [1, H]", p);
     p = small(130, 77, 64);  // causal with Nq > Nk: rows 0..52 see no key
     p.alibi = true, p.causal = true, add("alibi + causal, rows that see nothing", p);
-    // Grouped-query heads with dropout and causal, nothing else: at d = 64 and 128 with atomic dQ the default kernel
-    // walks the group (kGroup, with kDropout: each query head keys its own mask).
+    // Grouped-query heads with dropout and causal: at d = 64 and 128 with atomic dQ the Ext::layout kernel walks the
+    // group with kDropout (each query head keys its own mask).
     p = small(200, 90, 64);
     p.Hk = 2, p.dropout = 0.2f, p.dropout_seed = 13, p.causal = true, add("GQA + dropout + causal, rows that see nothing", p);
     p = small(77, 300, 64);
