@@ -1065,14 +1065,29 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
-// The extensions at d = 64 and 128 (the benchmark head dims; d known at compile time), with no bias and no ALiBi:
-// dropout alone runs the default dk_dv kernel with dropout's mask (kDropout); grouped-query heads, packed sequences
-// and windows, with or without dropout, the Ext::layout kernel: the default tiles and per-element code, the group
-// walk and the band's tile skipping (dropout only with atomic dQ). Five more dk_dv instantiations per type and tile.
-// Why: in the Ext::all kernel dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel, its general
-// per-element work alone about 2.1x and 1.6x, and grouped-query heads took 1.7-2.1x what the default kernel
-// walking the group took (docs/extensions.md). Every other problem with extensions (the bias, ALiBi, other head
-// dims) runs the Ext::all kernels, for any d <= kD: one dk_dv instantiation per tile, type and dQ mode.
+// The final step's dk_dv kernel for p (launch_step follows it; v2_backward_mma_kernel names it). The extensions at
+// d = 64 and 128 (the benchmark head dims; d known at compile time), with no bias and no ALiBi: dropout alone runs
+// the default kernel with dropout's mask (kDropout); grouped-query heads, packed sequences and windows, with or
+// without dropout, the Ext::layout kernel: the default tiles and per-element code, the group walk and the band's
+// tile skipping (dropout only with atomic dQ). Five more dk_dv instantiations per type and tile. Why: in the Ext::all
+// kernel dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel, its general per-element work alone
+// about 2.1x and 1.6x, and grouped-query heads took 1.7-2.1x what the default kernel walking the group took
+// (docs/extensions.md). Every other problem with extensions (the bias, ALiBi, other head dims, dropout with
+// --deterministic) runs the Ext::all kernels, for any d <= the tile: one dk_dv instantiation per tile, type and
+// dQ mode.
+struct FinalKernel {
+    Ext ext;
+    bool dropout;  // kDropout
+};
+FinalKernel final_kernel(const Problem& p) {
+    const int tile = v2_backward_mma_head_dim_tile(p.d);
+    const bool dropout = p.dropout > 0.0f;
+    if (!p.has_extensions()) return {Ext::none, false};
+    if (p.d == tile && tile <= 128 && !p.has_bias() && !p.alibi && !(dropout && p.deterministic))
+        return {p.dropout_alone() ? Ext::none : Ext::layout, dropout};
+    return {Ext::all, false};
+}
+
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
@@ -1081,13 +1096,15 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
-        if constexpr (kExactVariant<kD> && kD <= 128) {
-            const bool dropout = p.dropout > 0.0f;
-            if (p.has_extensions() && p.d == kD && !p.has_bias() && !p.alibi && !(dropout && p.deterministic)) {
-                if (p.dropout_alone())
-                    launch<T, kD, kFinalStep, true, Ext::none, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
-                                                                     out(dQ), out(dK), out(dV), workspace, ext, stream);
-                else if (dropout)
+        const FinalKernel k = final_kernel(p);
+        if constexpr (kD <= 128) {  // final_kernel chooses these for d = 64 and 128 only (p.d == kD)
+            if (k.ext == Ext::none && k.dropout) {
+                launch<T, kD, kFinalStep, true, Ext::none, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                                 out(dK), out(dV), workspace, ext, stream);
+                return "";
+            }
+            if (k.ext == Ext::layout) {
+                if (k.dropout)
                     launch<T, kD, kFinalStep, true, Ext::layout, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
                                                                        out(dQ), out(dK), out(dV), workspace, ext, stream);
                 else
@@ -1096,7 +1113,7 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
                 return "";
             }
         }
-        if (p.has_extensions()) {
+        if (k.ext == Ext::all) {
             launch<T, kD, kFinalStep, false, Ext::all>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
                                                        out(dV), workspace, ext, stream);
             return "";
@@ -1190,6 +1207,13 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why) {
         reason = "v2 backward (mma): --seqlens with --bias is not supported (such a bias has no packed form)";
     if (why) *why = reason;
     return reason.empty();
+}
+
+std::string v2_backward_mma_kernel(const Problem& p) {
+    if (step_of(p) != kFinalStep) return "step " + std::to_string(step_of(p));
+    const FinalKernel k = final_kernel(p);
+    const char* names[] = {"default", "layout", "all"};
+    return std::string(names[int(k.ext)]) + (k.dropout ? " + dropout" : "");
 }
 
 namespace {
