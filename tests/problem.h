@@ -73,8 +73,8 @@ struct Problem {
     int alibi_heads() const { return alibi_H > 0 ? alibi_H : H; }
     bool has_extensions() const { return dropout > 0.0f || has_extensions_besides_dropout(); }
     // No extension but grouped-query heads and dropout: v2's default forward kernels take such a problem (a K/V head
-    // is an index, forward_mma.cu), with dropout at d = 64 and 128. (The backward takes the extension kernels for
-    // grouped-query heads: docs/extensions.md, "Grouped-query attention" under Backward.)
+    // is an index, forward_mma.cu), with dropout at d = 64 and 128. (The backward's choice is wider:
+    // v2_backward_mma_kernel in v2/backward_mma.h.)
     bool gqa_and_dropout_only() const {
         return window_left < 0 && window_right < 0 && !has_bias() && !alibi && !varlen();
     }

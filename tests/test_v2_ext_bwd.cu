@@ -182,6 +182,33 @@ TEST_CASE("v2 backward with the extensions: fp16/bf16 final kernel only, pointer
     CHECK(v2_backward_unsupported(q).find("--seqlens with --bias") != std::string::npos);
 }
 
+// Which dk_dv kernel runs is part of the contract (docs/extensions.md, "Backward"): a problem that the default
+// kernel's code serves must not fall back to the general per-element kernel (about 2x slower), and one it cannot
+// serve must not run it.
+TEST_CASE("v2 backward runs the least general dk_dv kernel: default, layout (GQA, packed, window) or all (bias, ALiBi, other d)") {
+    Problem p = small(100, 90, 64);
+    p.dtype = DType::fp16;
+    auto kernel = [](Problem q, auto&& change) {
+        change(q);
+        return v2_backward_mma_kernel(q);
+    };
+    CHECK(kernel(p, [](Problem&) {}) == "default");
+    CHECK(kernel(p, [](Problem& q) { q.causal = true, q.deterministic = true; }) == "default");
+    CHECK(kernel(p, [](Problem& q) { q.dropout = 0.1f; }) == "default + dropout");
+    CHECK(kernel(p, [](Problem& q) { q.dropout = 0.1f, q.deterministic = true; }) == "all");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2; }) == "layout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 1, q.causal = true, q.deterministic = true; }) == "layout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.dropout = 0.2f; }) == "layout + dropout");
+    CHECK(kernel(p, [](Problem& q) { q.window_left = 16, q.window_right = 0; }) == "layout");
+    CHECK(kernel(packed(p, {10, 1, 70}, {5, 90, 1}), [](Problem& q) { q.d = 128, q.dtype = DType::bf16; }) == "layout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.d = 40; }) == "all");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.d = 256; }) == "all");
+    CHECK(kernel(p, [](Problem& q) { q.dropout = 0.1f, q.d = 96; }) == "all");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.alibi = true; }) == "all");
+    CHECK(kernel(p, [](Problem& q) { q.bias_batch = 1, q.bias_heads = 1; }) == "all");
+    CHECK(kernel(p, [](Problem& q) { q.kernel = 2; }) == "step 2");
+}
+
 TEST_CASE("v2 backward workspace with the extensions: packed rows per sequence, per-head dS for a shared bias under --deterministic") {
     Problem p = small(100, 100, 64);
     p.dtype = DType::fp16, p.deterministic = true;
@@ -235,6 +262,12 @@ TEST_CASE("GPU v2 extensions backward: combinations, with --causal, lengths of 1
     p.dropout = 0.3f, p.dropout_seed = 5, p.bias_batch = 1, p.bias_heads = p.H, add("dropout + bias [1, H]", p);
     p = small(130, 77, 64);  // causal with Nq > Nk: rows 0..52 see no key
     p.alibi = true, p.causal = true, add("alibi + causal, rows that see nothing", p);
+    // Grouped-query heads with dropout and causal: at d = 64 and 128 with atomic dQ the Ext::layout kernel walks the
+    // group with kDropout (each query head keys its own mask).
+    p = small(200, 90, 64);
+    p.Hk = 2, p.dropout = 0.2f, p.dropout_seed = 13, p.causal = true, add("GQA + dropout + causal, rows that see nothing", p);
+    p = small(77, 300, 64);
+    p.Hk = 1, p.causal = true, add("multi-query + causal", p);
     p = small(1, 1, 64);
     p.causal = true;
     add("GQA + causal + packed (1, 130, 64) x (1, 200, 20)", [&] {

@@ -163,8 +163,18 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
 // ------------------------------------------------------------------------------------------------- extensions
 
 // The extensions (docs/conventions.md, "Extensions") as the kernels take them: one struct, by value, built by
-// extensions_of(p, ...) below. Only the kExt instantiations of dk_dv and dq read it (the default ones compile to
+// extensions_of(p, ...) below. Only the extension instantiations of dk_dv and dq read it (the default ones compile to
 // the code they had without it); the preprocess and convert kernels read cu_seqlens_q (null: the padded layout).
+//
+// How much of them a dk_dv instantiation compiles in (its template parameter kExt):
+//   none    the default kernel: one query head a block, the causal flag, the padded [B, H, N, d] layout
+//   layout  the extensions that change only which heads, rows and tiles a block visits: grouped-query heads (the
+//           group walk), packed sequences, the band of causal and --window (tile skipping, and the mask on the
+//           tiles that straddle its edge), with the default kernel's tiles and per-element code; dropout on top is
+//           kDropout, as in the default kernel
+//   all     every extension: the bias and ALiBi, whose per-element work (extension_element) needs registers that
+//           the default tiles do not leave (Br = 64 at d = 64, 16 keys a warp), dropout read at run time
+enum class Ext { none, layout, all };
 struct Extensions {
     int B, H, Hk;  // batch entries (packed: sequences), query heads, K/V heads: query head h reads K/V head h / (H / Hk)
     KeyBand band;  // causal and --window: which keys a row sees (backward_mma.h)
@@ -374,14 +384,14 @@ struct SharedLayout {  // byte offsets into dynamic shared memory
 
 // The tiles of one dk_dv instantiation, which the kernel and its launch both read: the Q tile's rows Br, the K/V
 // tile's warps (KV) and the shared layout (L).
-template <int kD, int kStep, bool kExt>
+template <int kD, int kStep, Ext kExt>
 struct DkDvTiles {
     using F = Features<kStep>;
-    // Step 4's key pairs, but not with the extensions: their per-element work needs the registers (at d = 128 the
-    // kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so they keep 16 keys a warp.
-    static constexpr bool kKeyPairs = F::kKeyPairs && !kExt;
-    // With the extensions 64 rows at every d: S and dP take half the registers, room for the per-element work.
-    static constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && !kExt);
+    // Step 4's key pairs, but not with every extension: the bias's per-element work needs the registers (at d = 128
+    // the kernel's stack frame, its spills, was 176 bytes a thread with pairs, 48 without), so it keeps 16 keys a warp.
+    static constexpr bool kKeyPairs = F::kKeyPairs && kExt != Ext::all;
+    // With every extension 64 rows at every d: S and dP take half the registers, room for the per-element work.
+    static constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && kExt != Ext::all);
     using KV = KVTile<kD, kKeyPairs>;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairs>;
 };
@@ -393,21 +403,26 @@ struct DkDvTiles {
 // (one copy storing dS to shared memory, one not) and branched between them every Q tile, a block boundary between
 // the dS arithmetic and the dK_j products (issue 12, where the backward had lost about 4% on an H200 against
 // 884334f; SASS of the fp16 d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and 64 without).
-// kExt: the extensions (x; the causal flag is then in x.band). The grid's y is then a K/V head, B * Hk; the block
-// walks the Q tiles of every query head of its group, the tiles of each that reach the band of K_j.
+// kExt (Ext above): the extensions (x; the causal flag is then in x.band). With any, the grid's y is a K/V head,
+// B * Hk, and the block walks the Q tiles of every query head of its group, the tiles of each that reach the band
+// of K_j.
 // kDropout: dropout alone (no other extension; causal or not), with atomic dQ, in the default kernel: its tiles
 // (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.dropout_keys, x.keep_scale) on
 // top: the extension kernel's general per-element work cost 2.1x (d = 64) and 1.6x (d = 128) before dropout's own. At d = 64
 // step 3's layout spilled 168 bytes with Br = 128 (24 with Br = 64), and was still 7% faster than Br = 64 (H200,
 // N = 1k-16k, docs/measured/dropout_backward_kdropout_2026-12-04.log); step 4's key pairs spill 32.
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
+// kDropout also runs in the Ext::layout kernel. (Ext::layout is a template value, not a runtime flag of the default
+// kernel, so that the plain instantiations compile to the code they had: a runtime group walk in them added 176 SASS
+// instructions and measured 2-6% slower, docs/extensions.md.)
+template <typename T, int kD, int kStep, bool kExactD, Ext kExt, bool kAtomicDq, bool kDropout = false>
 __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
                  float scale, Extensions x) {
     using F = Features<kStep>;
-    static_assert(!(kDropout && (kExt || !kAtomicDq)), "kDropout is the default kernel with dropout, atomic dQ");
+    static_assert(!(kDropout && (kExt == Ext::all || !kAtomicDq)), "kDropout: the default tiles, atomic dQ");
+    constexpr bool kLayout = kExt != Ext::none, kAll = kExt == Ext::all;  // group walk, packed rows, band; bias too
     const int d = kExactD ? kD : head_dim;
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     using KV = typename Tiles::KV;
@@ -426,7 +441,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
     // (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics).
     int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d;
-    if constexpr (kExt) {
+    if constexpr (kLayout) {
         const int hk = bh % x.Hk;
         batch = bh / x.Hk, n_heads = x.H / x.Hk, h0 = hk * n_heads;
         const Sequence seq = sequence_of(x, batch, Nq, Nk);
@@ -453,7 +468,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         float* dQ_accum;
     };
     auto rows_of = [&](int h) -> HeadRows {
-        if constexpr (!kExt) return {Q, dO, lse_log2, D, dQ_accum};
+        if constexpr (!kLayout) return {Q, dO, lse_log2, D, dQ_accum};
         const size_t at = head_start(x, batch, h, x.H, Nq, q0, d), row0 = workspace_start(x, batch, h, Nq_pad, q0);
         return {Q + at, dO + at, lse_log2 + row0, D + row0, dQ_accum + row0 * kD};
     };
@@ -463,15 +478,15 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const int shift = Nk - Nq;
     int first_tile = causal ? max(0, j0 - shift) / Br : 0, end_tile = Nq_pad / Br;
     // Nq_pad is a multiple of this step's Br (padded_rows below).
-    if constexpr (kExt) {
+    if constexpr (kLayout) {
         const int first_row = max(0, x.band.first_row(j0, shift)), last_row = min(Nq - 1, x.band.last_row(min(j0 + Bc, Nk), shift));
         first_tile = first_row / Br;
         end_tile = last_row >= first_row ? last_row / Br + 1 : first_tile;
     }
     // Step k of the walk: tile first_tile + k % tiles_per_head of query head h0 + k / tiles_per_head.
     const int tiles_per_head = end_tile - first_tile, n_steps = n_heads * tiles_per_head;
-    auto tile_of = [&](int step) { return first_tile + (kExt ? step % tiles_per_head : step); };
-    auto head_of = [&](int step) { return kExt ? h0 + step / tiles_per_head : h0; };
+    auto tile_of = [&](int step) { return first_tile + (kLayout ? step % tiles_per_head : step); };
+    auto head_of = [&](int step) { return kLayout ? h0 + step / tiles_per_head : h0; };
 
     auto load_q_tile = [&](int step, int stage) {  // line 9: Q_i, dO_i, LSE_i, D_i of walk step `step`
         const HeadRows r = rows_of(head_of(step));
@@ -486,13 +501,13 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     };
     load_tile_async<Bc, kD, kThreads>(s + L::K, K, j0, Nk, d, kv_ld);  // line 6
     load_tile_async<Bc, kD, kThreads>(s + L::V, V, j0, Nk, d, kv_ld);
-    if (!kExt || n_steps > 0) load_q_tile(0, 0);
+    if (!kLayout || n_steps > 0) load_q_tile(0, 0);
     cp_async_commit();
 
     // line 7: this warp's kKeyTiles x 16 keys x its part's kPartCols columns, as m16n8 fragments
     float dK_j[kKeyTiles][kPartCols / 8][4] = {}, dV_j[kKeyTiles][kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
-    const float ds_scale = kExt || kDropout ? scale : 1.0f;  // what dK_j and dQ_i still need (dS rounded unscaled)
+    const float ds_scale = kLayout || kDropout ? scale : 1.0f;  // what dK_j and dQ_i still need (dS rounded unscaled)
     // This warp's key group (its first row within K_j) and part (KVTile): its first query within Q_i and the first
     // column of its part of dK_j, dV_j. With one part they are constant 0, so that the swizzled
     // addresses below stay a per-lane base plus compile-time offsets.
@@ -515,13 +530,13 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         }
 
         // Dropout's mask of this lane's elements of key tile m, bit k for element k (fragment k / 4, entry k % 4),
-        // before the tile's products (kExt and kDropout only; all ones without dropout).
+        // before the tile's products (Ext::all and kDropout only; all ones without dropout).
         uint64_t keep[kKeyTiles];
 #pragma unroll
         for (int m = 0; m < kKeyTiles; ++m) keep[m] = ~uint64_t(0);
-        if constexpr (kExt || kDropout) {
+        if constexpr (kAll || kDropout) {
             if (x.dropout != 0.0f) {
-                const uint32_t head = kExt ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
+                const uint32_t head = kLayout ? head_extensions(x, batch, h).head : uint32_t(x.head_offset + bh);
 #pragma unroll
                 for (int m = 0; m < kKeyTiles; ++m)
                     keep[m] = dropout_bits_transposed<kQ / 8>(x.dropout_keys, x.keep_threshold, head, i0 + q_row0,
@@ -562,8 +577,9 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         // (16m + g, 16m + g + 8) of its group and, in fragment n, queries q_row0 + 8n + 2t, +1 (the D layout in
         // mma.cuh). Masking is needed only on the last K/V tile (keys past Nk) and on Q tiles that cross the causal
         // diagonal. With the extensions (extension_element): the bias, the band (tested per element only in tiles that
-        // straddle its edge) and dropout; dP takes dS_ij, which also goes to dbias.
-        if constexpr (kExt) {
+        // straddle its edge) and dropout; dP takes dS_ij, which also goes to dbias. Ext::layout: the default code, the
+        // band (causal included) tested per element only where the tile straddles its edge or the last key.
+        if constexpr (kAll) {
             const HeadExtensions he = head_extensions(x, batch, h);
             const bool in_band = j0 + Bc <= Nk && x.band.sees(i0, j0 + Bc - 1, shift) && x.band.sees(i0 + Br - 1, j0, shift);
 #pragma unroll
@@ -578,7 +594,9 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                         if (he.dS && dP[m][n][e] != 0.0f) put_dS(x, he.dS, i0 + q, key, Nk, dP[m][n][e]);
                     }
         } else {
-            const bool needs_mask = j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
+            const bool needs_mask =
+                kLayout ? !(j0 + Bc <= Nk && x.band.sees(i0, j0 + Bc - 1, shift) && x.band.sees(i0 + Br - 1, j0, shift))
+                        : j0 + Bc > Nk || (causal && i0 + shift < j0 + Bc - 1);
 #pragma unroll
             for (int m = 0; m < kKeyTiles; ++m)
 #pragma unroll
@@ -589,7 +607,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                         float p = exp2_approx(S[m][n][e] * scale_log2 - s_lse[stage * Br + q + (e & 1)]);
                         if (needs_mask) {
                             const int key = j0 + key_row + 16 * m + g + (e / 2) * 8, query = i0 + q + (e & 1);
-                            if (key >= Nk || (causal && key > query + shift)) p = 0.0f;
+                            if (key >= Nk || (kLayout ? !x.band.sees(query, key, shift) : causal && key > query + shift))
+                                p = 0.0f;
                         }
                         S[m][n][e] = p;
                         if constexpr (kDropout)  // P Z and dS, unscaled, as the extension kernel forms them
@@ -599,11 +618,11 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 }
         }
 
-        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. With the
-        // extensions (and kDropout) dP already holds dS_ij^T, and it is rounded unscaled, as the reference and the dq
-        // kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale that is not a power of two
-        // into the rounding put single elements past the same-precision tolerance.
-        // P^T (kExt, kDropout: (P Z)^T) and dS^T, packed, are the A operands of lines 12 and 16 (fragments n, n + 1
+        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. With
+        // Ext::all (and kDropout) dP already holds dS_ij^T; with any extension it is rounded unscaled, as the reference
+        // and the dq kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale that is not a
+        // power of two into the rounding put single elements of the extension tests past the same-precision tolerance.
+        // P^T (Ext::all, kDropout: (P Z)^T) and dS^T, packed, are the A operands of lines 12 and 16 (fragments n, n + 1
         // form one 16 x 16 block). dS^T goes to shared memory ([key][query]) for dQ (unless --deterministic) and,
         // with several parts, P^T and dS^T both go there for the group's other warps.
         uint32_t P_packed[kKeyTiles][kQ / 8][2], dS[kKeyTiles][kQ / 8][2];
@@ -614,13 +633,13 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 const int q = q_row0 + n * 8 + 2 * t, key = key_row + 16 * m + g;
                 P_packed[m][n][0] = pack2<T>(S[m][n][0], S[m][n][1]);
                 P_packed[m][n][1] = pack2<T>(S[m][n][2], S[m][n][3]);
-                if constexpr (kExt || kDropout) {
+                if constexpr (kAll || kDropout) {
                     dS[m][n][0] = pack2<T>(dP[m][n][0], dP[m][n][1]);
                     dS[m][n][1] = pack2<T>(dP[m][n][2], dP[m][n][3]);
                 } else {
-                    const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1];
-                    dS[m][n][0] = pack2<T>(scale * S[m][n][0] * (dP[m][n][0] - D0), scale * S[m][n][1] * (dP[m][n][1] - D1));
-                    dS[m][n][1] = pack2<T>(scale * S[m][n][2] * (dP[m][n][2] - D0), scale * S[m][n][3] * (dP[m][n][3] - D1));
+                    const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1], sc = kLayout ? 1.0f : scale;
+                    dS[m][n][0] = pack2<T>(sc * S[m][n][0] * (dP[m][n][0] - D0), sc * S[m][n][1] * (dP[m][n][1] - D1));
+                    dS[m][n][1] = pack2<T>(sc * S[m][n][2] * (dP[m][n][2] - D0), sc * S[m][n][3] * (dP[m][n][3] - D1));
                 }
                 if (kAtomicDq || kParts > 1) {
                     *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key, q)) = dS[m][n][0];
@@ -969,7 +988,7 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 
 // The dk_dv kernel of one instantiation: its shared memory set once, at its first launch (later, timed launches do no
 // host work but the launch).
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kAtomicDq, bool kDropout = false>
+template <typename T, int kD, int kStep, bool kExactD, Ext kExt, bool kAtomicDq, bool kDropout = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
                   const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
     using Tiles = DkDvTiles<kD, kStep, kExt>;
@@ -979,14 +998,15 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt ? p.kv_heads() : p.H));  // kExt: one row a K/V head
+    // With the extensions one grid row a K/V head
+    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt != Ext::none ? p.kv_heads() : p.H));
     dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KV::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
     CUDA_CHECK_LAUNCH();
 }
 
-// kDropout: dropout alone, atomic dQ (dk_dv_kernel).
-template <typename T, int kD, int kStep, bool kExactD, bool kExt, bool kDropout = false>
+// kExt, kDropout: as dk_dv_kernel's. The deterministic dq kernel has every extension compiled in once there is any.
+template <typename T, int kD, int kStep, bool kExactD, Ext kExt, bool kDropout = false>
 void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, const float* LSE, const T* dO, T* dQ,
             T* dK, T* dV, void* workspace, const ExtensionPointers& in, cudaStream_t stream) {
     const int BH = p.B * p.H, Nq_pad = padded_rows(p);
@@ -1014,9 +1034,10 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
                                                          stream);
         constexpr int dq_smem = dq_smem_bytes<kD>();
         static const cudaError_t dq_attribute_set =
-            cudaFuncSetAttribute(dq_kernel<T, kD, kExt>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
+            cudaFuncSetAttribute(dq_kernel<T, kD, kExt != Ext::none>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 dq_smem);
         CUDA_CHECK(dq_attribute_set);
-        dq_kernel<T, kD, kExt><<<dim3(ceil_div(p.Nq, kDqRows), BH), kDqThreads, dq_smem, stream>>>(
+        dq_kernel<T, kD, kExt != Ext::none><<<dim3(ceil_div(p.Nq, kDqRows), BH), kDqThreads, dq_smem, stream>>>(
             Q, K, V, dO, lse_log2, D, dQ, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
         CUDA_CHECK_LAUNCH();
         if (dS_heads) {
@@ -1044,12 +1065,29 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
-// Dropout as the only extension (Problem::dropout_alone), with atomic dQ, at d = 64 and 128 (the benchmark head dims;
-// d known at compile time) runs the default dk_dv kernel with dropout's mask (kDropout): four more instantiations.
-// Why: there dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel in the extension kernel, whose
-// general per-element work alone is about 2.1x and 1.6x (docs/extensions.md).
-// The extensions (p.has_extensions()) run the final step's kernels with kExt, for any d <= kD only: one more
-// instantiation of dk_dv and of dq per tile and type, not two.
+// The final step's dk_dv kernel for p (launch_step follows it; v2_backward_mma_kernel names it). The extensions at
+// d = 64 and 128 (the benchmark head dims; d known at compile time), with no bias and no ALiBi: dropout alone runs
+// the default kernel with dropout's mask (kDropout); grouped-query heads, packed sequences and windows, with or
+// without dropout, the Ext::layout kernel: the default tiles and per-element code, the group walk and the band's
+// tile skipping (dropout only with atomic dQ). Five more dk_dv instantiations per type and tile. Why: in the Ext::all
+// kernel dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel, its general per-element work alone
+// about 2.1x and 1.6x, and grouped-query heads took 1.7-2.1x what the default kernel walking the group took
+// (docs/extensions.md). Every other problem with extensions (the bias, ALiBi, other head dims, dropout with
+// --deterministic) runs the Ext::all kernels, for any d <= the tile: one dk_dv instantiation per tile, type and
+// dQ mode.
+struct FinalKernel {
+    Ext ext;
+    bool dropout;  // kDropout
+};
+FinalKernel final_kernel(const Problem& p) {
+    const int tile = v2_backward_mma_head_dim_tile(p.d);
+    const bool dropout = p.dropout > 0.0f;
+    if (!p.has_extensions()) return {Ext::none, false};
+    if (p.d == tile && tile <= 128 && !p.has_bias() && !p.alibi && !(dropout && p.deterministic))
+        return {p.dropout_alone() ? Ext::none : Ext::layout, dropout};
+    return {Ext::all, false};
+}
+
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
@@ -1058,41 +1096,51 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
-        if constexpr (kExactVariant<kD> && kD <= 128) {
-            if (p.dropout_alone() && !p.deterministic && p.d == kD) {
-                launch<T, kD, kFinalStep, true, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
-                                                             out(dK), out(dV), workspace, ext, stream);
+        const FinalKernel k = final_kernel(p);
+        if constexpr (kD <= 128) {  // final_kernel chooses these for d = 64 and 128 only (p.d == kD)
+            if (k.ext == Ext::none && k.dropout) {
+                launch<T, kD, kFinalStep, true, Ext::none, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                                 out(dK), out(dV), workspace, ext, stream);
+                return "";
+            }
+            if (k.ext == Ext::layout) {
+                if (k.dropout)
+                    launch<T, kD, kFinalStep, true, Ext::layout, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
+                                                                       out(dQ), out(dK), out(dV), workspace, ext, stream);
+                else
+                    launch<T, kD, kFinalStep, true, Ext::layout>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                                 out(dK), out(dV), workspace, ext, stream);
                 return "";
             }
         }
-        if (p.has_extensions()) {
-            launch<T, kD, kFinalStep, false, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
-                                                   out(dV), workspace, ext, stream);
+        if (k.ext == Ext::all) {
+            launch<T, kD, kFinalStep, false, Ext::all>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
+                                                       out(dV), workspace, ext, stream);
             return "";
         }
         if constexpr (kExactVariant<kD>) {
             if (p.d == kD) {
-                launch<T, kD, kFinalStep, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
+                launch<T, kD, kFinalStep, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
                                                        out(dV), workspace, ext, stream);
                 return "";
             }
         }
-        launch<T, kD, kFinalStep, false, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+        launch<T, kD, kFinalStep, false, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                                 workspace, ext, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
             case 1:
-                launch<T, kD, 1, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                launch<T, kD, 1, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
             case 2:
-                launch<T, kD, 2, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                launch<T, kD, 2, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
             case 3:
-                launch<T, kD, 3, true, false>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                launch<T, kD, 3, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
             default: break;
@@ -1161,12 +1209,19 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why) {
     return reason.empty();
 }
 
+std::string v2_backward_mma_kernel(const Problem& p) {
+    if (step_of(p) != kFinalStep) return "step " + std::to_string(step_of(p));
+    const FinalKernel k = final_kernel(p);
+    const char* names[] = {"default", "layout", "all"};
+    return std::string(names[int(k.ext)]) + (k.dropout ? " + dropout" : "");
+}
+
 namespace {
 template <int kD, int kStep>
-size_t dk_dv_smem_bytes(bool ext) {
+size_t dk_dv_smem_bytes(bool ext) {  // ext: Ext::all (Ext::layout's tiles are the default ones)
     if constexpr (kStep == kFinalStep)
-        if (ext) return DkDvTiles<kD, kStep, true>::L::bytes;
-    return DkDvTiles<kD, kStep, false>::L::bytes;
+        if (ext) return DkDvTiles<kD, kStep, Ext::all>::L::bytes;
+    return DkDvTiles<kD, kStep, Ext::none>::L::bytes;
 }
 template <int kD>
 size_t backward_smem_bytes(const Problem& p) {

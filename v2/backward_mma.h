@@ -18,6 +18,12 @@ int v2_backward_mma_head_dim_tile(int d);
 // and d = 64, 128 only); otherwise writes a one-line reason to *why. p.deterministic picks the dQ without atomics.
 bool v2_backward_mma_supports(const Problem& p, std::string* why);
 
+// The dk_dv kernel that v2_backward_mma runs for p (docs/extensions.md, "Backward"): "step K" before the final
+// step; else "default" (no extension), "default + dropout" (dropout alone, atomic dQ, d = 64 or 128), "layout" or
+// "layout + dropout" (grouped-query heads, packed sequences, windows: the default kernel's code with the group walk
+// and the band; d = 64 or 128, dropout with atomic dQ only), "all" (the bias, ALiBi, any other d).
+std::string v2_backward_mma_kernel(const Problem& p);
+
 // Bytes of device scratch the backward pass needs: D_i = rowsum(dO_i * O_i), LSE_i in log2 units, and (unless
 // p.deterministic) the fp32 accumulator of dQ, all linear in Nq. The pointer passed as `workspace` must be 16-byte
 // aligned (cudaMalloc's are).
