@@ -35,11 +35,12 @@ for k in 1 2 3; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --k
 # v3 (Hopper only): every step in fp16 at d = 64, the final one in bf16 at d = 128. TMA and wgmma work outside the
 # threads' own loads and stores; what the tools say about them is in docs/v3.md ("Sanitizers").
 if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)" = 9.0 ]; then
-    for k in 1 2 3 4 5 6 7 8 9 10; do runs+=("bin/v3 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
+    for k in 1 2 3 4 5 6 7 8 9 10 11; do runs+=("bin/v3 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
     runs+=("bin/v3 ${shape[*]} --d 128 --dtype bf16")
     # 45 keys are one K/V tile: with 400 the ring turns over and step 10's max moves or stays between tiles
     runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --causal --check --d 128 --dtype fp16")
-    runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --check --d 256 --dtype bf16")  # K/V tiles of 64 keys
+    runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --check --d 256 --dtype bf16")  # K/V tiles of 80 keys (step 11)
+    runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --causal --check --d 256 --dtype fp16 --kernel 10")  # 64 keys
 fi
 failed=0
 for tool in memcheck racecheck synccheck initcheck; do

@@ -231,7 +231,7 @@ fi
 if [ -x bin/v3 ]; then
     expect 2 bin/v3 --n 33                                # fp32: wgmma operands are 16-bit
     expect 2 bin/v3 --dtype fp16 --d 96
-    expect 2 bin/v3 --dtype fp16 --kernel 11              # steps 1..10
+    expect 2 bin/v3 --dtype fp16 --kernel 12              # steps 1..11
     expect 2 bin/v3 --dtype bf16 --kernel 1               # the steps before the final one are fp16 only
     expect 2 bin/v3 --dtype bf16 --kernel 8
     expect 0 bin/v3 --kernel list

@@ -2,7 +2,7 @@
 // kernel, Algorithm 2 for the softmax/product overlap), fp16 and bf16, head dims 64, 128 and 256.
 //
 // One CTA owns one Q tile Q_i of Br rows of one (batch, head). Each consumer warpgroup owns 64 of those rows (one
-// wgmma m64 tile) and walks the K/V tiles K_j, V_j of Bc = 128 keys (64 at d = 256):
+// wgmma m64 tile) and walks the K/V tiles K_j, V_j of Bc = 128 keys (64 at d = 256, 80 from step 11):
 //
 //     S    = Q_i K_j^T                          wgmma m64n{Bc}k16, Q and K from shared memory, fp32 accumulators
 //     m'   = max(m_i, rowmax(S) * scale log2 e)  statistics in the log2 domain, fp32
@@ -37,6 +37,8 @@
 //                  at the tensor cores: more warps to hide the softmax's latencies (d = 128: step 8, which needs 240)
 //  10 lazy-rescale a row's running max m moves only when the tile's max passes it by more than 8 (log2 domain):
 //                  most tiles then skip O's rescale (alpha = 1), and P stays below 2^8, safe in fp16 and bf16
+//  11 wide-kv      at d = 256, K/V tiles of 80 keys instead of 64: S = Q K^T by m64n80k16, which reads 10% fewer
+//                  shared-memory bytes a FLOP (by our count the n64 product needs the shared memory's whole bandwidth)
 #include "v3.h"
 #include "cuda_check.h"
 #include "common/blocks.cuh"
@@ -75,8 +77,9 @@ struct Features {
     static constexpr bool kPolyExp = kStep >= 8;  // step 8: some exponentials by polynomial, d = 64 (Tiles)
     static constexpr bool kThreeConsumers = kStep >= 9;  // step 9: three consumer warpgroups at d = 64 (Tiles)
     static constexpr bool kLazyRescale = kStep >= 10;    // step 10: m moves only by more than kRescaleSlack
+    static constexpr bool kWideKV = kStep >= 11;         // step 11: K/V tiles of 80 keys at d = 256 (Tiles)
 };
-constexpr int kFinalStep = 10;
+constexpr int kFinalStep = 11;
 
 // Named barriers 1, 2 (and 3): the turns of consumers 0, 1 (and 2) in the ping-pong; 4 and 5: each consumer's own
 // warpgroup before its TMA store (steps 5-6, two consumers).
@@ -96,7 +99,12 @@ struct Tiles {
     static constexpr int kBr = 64 * kConsumers;
     // K/V tiles of 128 keys; 64 at d = 256, where O alone takes 128 registers a thread: S (Bc/2), P (Bc/4) and O
     // are alive together, 224 of the 240 with Bc = 128 (no room for addresses and the softmax), 176 with 64.
-    static constexpr int kBc = kD == 256 ? 64 : 128;
+    // Step 11 at d = 256: 80 keys, S 40 + P 20 + O 128 = 188 registers, and 2 x 2 x 40 KiB of K and V beside 64 KiB
+    // of Q: 225 KiB of shared memory. Why wider, by our count: a wgmma m64nNk16 with both operands in shared memory
+    // reads 2 KiB of Q and N x 32 bytes of K for 2 x 64 x N x 16 FLOPs; at N = 64, 128 bytes for every 4,096 FLOPs,
+    // what an SM's shared memory delivers (128 bytes a cycle) while its tensor cores do them (4,096 dense fp16 FLOPs
+    // a cycle); at N = 80, 115 bytes.
+    static constexpr int kBc = kD == 256 ? (Features<kStep>::kWideKV ? 80 : 64) : 128;
     // The ring: 2 stages until step 6, then as many as shared memory holds beside Q_i (at d = 128: 32 KiB of Q
     // and 3 x 64 KiB of K and V, 225 KiB of the 227 a block may have). With 2 stages the producer may refill
     // stage s only once both consumers have finished P_j V_j on it, which the ping-pong delays by a turn: a third
@@ -128,7 +136,9 @@ __device__ __forceinline__ void issue_s(float (&S)[Tiles<kD, kStep>::kBc / 2], u
         const uint32_t block = k / 4, in_row = k % 4 * 32;  // 64-column block, byte offset of the k step in a row
         const uint64_t a = advance_descriptor(a0, block * L::kBr * 128 + in_row);
         const uint64_t b = advance_descriptor(b0, block * L::kBc * 128 + in_row);
-        if constexpr (L::kBc == 128)
+        if constexpr (L::kBc == 80)
+            wgmma_m64n80k16_ss<T>(S, a, b, k > 0);
+        else if constexpr (L::kBc == 128)
             wgmma_m64n128k16_ss<T>(S, a, b, k > 0);
         else
             wgmma_m64n64k16_ss<T>(S, a, b, k > 0);
@@ -623,6 +633,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
             case 7: return launch_causal_or_not<T, kD, 7>(p, a, stream);
             case 8: return launch_causal_or_not<T, kD, 8>(p, a, stream);
             case 9: return launch_causal_or_not<T, kD, 9>(p, a, stream);
+            case 10: return launch_causal_or_not<T, kD, 10>(p, a, stream);
             default: break;
         }
     }
@@ -673,8 +684,9 @@ const std::vector<KernelStep>& v3_forward_steps() {
         {"poly-exp", "d = 64: 1/16 of the softmax's exponentials by a polynomial on the FMA pipe, the rest on MUFU"},
         {"three-wg", "d = 64: three consumer warpgroups (Q tiles of 192 rows, 160 registers) take turns (d = 128: step 8)"},
         {"lazy-rescale", "a row's max moves only when a tile's max passes it by 2^8: most tiles skip O's rescale"},
+        {"wide-kv", "d = 256: K/V tiles of 80 keys, S by m64n80k16: fewer shared-memory bytes a FLOP (d = 64, 128: step 10)"},
     };
-    static_assert(v3_fwd::kFinalStep == 10, "one entry per step");
+    static_assert(v3_fwd::kFinalStep == 11, "one entry per step");
     return steps;
 }
 
@@ -696,6 +708,7 @@ std::string v3_config(int step, int d, V3Config* c) {
         case 8: *c = v3_fwd::config_of<8>(d); return "";
         case 9: *c = v3_fwd::config_of<9>(d); return "";
         case 10: *c = v3_fwd::config_of<10>(d); return "";
+        case 11: *c = v3_fwd::config_of<11>(d); return "";
         default: return "v3 has steps 1.." + std::to_string(v3_fwd::kFinalStep) + ", got " + std::to_string(step);
     }
 }
