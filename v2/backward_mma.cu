@@ -42,7 +42,8 @@
 // this one kernel template with fewer features switched on: step 1 loads each Q_i, dO_i only once the previous
 // tile is done, step 2 adds the cp.async double buffer (Q_{i+1}, dO_{i+1} land while tile i is computed), step 3
 // takes Br = 128 query rows per Q tile at d = 64, step 4 (the final kernel) gives each pair of warps 32 keys, split
-// between them by queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile).
+// between them by queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile), and step 5 (the
+// final kernel) starts each block's walk over the Q tiles at a different tile, at the 128 tile and in the group walk.
 #include "backward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
@@ -66,6 +67,8 @@ const std::vector<KernelStep>& v2_backward_steps() {
         {"bwd-br128", "d = 64 takes Br = 128 query rows a Q tile: half the barriers and K_j, V_j fragment reloads"},
         {"bwd-key-pairs", "two warps share 32 keys: each computes S^T, dP^T for half the queries and owns half the "
                           "columns of dK_j, dV_j; P^T and dS^T cross through shared memory; a quarter fewer ldmatrix"},
+        {"bwd-stagger", "block x starts its walk over the Q tiles at step x, so the blocks that run together add to "
+                        "different dQ rows: at the d = 128 tile and in the group walk (d = 64 plain: step 4)"},
     };
     return steps;
 }
@@ -74,13 +77,14 @@ namespace {
 
 using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
 
-constexpr int kFinalStep = 4;
+constexpr int kFinalStep = 5;
 constexpr int kBr128Step = 3;  // the host's padded_rows needs it too
 template <int kStep>
 struct Features {
     static constexpr bool kDoubleBuffer = kStep >= 2;            // 2: Q_i, dO_i (and LSE_i, D_i) in two cp.async stages
     static constexpr bool kBr128AtD64 = kStep >= kBr128Step;     // 3: Br = 128 at d = 64
     static constexpr bool kKeyPairs = kStep >= 4;                // 4: 32 keys a warp, split by queries (KVTile)
+    static constexpr bool kStagger = kStep >= 5;                 // 5: block x starts its walk at step x (dk_dv_kernel)
 };
 
 // Query rows per Q tile (the inner loop). From step 3 on, d = 64 takes 128: each Q tile then costs half the
@@ -485,8 +489,16 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     }
     // Step k of the walk: tile first_tile + k % tiles_per_head of query head h0 + k / tiles_per_head.
     const int tiles_per_head = end_tile - first_tile, n_steps = n_heads * tiles_per_head;
-    auto tile_of = [&](int step) { return first_tile + (kLayout ? step % tiles_per_head : step); };
-    auto head_of = [&](int step) { return kLayout ? h0 + step / tiles_per_head : h0; };
+    // Step 5: block x (K/V tile j0 = x Bc) walks from step x % n_steps round to x % n_steps - 1. Without it every
+    // block of a head visits Q tile i at about the same time, and all of them send their dQ_i atomics to the same
+    // rows; staggered, neighbouring blocks add to different rows. The sum is the same (in another order). Measured
+    // (H100, docs/backward.md "Step 5"): 2.0-2.8% faster at d = 128 and in the group walk (GQA, d = 64), 0.7-1.5%
+    // slower for the plain kernel at d = 64, which keeps step 4's order.
+    constexpr bool kStagger = F::kStagger && (kD == 128 || kExt == Ext::layout) && kExt != Ext::all;
+    const int rot = kStagger && n_steps > 0 ? int(blockIdx.x) % n_steps : 0;
+    auto walk = [&](int step) { const int k = step + rot; return k < n_steps ? k : k - n_steps; };
+    auto tile_of = [&](int step) { return first_tile + (kLayout ? walk(step) % tiles_per_head : walk(step)); };
+    auto head_of = [&](int step) { return kLayout ? h0 + walk(step) / tiles_per_head : h0; };
 
     auto load_q_tile = [&](int step, int stage) {  // line 9: Q_i, dO_i, LSE_i, D_i of walk step `step`
         const HeadRows r = rows_of(head_of(step));
@@ -1143,6 +1155,10 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
                 launch<T, kD, 3, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
+            case 4:
+                launch<T, kD, 4, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                              workspace, ext, stream);
+                return "";
             default: break;
         }
     }
@@ -1231,6 +1247,7 @@ size_t backward_smem_bytes(const Problem& p) {
             case 1: bytes = dk_dv_smem_bytes<kD, 1>(false); break;
             case 2: bytes = dk_dv_smem_bytes<kD, 2>(false); break;
             case 3: bytes = dk_dv_smem_bytes<kD, 3>(false); break;
+            case 4: bytes = dk_dv_smem_bytes<kD, 4>(false); break;
             default: break;
         }
     }
