@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     // Step 5: block x (K/V tile j0 = x Bc) walks from step x % n_steps round to x % n_steps - 1. Without it every
     // block of a head visits Q tile i at about the same time, and all of them send their dQ_i atomics to the same
     // rows; staggered, neighbouring blocks add to different rows. The sum is the same (in another order). Measured
-    // (H100, docs/backward.md "Step 5"): 2.0-2.8% faster at d = 128 and in the group walk (GQA, d = 64), 0.7-1.5%
+    // (H100, docs/backward.md "Step 5"): 1.8-2.9% faster at d = 128 and in the group walk (GQA, d = 64), 0.7-1.5%
     // slower for the plain kernel at d = 64, which keeps step 4's order.
     constexpr bool kStagger = F::kStagger && (kD == 128 || kExt == Ext::layout) && kExt != Ext::all;
     const int rot = kStagger && n_steps > 0 ? int(blockIdx.x) % n_steps : 0;
