@@ -248,5 +248,11 @@ out=$(COMPUTE_SANITIZER=/nonexistent/compute-sanitizer bash scripts/sanitize.sh 
 if [ $? = 1 ] && echo "$out" | grep -q "not on PATH"; then echo "ok: sanitize.sh without the tool -> 1 $out"
 else echo "FAIL: sanitize.sh without compute-sanitizer said: $out"; fails=$((fails + 1)); fi
 
+# the kernel-time cross-check: its parser of ncu's CSV (no GPU needed), and refusals in one line
+expect 0 python3 scripts/kernel_time.py --self-test
+expect 2 python3 scripts/kernel_time.py --impls v2,flash
+expect 2 python3 scripts/kernel_time.py --impls v3,cudnn --passes bwd   # v3 is a forward; its backward is v2's
+expect 2 python3 scripts/kernel_time.py --ds 60
+
 if [ "$fails" -ne 0 ]; then echo "cli_test: $fails failures"; exit 1; fi
 echo "cli_test: all passed"
