@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # make sanitize: compute-sanitizer's memcheck, racecheck, synccheck and initcheck on small, awkward shapes of every
 # stage (partial tiles, Nq != Nk, causal with fully masked rows). Exit 1 if any tool reports an error.
+# The tools' runs are independent and mostly host-bound (the instrumented program runs slowly on the CPU side), so
+# SANITIZE_JOBS of them (default: the CPU count, at most 8) run at once on the one GPU; the report keeps the list's
+# order. SANITIZE_JOBS=1 runs them one after another.
 set -u
 cd "$(dirname "$0")/.."
 cs=${COMPUTE_SANITIZER:-compute-sanitizer}
@@ -42,19 +45,36 @@ if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)" = 
     runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --check --d 256 --dtype bf16")  # K/V tiles of 80 keys (step 11)
     runs+=("bin/v3 --batch 1 --heads 2 --nq 77 --nk 400 --causal --check --d 256 --dtype fp16 --kernel 10")  # 64 keys
 fi
-failed=0
+jobs=${SANITIZE_JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}
+if ! [ "$jobs" -ge 1 ] 2>/dev/null; then echo "SANITIZE_JOBS must be a positive integer, got '$jobs'"; exit 1; fi
+reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
+# sanitize_one N TOOL RUN: the report of one run, in file N (a failure's report starts with "FAIL:")
+sanitize_one() {
+    local out
+    if out=$($cs --tool "$2" --error-exitcode 1 $3 2>&1); then
+        echo "clean: $2 $3" >"$reports/$1"
+    else
+        { echo "FAIL:  $2 $3"; echo "$out" | grep -E "=========|error" | head -20; } >"$reports/$1"
+    fi
+}
+start=$(date +%s)
+n=0
 for tool in memcheck racecheck synccheck initcheck; do
     for run in "${runs[@]}"; do
         prog=${run%% *}
         [ -x "$prog" ] || continue
-        if out=$($cs --tool "$tool" --error-exitcode 1 $run 2>&1); then
-            echo "clean: $tool $run"
-        else
-            echo "FAIL:  $tool $run"
-            echo "$out" | grep -E "=========|error" | head -20
-            failed=1
-        fi
+        while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+        sanitize_one "$n" "$tool" "$run" &
+        n=$((n + 1))
     done
 done
+wait
+failed=0
+for ((k = 0; k < n; k++)); do
+    cat "$reports/$k"
+    grep -q "^FAIL:" "$reports/$k" && failed=1
+done
+echo "sanitize: $n runs, $jobs at a time, $(( $(date +%s) - start )) s"
 [ $failed -eq 0 ] && echo "sanitize: all clean" || echo "sanitize: errors found"
 exit $failed

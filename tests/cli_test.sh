@@ -248,6 +248,37 @@ out=$(COMPUTE_SANITIZER=/nonexistent/compute-sanitizer bash scripts/sanitize.sh 
 if [ $? = 1 ] && echo "$out" | grep -q "not on PATH"; then echo "ok: sanitize.sh without the tool -> 1 $out"
 else echo "FAIL: sanitize.sh without compute-sanitizer said: $out"; fails=$((fails + 1)); fi
 
+# make sanitize's runs go in parallel (SANITIZE_JOBS) and its report keeps the list's order: with stand-ins for the
+# tool (which finishes its runs in random order and fails one) and for nvidia-smi (a Hopper GPU), exit 1, the one
+# failure named with the tool's lines, every other run clean, in order
+if [ -x bin/v2 ] && [ -x bin/v3 ]; then
+    mkdir -p "$tmp/fake"
+    printf '#!/usr/bin/env bash\n[ "$1" = "--query-gpu=compute_cap" ] && echo 9.0\nexit 0\n' >"$tmp/fake/nvidia-smi"
+    cat >"$tmp/fake/compute-sanitizer" <<'SH'
+#!/usr/bin/env bash
+sleep 0.0$(( RANDOM % 5 ))
+if [ "$2" = racecheck ] && [[ "$*" == *"--d 128 --dtype bf16 --backward"* ]]; then
+    echo "========= Error: Race reported between Write access and Read access"; exit 1
+fi
+echo "========= ERROR SUMMARY: 0 errors"
+SH
+    chmod +x "$tmp/fake/nvidia-smi" "$tmp/fake/compute-sanitizer"
+    PATH="$tmp/fake:$PATH" COMPUTE_SANITIZER="$tmp/fake/compute-sanitizer" SANITIZE_JOBS=4 \
+        bash scripts/sanitize.sh >"$tmp/san" 2>&1
+    rc=$?
+    runs=$(sed -n 's/^sanitize: \([0-9]*\) runs, 4 at a time.*/\1/p' "$tmp/san")
+    expected=$(grep -E "^(clean|FAIL): " "$tmp/san" | sed 's/^[A-Za-z]*: *//' | sort -s -k1,1 | awk '{print $1}' | uniq | tr '\n' ' ')
+    if [ "$rc" = 1 ] && [ "$(grep -c '^FAIL: ' "$tmp/san")" = 1 ] && grep -q "^FAIL:  racecheck bin/v2 .*--d 128 --dtype bf16 --backward$" "$tmp/san" &&
+       grep -A1 "^FAIL: " "$tmp/san" | grep -q "Race reported" && [ -n "$runs" ] &&
+       [ "$(grep -cE '^(clean|FAIL): ' "$tmp/san")" = "$runs" ] &&
+       [ "$(grep -E '^(clean|FAIL): ' "$tmp/san" | awk '{print $2}' | uniq | tr '\n' ' ')" = "memcheck racecheck synccheck initcheck " ] &&
+       [ "$(head -n1 "$tmp/san")" = "clean: memcheck bin/naive --batch 1 --heads 2 --nq 77 --nk 45 --causal --check --d 40" ]; then
+        echo "ok: sanitize.sh in parallel -> 1, $runs runs in order, the one planted failure reported"
+    else
+        echo "FAIL: sanitize.sh in parallel (rc $rc) reported:"; cat "$tmp/san"; fails=$((fails + 1))
+    fi
+fi
+
 # the kernel-time cross-check: its parser of ncu's CSV (no GPU needed), and refusals in one line
 expect 0 python3 scripts/kernel_time.py --self-test
 expect 2 python3 scripts/kernel_time.py --impls v2,flash
