@@ -47,20 +47,27 @@ all: $(PROGRAMS) bin/tests
 # The compiler and flags of the last build, rewritten only when they change: every object depends on it, so
 # `make ARCH=sm_75` after a default build recompiles everything instead of linking stale objects.
 FLAGS_STAMP := $(BUILD)/flags.txt
-$(shell mkdir -p $(BUILD) && (echo '$(NVCC) $(FLAGS) $(V3_FLAGS)' | cmp -s - $(FLAGS_STAMP) || echo '$(NVCC) $(FLAGS) $(V3_FLAGS)' > $(FLAGS_STAMP)))
+# (-MMD is in it so that a tree built before the objects had .d files is rebuilt once, then tracked.)
+$(shell mkdir -p $(BUILD) && (echo '$(NVCC) $(FLAGS) $(V3_FLAGS) -MMD' | cmp -s - $(FLAGS_STAMP) || echo '$(NVCC) $(FLAGS) $(V3_FLAGS) -MMD' > $(FLAGS_STAMP)))
 
-$(BUILD)/%.o: %.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $(FLAGS_STAMP)
+# Each object depends on the headers its source includes, as nvcc lists them while it compiles (-MMD; the CUDA
+# Toolkit's are listed too), in a .d file beside the object (-MP adds a rule for each header, so deleting one is not
+# an error). So a change to a header rebuilds only what includes it. A fresh build has no .d files and builds all.
+DEPFLAGS = -MMD -MP -MF $(@:.o=.d)
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+$(BUILD)/%.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(FLAGS) -c $< -o $@
+	$(NVCC) $(FLAGS) $(DEPFLAGS) -c $< -o $@
 
 # v3 (FlashAttention-3) is Hopper code: TMA, wgmma and setmaxnreg exist only on sm_90a, so v3/ is compiled for it
 # whatever ARCH is (nvcc needs no GPU for that; the program says so and runs its CPU model elsewhere). ptxas's
 # "wgmma serialized" notes (C7513, C7515...: correct but slow) fail the build. make V3_DEBUG=1: mbarrier waits that report
 # the barrier, stage and parity and trap after about 2^28 polls instead of hanging (their printf serialises wgmma,
 # C7510, so that build skips the check: it is for finding hangs, not for timing).
-$(BUILD)/v3/%.o: v3/%.cu $(wildcard tests/*.h) $(wildcard */*.h) $(wildcard */*.cuh) $(FLAGS_STAMP)
+$(BUILD)/v3/%.o: v3/%.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(V3_FLAGS) -c $< -o $@ >$@.log 2>&1; status=$$?; cat $@.log; test $$status = 0
+	$(NVCC) $(V3_FLAGS) $(DEPFLAGS) -c $< -o $@ >$@.log 2>&1; status=$$?; cat $@.log; test $$status = 0
 	@[ -n "$(V3_DEBUG)" ] || ! grep -q "wgmma.mma_async instructions are serialized" $@.log || \
 	    { echo "error: $<: ptxas serialised wgmma (C751x), see $@.log"; rm -f $@; exit 1; }
 
