@@ -41,7 +41,7 @@
 // The optimisation steps (bin/v2 --dtype fp16 --backward --kernel K; v2_backward_steps() below names them) are
 // this one kernel template with fewer features switched on: step 1 loads each Q_i, dO_i only once the previous
 // tile is done, step 2 adds the cp.async double buffer (Q_{i+1}, dO_{i+1} land while tile i is computed), step 3
-// takes Br = 128 query rows per Q tile at d = 64, step 4 (the final kernel) gives each pair of warps 32 keys, split
+// takes Br = 128 query rows per Q tile at d = 64, step 4 gives each pair of warps 32 keys, split
 // between them by queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile), and step 5 (the
 // final kernel) starts each block's walk over the Q tiles at a different tile, at the 128 tile and in the group walk.
 #include "backward_mma.h"
