@@ -45,11 +45,6 @@ def shape_of(d, N):
     return 16384 // N, 2048 // d  # B, H
 
 
-def flops(B, H, N, d, causal, pas):
-    f = 4.0 * B * H * N * N * d * (0.5 if causal else 1.0)
-    return f * 2.5 if pas == "bwd" else f
-
-
 def parse_ncu_csv(text):
     """(kernel name, ns) for every profiled kernel, in launch order, from `ncu --csv` output (other lines ignored)."""
     rows = list(csv.reader(line for line in text.splitlines() if line.startswith('"')))
@@ -221,6 +216,9 @@ def main():
         fail("PyTorch is not installed")
     if not torch.cuda.is_available():
         fail("no CUDA device")
+    sys.path.insert(0, HERE)
+    from torch_timing import flops  # the FLOP count every timing script uses (imports torch, so not at the top)
+
     if {"v2", "v3"} & set(impls):  # build the extension here, not under the profiler
         sys.path.insert(0, os.path.join(REPO, "pytorch"))
         import flash_scratch  # noqa: F401
@@ -249,7 +247,7 @@ def main():
                             ratio = f"{results[ref][0] / total:.3f}" if ref in results else "-"
                             kernels = "; ".join(f"{name} x{n:g} {ns / 1e6:.3f}" for name, n, ns in parts)
                             print(f"| {pas} | {dtype} | {d} | {causal} | {N} | {impl} | {total / 1e6:.3f} | "
-                                  f"{flops(B, H, N, d, causal, pas) / total / 1e3:.1f} | {ratio} | {kernels} |",
+                                  f"{flops(B, H, N, d, causal, pas == 'bwd') / total / 1e3:.1f} | {ratio} | {kernels} |",
                                   flush=True)
     return 1 if failed else 0
 
