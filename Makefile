@@ -54,7 +54,7 @@ $(shell mkdir -p $(BUILD) && (echo '$(NVCC) $(FLAGS) $(V3_FLAGS) -MMD' | cmp -s 
 # Toolkit's are listed too), in a .d file beside the object (-MP adds a rule for each header, so deleting one is not
 # an error). So a change to a header rebuilds only what includes it. A fresh build has no .d files and builds all.
 DEPFLAGS = -MMD -MP -MF $(@:.o=.d)
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include $(patsubst %.cu,$(BUILD)/%.d,$(wildcard */*.cu tests/harness/*.cu))
 
 $(BUILD)/%.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)

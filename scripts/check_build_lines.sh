@@ -21,7 +21,8 @@ make_flags=" $(sed -n 's/^NVCCFLAGS ?= //p' Makefile) -I. -Itests "
 
 line_of() { grep -m1 -E '^//   nvcc ' "$1" | sed -E 's|^//   ||; s| && \./.*$||'; }
 
-if [ "${FULL:-}" = 1 ]; then
+# check_compiled: every line run as written, in parallel
+check_compiled() {
     pids=()
     for f in "${files[@]}"; do
         line=$(line_of "$f")
@@ -35,44 +36,47 @@ if [ "${FULL:-}" = 1 ]; then
         if wait "$pid"; then echo "ok: the build line of $f"
         else echo "FAIL: the build line of $f:"; tail -5 "$tmp/$(echo "$f" | tr / _).log"; fails=$((fails + 1)); fi
     done
-    [ $fails -eq 0 ] && echo "check_build_lines: all build" || echo "check_build_lines: $fails failed"
-    exit $((fails > 0))
-fi
+}
 
-for f in "${files[@]}"; do
-    line=$(line_of "$f")
-    if [ -z "$line" ]; then echo "FAIL: $f has no one-line nvcc build in its first comment"; fails=$((fails + 1)); continue; fi
-    # the line's words as bash expands them (globs, braces, $(ls ... | grep ...)), run from the repository root
-    mapfile -t words < <(bash -c 'for w in '"${line#nvcc }"'; do printf "%s\n" "$w"; done')
-    why=""
-    sources=()
-    flags=()
-    for ((k = 0; k < ${#words[@]}; k++)); do
-        w=${words[k]}
-        case $w in
-            -o) k=$((k + 1)) ;;                                   # the output name
-            -arch=*|-gencode) [ "$w" = -gencode ] && k=$((k + 1)) ;;  # the architecture: the line's own choice
-            -*) flags+=("$w") ;;
-            *.cu) sources+=("$w") ;;
-            *) why="an argument that is neither an option nor a .cu file: '$w'" ;;
-        esac
+# check_linked: every line's sources expanded, their flags and objects checked, the objects linked
+check_linked() {
+    for f in "${files[@]}"; do
+        line=$(line_of "$f")
+        if [ -z "$line" ]; then echo "FAIL: $f has no one-line nvcc build in its first comment"; fails=$((fails + 1)); continue; fi
+        # the line's words as bash expands them (globs, braces, $(ls ... | grep ...)), run from the repository root
+        mapfile -t words < <(bash -c 'for w in '"${line#nvcc }"'; do printf "%s\n" "$w"; done')
+        why=""
+        sources=()
+        flags=()
+        for ((k = 0; k < ${#words[@]}; k++)); do
+            w=${words[k]}
+            case $w in
+                -o) k=$((k + 1)) ;;                                   # the output name
+                -arch=*|-gencode) [ "$w" = -gencode ] && k=$((k + 1)) ;;  # the architecture: the line's own choice
+                -*) flags+=("$w") ;;
+                *.cu) sources+=("$w") ;;
+                *) why="an argument that is neither an option nor a .cu file: '$w'" ;;
+            esac
+        done
+        for w in "${flags[@]}"; do
+            [[ "$make_flags" == *" $w "* ]] || why="option $w is not among make's ($make_flags): its objects say nothing about it"
+        done
+        objects=()
+        for s in "${sources[@]}"; do
+            if [ ! -f "$s" ]; then why="source $s does not exist"; break; fi
+            o="$BUILD/${s%.cu}.o"
+            if [ ! -f "$o" ] || [ "$o" -ot "$s" ]; then why="$o is missing or older than $s: run make all first"; break; fi
+            objects+=("$o")
+        done
+        [ ${#sources[@]} -gt 0 ] || why="no .cu source in the line"
+        if [ -z "$why" ] && ! nvcc "${objects[@]}" -o "$tmp/program" >"$tmp/link.log" 2>&1; then
+            why="its sources' objects do not link: $(grep -m3 -iE "undefined|multiple|error" "$tmp/link.log" | tr '\n' ' ')"
+        fi
+        if [ -z "$why" ]; then echo "ok: the build line of $f (${#sources[@]} sources, linked from make's objects)"
+        else echo "FAIL: the build line of $f: $why"; fails=$((fails + 1)); fi
     done
-    for w in "${flags[@]}"; do
-        [[ "$make_flags" == *" $w "* ]] || why="option $w is not among make's ($make_flags): its objects say nothing about it"
-    done
-    objects=()
-    for s in "${sources[@]}"; do
-        if [ ! -f "$s" ]; then why="source $s does not exist"; break; fi
-        o="$BUILD/${s%.cu}.o"
-        if [ ! -f "$o" ] || [ "$o" -ot "$s" ]; then why="$o is missing or older than $s: run make all first"; break; fi
-        objects+=("$o")
-    done
-    [ ${#sources[@]} -gt 0 ] || why="no .cu source in the line"
-    if [ -z "$why" ] && ! nvcc "${objects[@]}" -o "$tmp/program" >"$tmp/link.log" 2>&1; then
-        why="its sources' objects do not link: $(grep -m3 -iE "undefined|multiple|error" "$tmp/link.log" | tr '\n' ' ')"
-    fi
-    if [ -z "$why" ]; then echo "ok: the build line of $f (${#sources[@]} sources, linked from make's objects)"
-    else echo "FAIL: the build line of $f: $why"; fails=$((fails + 1)); fi
-done
+}
+
+if [ "${FULL:-}" = 1 ]; then check_compiled; else check_linked; fi
 [ $fails -eq 0 ] && echo "check_build_lines: all build" || echo "check_build_lines: $fails failed"
 exit $((fails > 0))

@@ -51,7 +51,7 @@ def parse_ncu_csv(text):
     header = next((r for r in rows if "Kernel Name" in r and "Metric Value" in r), None)
     if header is None:
         return []
-    col = {name: header.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    col = {name: header.index(name) for name in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
     kernels = []
     for r in rows:
         if r is header or len(r) != len(header) or r[col["Metric Name"]] != "gpu__time_duration.sum":
@@ -73,8 +73,8 @@ def summarise(kernels, reps):
     """Per pass: total ns, and (short name, launches, ns) for each kernel name in order of first launch."""
     by_name = {}
     for name, ns in kernels:
-        launches, total = by_name.get(short_name(name), (0, 0.0))
-        by_name[short_name(name)] = (launches + 1, total + ns)
+        launches, total = by_name.get(short := short_name(name), (0, 0.0))
+        by_name[short] = (launches + 1, total + ns)
     parts = [(name, launches / reps, total / reps) for name, (launches, total) in by_name.items()]
     return sum(ns for _, ns in kernels) / reps, parts
 
@@ -245,7 +245,7 @@ def main():
                                 results[impl] = res
                         for impl, (total, parts) in results.items():
                             ratio = f"{results[ref][0] / total:.3f}" if ref in results else "-"
-                            kernels = "; ".join(f"{name} x{n:g} {ns / 1e6:.3f}" for name, n, ns in parts)
+                            kernels = "; ".join(f"{name} x{n:g} {t / 1e6:.3f}" for name, n, t in parts)
                             print(f"| {pas} | {dtype} | {d} | {causal} | {N} | {impl} | {total / 1e6:.3f} | "
                                   f"{flops(B, H, N, d, causal, pas == 'bwd') / total / 1e3:.1f} | {ratio} | {kernels} |",
                                   flush=True)
