@@ -151,6 +151,35 @@ TEST_CASE("v2 CPU backward model traffic: K, V, dK, dV once; Q, dO, LSE, D and d
     }
 }
 
+TEST_CASE("v2 backward dQ accumulator in fragment order (step 6): a bijection; a lane's sums and a warp's adjacent") {
+    for (int tile : {64, 128, 192, 256}) {
+        const int rows = 48;  // three row blocks of 16
+        std::vector<int> hits(size_t(rows) * tile, 0);
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < tile; ++c) {
+                const size_t at = dq_accum_offset<true>(r, c, tile);
+                REQUIRE(at < hits.size());
+                ++hits[at];
+                // a run of 16 rows fills the same floats as row-major; columns c, c + 1 (c even) are adjacent
+                CHECK(at / (16 * size_t(tile)) == size_t(r / 16));
+                if (c % 2 == 0) CHECK(dq_accum_offset<true>(r, c + 1, tile) == at + 1);
+                CHECK(dq_accum_offset<false>(r, c, tile) == size_t(r) * tile + c);
+            }
+        CHECK(std::count(hits.begin(), hits.end(), 1) == rows * tile);  // every float once
+        // The fragment of rows 16..31, columns 8..15: lane (g, t) = (lane / 4, lane % 4) holds rows 16 + g, 24 + g
+        // and columns 8 + 2t, 9 + 2t; its four sums are 4 consecutive floats, the 32 lanes' 128 consecutive ones.
+        const size_t first = dq_accum_offset<true>(16, 8, tile);
+        CHECK(first % 128 == 0);
+        for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane / 4, t = lane % 4;
+            CHECK(dq_accum_offset<true>(16 + g, 8 + 2 * t, tile) == first + 4 * lane);
+            CHECK(dq_accum_offset<true>(16 + g, 9 + 2 * t, tile) == first + 4 * lane + 1);
+            CHECK(dq_accum_offset<true>(24 + g, 8 + 2 * t, tile) == first + 4 * lane + 2);
+            CHECK(dq_accum_offset<true>(24 + g, 9 + 2 * t, tile) == first + 4 * lane + 3);
+        }
+    }
+}
+
 TEST_CASE("the forward check fails on a wrong rescale and on NaN (the tests can fail)") {
     const Case c = make_case(113, 200, 64, false, Dist::large);
     const HostTensors in = make_inputs(c.p, c.dist, 3);

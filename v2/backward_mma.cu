@@ -41,9 +41,11 @@
 // The optimisation steps (bin/v2 --dtype fp16 --backward --kernel K; v2_backward_steps() below names them) are
 // this one kernel template with fewer features switched on: step 1 loads each Q_i, dO_i only once the previous
 // tile is done, step 2 adds the cp.async double buffer (Q_{i+1}, dO_{i+1} land while tile i is computed), step 3
-// takes Br = 128 query rows per Q tile at d = 64, step 4 gives each pair of warps 32 keys, split
-// between them by queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile), and step 5 (the
-// final kernel) starts each block's walk over the Q tiles at a different tile, at the 128 tile and in the group walk.
+// takes Br = 128 query rows per Q tile at d = 64, step 4 gives each pair of warps 32 keys, split between them by
+// queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile), step 5 starts each block's walk over
+// the Q tiles at a different tile, at the 128 tile and in the group walk, and step 6 (the final kernel) keeps the dQ
+// accumulator in the order of the mma fragments (dq_accum_offset), so that a warp's atomic add goes to 512
+// contiguous bytes instead of 8 rows.
 #include "backward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
@@ -69,6 +71,8 @@ const std::vector<KernelStep>& v2_backward_steps() {
                           "columns of dK_j, dV_j; P^T and dS^T cross through shared memory; a quarter fewer ldmatrix"},
         {"bwd-stagger", "block x starts its walk over the Q tiles at step x, so the blocks that run together add to "
                         "different dQ rows: at the d = 128 tile and in the group walk (d = 64 plain: step 4)"},
+        {"bwd-dq-fragments", "the dQ accumulator stored in mma-fragment order: a lane's four sums are 16 contiguous "
+                             "bytes, one red.v4 (sm_90), and a warp's instruction covers 512 contiguous bytes"},
     };
     return steps;
 }
@@ -77,7 +81,7 @@ namespace {
 
 using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
 
-constexpr int kFinalStep = 5;
+constexpr int kFinalStep = 6;
 constexpr int kBr128Step = 3;  // the host's padded_rows needs it too
 template <int kStep>
 struct Features {
@@ -85,6 +89,7 @@ struct Features {
     static constexpr bool kBr128AtD64 = kStep >= kBr128Step;     // 3: Br = 128 at d = 64
     static constexpr bool kKeyPairs = kStep >= 4;                // 4: 32 keys a warp, split by queries (KVTile)
     static constexpr bool kStagger = kStep >= 5;                 // 5: block x starts its walk at step x (dk_dv_kernel)
+    static constexpr bool kDqFragments = kStep >= 6;             // 6: the dQ accumulator in fragment order
 };
 
 // Query rows per Q tile (the inner loop). From step 3 on, d = 64 takes 128: each Q tile then costs half the
@@ -130,6 +135,19 @@ __device__ inline void atomic_add2(float* addr, float x, float y) {
 #else
     atomicAdd(addr, x);
     atomicAdd(addr + 1, y);
+#endif
+}
+
+// Step 6: the four sums of one lane's m16n8 fragment, 16 contiguous bytes in the fragment-ordered accumulator
+// (dq_accum_offset): one four-float red on sm_90, four one-float ones before.
+__device__ inline void atomic_add4(float* addr, float x, float y, float z, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float4*>(addr), make_float4(x, y, z, w));
+#else
+    atomicAdd(addr, x);
+    atomicAdd(addr + 1, y);
+    atomicAdd(addr + 2, z);
+    atomicAdd(addr + 3, w);
 #endif
 }
 
@@ -695,16 +713,23 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
             }
         }
         // The accumulator is padded to Nq_pad rows and kD columns, so the padding rows (whose dS is 0) need no
-        // bounds check; columns past d (zeros, as K_j's are) are skipped.
+        // bounds check; columns past d (zeros, as K_j's are) are skipped. Row-major (steps 1-5) a fragment's two rows
+        // are 8 rows apart, and each red.v2 of the warp touches 8 rows (8 cache lines); in fragment order (step 6) this
+        // lane's four sums are consecutive and the warp's 32 lanes cover 512 contiguous bytes (4 lines).
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
             for (int c = 0; c < kCols / 8; ++c) {
-                const int col = wn * kCols + c * 8;
+                const int col = wn * kCols + c * 8, row = i0 + wm * 32 + m * 16 + g;
                 if (col >= d) continue;
-                float* row = rows_of(h).dQ_accum + size_t(i0 + wm * 32 + m * 16 + g) * kD + col + 2 * t;
-                atomic_add2(row, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
-                atomic_add2(row + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
+                float* at = rows_of(h).dQ_accum + dq_accum_offset<F::kDqFragments>(row, col + 2 * t, kD);
+                if constexpr (F::kDqFragments) {
+                    atomic_add4(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1], ds_scale * dQ_i[m][c][2],
+                                ds_scale * dQ_i[m][c][3]);
+                } else {
+                    atomic_add2(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
+                    atomic_add2(at + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
+                }
             }
     }
 
@@ -911,10 +936,11 @@ __global__ void __launch_bounds__(kDqThreads, 1)
 
 // dQ = the fp32 accumulator [B*H, Nq_pad, kD] without its padding rows and columns, rounded to T; 4 elements per
 // thread (d is a multiple of 8, so the 4 never straddle a row). A packed batch: dQ [Tq, H, d] from the accumulator
-// [H, Nq_pad, kD], each token's sequence found by a binary search of cu_seqlens_q.
+// [H, Nq_pad, kD], each token's sequence found by a binary search of cu_seqlens_q. kFragments: the accumulator is in
+// fragment order (step 6), element (row, col) at dq_accum_offset<true>; else row-major.
 // Indices fit in 32 bits (one tensor has at most 2^31 - 1 elements: problem_size_unsupported), so the divisions are
 // 32-bit ones.
-template <typename T>
+template <typename T, bool kFragments>
 __global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_pad, int d, int kD, size_t n_elems,
                                   Extensions x) {
     const size_t e = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
@@ -929,8 +955,10 @@ __global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_p
         const size_t bh = row / unsigned(Nq), i = row % unsigned(Nq);
         accum_row = bh * Nq_pad + i;
     }
-    const float4 v = *reinterpret_cast<const float4*>(dQ_accum + accum_row * kD + col);
-    *reinterpret_cast<uint2*>(dQ + e) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+    // columns col, col + 1 and col + 2, col + 3: adjacent in either order (col is a multiple of 4)
+    const float2 lo = *reinterpret_cast<const float2*>(dQ_accum + dq_accum_offset<kFragments>(accum_row, col, kD));
+    const float2 hi = *reinterpret_cast<const float2*>(dQ_accum + dq_accum_offset<kFragments>(accum_row, col + 2, kD));
+    *reinterpret_cast<uint2*>(dQ + e) = make_uint2(pack2<T>(lo.x, lo.y), pack2<T>(hi.x, hi.y));
 }
 
 // --deterministic with a shared (broadcast) bias: dbias = the per-head dS of the workspace [B, H, Nq, Nk], summed
@@ -1065,7 +1093,9 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
-    convert_dq_kernel<T><<<unsigned(blocks), threads, 0, stream>>>(dQ_accum, dQ, p.Nq, Nq_pad, p.d, kD, n_elems, x);
+    convert_dq_kernel<T, Features<kStep>::kDqFragments><<<unsigned(blocks), threads, 0, stream>>>(dQ_accum, dQ, p.Nq,
+                                                                                                 Nq_pad, p.d, kD,
+                                                                                                 n_elems, x);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1159,6 +1189,10 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
                 launch<T, kD, 4, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
+            case 5:
+                launch<T, kD, 5, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                              workspace, ext, stream);
+                return "";
             default: break;
         }
     }
@@ -1248,6 +1282,7 @@ size_t backward_smem_bytes(const Problem& p) {
             case 2: bytes = dk_dv_smem_bytes<kD, 2>(false); break;
             case 3: bytes = dk_dv_smem_bytes<kD, 3>(false); break;
             case 4: bytes = dk_dv_smem_bytes<kD, 4>(false); break;
+            case 5: bytes = dk_dv_smem_bytes<kD, 5>(false); break;
             default: break;
         }
     }

@@ -7,6 +7,7 @@
 #pragma once
 #include "problem.h"
 #include <cuda_runtime.h>
+#include <cstddef>
 #include <string>
 
 // The head-dim tile the backward runs for head dim d: the smallest of 64, 128, 192, 256 that holds d, for d a
@@ -23,6 +24,19 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why);
 // "layout + dropout" (grouped-query heads, packed sequences, windows: the default kernel's code with the group walk
 // and the band; d = 64 or 128, dropout with atomic dQ only), "all" (the bias, ALiBi, any other d).
 std::string v2_backward_mma_kernel(const Problem& p);
+
+// Where the backward keeps the fp32 sums of dQ (the accumulator: `tile` columns a row, tile = the head-dim tile; its
+// rows start at multiples of 16). Steps 1-5: row-major, row r column c at r tile + c. From step 6, in the order of
+// mma.sync's m16n8 accumulator fragments, which the dk_dv kernel adds into it: a 16 x 8 block (r / 16, c / 8) is 128
+// consecutive floats at 128 ((r / 16) (tile / 8) + c / 8), in which lane 4 (r % 8) + (c % 8) / 2 of the warp that
+// holds the fragment keeps its four sums (rows r % 8 and r % 8 + 8, columns c and c + 1, c even) at 4 lane ..
+// 4 lane + 3. Either way a run of 16 rows fills the same 16 tile floats, and columns c, c + 1 (c even) are adjacent.
+template <bool kFragments>
+__host__ __device__ constexpr size_t dq_accum_offset(size_t r, int c, int tile) {
+    if (!kFragments) return r * tile + c;
+    const size_t block = (r / 16) * (tile / 8) + c / 8, lane = (r % 8) * 4 + (c % 8) / 2;
+    return block * 128 + lane * 4 + (r % 16) / 8 * 2 + c % 2;
+}
 
 // Bytes of device scratch the backward pass needs: D_i = rowsum(dO_i * O_i), LSE_i in log2 units, and (unless
 // p.deterministic) the fp32 accumulator of dQ, all linear in Nq. The pointer passed as `workspace` must be 16-byte
