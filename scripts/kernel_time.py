@@ -65,8 +65,17 @@ def parse_ncu_csv(text):
 
 def short_name(kernel):
     """A kernel's name without its return type, template arguments and parameters (ncu prints either form)."""
-    name = kernel.split("(")[0].split("<")[0].strip()
-    return name.split(" ")[-1]
+    # Keep what lies outside every <...> and (...), after "(anonymous namespace)::" is dropped (v2's kernels live in
+    # one: split at the first "(", they would all be "void").
+    depth, kept = 0, []
+    for ch in kernel.replace("(anonymous namespace)::", ""):
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        elif depth == 0:
+            kept.append(ch)
+    return "".join(kept).strip().split(" ")[-1]
 
 
 def summarise(kernels, reps):
@@ -141,8 +150,8 @@ def self_test():
         '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
         '"0","1234","python3","h","void flash::preprocess_kernel<64, (int)1>(Params)","1","7","(256, 1, 1)",'
         '"(32, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","135,744"',
-        '"1","1234","python3","h","void dk_dv_kernel<Features<(int)5>, __half>(BackwardArgs, float)","1","7",'
-        '"(256, 1, 1)","(32, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond",'
+        '"1","1234","python3","h","void (anonymous namespace)::dk_dv_kernel<Features<(int)5>, __half>(BackwardArgs, float)",'
+        '"1","7","(256, 1, 1)","(32, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond",'
         '"14.5"',
         '"2","1234","python3","h","void flash::preprocess_kernel<64, (int)1>(Params)","1","7","(256, 1, 1)",'
         '"(32, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","136256"',
