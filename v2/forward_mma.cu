@@ -1,6 +1,6 @@
 // forward_mma.cu: the FlashAttention-2 forward pass (Dao, 2023, Algorithm 1) on tensor cores.
 //
-// One CTA of 4 warps (8 past head dim 128) owns one tile Q_i of Br query rows of one (batch, head) and walks the
+// One CTA of 4 warps (8 at the 192 tile) owns one tile Q_i of Br query rows of one (batch, head) and walks the
 // key/value tiles K_j, V_j of Bc rows each:
 //
 //     S    = Q_i K_j^T                                   mma.sync m16n8k16, fp32 accumulators
@@ -13,12 +13,13 @@
 // The `// line N` comments in the kernel are the lines of Algorithm 1 of the FlashAttention-2 paper; symbols as in
 // forward_fp32.cu, plus m_i, l_i held in the log2 domain from the exp2 step on.
 //
-// Work split: each warp owns Br / kWarps contiguous query rows of Q_i (32 rows = two m16 tiles with 4 warps), so the
-// warps never exchange softmax statistics; the Q loop is the grid (one CTA per Q tile), the K/V loop is in the CTA.
+// Work split: each warp owns Br / kWarps contiguous query rows of Q_i (32 rows = two m16 tiles; 16 past d = 128), so
+// the warps never exchange softmax statistics; the Q loop is the grid (one CTA per Q tile), the K/V loop is in the CTA.
 //
 // Data movement:
 //   global -> shared  cp.async (16 bytes a thread), K_j and V_j double-buffered: the copy of tile j+1 is issued
-//                     before tile j is computed, so it lands while the tensor cores work.
+//                     before tile j is computed, so it lands while the tensor cores work (at d = 256 one buffer
+//                     each, their copies staggered: kStaggeredKV).
 //   shared -> regs    ldmatrix.x4; Q_i and K_j non-transposed, V_j with .trans (fragment layouts: mma.cuh).
 //   S -> P            the fp32 accumulator fragment of S is exactly the A-operand fragment of P for the second
 //                     mma once packed to 16 bits, so P never touches shared memory.
@@ -109,11 +110,18 @@ namespace v2_mma {
 template <int kD, int kStep>
 constexpr int kPitch = Features<kStep>::kLdmatrix ? kD + 8 : kD;
 
+// At the 256 tile (final step only) K_j and V_j have one buffer each and their copies are staggered, as in
+// FlashAttention-2: K_{j+1} is copied once every warp is done with S = Q_i K_j^T and lands during
+// the softmax and P V_j; V_{j+1} is copied once every warp is done with P V_j and lands during the next S. Half the
+// shared memory of two buffers each, so that two CTAs fit on an SM (Tile below says why that matters there).
+template <int kD, int kStep>
+constexpr bool kStaggeredKV = Features<kStep>::kCpAsync && kD == 256;
+
 template <int kBr, int kBc, int kD, int kStep>
 constexpr int smem_bytes() {
-    constexpr int kKVBuffers = Features<kStep>::kCpAsync ? 2 : 1;
+    constexpr int kKVBuffers = Features<kStep>::kCpAsync && !kStaggeredKV<kD, kStep> ? 2 : 1;
     constexpr int kPBytes = Features<kStep>::kPInRegisters ? 0 : kBr * kBc * 2;
-    return (kBr + 2 * kKVBuffers * kBc) * kPitch<kD, kStep> * 2 + kPBytes;  // Q_i, K_j and V_j (x2), P
+    return (kBr + 2 * kKVBuffers * kBc) * kPitch<kD, kStep> * 2 + kPBytes;  // Q_i, K_j and V_j (x1 or x2), P
 }
 
 // Plain shared-memory accesses by shared address: what the steps before ldmatrix and cp.async use instead.
@@ -309,8 +317,8 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 past kD = 128: see Tile below), 8 warps an
-// SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
+// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 at the 192 tile: see Tile
+// below), 8 warps an SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
 // scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
 // are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
@@ -344,7 +352,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr uint32_t kKVTileBytes = kBc * kPitchBytes;
-    constexpr int kKVBuffers = F::kCpAsync ? 2 : 1;
+    constexpr bool kStaggered = kStaggeredKV<kD, kStep>;
+    constexpr bool kDoubleBuffer = F::kCpAsync && !kStaggered;
+    constexpr int kKVBuffers = kDoubleBuffer ? 2 : 1;
     const uint32_t sQ = shared_addr(smem);
     const uint32_t sK = sQ + kBr * kPitchBytes;           // kKVBuffers buffers of kBc rows
     const uint32_t sV = sK + kKVBuffers * kKVTileBytes;   // kKVBuffers buffers of kBc rows
@@ -394,10 +404,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     // line 4 (line 7: K_j, V_j of the first tile)
     load_tile<kBr, kD, kPitchBytes, kThreads, F::kCpAsync>(sQ, Q_i, 0, Nq - q0, d, ld_q);
     if constexpr (F::kCpAsync) {
-        if (tile_end > tile_begin) {
-            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, tile_begin * kBc, Nk, d, ld_kv);
-            load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, tile_begin * kBc, Nk, d, ld_kv);
-        }
+        const bool any = tile_end > tile_begin;
+        if (any) load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, tile_begin * kBc, Nk, d, ld_kv);
+        if constexpr (kStaggered) cp_async_commit();  // Q_i and K_j first, V_j in a group of its own
+        if (any) load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, tile_begin * kBc, Nk, d, ld_kv);
         cp_async_commit();
     }
 
@@ -438,7 +448,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const float s_scale = score_bias ? 1.0f : scale_exp;  // what turns S into log2-domain scores
 
     for (int j = tile_begin; j < tile_end; ++j) {  // line 6
-        if constexpr (F::kCpAsync) {  // line 7, one tile ahead
+        if constexpr (kStaggered) {
+            // line 7: the groups in flight are K_j's, then V_j's (the last two committed); wait for K_j's alone.
+            cp_async_wait<1>();
+        } else if constexpr (F::kCpAsync) {  // line 7, one tile ahead
             // Prefetch K_{j+1}, V_{j+1} into the other buffer (freed by the barrier at the end of iteration j-1).
             // The group is committed even when empty so that "wait until one group is pending" always means tile j.
             if (j + 1 < tile_end) {
@@ -455,8 +468,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             load_tile<kBc, kD, kPitchBytes, kThreads, false>(sV, V_bh, j * kBc, Nk, d, ld_kv);
         }
         __syncthreads();
-        const uint32_t K_j = k_addr + (F::kCpAsync ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // the two buffers
-        const uint32_t V_j = v_addr + (F::kCpAsync ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // alternate
+        const uint32_t K_j = k_addr + (kDoubleBuffer ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // the two buffers
+        const uint32_t V_j = v_addr + (kDoubleBuffer ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // alternate
 
         // line 8: S = Q_i K_j^T, kMTiles x kNTiles fragments of 16x8.
         float S[kMTiles][kNTiles][4] = {};
@@ -475,6 +488,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     mma_m16n8k16<T>(S[mt][2 * np + 1], a[mt], b[2], b[3]);
                 }
             }
+        }
+        if constexpr (kStaggered) {  // K_j's buffer is free once every warp has its S: K_{j+1} goes there
+            __syncthreads();
+            if (j + 1 < tile_end)
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sK, K_bh, (j + 1) * kBc, Nk, d, ld_kv);
+            cp_async_commit();  // even when empty: the wait below and the next tile's count on two groups
         }
 
         // Mask keys past Nk (last tile) and, causal, keys right of the diagonal. Warp-uniform branch: only tiles
@@ -571,6 +590,10 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             __syncwarp();
         }
 
+        if constexpr (kStaggered) {  // V_j: the older of the two groups in flight (V_j, K_{j+1})
+            cp_async_wait<1>();
+            __syncthreads();
+        }
         // line 10: O_i += P V_j. From step 2 on, the A fragment of P for keys 16kk..16kk+15 is the accumulators of S's
         // n8 tiles 2kk and 2kk+1, packed in pairs: (row g, keys 2t, 2t+1), (row g+8, ...), (row g, keys 2t+8, +9), ...
         uint32_t keep[kMTiles][2][4];  // kExt or kDropout, --dropout: the mask of two k steps (dropout_keep_p32)
@@ -615,6 +638,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             }
         }
         __syncthreads();  // everyone is done with the K/V buffer of tile j before it is refilled
+        if constexpr (kStaggered) {
+            if (j + 1 < tile_end)
+                load_tile<kBc, kD, kPitchBytes, kThreads, true>(sV, V_bh, (j + 1) * kBc, Nk, d, ld_kv);
+            cp_async_commit();
+        }
     }
 
     // Epilogue, lines 12-15: O_i / l_i and LSE_i. Before the staged epilogue, each thread stores its fragment's pairs
@@ -696,14 +724,18 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
 // no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
 // ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape.
 // Past 128 the accumulator O_i alone is kD / 2 registers a thread per m16 tile (128 at kD = 256), so a warp takes 16
-// rows, and 8 warps make Br = 128, as FlashAttention-2 does at d = 256: K_j and V_j, read from device memory once
-// per CTA, then serve 128 rows. Bc = 64 and the double buffer take (128 + 2 * 2 * 64) rows * 528 bytes = 198 KiB at
-// kD = 256: one CTA of 8 warps an SM. (Measured on an H200, d = 256, N = 4096, fp16, against FlashAttention-2: 4
-// warps with Br = 64, Bc = 32, two CTAs an SM, 0.76x non-causal, 0.78x causal.)
+// rows. The 192 tile has 8 warps, Br = 128, Bc = 64 and double buffers, (128 + 2 * 2 * 64) rows * 400 bytes =
+// 150 KiB, one CTA an SM, as FlashAttention-2 at d = 192. The 256 tile has 4 warps, Br = 64, Bc = 64 and one buffer
+// each for K_j and V_j (kStaggeredKV): (64 + 2 * 64) rows * 528 bytes = 99 KiB, two CTAs an SM, as FlashAttention-2
+// runs d = 256 on an H100. Two CTAs reach their barriers at different times, so one's tensor cores run while the
+// other waits for a copy or does its softmax. d = 256 against FlashAttention-2 (fp16): 4 warps, Br = 64, Bc = 32,
+// double buffers, two CTAs, 0.76x non-causal, 0.78x causal (H200, N = 4096); 8 warps as the 192 tile (198 KiB, one
+// CTA), 0.85-0.86x non-causal, 0.81-0.96x causal (H100, N = 1k..16k); the layout here 0.93-1.12x (H200, N = 1k..16k;
+// docs/v2.md, "Head dims 8 to 256"). The 192 tile with the 256 tile's layout ran 9-15% slower (d = 160; 192 causal).
 template <int kD>
 struct Tile {
-    static constexpr int kWarps = kD <= 128 ? 4 : 8;
-    static constexpr int kBr = 128;
+    static constexpr int kWarps = kD == 192 ? 8 : 4;
+    static constexpr int kBr = kD == 256 ? 64 : 128;
     static constexpr int kBc = 64;
 };
 
