@@ -268,9 +268,10 @@ TEST_CASE("v2 refuses in one line what needs more shared memory a block than the
             p.d = d, p.deterministic = det;
             CHECK(v2_smem_refusal(p, false, hopper).empty());
             CHECK(v2_smem_refusal(p, true, hopper).empty());
-            CHECK(v2_smem_refusal(p, false, a100).empty() == (d <= 192));  // forward tile 256: 202752 bytes
+            CHECK(v2_smem_refusal(p, false, a100).empty());                // forward tile 192: 153600 bytes
             CHECK(v2_smem_refusal(p, true, a100).empty() == (d <= 192));   // backward tile 256: 214016 bytes
-            CHECK(v2_smem_refusal(p, false, ada).empty() == (d <= 96));    // forward tile 128: 104448 bytes
+            // forward tile 128: 104448 bytes, 192: 153600; the 256 tile (4 warps, one K and one V buffer) 101376
+            CHECK(v2_smem_refusal(p, false, ada).empty() == (d <= 96 || d > 192));
             CHECK(!v2_smem_refusal(p, true, ada).empty());                 // every backward tile: over 160 KiB
             for (const std::string& why : {v2_smem_refusal(p, false, ada), v2_smem_refusal(p, true, ada)})
                 if (!why.empty()) CHECK((why.find('\n') == std::string::npos && why.find("101376") != std::string::npos));
