@@ -111,9 +111,9 @@ template <int kD, int kStep>
 constexpr int kPitch = Features<kStep>::kLdmatrix ? kD + 8 : kD;
 
 // At the 256 tile (final step only) K_j and V_j have one buffer each and their copies are staggered, as in
-// FlashAttention-2: K_{j+1} is copied once every warp is done with S = Q_i K_j^T and lands during
-// the softmax and P V_j; V_{j+1} is copied once every warp is done with P V_j and lands during the next S. Half the
-// shared memory of two buffers each, so that two CTAs fit on an SM (Tile below says why that matters there).
+// FlashAttention-2: K_{j+1} is copied once every warp is done with S = Q_i K_j^T and lands during the softmax and
+// P V_j; V_{j+1} is copied once every warp is done with P V_j and lands during the next S. Half the shared memory of
+// two buffers each, so that two CTAs fit on an SM (Tile below says why that matters there).
 template <int kD, int kStep>
 constexpr bool kStaggeredKV = Features<kStep>::kCpAsync && kD == 256;
 
@@ -317,8 +317,8 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 at the 192 tile: see Tile
-// below), 8 warps an SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
+// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 at the 192 tile: see Tile below), 8 warps
+// an SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
 // scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
 // tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
 // are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
