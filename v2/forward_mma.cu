@@ -117,11 +117,15 @@ constexpr int kPitch = Features<kStep>::kLdmatrix ? kD + 8 : kD;
 template <int kD, int kStep>
 constexpr bool kStaggeredKV = Features<kStep>::kCpAsync && kD == 256;
 
+// Buffers each of K_j and V_j: two from cp.async on (tile j+1 lands in one while tile j is read from the other), one
+// before it and with the staggered copies.
+template <int kD, int kStep>
+constexpr int kKVBuffers = Features<kStep>::kCpAsync && !kStaggeredKV<kD, kStep> ? 2 : 1;
+
 template <int kBr, int kBc, int kD, int kStep>
 constexpr int smem_bytes() {
-    constexpr int kKVBuffers = Features<kStep>::kCpAsync && !kStaggeredKV<kD, kStep> ? 2 : 1;
     constexpr int kPBytes = Features<kStep>::kPInRegisters ? 0 : kBr * kBc * 2;
-    return (kBr + 2 * kKVBuffers * kBc) * kPitch<kD, kStep> * 2 + kPBytes;  // Q_i, K_j and V_j (x1 or x2), P
+    return (kBr + 2 * kKVBuffers<kD, kStep> * kBc) * kPitch<kD, kStep> * 2 + kPBytes;  // Q_i, K_j and V_j, P
 }
 
 // Plain shared-memory accesses by shared address: what the steps before ldmatrix and cp.async use instead.
@@ -353,11 +357,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr uint32_t kKVTileBytes = kBc * kPitchBytes;
     constexpr bool kStaggered = kStaggeredKV<kD, kStep>;
-    constexpr bool kDoubleBuffer = F::kCpAsync && !kStaggered;
-    constexpr int kKVBuffers = kDoubleBuffer ? 2 : 1;
+    constexpr int kBuffers = kKVBuffers<kD, kStep>;
+    constexpr bool kDoubleBuffer = kBuffers == 2;
     const uint32_t sQ = shared_addr(smem);
-    const uint32_t sK = sQ + kBr * kPitchBytes;           // kKVBuffers buffers of kBc rows
-    const uint32_t sV = sK + kKVBuffers * kKVTileBytes;   // kKVBuffers buffers of kBc rows
+    const uint32_t sK = sQ + kBr * kPitchBytes;         // kBuffers buffers of kBc rows
+    const uint32_t sV = sK + kBuffers * kKVTileBytes;   // kBuffers buffers of kBc rows
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // fragment coordinates (see mma.cuh)
@@ -578,7 +582,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 
         // Step 1: P goes to this warp's own rows of a shared [Br][Bc] tile and comes back as A fragments.
         if constexpr (!F::kPInRegisters) {
-            const uint32_t sP = sV + kKVBuffers * kKVTileBytes;
+            const uint32_t sP = sV + kBuffers * kKVTileBytes;
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -622,7 +626,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     }
                 } else {
                     using PFrag = Fragments<false, kPPitchBytes>;
-                    const uint32_t sP = sV + kKVBuffers * kKVTileBytes;
+                    const uint32_t sP = sV + kBuffers * kKVTileBytes;
                     PFrag::a(p[mt], sP + (warp_row0 + mt * 16) * kPPitchBytes + PFrag::a_lane(lane) + kk * 32);
                 }
             }
