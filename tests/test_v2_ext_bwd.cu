@@ -185,7 +185,7 @@ TEST_CASE("v2 backward with the extensions: fp16/bf16 final kernel only, pointer
 // Which dk_dv kernel runs is part of the contract (docs/extensions.md, "Backward"): a problem that the default
 // kernel's code serves must not fall back to the general per-element kernel (about 2x slower), and one it cannot
 // serve must not run it.
-TEST_CASE("v2 backward runs the least general dk_dv kernel: default, layout (GQA, packed, window) or all (bias, ALiBi, other d)") {
+TEST_CASE("v2 backward runs the least general dk_dv kernel: default (GQA alone: + group sum), layout (packed, window) or all") {
     Problem p = small(100, 90, 64);
     p.dtype = DType::fp16;
     auto kernel = [](Problem q, auto&& change) {
@@ -196,9 +196,19 @@ TEST_CASE("v2 backward runs the least general dk_dv kernel: default, layout (GQA
     CHECK(kernel(p, [](Problem& q) { q.causal = true, q.deterministic = true; }) == "default");
     CHECK(kernel(p, [](Problem& q) { q.dropout = 0.1f; }) == "default + dropout");
     CHECK(kernel(p, [](Problem& q) { q.dropout = 0.1f, q.deterministic = true; }) == "all");
+    // grouped-query heads alone: the copies and the group sum where they pay (causal, or Nq >= 2048 / 8192 at
+    // d = 64 / 128), else the group walk
     CHECK(kernel(p, [](Problem& q) { q.Hk = 2; }) == "layout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.causal = true; }) == "default + group sum");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.Nq = 2048; }) == "default + group sum");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 1, q.Nq = 4096, q.d = 128; }) == "layout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 1, q.Nq = 8192, q.d = 128; }) == "default + group sum");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 1, q.causal = true, q.d = 128; }) == "default + group sum");
     CHECK(kernel(p, [](Problem& q) { q.Hk = 1, q.causal = true, q.deterministic = true; }) == "layout");
     CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.dropout = 0.2f; }) == "layout + dropout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.dropout = 0.2f, q.causal = true; }) == "default + dropout + group sum");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.causal = true, q.deterministic = true; }) == "layout");
+    CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.window_left = 16; }) == "layout");
     CHECK(kernel(p, [](Problem& q) { q.window_left = 16, q.window_right = 0; }) == "layout");
     CHECK(kernel(packed(p, {10, 1, 70}, {5, 90, 1}), [](Problem& q) { q.d = 128, q.dtype = DType::bf16; }) == "layout");
     CHECK(kernel(p, [](Problem& q) { q.Hk = 2, q.d = 40; }) == "all");
@@ -209,7 +219,7 @@ TEST_CASE("v2 backward runs the least general dk_dv kernel: default, layout (GQA
     CHECK(kernel(p, [](Problem& q) { q.kernel = 2; }) == "step 2");
 }
 
-TEST_CASE("v2 backward workspace with the extensions: packed rows per sequence, per-head dS for a shared bias under --deterministic") {
+TEST_CASE("v2 backward workspace with the extensions: packed rows per sequence, per-head dS for a shared bias under --deterministic, per-head K, V, dK, dV for GQA") {
     Problem p = small(100, 100, 64);
     p.dtype = DType::fp16, p.deterministic = true;
     const size_t plain = v2_backward_workspace_bytes(p);
@@ -220,6 +230,10 @@ TEST_CASE("v2 backward workspace with the extensions: packed rows per sequence, 
     CHECK(v2_backward_workspace_bytes(p) == plain + size_t(p.B) * p.H * p.Nq * p.Nk * sizeof(float));
     p.deterministic = false;  // atomics add into dbias directly
     CHECK(v2_backward_workspace_bytes(p) == size_t(p.B) * p.H * 128 * (2 + 64) * sizeof(float));
+    p.bias_batch = p.bias_heads = 0, p.Hk = 2;  // grouped-query heads alone, non-causal and short: the group walk
+    CHECK(v2_backward_workspace_bytes(p) == size_t(p.B) * p.H * 128 * (2 + 64) * sizeof(float));
+    p.causal = true;  // the copies and the group sum: each query head's K, V, dK, dV, of fp16
+    CHECK(v2_backward_workspace_bytes(p) == size_t(p.B) * p.H * 128 * (2 + 64) * sizeof(float) + 4 * size_t(p.B) * p.H * p.Nk * p.d * 2);
     Problem q = packed(small(1, 1, 64), {1, 200, 7}, {5, 5, 5});  // 208 tokens: per head (2 + 3) blocks of 128 rows
     q.dtype = DType::bf16, q.deterministic = true;
     CHECK(v2_backward_workspace_bytes(q) == size_t(q.H) * (2 + 3) * 128 * 2 * sizeof(float));
@@ -262,8 +276,8 @@ TEST_CASE("GPU v2 extensions backward: combinations, with --causal, lengths of 1
     p.dropout = 0.3f, p.dropout_seed = 5, p.bias_batch = 1, p.bias_heads = p.H, add("dropout + bias [1, H]", p);
     p = small(130, 77, 64);  // causal with Nq > Nk: rows 0..52 see no key
     p.alibi = true, p.causal = true, add("alibi + causal, rows that see nothing", p);
-    // Grouped-query heads with dropout and causal: at d = 64 and 128 with atomic dQ the Ext::layout kernel walks the
-    // group with kDropout (each query head keys its own mask).
+    // Grouped-query heads with dropout and causal: at d = 64 and 128 with atomic dQ the default kernel with kDropout, a
+    // block row per query head (each keys its own mask), and the group sum (as "multi-query + causal" without dropout).
     p = small(200, 90, 64);
     p.Hk = 2, p.dropout = 0.2f, p.dropout_seed = 13, p.causal = true, add("GQA + dropout + causal, rows that see nothing", p);
     p = small(77, 300, 64);

@@ -189,11 +189,13 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
 // the code they had without it); the preprocess and convert kernels read cu_seqlens_q (null: the padded layout).
 //
 // How much of them a dk_dv instantiation compiles in (its template parameter kExt):
-//   none    the default kernel: one query head a block, the causal flag, the padded [B, H, N, d] layout
+//   none    the default kernel: one query head a block, the causal flag, the padded [B, H, N, d] layout; also
+//           grouped-query heads with no other extension but dropout, through copies of K and V per query head
+//           (group_sum, FinalKernel below)
 //   layout  the extensions that change only which heads, rows and tiles a block visits: grouped-query heads (the
-//           group walk), packed sequences, the band of causal and --window (tile skipping, and the mask on the
-//           tiles that straddle its edge), with the default kernel's tiles and per-element code; dropout on top is
-//           kDropout, as in the default kernel
+//           group walk) with packed sequences or a window, packed sequences, the band of causal and --window (tile
+//           skipping, and the mask on the tiles that straddle its edge), with the default kernel's tiles and
+//           per-element code; dropout on top is kDropout, as in the default kernel
 //   all     every extension: the bias and ALiBi, whose per-element work (extension_element) needs registers that
 //           the default tiles do not leave (Br = 64 at d = 64, 16 keys a warp), dropout read at run time
 enum class Ext { none, layout, all };
@@ -961,6 +963,36 @@ __global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_p
     *reinterpret_cast<uint2*>(dQ + e) = make_uint2(pack2<T>(lo.x, lo.y), pack2<T>(hi.x, hi.y));
 }
 
+// Grouped-query heads in the default kernel (FinalKernel::group_sum), which reads and writes one K/V head per query
+// head, [B, H, Nk, d]. Query heads bkv G .. bkv G + G - 1 (G = H / Hk) form the group of K/V head bkv = b Hk + hk
+// (b H + hk G = bkv G). expand_heads_kernel copies K (or V) of head bkv to each of its group's slices; group_sum_kernel
+// makes dK (or dV) of head bkv the sum of its group's slices, added in fp32 in that order and rounded once. Eight
+// elements a thread: d is a multiple of 8.
+template <typename T>
+__global__ void expand_heads_kernel(const T* kv, T* heads, int group, size_t slice, size_t n_elems) {
+    const size_t e = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+    if (e >= n_elems) return;
+    const size_t bkv = e / slice, at = e % slice;
+    const uint4 v = *reinterpret_cast<const uint4*>(kv + e);
+    for (int r = 0; r < group; ++r) *reinterpret_cast<uint4*>(heads + (bkv * group + r) * slice + at) = v;
+}
+
+template <typename T>
+__global__ void group_sum_kernel(const T* heads, T* out, int group, size_t slice, size_t n_elems) {
+    const size_t e = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+    if (e >= n_elems) return;
+    const size_t bkv = e / slice, at = e % slice;
+    float sum[8] = {};
+    for (int r = 0; r < group; ++r) {
+        const uint4 v = *reinterpret_cast<const uint4*>(heads + (bkv * group + r) * slice + at);
+        const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sum[k] += float(h[k]);
+    }
+    *reinterpret_cast<uint4*>(out + e) = make_uint4(pack2<T>(sum[0], sum[1]), pack2<T>(sum[2], sum[3]),
+                                                    pack2<T>(sum[4], sum[5]), pack2<T>(sum[6], sum[7]));
+}
+
 // --deterministic with a shared (broadcast) bias: dbias = the per-head dS of the workspace [B, H, Nq, Nk], summed
 // over the broadcast dimensions in a fixed order (batch entries, then heads): the same bits on every run, where
 // fp32 atomics would add in the order the blocks happen to run.
@@ -986,6 +1018,44 @@ int padded_rows(const Problem& p) {
     return ceil_div(p.Nq, Br) * Br;
 }
 size_t workspace_rows(const Problem& p) { return size_t(p.varlen() ? 1 : p.B) * p.H * padded_rows(p); }
+
+// The final step's dk_dv kernel for p (launch_step follows it; v2_backward_mma_kernel names it). The extensions at
+// d = 64 and 128 (the benchmark head dims; d known at compile time), with no bias and no ALiBi:
+// - dropout alone: the default kernel with dropout's mask (kDropout);
+// - grouped-query heads alone or with dropout, atomic dQ, causal or with enough query rows: the default kernel too
+//   (group_sum), one block row per query head, on copies of K and V made for each query head, its dK and dV summed
+//   over each group afterwards;
+// - other grouped-query heads, packed sequences and windows, with or without dropout: the Ext::layout kernel, the
+//   default tiles and per-element code, the group walk and the band's tile skipping (dropout only with atomic dQ).
+// Five more dk_dv instantiations per type and tile. Why: in the Ext::all kernel dropout cost 2.25x (d = 64) and 1.74x
+// (d = 128) the default kernel, its general per-element work alone about 2.1x and 1.6x, and grouped-query heads took
+// 1.7-2.1x what the default kernel walking the group took (docs/extensions.md). Why group_sum: the Ext::layout kernel,
+// which sums each group's dK_j, dV_j on chip, took 1.10x the default kernel's time at d = 64 (H100, N = 16384)
+// whether it walked a group or one head, with 6.6% more instructions; the copies and the sums take 4 B H Nk d
+// elements of T of workspace and move them through memory, which short problems do not win back (non-causal N =
+// 1024: +3% at d = 64, +12% at d = 128), while the causal grid gains most (-8% to -30%: G times longer blocks of
+// unequal lengths leave SMs idle at the end of the group walk; docs/extensions.md, "Grouped-query attention"). (The default kernel reading K/V
+// head h / G itself, an integer division a block, ran 1-1.5% slower at d = 64 without grouped heads.) Every other
+// problem with extensions (the bias, ALiBi, other head dims, dropout with --deterministic) runs the Ext::all kernels,
+// for any d <= the tile: one dk_dv instantiation per tile, type and dQ mode.
+struct FinalKernel {
+    Ext ext;
+    bool dropout;    // kDropout
+    bool group_sum;  // grouped-query heads in the default kernel (Ext::none)
+};
+FinalKernel final_kernel(const Problem& p) {
+    const int tile = v2_backward_mma_head_dim_tile(p.d);
+    const bool dropout = p.dropout > 0.0f;
+    if (!p.has_extensions()) return {Ext::none, false, false};
+    if (p.d == tile && tile <= 128 && !p.has_bias() && !p.alibi && !(dropout && p.deterministic)) {
+        // group_sum where it measured faster than the group walk (H100, docs/extensions.md): causal, or a walk long
+        // enough for the copies (4 B H Nk d elements) to pay, Nq >= 2048 at d = 64 and 8192 at d = 128
+        const bool group_sum = p.kv_heads() != p.H && p.gqa_and_dropout_only() && !p.deterministic &&
+                               (p.causal || p.Nq >= (p.d == 64 ? 2048 : 8192));
+        return {p.dropout_alone() || group_sum ? Ext::none : Ext::layout, dropout, group_sum};
+    }
+    return {Ext::all, false, false};
+}
 
 // Does --bias broadcast over a dimension of more than one entry (so that several heads add into one dbias element)?
 bool bias_shared(const Problem& p) {
@@ -1058,6 +1128,22 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     float* dQ_accum = p.deterministic ? nullptr : D + rows;
     float* dS_heads = dS_per_head(p) ? D + rows : nullptr;
     const Extensions x = extensions_of(p, in, dS_heads);
+    // group_sum: the default kernel reads K, V and writes dK, dV one head per query head, [B, H, Nk, d] each, after
+    // the dQ accumulator
+    const bool group_sum = kExt == Ext::none && final_kernel(p).group_sum;
+    const size_t head_elems = size_t(p.B) * p.H * p.Nk * p.d, slice = size_t(p.Nk) * p.d, kv_elems = p.kv_elems();
+    T *dK_heads = dK, *dV_heads = dV;
+    const unsigned group_blocks = unsigned(ceil_div(kv_elems / 8, size_t(256)));
+    if (group_sum) {
+        T* K_heads = reinterpret_cast<T*>(D + rows + rows * kD);
+        T* V_heads = K_heads + head_elems;
+        dK_heads = V_heads + head_elems, dV_heads = dK_heads + head_elems;
+        expand_heads_kernel<T><<<group_blocks, 256, 0, stream>>>(K, K_heads, p.group(), slice, kv_elems);
+        CUDA_CHECK_LAUNCH();
+        expand_heads_kernel<T><<<group_blocks, 256, 0, stream>>>(V, V_heads, p.group(), slice, kv_elems);
+        CUDA_CHECK_LAUNCH();
+        K = K_heads, V = V_heads;
+    }
 
     if (!p.deterministic)  // line 3
         CUDA_CHECK(cudaMemsetAsync(dQ_accum, 0, rows * kD * sizeof(float), stream));
@@ -1088,8 +1174,14 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         }
         return;
     }
-    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, Nq_pad, x,
-                                                              stream);
+    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK_heads,
+                                                              dV_heads, Nq_pad, x, stream);
+    if (group_sum) {
+        group_sum_kernel<T><<<group_blocks, 256, 0, stream>>>(dK_heads, dK, p.group(), slice, kv_elems);
+        CUDA_CHECK_LAUNCH();
+        group_sum_kernel<T><<<group_blocks, 256, 0, stream>>>(dV_heads, dV, p.group(), slice, kv_elems);
+        CUDA_CHECK_LAUNCH();
+    }
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
@@ -1106,29 +1198,6 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 // runtime value then. That this variant wins the time back is not yet measured.
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
-
-// The final step's dk_dv kernel for p (launch_step follows it; v2_backward_mma_kernel names it). The extensions at
-// d = 64 and 128 (the benchmark head dims; d known at compile time), with no bias and no ALiBi: dropout alone runs
-// the default kernel with dropout's mask (kDropout); grouped-query heads, packed sequences and windows, with or
-// without dropout, the Ext::layout kernel: the default tiles and per-element code, the group walk and the band's
-// tile skipping (dropout only with atomic dQ). Five more dk_dv instantiations per type and tile. Why: in the Ext::all
-// kernel dropout cost 2.25x (d = 64) and 1.74x (d = 128) the default kernel, its general per-element work alone
-// about 2.1x and 1.6x, and grouped-query heads took 1.7-2.1x what the default kernel walking the group took
-// (docs/extensions.md). Every other problem with extensions (the bias, ALiBi, other head dims, dropout with
-// --deterministic) runs the Ext::all kernels, for any d <= the tile: one dk_dv instantiation per tile, type and
-// dQ mode.
-struct FinalKernel {
-    Ext ext;
-    bool dropout;  // kDropout
-};
-FinalKernel final_kernel(const Problem& p) {
-    const int tile = v2_backward_mma_head_dim_tile(p.d);
-    const bool dropout = p.dropout > 0.0f;
-    if (!p.has_extensions()) return {Ext::none, false};
-    if (p.d == tile && tile <= 128 && !p.has_bias() && !p.alibi && !(dropout && p.deterministic))
-        return {p.dropout_alone() ? Ext::none : Ext::layout, dropout};
-    return {Ext::all, false};
-}
 
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
@@ -1263,7 +1332,7 @@ std::string v2_backward_mma_kernel(const Problem& p) {
     if (step_of(p) != kFinalStep) return "step " + std::to_string(step_of(p));
     const FinalKernel k = final_kernel(p);
     const char* names[] = {"default", "layout", "all"};
-    return std::string(names[int(k.ext)]) + (k.dropout ? " + dropout" : "");
+    return std::string(names[int(k.ext)]) + (k.dropout ? " + dropout" : "") + (k.group_sum ? " + group sum" : "");
 }
 
 namespace {
@@ -1302,11 +1371,14 @@ size_t v2_backward_mma_smem_bytes(const Problem& p) {
 
 size_t v2_backward_mma_workspace_bytes(const Problem& p) {
     // LSE in log2 units [rows], D [rows], and with atomics the fp32 dQ accumulator [rows, tile]; under
-    // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]
+    // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]; with group_sum, each query head's K, V, dK, dV
     const size_t rows = workspace_rows(p);
     size_t floats = rows * (2 + (p.deterministic ? 0 : v2_backward_mma_head_dim_tile(p.d)));
     if (dS_per_head(p)) floats += size_t(p.B) * p.H * p.Nq * p.Nk;
-    return floats * sizeof(float);
+    size_t bytes = floats * sizeof(float);
+    if (step_of(p) == kFinalStep && final_kernel(p).group_sum)  // each query head's K, V, dK and dV, of T (2 bytes)
+        bytes += 4 * size_t(p.B) * p.H * p.Nk * p.d * 2;
+    return bytes;
 }
 
 std::string v2_backward_mma(const Problem& p, const void* Q, const void* K, const void* V, const void* O,

@@ -39,8 +39,9 @@ __host__ __device__ constexpr size_t dq_accum_offset(size_t r, int c, int tile) 
 }
 
 // Bytes of device scratch the backward pass needs: D_i = rowsum(dO_i * O_i), LSE_i in log2 units, and (unless
-// p.deterministic) the fp32 accumulator of dQ, all linear in Nq. The pointer passed as `workspace` must be 16-byte
-// aligned (cudaMalloc's are).
+// p.deterministic) the fp32 accumulator of dQ, all linear in Nq; with grouped-query heads and no other extension
+// but dropout (d = 64, 128), each query head's K, V, dK and dV, [B, H, Nk, d] of T each, linear in Nk. The pointer
+// passed as `workspace` must be 16-byte aligned (cudaMalloc's are).
 size_t v2_backward_mma_workspace_bytes(const Problem& p);
 
 // The dynamic shared memory (bytes) the largest of the kernels p may run takes (dk_dv with or without the extensions,
