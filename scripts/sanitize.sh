@@ -31,8 +31,10 @@ runs+=("bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2" "bin/v2 ${shape[
        "bin/v2 ${shape[*]} --d 128 --dtype fp16 --dropout 0.2" "bin/v2 ${shape[*]} --d 64 --dtype bf16 --bias"
        "bin/v2 ${shape[*]} --d 64 --dtype fp16 --alibi"
        "bin/v2 ${ext[*]} --seqlens-q 1,77,30 --seqlens-k 45,1,130 --causal --kv-heads 1 --window 20,-1 --dropout 0.1 --alibi"
-       # and in the backward: dropout alone (the default kernels with the mask), the extension kernels
+       # and in the backward: dropout alone (the default kernels with the mask), grouped-query heads (causal: copies
+       # of K and V and the group sum; short and non-causal: the Ext::layout group walk), the extension kernels
        "bin/v2 ${shape[*]} --d 64 --dtype bf16 --dropout 0.3 --backward"
+       "bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2 --backward" "bin/v2 ${ext[*]} --nq 130 --nk 300 --kv-heads 1 --backward"
        "bin/v2 ${shape[*]} --d 40 --dtype bf16 --dropout 0.2 --window 9,3 --kv-heads 1 --backward")
 # v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
 for k in 1 2 3 4; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
