@@ -1034,10 +1034,10 @@ size_t workspace_rows(const Problem& p) { return size_t(p.varlen() ? 1 : p.B) * 
 // whether it walked a group or one head, with 6.6% more instructions; the copies and the sums take 4 B H Nk d
 // elements of T of workspace and move them through memory, which short problems do not win back (non-causal N =
 // 1024: +3% at d = 64, +12% at d = 128), while the causal grid gains most (-8% to -30%: G times longer blocks of
-// unequal lengths leave SMs idle at the end of the group walk; docs/extensions.md, "Grouped-query attention"). (The default kernel reading K/V
-// head h / G itself, an integer division a block, ran 1-1.5% slower at d = 64 without grouped heads.) Every other
-// problem with extensions (the bias, ALiBi, other head dims, dropout with --deterministic) runs the Ext::all kernels,
-// for any d <= the tile: one dk_dv instantiation per tile, type and dQ mode.
+// unequal lengths leave SMs idle at the end of the group walk; docs/extensions.md, "Grouped-query attention").
+// (The default kernel reading K/V head h / G itself, one integer division a block, ran 0.9-1.5% slower at d = 64
+// without grouped heads.) Every other problem with extensions (the bias, ALiBi, other head dims, dropout with
+// --deterministic) runs the Ext::all kernels, for any d <= the tile: one dk_dv instantiation per tile, type, dQ mode.
 struct FinalKernel {
     Ext ext;
     bool dropout;    // kDropout
