@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
+#include "common/blocks.cuh"
 #include "naive/naive.h"
 #include "test_support.h"
 #include "v1/v1.h"
@@ -178,6 +180,55 @@ TEST_CASE("v2 backward dQ accumulator in fragment order (step 6): a bijection; a
             CHECK(dq_accum_offset<true>(24 + g, 9 + 2 * t, tile) == first + 4 * lane + 3);
         }
     }
+}
+
+TEST_CASE("v2 causal grid order: each (tile, head) once, heavy tiles first in a chunk, the grid ends on a full chunk") {
+    for (int tiles : {1, 8, 16, 128})
+        for (int heads : {1, 7, 32, 128})
+            for (int chunk : {1, 3, 17, heads}) {
+                const OrderedGrid g = ordered_grid(tiles, heads, std::min(chunk, heads));
+                const GridOrder order = g.order;
+                REQUIRE(g.grid.x == unsigned(order.chunk));
+                REQUIRE(g.grid.y == unsigned(tiles));
+                CHECK((order.pad >= 0 && order.pad < order.chunk));
+                std::vector<int> seen(size_t(tiles) * heads, 0);
+                std::vector<std::pair<int, int>> started;  // (tile, head) in the order the blocks start (x fastest)
+                int unused = 0;
+                for (unsigned z = 0; z < g.grid.z; ++z)
+                    for (unsigned y = 0; y < g.grid.y; ++y)
+                        for (unsigned x = 0; x < g.grid.x; ++x) {
+                            const int head = order.head(int(x), int(z));
+                            REQUIRE(head < heads);
+                            if (head < 0) {  // unused blocks: only the first chunk's
+                                CHECK(z == 0);
+                                ++unused;
+                                continue;
+                            }
+                            ++seen[size_t(head) * tiles + y];
+                            started.emplace_back(int(y), head);
+                        }
+                CHECK(std::count(seen.begin(), seen.end(), 1) == tiles * heads);  // every (tile, head) once
+                CHECK(unused == order.pad * tiles);
+                if (order.chunk == 1)  // the grid's own order: each head's tiles in turn
+                    for (size_t k = 0; k < started.size(); ++k)
+                        CHECK((started[k].first == int(k) % tiles && started[k].second == int(k) / tiles));
+                // within a chunk, tile t of every head before tile t + 1 of any; the grid ends on the last full chunk's
+                // lightest tiles: its last `chunk` blocks are the last tile of the last `chunk` heads
+                for (size_t k = 1; k < started.size(); ++k) {
+                    const bool same_chunk = (started[k].second + order.pad) / order.chunk ==
+                                            (started[k - 1].second + order.pad) / order.chunk;
+                    if (same_chunk) CHECK(started[k].first >= started[k - 1].first);
+                }
+                for (int k = 0; k < order.chunk && k < heads; ++k) {
+                    const auto& [tile, head] = started[started.size() - 1 - k];
+                    CHECK((tile == tiles - 1 && head == heads - 1 - k));
+                }
+            }
+    // the chunk the causal launches take: enough heads for two waves of blocks, at most all of them
+    CHECK(heavy_first_chunk(8, 128, 132) == 33);
+    CHECK(heavy_first_chunk(128, 16, 264) == 5);
+    CHECK(heavy_first_chunk(1, 4, 132) == 4);
+    CHECK(heavy_first_chunk(8, 128, 0) == 1);  // no slot reported: still one head a chunk, never zero
 }
 
 TEST_CASE("the forward check fails on a wrong rescale and on NaN (the tests can fail)") {

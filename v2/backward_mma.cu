@@ -420,15 +420,16 @@ struct DkDvTiles {
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairs>;
 };
 
-// Grid: (ceil(Nk / Bc), B * H). d is the head dim in device memory, kD its tile; kExactD: d == kD, known at compile
-// time (see kExactVariant below). kAtomicDq: dQ_i += dS_ij K_j goes to dQ_accum, [Nq_pad, kD] per head, with fp32
-// atomics; without it (--deterministic) nothing goes there and the dq kernel computes dQ. It is a template parameter,
-// not a runtime flag, so that each instantiation has one loop body: with a runtime flag, nvcc compiled line 14 twice
-// (one copy storing dS to shared memory, one not) and branched between them every Q tile, a block boundary between
-// the dS arithmetic and the dK_j products (issue 12, where the backward had lost about 4% on an H200 against
-// 884334f; SASS of the fp16 d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and 64 without).
-// kExt (Ext above): the extensions (x; the causal flag is then in x.band). With any, the grid's y is a K/V head,
-// B * Hk, and the block walks the Q tiles of every query head of its group, the tiles of each that reach the band
+// Grid: ceil(Nk / Bc) K/V tiles x B * H heads (causal: ordered by `order`, GridOrder). d is the head dim in device
+// memory, kD its tile; kExactD: d == kD, known at compile time (see kExactVariant below). kAtomicDq: dQ_i += dS_ij K_j
+// goes to dQ_accum, [Nq_pad, kD] per head, with fp32 atomics; without it (--deterministic) nothing goes there and the
+// dq kernel computes dQ. It is a template parameter, not a runtime flag, so that each instantiation has one loop body:
+// with a runtime flag, nvcc compiled line 14 twice (one copy storing dS to shared memory, one not) and branched between
+// them every Q tile, a block boundary between the dS arithmetic and the dK_j products (issue 12, where the backward had
+// lost about 4% on an H200 against 884334f; SASS of the fp16 d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and
+// 64 without).
+// kExt (Ext above): the extensions (x; the causal flag is then in x.band). With any, the grid's heads are the B * Hk
+// K/V heads, and the block walks the Q tiles of every query head of its group, the tiles of each that reach the band
 // of K_j.
 // kDropout: dropout alone (no other extension; causal or not), with atomic dQ, in the default kernel: its tiles
 // (Br = 128 at d = 64), its per-element code, and dropout's mask and factor Z_ij (x.dropout_keys, x.keep_scale) on
@@ -443,7 +444,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
                  T* __restrict__ dK, T* __restrict__ dV, int Nq, int Nk, int Nq_pad, int head_dim, bool causal,
-                 float scale, Extensions x) {
+                 float scale, Extensions x, GridOrder order) {
     using F = Features<kStep>;
     static_assert(!(kDropout && (kExt == Ext::all || !kAtomicDq)), "kDropout: the default tiles, atomic dQ");
     constexpr bool kLayout = kExt != Ext::none, kAll = kExt == Ext::all;  // group walk, packed rows, band; bias too
@@ -459,7 +460,15 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const float* s_lse = reinterpret_cast<const float*>(smem + L::lse);
     const float* s_D = reinterpret_cast<const float*>(smem + L::D);
 
-    const int bh = blockIdx.y, j0 = blockIdx.x * Bc;  // line 5: the grid walks the K/V tiles
+    // line 5: the grid walks the K/V tiles, (tiles, heads). Causal, in the default kernels, it is (chunk, tiles,
+    // chunks): the heads in chunks, each chunk tile-major (GridOrder, common/blocks.cuh), so that every head's first
+    // tiles, whose walks from the diagonal are the longest, start first.
+    int bh = blockIdx.y, kv_tile = blockIdx.x;
+    if (!kLayout && causal) {
+        bh = order.head(blockIdx.x, blockIdx.z), kv_tile = blockIdx.y;
+        if (bh < 0) return;  // the first chunk's unused blocks
+    }
+    const int j0 = kv_tile * Bc;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     // The query heads whose Q tiles the block walks: n_heads of them from h0 (one: bh itself, by default). With
     // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
@@ -515,7 +524,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     // (H100, docs/backward.md "Step 5"): 1.8-2.9% faster at d = 128 and in the group walk (GQA, d = 64), 0.7-1.5%
     // slower for the plain kernel at d = 64, which keeps step 4's order.
     constexpr bool kStagger = F::kStagger && (kD == 128 || kExt == Ext::layout) && kExt != Ext::all;
-    const int rot = kStagger && n_steps > 0 ? int(blockIdx.x) % n_steps : 0;
+    const int rot = kStagger && n_steps > 0 ? kv_tile % n_steps : 0;
     auto walk = [&](int step) { const int k = step + rot; return k < n_steps ? k : k - n_steps; };
     auto tile_of = [&](int step) { return first_tile + (kLayout ? walk(step) % tiles_per_head : walk(step)); };
     auto head_of = [&](int step) { return kLayout ? h0 + walk(step) / tiles_per_head : h0; };
@@ -1108,10 +1117,14 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
         cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    // With the extensions one grid row a K/V head
-    const dim3 grid(ceil_div(p.Nk, KV::Bc), p.B * (kExt != Ext::none ? p.kv_heads() : p.H));
-    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<grid, KV::kThreads, smem, stream>>>(
-        Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x);
+    // The grid: (tiles, heads), with the extensions K/V heads. Causal (the default kernels), the heads in chunks
+    // (GridOrder; one block an SM: __launch_bounds__ and the shared memory).
+    const int tiles = ceil_div(p.Nk, KV::Bc), heads = p.B * (kExt != Ext::none ? p.kv_heads() : p.H);
+    OrderedGrid g{GridOrder{}, dim3(unsigned(tiles), unsigned(heads))};
+    if (p.causal && kExt == Ext::none)
+        g = ordered_grid(tiles, heads, heavy_first_chunk(tiles, heads, device_sm_count()));
+    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<g.grid, KV::kThreads, smem, stream>>>(
+        Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x, g.order);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1312,7 +1325,7 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why) {
         reason = "v2 backward (mma) needs Nq >= 1 and Nk >= 1, got Nq = " + std::to_string(p.Nq) + ", Nk = " +
                  std::to_string(p.Nk);
     else if (long(p.B) * p.H > 65535)
-        reason = "v2 backward (mma) needs B*H <= 65535 (one grid row per head), got " + std::to_string(long(p.B) * p.H);
+        reason = "v2 backward (mma) needs B*H <= 65535 (a grid dimension), got " + std::to_string(long(p.B) * p.H);
     else if (p.kernel < 0 || p.kernel > n_steps)
         reason = "v2 backward (mma) has steps 1.." + std::to_string(n_steps) + " (0 = the final one), got " +
                  std::to_string(p.kernel);

@@ -321,21 +321,21 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The kernel. Grid: (ceil(Nq / Br), B * H). Block: kWarps warps (4, or 8 at the 192 tile: see Tile below), 8 warps
-// an SM either way (2 CTAs of 4 or 1 of 8), which lets each thread have up to 255 registers. scale_exp is
-// scale * log2 e from the exp2 step on, the softmax scale before it. d is the head dim in device memory, kD the
-// tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add nothing to S and give O_i columns that
-// are never stored. kExactD: d == kD, known at compile time (see kExactVariant below). kExt: the extensions, read
-// from x (the plain kernel reads only H and kv_heads, for the K/V head); then the grid's Nq is the longest sequence's
-// and kCausal is false. kDropout: dropout (with grouped-query heads or not: Problem::gqa_and_dropout_only), in the
-// plain kernel: its mask and factor from x, nothing else.
+// The kernel. Grid: ceil(Nq / Br) Q tiles x B * H heads (causal: ordered by `order`, GridOrder). Block: kWarps warps
+// (4, or 8 at the 192 tile: see Tile below), 8 warps an SM either way (2 CTAs of 4 or 1 of 8), which lets each thread
+// have up to 255 registers. scale_exp is scale * log2 e from the exp2 step on, the softmax scale before it. d is the
+// head dim in device memory, kD the tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add
+// nothing to S and give O_i columns that are never stored. kExactD: d == kD, known at compile time (see kExactVariant
+// below). kExt: the extensions, read from x (the plain kernel reads only H and kv_heads, for the K/V head); then the
+// grid's Nq is the longest sequence's and kCausal is false. kDropout: dropout (with grouped-query heads or not:
+// Problem::gqa_and_dropout_only), in the plain kernel: its mask and factor from x, nothing else.
 
 template <typename T, int kD, int kBr, int kBc, int kWarps, bool kCausal, int kStep, bool kExactD, bool kExt,
           bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     flash_forward_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                          T* __restrict__ O, float* __restrict__ LSE, int problem_Nq, int problem_Nk, int head_dim,
-                         float scale_exp, const Extensions x) {
+                         float scale_exp, const Extensions x, GridOrder order) {
     using F = Features<kStep>;
     static_assert(!kExt || (kStep == kFinalStep && !kCausal), "the extensions are in the final kernel, causal in x");
     static_assert(!kDropout || (kStep == kFinalStep && !kExt), "kDropout: the final plain kernel");
@@ -366,11 +366,18 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // fragment coordinates (see mma.cuh)
 
-    // Causal (and a band of keys, kExt): the last Q tiles see the most keys; launching them first shortens the tail
-    // of the grid.
-    const int q_tile = kCausal || kExt ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // line 3: the grid walks the Q tiles
+    // line 3: the grid walks the Q tiles, (tiles, heads). Causal (and a band of keys, kExt): the last Q tiles see the
+    // most keys; launching them first shortens the tail of the grid. Causal, the grid is (chunk, tiles, chunks): the
+    // heads in chunks, each chunk tile-major (GridOrder, common/blocks.cuh), so every head's heavy tiles start first.
+    int tile = blockIdx.x, tiles = gridDim.x;
+    size_t bh = blockIdx.y;
+    if constexpr (kCausal) {
+        const int head = order.head(blockIdx.x, blockIdx.z);
+        if (head < 0) return;  // the first chunk's unused blocks
+        tile = blockIdx.y, tiles = gridDim.y, bh = size_t(head);
+    }
+    const int q_tile = kCausal || kExt ? tiles - 1 - tile : tile;
     const int q0 = q_tile * kBr;
-    const size_t bh = blockIdx.y;
     int Nq = problem_Nq, Nk = problem_Nk;
     const T *Q_i, *K_bh, *V_bh;  // this Q tile, and this head's K and V: rows ld_q and ld_kv elements apart
     T* O_out;
@@ -706,14 +713,22 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     CUDA_CHECK(attribute_set);
-    // lines 1-2: Q, O, LSE cut into Q tiles (the grid's x; a packed batch: Nq is the longest sequence's), K, V into
-    // K/V tiles (the kernel's loop)
-    const dim3 grid(ceil_div(p.Nq, kBr), p.B * p.H);
+    static const int per_sm = [&] {
+        int n = 0;
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, kSmem));
+        return n;
+    }();
+    // lines 1-2: Q, O, LSE cut into Q tiles (a packed batch: Nq is the longest sequence's), K, V into K/V tiles (the
+    // kernel's loop). The grid: (tiles, heads); causal, the heads in chunks (GridOrder; per_sm * SMs blocks are
+    // resident at once).
+    const int tiles = ceil_div(p.Nq, kBr), heads = p.B * p.H;
+    OrderedGrid g{GridOrder{}, dim3(unsigned(tiles), unsigned(heads))};
+    if (kCausal) g = ordered_grid(tiles, heads, heavy_first_chunk(tiles, heads, per_sm * device_sm_count()));
     const float scale = p.resolved_scale();
     const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
-    kernel<<<grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
-                                                 static_cast<const T*>(a.v), static_cast<T*>(a.o), a.lse, p.Nq, p.Nk,
-                                                 p.d, scale_exp, extensions(p, a));
+    kernel<<<g.grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),
+                                                   static_cast<const T*>(a.v), static_cast<T*>(a.o), a.lse, p.Nq,
+                                                   p.Nk, p.d, scale_exp, extensions(p, a), g.order);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -878,7 +893,7 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
         return false;
     }
     if (long(p.B) * p.H > 65535) {
-        *why = "v2 mma forward needs B*H <= 65535 (one grid row per head), got " + std::to_string(long(p.B) * p.H);
+        *why = "v2 mma forward needs B*H <= 65535 (a grid dimension), got " + std::to_string(long(p.B) * p.H);
         return false;
     }
     if (p.kernel < 0 || p.kernel > n_steps) {
