@@ -36,6 +36,8 @@ runs+=("bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2" "bin/v2 ${shape[
        "bin/v2 ${shape[*]} --d 64 --dtype bf16 --dropout 0.3 --backward"
        "bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2 --backward" "bin/v2 ${ext[*]} --nq 130 --nk 300 --kv-heads 1 --backward"
        "bin/v2 ${shape[*]} --d 40 --dtype bf16 --dropout 0.2 --window 9,3 --kv-heads 1 --backward")
+# causal grids of many heads and few tiles: the heads in chunks, with unused blocks in front (GridOrder)
+runs+=("bin/v2 --batch 6 --heads 100 --nq 100 --nk 127 --causal --check --d 64 --dtype fp16 --backward")
 # v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
 for k in 1 2 3 4; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
 for k in 1 2 3 4 5; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done

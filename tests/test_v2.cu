@@ -541,6 +541,21 @@ static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) 
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
+TEST_CASE("GPU v2 causal grid order with unused blocks (600 heads): forward and backward match float64") {
+    // Few tiles and many heads: the chunk (two waves of blocks) is smaller than the 600 heads, so the causal grids
+    // start with a pad of unused blocks (GridOrder, common/blocks.cuh), and every (tile, head) must still be done once.
+    for (int n : {100, 200}) {
+        Case c = make_case(n, n + 27, 64, true, Dist::normal, DType::fp16);
+        c.p.B = 6, c.p.H = 100;
+        const HostTensors in = make_inputs(c.p, c.dist, 31);
+        const Outputs o = gpu_forward(c.p, in, v2_forward, v2_workspace_bytes);
+        check_against_reference("v2 causal order " + c.name(), c.p, in, o);
+        const HostGrads g =
+            gpu_backward(c.p, in, v2_forward, v2_workspace_bytes, v2_backward, v2_backward_workspace_bytes);
+        check_grads_against_reference("v2 causal order backward " + c.name(), c.p, in, g);
+    }
+}
+
 TEST_CASE("GPU v2 fp16 and bf16 forward at head dims 8 to 256 (zero-filled tiles) matches float64") {
     for (int d : kNewHeadDims)
         for (DType t : {DType::fp16, DType::bf16})
