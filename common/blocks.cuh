@@ -1,7 +1,7 @@
-// blocks.cuh: the small building blocks every rung shares: ceil-division, warp reductions, the SM count, the order
-// of a causal grid's blocks (GridOrder), and the backward pass's D_i = rowsum(dO_i * O_i). Included by path
-// ("common/blocks.cuh"; the repository root is on the include path). Matrix views of the naive rung stay in
-// naive/naive.h; the tensor-core building blocks (mma, ldmatrix and its lane addressing, cp.async) in v2/mma.cuh.
+// blocks.cuh: the small building blocks every rung shares: ceil-division, warp reductions, the SM count, and the
+// backward pass's D_i = rowsum(dO_i * O_i). Included by path ("common/blocks.cuh"; the repository root is on the
+// include path). Matrix views of the naive rung stay in naive/naive.h; the tensor-core building blocks (mma,
+// ldmatrix and its lane addressing, cp.async) in v2/mma.cuh.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -35,39 +35,6 @@ inline int device_sm_count() {
         return n;
     }();
     return sms;
-}
-
-// The order in which a grid's blocks take (tile, head) pairs, for grids where every head's tile 0 is the heaviest
-// (causal: v2's forward takes its Q tiles last first, its dK/dV kernel its K/V tiles first first). The GPU starts
-// blocks about in the order of their linear index, x fastest, then y, then z. Taken head by head, the last heads'
-// heavy tiles start last, and at the end a few SMs still work while the others idle. Taken tile-major over all heads,
-// every heavy tile starts first and the tail is light, but each wave of blocks then holds tiles of many heads, whose
-// inputs do not share L2. In between: the heads in chunks of `chunk`, each chunk tile-major. The grid is (chunk,
-// tiles, chunks): block (x, y, z) takes tile y of head z chunk + x - pad, where the pad < chunk unused heads sit in
-// front of the first chunk (their blocks return at once), so that the grid ends on a full chunk. With chunk = 1 the
-// grid is (1, tiles, heads), each head's tiles in turn. Block coordinates, a multiply and an add: no division.
-struct GridOrder {
-    int chunk = 1;  // heads a chunk
-    int pad = 0;    // chunks * chunk - heads
-    // The head of block (x, z); negative for the first chunk's unused blocks.
-    __host__ __device__ int head(int x, int z) const { return z * chunk + x - pad; }
-};
-struct OrderedGrid {
-    GridOrder order;
-    dim3 grid;
-};
-inline OrderedGrid ordered_grid(int tiles, int heads, int chunk) {
-    const int chunks = ceil_div(heads, chunk);
-    return {GridOrder{chunk, chunks * chunk - heads}, dim3(unsigned(chunk), unsigned(tiles), unsigned(chunks))};
-}
-// The chunk of v2's causal launches: the fewest heads whose tiles fill two waves of the grid (slots: the blocks
-// resident on the GPU at once), at least one, at most all of them. On an H100 (docs/v2.md, "The causal grid order")
-// all heads in one chunk lost up to 13% (short backward sequences) and chunks of one wave up to 5%, where two waves
-// stayed within 1.5% of the best of the three at every shape timed: up to 10% faster than head by head, 0.8% slower
-// at worst.
-inline int heavy_first_chunk(int tiles, int heads, int slots) {
-    const int chunk = ceil_div(2 * slots, tiles);
-    return chunk < 1 ? 1 : chunk < heads ? chunk : heads;
 }
 
 // D_i = sum_c dO_ic * O_ic for `rows` rows of d floats, one warp per row (a template only so that every file can

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <queue>
 #include <random>
 
 #include "common/blocks.cuh"
@@ -13,6 +15,7 @@
 #include "naive/naive.h"
 #include "online_softmax/online_softmax.h"
 #include "v1/v1.h"
+#include "v2/grid_order.h"
 #include "v2/v2.h"
 #include "v3/schedule.h"
 
@@ -496,12 +499,88 @@ Exercise v3_causal_order() {
               }}}};
 }
 
+// A causal grid of tiles x heads run as the GPU runs it, in units of one K/V tile of work: `slots` blocks run at once
+// and each next block, in launch order (x fastest), starts on the first slot to come free. The grid takes each
+// head's tiles heaviest first, as v2's forward does: its tile y is Q tile tiles - 1 - y, which visits tiles - y K/V
+// tiles (causal, Nq = Nk, Br = Bc), plus 0.3 for the block's start and end; unused blocks (head < 0) cost nothing.
+// Returns the time the grid ends.
+double grid_time(int tiles, int heads, int slots, int chunk) {
+    const OrderedGrid g = ordered_grid(tiles, heads, chunk);
+    std::priority_queue<double, std::vector<double>, std::greater<double>> free_at;
+    for (int s = 0; s < slots; ++s) free_at.push(0.0);
+    double end = 0;
+    for (unsigned z = 0; z < g.grid.z; ++z)
+        for (unsigned y = 0; y < g.grid.y; ++y)
+            for (unsigned x = 0; x < g.grid.x; ++x) {
+                if (g.order.head(int(x), int(z)) < 0) continue;
+                const double cost = double(tiles) - y + 0.3, done = free_at.top() + cost;
+                free_at.pop();
+                free_at.push(done);
+                end = std::max(end, done);
+            }
+    return end;
+}
+
+struct CausalGrid {
+    int tiles, heads, slots;
+    std::string name() const {
+        return std::to_string(tiles) + " tiles x " + std::to_string(heads) + " heads, " + std::to_string(slots) +
+               " blocks at once";
+    }
+};
+// The GPT demo's backward (B = 16, H = 8, N = 1024: 8 K/V tiles of 128 keys; one block an SM of an H100's 132), the
+// FlashAttention-2 benchmark's shapes, the forward at d = 128, N = 16384 (two blocks an SM), and 600 heads of one tile.
+const CausalGrid kCausalGrids[] = {{8, 128, 132},  {8, 512, 132},    {16, 256, 132}, {32, 128, 132},
+                                   {128, 32, 132}, {128, 16, 264},   {1, 600, 264}};
+
+Exercise v2_grid_order() {
+    return {"v2-grid-order",
+            {{"in-range", "a chunk holds at least one head and at most all of them, whatever slots is (0 included)",
+              [] {
+                  for (const CausalGrid& g : kCausalGrids)
+                      for (int slots : {0, 1, g.slots, 100000}) {
+                          const int chunk = heavy_first_chunk(g.tiles, g.heads, slots);
+                          if (chunk < 1 || chunk > g.heads)
+                              return CheckResult{false, g.name() + ", slots = " + std::to_string(slots) + ": chunk " +
+                                                            std::to_string(chunk) + " (from 1 to the heads, please)"};
+                      }
+                  return CheckResult{true, "1 <= chunk <= heads on 7 grids, 4 slot counts each"};
+              }},
+             {"light-tail", "the grid ends within 3% of the time of all heads in one chunk (every heavy tile first, "
+                            "the lightest tail an order can give): every head's heavy tiles must start before the "
+                            "light ones of the last heads (chunk 1, head by head, leaves the longest tiles for last)",
+              [] {
+                  for (const CausalGrid& g : kCausalGrids) {
+                      const int chunk = heavy_first_chunk(g.tiles, g.heads, g.slots);
+                      const double r = grid_time(g.tiles, g.heads, g.slots, chunk) /
+                                       grid_time(g.tiles, g.heads, g.slots, g.heads);
+                      if (r > 1.03)
+                          return CheckResult{false, g.name() + ": " + std::to_string(r) +
+                                                        "x the time of all heads in one chunk (at most 1.03x)"};
+                  }
+                  return CheckResult{true, "every grid within 1.03x of the time of all heads in one chunk"};
+              }},
+             {"shares-l2", "a chunk's blocks fill at most four waves (chunk x tiles <= 4 slots, or one head a chunk): "
+                           "a wave then holds the tiles of few heads, whose inputs meet in L2 (all heads at once was "
+                           "13% slower than head by head on an H100, backward, d = 128, N = 1024)",
+              [] {
+                  for (const CausalGrid& g : kCausalGrids) {
+                      const int chunk = heavy_first_chunk(g.tiles, g.heads, g.slots);
+                      if (chunk > 1 && long(chunk) * g.tiles > 4L * g.slots)
+                          return CheckResult{false, g.name() + ": chunks of " + std::to_string(chunk) +
+                                                        " heads, " + std::to_string(long(chunk) * g.tiles) +
+                                                        " blocks, more than four waves"};
+                  }
+                  return CheckResult{true, "every chunk within four waves of blocks"};
+              }}}};
+}
+
 }  // namespace
 
 const std::vector<Exercise>& cpu_exercises() {
     static const std::vector<Exercise> all = {softmax_3pass_model(),     online_merge(),         online_rows_model(),
                                               fa1_block_sizes(),         fa1_inner_loop_model(), fa2_deferred_norm_model(),
                                               causal_skip_model(),       window_skip_model(),    backward_ds_model(),
-                                              deterministic_dq_model(),  v3_causal_order()};
+                                              deterministic_dq_model(),  v3_causal_order(),        v2_grid_order()};
     return all;
 }

@@ -9,12 +9,12 @@
 #include <stdexcept>
 #include <utility>
 
-#include "common/blocks.cuh"
 #include "naive/naive.h"
 #include "test_support.h"
 #include "v1/v1.h"
 #include "v2/backward_mma.h"
 #include "v2/forward_mma.h"
+#include "v2/grid_order.h"
 #include "v2/v2.h"
 
 namespace {
@@ -543,7 +543,7 @@ static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) 
 
 TEST_CASE("GPU v2 causal grid order with unused blocks (600 heads): forward and backward match float64") {
     // Few tiles and many heads: the chunk (two waves of blocks) is smaller than the 600 heads, so the causal grids
-    // start with a pad of unused blocks (GridOrder, common/blocks.cuh), and every (tile, head) must still be done once.
+    // start with a pad of unused blocks (GridOrder, v2/grid_order.h), and every (tile, head) must still be done once.
     for (int n : {100, 200}) {
         Case c = make_case(n, n + 27, 64, true, Dist::normal, DType::fp16);
         c.p.B = 6, c.p.H = 100;

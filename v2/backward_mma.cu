@@ -52,6 +52,7 @@
 #include "common/blocks.cuh"
 #include "common/philox.cuh"
 #include "dropout.cuh"
+#include "grid_order.h"
 #include "v2.h"  // v2_backward_steps
 
 #include <cuda_bf16.h>
@@ -461,7 +462,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const float* s_D = reinterpret_cast<const float*>(smem + L::D);
 
     // line 5: the grid walks the K/V tiles, (tiles, heads). Causal, in the default kernels, it is (chunk, tiles,
-    // chunks): the heads in chunks, each chunk tile-major (GridOrder, common/blocks.cuh), so that every head's first
+    // chunks): the heads in chunks, each chunk tile-major (GridOrder, v2/grid_order.h), so that every head's first
     // tiles, whose walks from the diagonal are the longest, start first.
     int bh = blockIdx.y, kv_tile = blockIdx.x;
     if (!kLayout && causal) {

@@ -51,6 +51,7 @@
 #include "common/blocks.cuh"
 #include "common/philox.cuh"
 #include "dropout.cuh"
+#include "grid_order.h"
 #include "v2.h"  // v2_forward_steps
 
 #include <cuda_bf16.h>
@@ -368,7 +369,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 
     // line 3: the grid walks the Q tiles, (tiles, heads). Causal (and a band of keys, kExt): the last Q tiles see the
     // most keys; launching them first shortens the tail of the grid. Causal, the grid is (chunk, tiles, chunks): the
-    // heads in chunks, each chunk tile-major (GridOrder, common/blocks.cuh), so every head's heavy tiles start first.
+    // heads in chunks, each chunk tile-major (GridOrder, v2/grid_order.h), so every head's heavy tiles start first.
     int tile = blockIdx.x, tiles = gridDim.x;
     size_t bh = blockIdx.y;
     if constexpr (kCausal) {
