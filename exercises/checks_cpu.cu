@@ -505,19 +505,16 @@ Exercise v3_causal_order() {
 // tiles (causal, Nq = Nk, Br = Bc), plus 0.3 for the block's start and end; unused blocks (head < 0) cost nothing.
 // Returns the time the grid ends.
 double grid_time(int tiles, int heads, int slots, int chunk) {
-    const OrderedGrid g = ordered_grid(tiles, heads, chunk);
     std::priority_queue<double, std::vector<double>, std::greater<double>> free_at;
     for (int s = 0; s < slots; ++s) free_at.push(0.0);
     double end = 0;
-    for (unsigned z = 0; z < g.grid.z; ++z)
-        for (unsigned y = 0; y < g.grid.y; ++y)
-            for (unsigned x = 0; x < g.grid.x; ++x) {
-                if (g.order.head(int(x), int(z)) < 0) continue;
-                const double cost = double(tiles) - y + 0.3, done = free_at.top() + cost;
-                free_at.pop();
-                free_at.push(done);
-                end = std::max(end, done);
-            }
+    for (const GridBlock& b : blocks_in_start_order(ordered_grid(tiles, heads, chunk))) {
+        if (b.head < 0) continue;
+        const double cost = double(tiles) - b.tile + 0.3, done = free_at.top() + cost;
+        free_at.pop();
+        free_at.push(done);
+        end = std::max(end, done);
+    }
     return end;
 }
 

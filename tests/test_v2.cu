@@ -194,19 +194,18 @@ TEST_CASE("v2 causal grid order: each (tile, head) once, heavy tiles first in a 
                 std::vector<int> seen(size_t(tiles) * heads, 0);
                 std::vector<std::pair<int, int>> started;  // (tile, head) in the order the blocks start (x fastest)
                 int unused = 0;
-                for (unsigned z = 0; z < g.grid.z; ++z)
-                    for (unsigned y = 0; y < g.grid.y; ++y)
-                        for (unsigned x = 0; x < g.grid.x; ++x) {
-                            const int head = order.head(int(x), int(z));
-                            REQUIRE(head < heads);
-                            if (head < 0) {  // unused blocks: only the first chunk's
-                                CHECK(z == 0);
-                                ++unused;
-                                continue;
-                            }
-                            ++seen[size_t(head) * tiles + y];
-                            started.emplace_back(int(y), head);
-                        }
+                const std::vector<GridBlock> blocks = blocks_in_start_order(g);
+                REQUIRE(blocks.size() == size_t(g.grid.x) * g.grid.y * g.grid.z);
+                for (const GridBlock& b : blocks) {
+                    REQUIRE(b.head < heads);
+                    if (b.head < 0) {  // unused blocks: only the first chunk's
+                        CHECK(b.chunk == 0);
+                        ++unused;
+                        continue;
+                    }
+                    ++seen[size_t(b.head) * tiles + b.tile];
+                    started.emplace_back(b.tile, b.head);
+                }
                 CHECK(std::count(seen.begin(), seen.end(), 1) == tiles * heads);  // every (tile, head) once
                 CHECK(unused == order.pad * tiles);
                 if (order.chunk == 1)  // the grid's own order: each head's tiles in turn

@@ -1073,6 +1073,8 @@ bool bias_shared(const Problem& p) {
 }
 // --deterministic with a shared bias keeps each head's dS in the workspace for reduce_dbias_kernel.
 bool dS_per_head(const Problem& p) { return p.deterministic && bias_shared(p); }
+// group_sum: each query head's copy of K, of V, and its dK, dV, [B, H, Nk, d] each (elements of T), in the workspace.
+size_t group_sum_head_elems(const Problem& p) { return size_t(p.B) * p.H * p.Nk * p.d; }
 
 // The extensions' device inputs, as v2_backward_mma takes them.
 struct ExtensionPointers {
@@ -1145,7 +1147,7 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     // group_sum: the default kernel reads K, V and writes dK, dV one head per query head, [B, H, Nk, d] each, after
     // the dQ accumulator
     const bool group_sum = kExt == Ext::none && final_kernel(p).group_sum;
-    const size_t head_elems = size_t(p.B) * p.H * p.Nk * p.d, slice = size_t(p.Nk) * p.d, kv_elems = p.kv_elems();
+    const size_t head_elems = group_sum_head_elems(p), slice = size_t(p.Nk) * p.d, kv_elems = p.kv_elems();
     T *dK_heads = dK, *dV_heads = dV;
     const unsigned group_blocks = unsigned(ceil_div(kv_elems / 8, size_t(256)));
     if (group_sum) {
@@ -1391,7 +1393,7 @@ size_t v2_backward_mma_workspace_bytes(const Problem& p) {
     if (dS_per_head(p)) floats += size_t(p.B) * p.H * p.Nq * p.Nk;
     size_t bytes = floats * sizeof(float);
     if (step_of(p) == kFinalStep && final_kernel(p).group_sum)  // each query head's K, V, dK and dV, of T (2 bytes)
-        bytes += 4 * size_t(p.B) * p.H * p.Nk * p.d * 2;
+        bytes += 4 * group_sum_head_elems(p) * 2;
     return bytes;
 }
 

@@ -714,17 +714,19 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     CUDA_CHECK(attribute_set);
-    static const int per_sm = [&] {
-        int n = 0;
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, kSmem));
-        return n;
-    }();
     // lines 1-2: Q, O, LSE cut into Q tiles (a packed batch: Nq is the longest sequence's), K, V into K/V tiles (the
     // kernel's loop). The grid: (tiles, heads); causal, the heads in chunks (GridOrder; per_sm * SMs blocks are
-    // resident at once).
+    // resident at once, asked once per instantiation).
     const int tiles = ceil_div(p.Nq, kBr), heads = p.B * p.H;
     OrderedGrid g{GridOrder{}, dim3(unsigned(tiles), unsigned(heads))};
-    if (kCausal) g = ordered_grid(tiles, heads, heavy_first_chunk(tiles, heads, per_sm * device_sm_count()));
+    if constexpr (kCausal) {
+        static const int per_sm = [&] {
+            int n = 0;
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, kSmem));
+            return n;
+        }();
+        g = ordered_grid(tiles, heads, heavy_first_chunk(tiles, heads, per_sm * device_sm_count()));
+    }
     const float scale = p.resolved_scale();
     const float scale_exp = Features<kStep>::kExp2 ? scale * 1.4426950408889634f : scale;
     kernel<<<g.grid, kWarps * 32, kSmem, stream>>>(static_cast<const T*>(a.q), static_cast<const T*>(a.k),

@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <vector>
+
 #include "common/blocks.cuh"  // ceil_div
 
 // The order in which a grid's blocks take (tile, head) pairs, for grids where every head's tile 0 is the heaviest
@@ -27,6 +29,18 @@ struct OrderedGrid {
 inline OrderedGrid ordered_grid(int tiles, int heads, int chunk) {
     const int chunks = ceil_div(heads, chunk);
     return {GridOrder{chunk, chunks * chunk - heads}, dim3(unsigned(chunk), unsigned(tiles), unsigned(chunks))};
+}
+// The grid's blocks in the order the GPU starts them (x fastest, then y, then z), on the host: each block's tile, head
+// (negative: unused) and chunk. What the tests and the course's exercise walk.
+struct GridBlock {
+    int tile, head, chunk;
+};
+inline std::vector<GridBlock> blocks_in_start_order(const OrderedGrid& g) {
+    std::vector<GridBlock> blocks;
+    for (unsigned z = 0; z < g.grid.z; ++z)
+        for (unsigned y = 0; y < g.grid.y; ++y)
+            for (unsigned x = 0; x < g.grid.x; ++x) blocks.push_back({int(y), g.order.head(int(x), int(z)), int(z)});
+    return blocks;
 }
 // The chunk of v2's causal launches: the fewest heads whose tiles fill two waves of the grid (slots: the blocks
 // resident on the GPU at once), at least one, at most all of them. On an H100 (docs/v2.md, "The causal grid order")
