@@ -724,16 +724,17 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 }
             }
         }
-        // The accumulator is padded to Nq_pad rows and kD columns, so the padding rows (whose dS is 0) need no
-        // bounds check; columns past d (zeros, as K_j's are) are skipped. Row-major (steps 1-5) a fragment's two rows
-        // are 8 rows apart, and each red.v2 of the warp touches 8 rows (8 cache lines); in fragment order (step 6) this
-        // lane's four sums are consecutive and the warp's 32 lanes cover 512 contiguous bytes (4 lines).
+        // The accumulator is padded to Nq_pad rows and kD columns, so neither the padding rows (whose dS is 0) nor the
+        // columns past d (zeros, as K_j's are; convert_dq_kernel does not read them) need a bounds check. Adding those
+        // zeros costs less than testing for them: with a `col >= d` skip here the backward ran 3.3% (d = 40) and 3.6%
+        // (d = 200) slower (H100, docs/backward.md, "A head dim below its tile"). Row-major (steps 1-5) a fragment's
+        // two rows are 8 rows apart, and each red.v2 of the warp touches 8 rows (8 cache lines); in fragment order
+        // (step 6) this lane's four sums are consecutive and the warp's 32 lanes cover 512 contiguous bytes (4 lines).
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
             for (int c = 0; c < kCols / 8; ++c) {
                 const int col = wn * kCols + c * 8, row = i0 + wm * 32 + m * 16 + g;
-                if (col >= d) continue;
                 float* at = rows_of(h).dQ_accum + dq_accum_offset<F::kDqFragments>(row, col + 2 * t, kD);
                 if constexpr (F::kDqFragments) {
                     atomic_add4(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1], ds_scale * dQ_i[m][c][2],
