@@ -726,7 +726,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         }
         // The accumulator is padded to Nq_pad rows and kD columns, so neither the padding rows (whose dS is 0) nor the
         // columns past d (zeros, as K_j's are; convert_dq_kernel does not read them) need a bounds check. Adding those
-        // zeros costs less than testing for them: with a `col >= d` skip here the backward ran 3.3% (d = 40) and 3.6%
+        // zeros costs less than testing for them: with a `col >= d` skip here the backward ran 3.3% (d = 40) and 3.7%
         // (d = 200) slower (H100, docs/backward.md, "A head dim below its tile"). Row-major (steps 1-5) a fragment's
         // two rows are 8 rows apart, and each red.v2 of the warp touches 8 rows (8 cache lines); in fragment order
         // (step 6) this lane's four sums are consecutive and the warp's 32 lanes cover 512 contiguous bytes (4 lines).
