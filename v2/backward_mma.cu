@@ -587,8 +587,18 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         }
 
         // lines 10 and 13: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, kKeyTiles x 16 keys x kQ queries per warp.
-        // Each B fragment (Q_i, dO_i) feeds all kKeyTiles m16 tiles.
-        float S[kKeyTiles][kQ / 8][4] = {}, dP[kKeyTiles][kQ / 8][4] = {};
+        // Each B fragment (Q_i, dO_i) feeds all kKeyTiles m16 tiles. Without dropout and bias, dP^T starts at -D_i
+        // (query q of the fragment: q_row0 + 8n + 2t + e % 2), so the products leave line 14's dP_ij - D_i: D_i is
+        // read here, ahead of the products, instead of one shared load a fragment just before its subtraction.
+        constexpr bool kFoldD = !kAll && !kDropout;
+        float S[kKeyTiles][kQ / 8][4] = {}, dP[kKeyTiles][kQ / 8][4];
+#pragma unroll
+        for (int n = 0; n < kQ / 8; ++n) {
+            const int q = q_row0 + n * 8 + 2 * t;
+            const float D0 = kFoldD ? -s_D[stage * Br + q] : 0.0f, D1 = kFoldD ? -s_D[stage * Br + q + 1] : 0.0f;
+#pragma unroll
+            for (int m = 0; m < kKeyTiles; ++m) dP[m][n][0] = D0, dP[m][n][1] = D1, dP[m][n][2] = D0, dP[m][n][3] = D1;
+        }
 #pragma unroll
         for (int k = 0; k < kD; k += 16) {
             uint32_t a_K[kKeyTiles][4], a_V[kKeyTiles][4];
@@ -678,10 +688,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 if constexpr (kAll || kDropout) {
                     dS[m][n][0] = pack2<T>(dP[m][n][0], dP[m][n][1]);
                     dS[m][n][1] = pack2<T>(dP[m][n][2], dP[m][n][3]);
-                } else {
-                    const float D0 = s_D[stage * Br + q], D1 = s_D[stage * Br + q + 1], sc = kLayout ? 1.0f : scale;
-                    dS[m][n][0] = pack2<T>(sc * S[m][n][0] * (dP[m][n][0] - D0), sc * S[m][n][1] * (dP[m][n][1] - D1));
-                    dS[m][n][1] = pack2<T>(sc * S[m][n][2] * (dP[m][n][2] - D0), sc * S[m][n][3] * (dP[m][n][3] - D1));
+                } else {  // dP already holds dP_ij^T - D_i (kFoldD)
+                    const float sc = kLayout ? 1.0f : scale;
+                    dS[m][n][0] = pack2<T>(sc * S[m][n][0] * dP[m][n][0], sc * S[m][n][1] * dP[m][n][1]);
+                    dS[m][n][1] = pack2<T>(sc * S[m][n][2] * dP[m][n][2], sc * S[m][n][3] * dP[m][n][3]);
                 }
                 if (kAtomicDq || kParts > 1) {
                     *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key, q)) = dS[m][n][0];
