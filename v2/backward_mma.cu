@@ -43,9 +43,9 @@
 // tile is done, step 2 adds the cp.async double buffer (Q_{i+1}, dO_{i+1} land while tile i is computed), step 3
 // takes Br = 128 query rows per Q tile at d = 64, step 4 gives each pair of warps 32 keys, split between them by
 // queries, so that each B fragment of Q_i and dO_i feeds two m16 tiles (KVTile), step 5 starts each block's walk over
-// the Q tiles at a different tile, at the 128 tile and in the group walk, and step 6 (the final kernel) keeps the dQ
-// accumulator in the order of the mma fragments (dq_accum_offset), so that a warp's atomic add goes to 512
-// contiguous bytes instead of 8 rows.
+// the Q tiles at a different tile, at the 128 tile and in the group walk, step 6 keeps the dQ accumulator in the
+// order of the mma fragments (dq_accum_offset), so that a warp's atomic add goes to 512 contiguous bytes instead of
+// 8 rows, and step 7 (the final kernel) moves line 15 of each Q tile past the next tile's barrier at the 64 tile.
 #include "backward_mma.h"
 #include "cuda_check.h"
 #include "mma.cuh"
@@ -74,6 +74,8 @@ const std::vector<KernelStep>& v2_backward_steps() {
                         "different dQ rows: at the d = 128 tile and in the group walk (d = 64 plain: step 4)"},
         {"bwd-dq-fragments", "the dQ accumulator stored in mma-fragment order: a lane's four sums are 16 contiguous "
                              "bytes, one red.v4 (sm_90), and a warp's instruction covers 512 contiguous bytes"},
+        {"bwd-defer-dq", "at the 64 tile, dQ_i += dS_ij K_j runs after the next Q tile's barrier: one barrier a Q tile "
+                         "instead of two, dS^T in two stages (198 KiB of shared memory; an A100 runs step 6)"},
     };
     return steps;
 }
@@ -82,7 +84,7 @@ namespace {
 
 using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
 
-constexpr int kFinalStep = 6;
+constexpr int kFinalStep = 7;
 constexpr int kBr128Step = 3;  // the host's padded_rows needs it too
 template <int kStep>
 struct Features {
@@ -91,6 +93,7 @@ struct Features {
     static constexpr bool kKeyPairs = kStep >= 4;                // 4: 32 keys a warp, split by queries (KVTile)
     static constexpr bool kStagger = kStep >= 5;                 // 5: block x starts its walk at step x (dk_dv_kernel)
     static constexpr bool kDqFragments = kStep >= 6;             // 6: the dQ accumulator in fragment order
+    static constexpr bool kDeferDq = kStep >= 7;                 // 7: at the 64 tile, dQ_i after the next barrier
 };
 
 // Query rows per Q tile (the inner loop). From step 3 on, d = 64 takes 128: each Q tile then costs half the
@@ -393,15 +396,16 @@ __device__ __forceinline__ void accumulate_over_queries(float (&acc)[kKeyTiles][
     }
 }
 
-template <int kD, int Br, int kStages, bool kKeyPairs>
+template <int kD, int Br, int kStages, bool kKeyPairs, int kDsStages>
 struct SharedLayout {  // byte offsets into dynamic shared memory
     static constexpr int Bc = KVTile<kD, kKeyPairs>::Bc;
     static constexpr int kTile = Bc * kD * 2, qTile = Br * kD * 2;
     static constexpr int K = 0, V = kTile;
     static constexpr int Q = 2 * kTile;                // kStages stages
     static constexpr int dO = Q + kStages * qTile;     // kStages stages
-    static constexpr int dS = dO + kStages * qTile;    // dS_ij^T, [Bc][Br]
-    static constexpr int P = dS + Bc * Br * 2;         // P_ij^T, [Bc][Br], with several parts (KVTile)
+    static constexpr int dS = dO + kStages * qTile;    // dS_ij^T, [Bc][Br], kDsStages stages
+    static constexpr int dsTile = Bc * Br * 2;
+    static constexpr int P = dS + kDsStages * dsTile;  // P_ij^T, [Bc][Br], with several parts (KVTile)
     static constexpr int lse = P + (KVTile<kD, kKeyPairs>::kParts > 1 ? Bc * Br * 2 : 0);  // float [kStages][Br]
     static constexpr int D = lse + kStages * Br * 4;   // float [kStages][Br]
     static constexpr int bytes = D + kStages * Br * 4;
@@ -418,7 +422,11 @@ struct DkDvTiles {
     // With every extension 64 rows at every d: S and dP take half the registers, room for the per-element work.
     static constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && kExt != Ext::all);
     using KV = KVTile<kD, kKeyPairs>;
-    using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairs>;
+    // Step 7, at the 64 tile without the bias: line 15 of Q tile i runs after the barrier of tile i + 1, so dS^T takes
+    // two stages (198 KiB of shared memory a block at kD = 64; at 128 and 256 it measured 2-3% slower, and the bias
+    // kernel gained nothing: docs/backward.md, "Step 7").
+    static constexpr bool kDeferDq = F::kDeferDq && kD == 64 && kExt != Ext::all;
+    using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairs, kDeferDq ? 2 : 1>;
 };
 
 // Grid: ceil(Nk / Bc) K/V tiles x B * H heads (causal: ordered by `order`, GridOrder). d is the head dim in device
@@ -451,6 +459,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     constexpr bool kLayout = kExt != Ext::none, kAll = kExt == Ext::all;  // group walk, packed rows, band; bias too
     const int d = kExactD ? kD : head_dim;
     using Tiles = DkDvTiles<kD, kStep, kExt>;
+    constexpr bool kDeferDq = Tiles::kDeferDq && kAtomicDq;  // step 7 (without atomics there is no line 15 here)
     using KV = typename Tiles::KV;
     using L = typename Tiles::L;
     constexpr int Br = Tiles::Br;
@@ -556,6 +565,55 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const int key_row = warp / kParts * KV::kKeyRows, part = warp % kParts;
     const int q_row0 = part * kQ, col0 = part * kPartCols;
 
+    // line 15 for walk step st: dQ_i += dS_ij K_j, its dS_ij^T in shared memory, once every warp has stored its part.
+    auto dq_tile = [&](int st) {
+        const int i0 = tile_of(st) * Br;
+        const uint32_t sdS = s + L::dS + (Tiles::kDeferDq ? st & 1 : 0) * L::dsTile;
+        // Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
+        // columns kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
+        constexpr int kWarpsN = kWarps / (Br / 32), kCols = kD / kWarpsN;
+        static_assert(kCols % 16 == 0, "whole x4 B fragments");
+        const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+        float dQ_i[2][kCols / 8][4] = {};
+#pragma unroll
+        for (int k = 0; k < Bc; k += 16) {
+            uint32_t a[2][4];
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+                ldmatrix_x4_trans(a[m], sdS + swizzle<Br>(k + ldm_at_row(lane), wm * 32 + m * 16 + ldm_at_col(lane)));
+#pragma unroll
+            for (int c = 0; c < kCols / 8; c += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, s + L::K + swizzle<kD>(k + ldm_bt_row(lane), wn * kCols + c * 8 + ldm_bt_col(lane)));
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    mma_m16n8k16<T>(dQ_i[m][c], a[m], b[0], b[1]);
+                    mma_m16n8k16<T>(dQ_i[m][c + 1], a[m], b[2], b[3]);
+                }
+            }
+        }
+        // The accumulator is padded to Nq_pad rows and kD columns, so neither the padding rows (whose dS is 0) nor the
+        // columns past d (zeros, as K_j's are; convert_dq_kernel does not read them) need a bounds check. Adding those
+        // zeros costs less than testing for them: with a `col >= d` skip here the backward ran 3.3% (d = 40) and 3.7%
+        // (d = 200) slower (H100, docs/backward.md, "A head dim below its tile"). Row-major (steps 1-5) a fragment's
+        // two rows are 8 rows apart, and each red.v2 of the warp touches 8 rows (8 cache lines); in fragment order
+        // (step 6) this lane's four sums are consecutive and the warp's 32 lanes cover 512 contiguous bytes (4 lines).
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int c = 0; c < kCols / 8; ++c) {
+                const int col = wn * kCols + c * 8, row = i0 + wm * 32 + m * 16 + g;
+                float* at = rows_of(head_of(st)).dQ_accum + dq_accum_offset<F::kDqFragments>(row, col + 2 * t, kD);
+                if constexpr (F::kDqFragments) {
+                    atomic_add4(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1], ds_scale * dQ_i[m][c][2],
+                                ds_scale * dQ_i[m][c][3]);
+                } else {
+                    atomic_add2(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
+                    atomic_add2(at + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
+                }
+            }
+    };
+
     for (int step = 0; step < n_steps; ++step) {  // line 8 (line 9: load_q_tile; O_i is in D_i)
         const int stage = F::kDoubleBuffer ? step & 1 : 0, i0 = tile_of(step) * Br, h = head_of(step);
         const uint32_t sQ = s + L::Q + stage * L::qTile, sdO = s + L::dO + stage * L::qTile;
@@ -570,6 +628,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
             load_q_tile(step + 1, stage ^ 1);
             cp_async_commit();
         }
+        // Step 7: the previous Q tile's line 15, whose dS^T the barrier above completed. One barrier a Q tile instead
+        // of two (the one before dQ_i waited for the slowest warp's dK_j, dV_j products); dS^T then takes two stages.
+        if constexpr (kDeferDq)
+            if (step > 0) dq_tile(step - 1);
 
         // Dropout's mask of this lane's elements of key tile m, bit k for element k (fragment k / 4, entry k % 4),
         // before the tile's products (Ext::all and kDropout only; all ones without dropout).
@@ -677,6 +739,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         // P^T (Ext::all, kDropout: (P Z)^T) and dS^T, packed, are the A operands of lines 12 and 16 (fragments n, n + 1
         // form one 16 x 16 block). dS^T goes to shared memory ([key][query]) for dQ (unless --deterministic) and,
         // with several parts, P^T and dS^T both go there for the group's other warps.
+        const int ds_at = L::dS + (Tiles::kDeferDq ? step & 1 : 0) * L::dsTile;  // this tile's dS^T in shared memory
         uint32_t P_packed[kKeyTiles][kQ / 8][2], dS[kKeyTiles][kQ / 8][2];
 #pragma unroll
         for (int m = 0; m < kKeyTiles; ++m)
@@ -694,8 +757,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                     dS[m][n][1] = pack2<T>(sc * S[m][n][2] * dP[m][n][2], sc * S[m][n][3] * dP[m][n][3]);
                 }
                 if (kAtomicDq || kParts > 1) {
-                    *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key, q)) = dS[m][n][0];
-                    *reinterpret_cast<uint32_t*>(smem + L::dS + swizzle<Br>(key + 8, q)) = dS[m][n][1];
+                    *reinterpret_cast<uint32_t*>(smem + ds_at + swizzle<Br>(key, q)) = dS[m][n][0];
+                    *reinterpret_cast<uint32_t*>(smem + ds_at + swizzle<Br>(key + 8, q)) = dS[m][n][1];
                 }
                 if (kParts > 1) {
                     *reinterpret_cast<uint32_t*>(smem + L::P + swizzle<Br>(key, q)) = P_packed[m][n][0];
@@ -707,53 +770,17 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         // line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, over all Br queries of Q_i (this warp's
         // from registers, the other parts' from shared memory), B = dO_i or Q_i stored [query][d], read with .trans.
         accumulate_over_queries<T, kD, Br>(dV_j, P_packed, s + L::P, sdO, key_row, q_row0, col0, lane);
-        accumulate_over_queries<T, kD, Br>(dK_j, dS, s + L::dS, sQ, key_row, q_row0, col0, lane);
-        __syncthreads();  // all of dS_ij^T is in shared memory (one stage: every warp is done with Q_i, dO_i)
-        if constexpr (!kAtomicDq) continue;  // --deterministic: the dq kernel computes dQ
-
-        // line 15: dQ_i += dS_ij K_j, Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
-        // columns kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
-        constexpr int kWarpsN = kWarps / (Br / 32), kCols = kD / kWarpsN;
-        static_assert(kCols % 16 == 0, "whole x4 B fragments");
-        const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-        float dQ_i[2][kCols / 8][4] = {};
-#pragma unroll
-        for (int k = 0; k < Bc; k += 16) {
-            uint32_t a[2][4];
-#pragma unroll
-            for (int m = 0; m < 2; ++m)
-                ldmatrix_x4_trans(a[m], s + L::dS + swizzle<Br>(k + ldm_at_row(lane), wm * 32 + m * 16 + ldm_at_col(lane)));
-#pragma unroll
-            for (int c = 0; c < kCols / 8; c += 2) {
-                uint32_t b[4];
-                ldmatrix_x4_trans(b, s + L::K + swizzle<kD>(k + ldm_bt_row(lane), wn * kCols + c * 8 + ldm_bt_col(lane)));
-#pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    mma_m16n8k16<T>(dQ_i[m][c], a[m], b[0], b[1]);
-                    mma_m16n8k16<T>(dQ_i[m][c + 1], a[m], b[2], b[3]);
-                }
-            }
+        accumulate_over_queries<T, kD, Br>(dK_j, dS, s + ds_at, sQ, key_row, q_row0, col0, lane);
+        if constexpr (!kDeferDq) {
+            __syncthreads();  // all of dS_ij^T is in shared memory (one stage: every warp is done with Q_i, dO_i)
+            if constexpr (kAtomicDq) dq_tile(step);  // (--deterministic: the dq kernel computes dQ)
         }
-        // The accumulator is padded to Nq_pad rows and kD columns, so neither the padding rows (whose dS is 0) nor the
-        // columns past d (zeros, as K_j's are; convert_dq_kernel does not read them) need a bounds check. Adding those
-        // zeros costs less than testing for them: with a `col >= d` skip here the backward ran 3.3% (d = 40) and 3.7%
-        // (d = 200) slower (H100, docs/backward.md, "A head dim below its tile"). Row-major (steps 1-5) a fragment's
-        // two rows are 8 rows apart, and each red.v2 of the warp touches 8 rows (8 cache lines); in fragment order
-        // (step 6) this lane's four sums are consecutive and the warp's 32 lanes cover 512 contiguous bytes (4 lines).
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int c = 0; c < kCols / 8; ++c) {
-                const int col = wn * kCols + c * 8, row = i0 + wm * 32 + m * 16 + g;
-                float* at = rows_of(h).dQ_accum + dq_accum_offset<F::kDqFragments>(row, col + 2 * t, kD);
-                if constexpr (F::kDqFragments) {
-                    atomic_add4(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1], ds_scale * dQ_i[m][c][2],
-                                ds_scale * dQ_i[m][c][3]);
-                } else {
-                    atomic_add2(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
-                    atomic_add2(at + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
-                }
-            }
+    }
+    if constexpr (kDeferDq) {
+        if (n_steps > 0) {
+            __syncthreads();  // the last Q tile's dS_ij^T is in shared memory
+            dq_tile(n_steps - 1);
+        }
     }
 
     // line 18: dK_j, dV_j: fragment [m][c] holds keys (16m + g, 16m + g + 8) of this warp's group x columns
@@ -1226,6 +1253,65 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
+template <int kD, int kStep>
+size_t dk_dv_smem_bytes(bool ext) {  // ext: Ext::all (Ext::layout's tiles are the default ones)
+    return ext ? DkDvTiles<kD, kStep, Ext::all>::L::bytes : DkDvTiles<kD, kStep, Ext::none>::L::bytes;
+}
+// The step whose kernels are the final ones on a GPU that allows smem_per_block bytes of shared memory a block:
+// step 7's second dS^T stage at the 64 tile (198 KiB) is more than an A100 has (163 KiB), which runs step 6 there.
+template <int kD>
+int final_step(size_t smem_per_block) {
+    return dk_dv_smem_bytes<kD, kFinalStep>(false) <= smem_per_block ? kFinalStep : kFinalStep - 1;
+}
+size_t gpu_smem_per_block_now() {  // of the current device
+    int device = 0, bytes = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return size_t(bytes);
+}
+
+// The final kernels: kStep is kFinalStep, or step 6 at the 64 tile on a GPU that cannot hold step 7's (final_step).
+// The bias kernel (Ext::all) is the same at both, and compiled once.
+template <typename T, int kD, int kStep>
+std::string launch_final(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
+                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
+                         const ExtensionPointers& ext, cudaStream_t stream) {
+    auto in = [](const void* x) { return static_cast<const T*>(x); };
+    auto out = [](void* x) { return static_cast<T*>(x); };
+    const FinalKernel k = final_kernel(p);
+    if constexpr (kD <= 128) {  // final_kernel chooses these for d = 64 and 128 only (p.d == kD)
+        if (k.ext == Ext::none && k.dropout) {
+            launch<T, kD, kStep, true, Ext::none, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                             out(dK), out(dV), workspace, ext, stream);
+            return "";
+        }
+        if (k.ext == Ext::layout) {
+            if (k.dropout)
+                launch<T, kD, kStep, true, Ext::layout, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
+                                                                   out(dQ), out(dK), out(dV), workspace, ext, stream);
+            else
+                launch<T, kD, kStep, true, Ext::layout>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
+                                                             out(dK), out(dV), workspace, ext, stream);
+            return "";
+        }
+    }
+    if (k.ext == Ext::all) {
+        launch<T, kD, kFinalStep, false, Ext::all>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
+                                                   out(dV), workspace, ext, stream);
+        return "";
+    }
+    if constexpr (kExactVariant<kD>) {
+        if (p.d == kD) {
+            launch<T, kD, kStep, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
+                                                   out(dV), workspace, ext, stream);
+            return "";
+        }
+    }
+    launch<T, kD, kStep, false, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                            workspace, ext, stream);
+    return "";
+}
+
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                         const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
@@ -1234,38 +1320,10 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
     auto out = [](void* x) { return static_cast<T*>(x); };
     const int step = step_of(p);
     if (step == kFinalStep) {
-        const FinalKernel k = final_kernel(p);
-        if constexpr (kD <= 128) {  // final_kernel chooses these for d = 64 and 128 only (p.d == kD)
-            if (k.ext == Ext::none && k.dropout) {
-                launch<T, kD, kFinalStep, true, Ext::none, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
-                                                                 out(dK), out(dV), workspace, ext, stream);
-                return "";
-            }
-            if (k.ext == Ext::layout) {
-                if (k.dropout)
-                    launch<T, kD, kFinalStep, true, Ext::layout, true>(p, in(Q), in(K), in(V), in(O), LSE, in(dO),
-                                                                       out(dQ), out(dK), out(dV), workspace, ext, stream);
-                else
-                    launch<T, kD, kFinalStep, true, Ext::layout>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ),
-                                                                 out(dK), out(dV), workspace, ext, stream);
-                return "";
-            }
-        }
-        if (k.ext == Ext::all) {
-            launch<T, kD, kFinalStep, false, Ext::all>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
-                                                       out(dV), workspace, ext, stream);
-            return "";
-        }
-        if constexpr (kExactVariant<kD>) {
-            if (p.d == kD) {
-                launch<T, kD, kFinalStep, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK),
-                                                       out(dV), workspace, ext, stream);
-                return "";
-            }
-        }
-        launch<T, kD, kFinalStep, false, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
-                                                workspace, ext, stream);
-        return "";
+        if constexpr (kD == 64)
+            if (final_step<kD>(gpu_smem_per_block_now()) != kFinalStep)
+                return launch_final<T, kD, kFinalStep - 1>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
+        return launch_final<T, kD, kFinalStep>(p, Q, K, V, O, LSE, dO, dQ, dK, dV, workspace, ext, stream);
     }
     if constexpr (std::is_same_v<T, __half> && kD <= 128) {
         switch (step) {
@@ -1287,6 +1345,10 @@ std::string launch_step(const Problem& p, const void* Q, const void* K, const vo
                 return "";
             case 5:
                 launch<T, kD, 5, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
+                                              workspace, ext, stream);
+                return "";
+            case 6:
+                launch<T, kD, 6, true, Ext::none>(p, in(Q), in(K), in(V), in(O), LSE, in(dO), out(dQ), out(dK), out(dV),
                                               workspace, ext, stream);
                 return "";
             default: break;
@@ -1363,15 +1425,11 @@ std::string v2_backward_mma_kernel(const Problem& p) {
 }
 
 namespace {
-template <int kD, int kStep>
-size_t dk_dv_smem_bytes(bool ext) {  // ext: Ext::all (Ext::layout's tiles are the default ones)
-    if constexpr (kStep == kFinalStep)
-        if (ext) return DkDvTiles<kD, kStep, Ext::all>::L::bytes;
-    return DkDvTiles<kD, kStep, Ext::none>::L::bytes;
-}
 template <int kD>
-size_t backward_smem_bytes(const Problem& p) {
+size_t backward_smem_bytes(const Problem& p, size_t smem_per_block) {
     size_t bytes = std::max(dk_dv_smem_bytes<kD, kFinalStep>(false), dk_dv_smem_bytes<kD, kFinalStep>(true));
+    if (final_step<kD>(smem_per_block) != kFinalStep)
+        bytes = std::max(dk_dv_smem_bytes<kD, kFinalStep - 1>(false), dk_dv_smem_bytes<kD, kFinalStep - 1>(true));
     if constexpr (kD <= 128) {  // the earlier steps' tiles (compiled for d = 64 and 128 only)
         switch (step_of(p)) {
             case 1: bytes = dk_dv_smem_bytes<kD, 1>(false); break;
@@ -1379,6 +1437,7 @@ size_t backward_smem_bytes(const Problem& p) {
             case 3: bytes = dk_dv_smem_bytes<kD, 3>(false); break;
             case 4: bytes = dk_dv_smem_bytes<kD, 4>(false); break;
             case 5: bytes = dk_dv_smem_bytes<kD, 5>(false); break;
+            case 6: bytes = dk_dv_smem_bytes<kD, 6>(false); break;
             default: break;
         }
     }
@@ -1386,12 +1445,12 @@ size_t backward_smem_bytes(const Problem& p) {
 }
 }  // namespace
 
-size_t v2_backward_mma_smem_bytes(const Problem& p) {
+size_t v2_backward_mma_smem_bytes(const Problem& p, size_t smem_per_block) {
     switch (v2_backward_mma_head_dim_tile(p.d)) {
-        case 64: return backward_smem_bytes<64>(p);
-        case 128: return backward_smem_bytes<128>(p);
-        case 192: return backward_smem_bytes<192>(p);
-        case 256: return backward_smem_bytes<256>(p);
+        case 64: return backward_smem_bytes<64>(p, smem_per_block);
+        case 128: return backward_smem_bytes<128>(p, smem_per_block);
+        case 192: return backward_smem_bytes<192>(p, smem_per_block);
+        case 256: return backward_smem_bytes<256>(p, smem_per_block);
         default: return 0;
     }
 }

@@ -45,8 +45,9 @@ __host__ __device__ constexpr size_t dq_accum_offset(size_t r, int c, int tile) 
 size_t v2_backward_mma_workspace_bytes(const Problem& p);
 
 // The dynamic shared memory (bytes) the largest of the kernels p may run takes (dk_dv with or without the extensions,
-// and with --deterministic the dq kernel), for v2_smem_refusal (forward_mma.h).
-size_t v2_backward_mma_smem_bytes(const Problem& p);
+// and with --deterministic the dq kernel) on a GPU that allows smem_per_block bytes a block (the final kernel at the
+// 64 tile is step 6's where step 7's does not fit), for v2_smem_refusal (forward_mma.h).
+size_t v2_backward_mma_smem_bytes(const Problem& p, size_t smem_per_block);
 
 // Q, K, V, O, dO, dQ, dK, dV are __half or __nv_bfloat16 per p.dtype; LSE float [B, H, Nq] from the forward.
 // The extensions' device inputs, null where p does not use them (as BackwardArgs in tests/harness.h carries them):

@@ -922,7 +922,7 @@ bool v2_mma_supports(const Problem& p, std::string* why) {
 }
 
 std::string v2_smem_refusal(const Problem& p, bool backward, size_t smem_per_block) {
-    const size_t need = backward ? v2_backward_mma_smem_bytes(p) : v2_mma_smem_bytes(p);
+    const size_t need = backward ? v2_backward_mma_smem_bytes(p, smem_per_block) : v2_mma_smem_bytes(p);
     if (need <= smem_per_block) return "";
     return std::string("v2 ") + (backward ? "backward" : "forward") + " (" + dtype_name(p.dtype) + ") at head dim " +
            std::to_string(p.d) + " needs " + std::to_string(need) + " bytes of shared memory a block; this GPU allows " +
