@@ -136,6 +136,10 @@ if [ -x bin/v2 ]; then
     expect 2 bin/v2 --dtype fp16 --d 12                 # head dims are multiples of 8 from 8 to 256
     expect 2 bin/v2 --deterministic                     # a backward flag without --backward
     expect 2 bin/v2 --backward --deterministic          # fp32: the CUDA-core backward has atomics only
+    # --kernel with --backward picks a backward step (the final forward runs): the backward has one step more
+    expect 0 bin/v2 --dtype fp16 --n 70 --d 64 --backward --kernel bwd-defer-dq --check
+    expect 2 bin/v2 --dtype fp16 --n 70 --d 64 --kernel 7       # the forward has steps 1..6
+    expect 2 bin/v2 --dtype fp16 --n 70 --d 64 --backward --kernel 8
     expect 2 bin/naive --backward --deterministic       # a stage without such a backward says so
     expect 2 bin/v2 --dtype fp16 --load "$tmp/io/big"   # 1e5 is no fp16 value
     expect 0 bin/v2 $small --backward --check

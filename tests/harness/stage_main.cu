@@ -582,7 +582,11 @@ int stage_main(int argc, char** argv, const Stage& s) {
     }
     const Problem& p = o.p;
     std::string why = problem_size_unsupported(p);
-    if (why.empty() && s.unsupported) why = s.unsupported(p);
+    if (why.empty() && s.unsupported) {  // with --backward, --kernel picks a backward step: the final forward runs
+        Problem pf = p;
+        if (o.backward) pf.kernel = 0;
+        why = s.unsupported(pf);
+    }
     if (why.empty() && o.backward && s.backward_unsupported) why = s.backward_unsupported(p);
     if (why.empty() && p.deterministic && !s.has_deterministic) why = "this stage has no --deterministic backward";
     if (!why.empty()) {
