@@ -565,12 +565,12 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const int key_row = warp / kParts * KV::kKeyRows, part = warp % kParts;
     const int q_row0 = part * kQ, col0 = part * kPartCols;
 
-    // line 15 for walk step st: dQ_i += dS_ij K_j, its dS_ij^T in shared memory, once every warp has stored its part.
+    // line 15 for walk step st: dQ_i += dS_ij K_j, Br x kD, once every warp has stored its part of dS_ij^T in shared
+    // memory. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm.., columns kCols wn... A = dS_ij,
+    // stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
     auto dq_tile = [&](int st) {
         const int i0 = tile_of(st) * Br;
         const uint32_t sdS = s + L::dS + (Tiles::kDeferDq ? st & 1 : 0) * L::dsTile;
-        // Br x kD. Warps tile it (Br / 32) x kWarpsN: warp (wm, wn) owns rows 32 wm..,
-        // columns kCols wn... A = dS_ij, stored transposed, read with .trans; B = K_j stored [key][d], with .trans.
         constexpr int kWarpsN = kWarps / (Br / 32), kCols = kD / kWarpsN;
         static_assert(kCols % 16 == 0, "whole x4 B fragments");
         const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -623,7 +623,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
             cp_async_commit();
         }
         cp_async_wait<0>();
-        __syncthreads();  // Q_i, dO_i landed; every warp is done with the other stage and with dS of step - 1
+        __syncthreads();  // Q_i, dO_i landed; every warp is done with the other stage, and stored dS of step - 1
         if (F::kDoubleBuffer && step + 1 < n_steps) {
             load_q_tile(step + 1, stage ^ 1);
             cp_async_commit();
