@@ -39,8 +39,8 @@ runs+=("bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2" "bin/v2 ${shape[
 # causal grids of many heads and few tiles: the heads in chunks, with unused blocks in front (GridOrder)
 runs+=("bin/v2 --batch 6 --heads 100 --nq 100 --nk 127 --causal --check --d 64 --dtype fp16 --backward")
 # v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
-for k in 1 2 3 4; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
-for k in 1 2 3 4 5; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done
+for k in 1 2 3 4 5; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
+for k in 1 2 3 4 5 6; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done
 # v3 (Hopper only): every step in fp16 at d = 64, the final one in bf16 at d = 128. TMA and wgmma work outside the
 # threads' own loads and stores; what the tools say about them is in docs/v3.md ("Sanitizers").
 if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1)" = 9.0 ]; then
