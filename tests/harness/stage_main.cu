@@ -460,6 +460,13 @@ bool check_below_backward(const Stage& b, const Problem& p, const HostTensors& i
     return report(compare_grads(p, in, got, &want), against.c_str(), sum);
 }
 
+// The forward that makes O and LSE for a backward run: with --backward, --kernel picks a backward step, and the
+// forward runs its final kernel.
+Problem forward_of_backward(Problem p) {
+    p.kernel = 0;
+    return p;
+}
+
 // --backward: the forward pass once (for O and LSE), then the backward pass, checked and timed on its own.
 int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
     const Problem& p = o.p;
@@ -483,8 +490,7 @@ int run_backward(const Stage& s, const Options& o, const HostTensors& in) {
         const ExtensionInputs ext = upload_extension_inputs(p, in);
         DeviceBuffer o_dev(p.q_elems() * bytes, "O"), lse(p.lse_elems() * 4, "LSE");
         {
-            Problem pf = p;
-            pf.kernel = 0;  // --kernel picks a backward step here; O and LSE come from the final forward kernel
+            const Problem pf = forward_of_backward(p);
             DeviceBuffer ws(s.workspace_bytes ? s.workspace_bytes(pf) : 0, "workspace");
             s.forward(pf, ext.with(ForwardArgs{q.get(), k.get(), v.get(), o_dev.get(), lse.f32(), ws.get()}));
             CUDA_CHECK_LAUNCH();
@@ -582,11 +588,7 @@ int stage_main(int argc, char** argv, const Stage& s) {
     }
     const Problem& p = o.p;
     std::string why = problem_size_unsupported(p);
-    if (why.empty() && s.unsupported) {  // with --backward, --kernel picks a backward step: the final forward runs
-        Problem pf = p;
-        if (o.backward) pf.kernel = 0;
-        why = s.unsupported(pf);
-    }
+    if (why.empty() && s.unsupported) why = s.unsupported(o.backward ? forward_of_backward(p) : p);
     if (why.empty() && o.backward && s.backward_unsupported) why = s.backward_unsupported(p);
     if (why.empty() && p.deterministic && !s.has_deterministic) why = "this stage has no --deterministic backward";
     if (!why.empty()) {
