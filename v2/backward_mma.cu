@@ -1427,9 +1427,9 @@ std::string v2_backward_mma_kernel(const Problem& p) {
 namespace {
 template <int kD>
 size_t backward_smem_bytes(const Problem& p, size_t smem_per_block) {
-    size_t bytes = std::max(dk_dv_smem_bytes<kD, kFinalStep>(false), dk_dv_smem_bytes<kD, kFinalStep>(true));
-    if (final_step<kD>(smem_per_block) != kFinalStep)
-        bytes = std::max(dk_dv_smem_bytes<kD, kFinalStep - 1>(false), dk_dv_smem_bytes<kD, kFinalStep - 1>(true));
+    size_t bytes = final_step<kD>(smem_per_block) == kFinalStep
+                       ? std::max(dk_dv_smem_bytes<kD, kFinalStep>(false), dk_dv_smem_bytes<kD, kFinalStep>(true))
+                       : std::max(dk_dv_smem_bytes<kD, kFinalStep - 1>(false), dk_dv_smem_bytes<kD, kFinalStep - 1>(true));
     if constexpr (kD <= 128) {  // the earlier steps' tiles (compiled for d = 64 and 128 only)
         switch (step_of(p)) {
             case 1: bytes = dk_dv_smem_bytes<kD, 1>(false); break;
