@@ -320,7 +320,7 @@ TEST_CASE("v2 refuses in one line what needs more shared memory a block than the
             CHECK(v2_smem_refusal(p, true, hopper).empty());
             CHECK(v2_smem_refusal(p, false, a100).empty());                // forward tile 192: 153600 bytes
             CHECK(v2_smem_refusal(p, true, a100).empty() == (d <= 192));   // backward tile 256: 214016 bytes
-            // The 64 tile's final kernel, step 7, keeps two stages of dS^T (198 KiB) where they fit; an A100 runs step 6's.
+            // The 64 tile's final kernel, step 7, keeps two stages of dS^T (194 KiB) where they fit; an A100 runs step 6's.
             if (d <= 64 && !det) {
                 CHECK(v2_backward_mma_smem_bytes(p, hopper) == 198656);  // step 6 + 128 x 128 halves
                 CHECK(v2_backward_mma_smem_bytes(p, a100) == 165888);

@@ -75,7 +75,7 @@ const std::vector<KernelStep>& v2_backward_steps() {
         {"bwd-dq-fragments", "the dQ accumulator stored in mma-fragment order: a lane's four sums are 16 contiguous "
                              "bytes, one red.v4 (sm_90), and a warp's instruction covers 512 contiguous bytes"},
         {"bwd-defer-dq", "at the 64 tile, dQ_i += dS_ij K_j runs after the next Q tile's barrier: one barrier a Q tile "
-                         "instead of two, dS^T in two stages (198 KiB of shared memory; an A100 runs step 6)"},
+                         "instead of two, dS^T in two stages (194 KiB of shared memory; an A100 runs step 6)"},
     };
     return steps;
 }
@@ -423,7 +423,7 @@ struct DkDvTiles {
     static constexpr int Br = q_tile_rows(kD, F::kBr128AtD64 && kExt != Ext::all);
     using KV = KVTile<kD, kKeyPairs>;
     // Step 7, at the 64 tile without the bias: line 15 of Q tile i runs after the barrier of tile i + 1, so dS^T takes
-    // two stages (198 KiB of shared memory a block at kD = 64; at 128 and 256 it measured 2-3% slower, and the bias
+    // two stages (194 KiB of shared memory a block at kD = 64; at 128 and 256 it measured 2-3% slower, and the bias
     // kernel gained nothing: docs/backward.md, "Step 7").
     static constexpr bool kDeferDq = F::kDeferDq && kD == 64 && kExt != Ext::all;
     using L = SharedLayout<kD, Br, F::kDoubleBuffer ? 2 : 1, kKeyPairs, kDeferDq ? 2 : 1>;
@@ -1258,7 +1258,7 @@ size_t dk_dv_smem_bytes(bool ext) {  // ext: Ext::all (Ext::layout's tiles are t
     return ext ? DkDvTiles<kD, kStep, Ext::all>::L::bytes : DkDvTiles<kD, kStep, Ext::none>::L::bytes;
 }
 // The step whose kernels are the final ones on a GPU that allows smem_per_block bytes of shared memory a block:
-// step 7's second dS^T stage at the 64 tile (198 KiB) is more than an A100 has (163 KiB), which runs step 6 there.
+// step 7's second dS^T stage at the 64 tile (194 KiB) is more than an A100 has (163 KiB), which runs step 6 there.
 template <int kD>
 int final_step(size_t smem_per_block) {
     return dk_dv_smem_bytes<kD, kFinalStep>(false) <= smem_per_block ? kFinalStep : kFinalStep - 1;
