@@ -27,7 +27,7 @@
 // Shared-memory layout: every tile row holds d elements plus 8 elements (16 bytes) of padding. ldmatrix reads
 // 8 rows of 16 bytes per 8x8 matrix; with a row pitch of 2d + 16 bytes = an odd number of 16-byte chunks, the 8 rows
 // start in 8 different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile
-// (32, 64, 96, 128, 192, 256). We pad rather than XOR-swizzle because one rule then covers all six tiles (a 64-byte row
+// (32, 48, 64, 96, 128, 192, 256). We pad rather than XOR-swizzle because one rule then covers all seven tiles (a 64-byte row
 // of d = 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a
 // compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding
 // (row pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
@@ -744,7 +744,9 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
 // Br = 128 (32 rows a warp) halves the shared-memory reads of K_j and V_j per mma against Br = 64, which is what
 // separates the rows above; Bc = 64 keeps S (Br x Bc fp32) small enough next to O_i to stay in 255 registers with
 // no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
-// ~5% run-to-run spread of one kernel timed twice). Head dims 32 and 96 (not timed) take the same shape.
+// ~5% run-to-run spread of one kernel timed twice). Head dims 32, 48 and 96 (not timed) take the same shape. The 48
+// tile is for d = 40 and 48 (d = 40: Stable Diffusion's first UNet level): in the 64 tile d = 40 did a quarter more
+// mma than it needs and took 4.8% longer than d = 64 (H100, docs/v2.md, "d = 40 in the 64 tile").
 // Past 128 the accumulator O_i alone is kD / 2 registers a thread per m16 tile (128 at kD = 256), so a warp takes 16
 // rows. The 192 tile has 8 warps, Br = 128, Bc = 64 and double buffers, (128 + 2 * 2 * 64) rows * 400 bytes =
 // 150 KiB, one CTA an SM, as FlashAttention-2 at d = 192. The 256 tile has 4 warps, Br = 64, Bc = 64 and one buffer
@@ -790,7 +792,7 @@ void launch_causal_or_not(const Problem& p, const ForwardArgs& a, cudaStream_t s
 }
 
 // The steps before the final one are compiled for these head dims and fp16 only, with d == kD at compile time.
-bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
+constexpr bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
 
 // Tiles whose final kernel also has a variant for d == kD with d a compile-time constant, beside the one for any
 // d <= kD: the head dims of the benchmarks (64, 128) and 256. With d known, every global address in load_tile is a
@@ -815,7 +817,7 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
         launch_causal_or_not<T, kD, kFinalStep, false>(p, a, stream);
         return "";
     }
-    if constexpr (std::is_same_v<T, __half> && kD <= 128) {
+    if constexpr (std::is_same_v<T, __half> && step_head_dim(kD)) {
         switch (step) {
             case 1: launch_causal_or_not<T, kD, 1, true>(p, a, stream); return "";
             case 2: launch_causal_or_not<T, kD, 2, true>(p, a, stream); return "";
@@ -834,6 +836,7 @@ template <typename T>
 std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     switch (v2_mma_head_dim_tile(p.d)) {
         case 32: return launch_step<T, 32>(p, a, stream);
+        case 48: return launch_step<T, 48>(p, a, stream);
         case 64: return launch_step<T, 64>(p, a, stream);
         case 96: return launch_step<T, 96>(p, a, stream);
         case 128: return launch_step<T, 128>(p, a, stream);
@@ -847,7 +850,7 @@ std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStre
 
 int v2_mma_head_dim_tile(int d) {
     if (d < 8 || d > 256 || d % 8 != 0) return 0;
-    for (int tile : {32, 64, 96, 128, 192, 256})
+    for (int tile : {32, 48, 64, 96, 128, 192, 256})
         if (d <= tile) return tile;
     return 0;
 }
@@ -871,6 +874,7 @@ size_t v2_mma_smem_bytes(const Problem& p) {
     const int step = p.kernel == 0 ? v2_mma::kFinalStep : p.kernel;
     switch (v2_mma_head_dim_tile(p.d)) {
         case 32: return forward_smem_bytes<32>(step);
+        case 48: return forward_smem_bytes<48>(step);
         case 64: return forward_smem_bytes<64>(step);
         case 96: return forward_smem_bytes<96>(step);
         case 128: return forward_smem_bytes<128>(step);
