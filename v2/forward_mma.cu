@@ -151,15 +151,24 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
 // Copies rows [row0, row0 + kRows) of an [N, d] matrix whose rows lie ld elements apart (d, or H * d for the rows of
 // one head of a packed batch [T, H, d]) into a shared tile of kD columns and row pitch kPitchBytes (d <= kD, a
 // multiple of 8); rows >= N and columns >= d become zeros (nothing past row N or column d is read).
-// Thread x copies the 16-byte chunk x % kChunksPerRow of rows x / kChunksPerRow + i * kRowsPerPass, so that every
-// shared address below is a per-thread base plus a compile-time offset. (kD = 96 has 12 chunks a row: 120 threads
-// copy.) kAsync: cp.async, which the caller commits and waits for; otherwise a load and a store per chunk.
+// Thread x copies the 16-byte chunk x % kSlots of rows x / kSlots + i * kRowsPerPass, so that every shared address
+// below is a per-thread base plus a compile-time offset. kSlots is a row's kD / 8 chunks, rounded up to a power of
+// two where that takes no more passes: then every pass covers whole rows and the guards fold away. That holds for
+// K_j and V_j at kD = 48 (8 slots, 16 rows a pass of 128 threads: 4 passes for Bc = 64 rows, as with 6 slots and 21
+// rows a pass), not for Q_i there (8 passes for 128 rows against 7), nor at kD = 96 and 192, where whole rows took
+// 8 passes instead of 7 and measured 1-8% slower (docs/v2.md, "Head dims 8 to 256"). kAsync: cp.async, which the
+// caller commits and waits for; otherwise a load and a store per chunk.
+__host__ __device__ constexpr int power_of_two_at_least(int n) { return n <= 1 ? 1 : 2 * power_of_two_at_least((n + 1) / 2); }
+
 template <int kRows, int kD, int kPitchBytes, int kThreads, bool kAsync, typename T>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N, int d, int ld) {
-    constexpr int kChunksPerRow = kD / 8;
-    constexpr int kRowsPerPass = kThreads / kChunksPerRow;
-    constexpr bool kEven = kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0;
-    const int r0 = threadIdx.x / kChunksPerRow, c = threadIdx.x % kChunksPerRow * 8;
+    constexpr int kChunksPerRow = kD / 8, kPowerOfTwo = power_of_two_at_least(kChunksPerRow);
+    constexpr bool kWholeRows = ceil_div(kRows, kThreads / kPowerOfTwo) <= ceil_div(kRows, kThreads / kChunksPerRow);
+    constexpr int kSlots = kWholeRows ? kPowerOfTwo : kChunksPerRow;
+    constexpr int kRowsPerPass = kThreads / kSlots;
+    constexpr bool kEven = kThreads % kSlots == 0 && kRows % kRowsPerPass == 0;
+    const int r0 = threadIdx.x / kSlots, c = threadIdx.x % kSlots * 8;
+    if (kSlots * 8 > kD && c >= kD) return;  // a slot past the tile's columns
     const T* tile = gmem + size_t(row0) * ld;  // row0 < N always, so this is a valid address for zero-fills too
 #pragma unroll
     for (int i = 0; i < ceil_div(kRows, kRowsPerPass); ++i) {
