@@ -755,7 +755,8 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
 // no spills (Br = 128, Bc = 128 at d = 64 sits at the register limit and is no faster: the causal gap is within the
 // ~5% run-to-run spread of one kernel timed twice). Head dims 32, 48 and 96 (not timed) take the same shape. The 48
 // tile is for d = 40 and 48 (d = 40: Stable Diffusion's first UNet level): in the 64 tile d = 40 did a quarter more
-// mma than it needs and took 4.8% longer than d = 64 (H100, docs/v2.md, "d = 40 in the 64 tile").
+// mma than it needs and took 4.8% longer than d = 64; in the 48 tile it takes 12% less than it did there, and 9%
+// less than d = 64 (H100, docs/v2.md, "The 48 tile").
 // Past 128 the accumulator O_i alone is kD / 2 registers a thread per m16 tile (128 at kD = 256), so a warp takes 16
 // rows. The 192 tile has 8 warps, Br = 128, Bc = 64 and double buffers, (128 + 2 * 2 * 64) rows * 400 bytes =
 // 150 KiB, one CTA an SM, as FlashAttention-2 at d = 192. The 256 tile has 4 warps, Br = 64, Bc = 64 and one buffer
@@ -808,8 +809,9 @@ constexpr bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d 
 // per-thread base plus a compile-time offset again, and the column bounds fold away. Why: on an H200 the runtime-d
 // kernel alone ran 4% (d = 64) and 6% (d = 128) slower than the kernel before it, which had d = kD (fp16, N = 4096,
 // B = 4, hidden 2048; docs/measured/v2_head_dims_run2.log), and ptxas gives it 8 and 20 bytes of spills at d = 128
-// (none before). That this variant wins the time back is not yet measured. The other tiles keep one kernel: 12 more
-// instantiations, not 24.
+// (none before). The gap is still there for the d that run the runtime-d kernel of these tiles: d = 56 takes 9% more
+// than d = 64, d = 112 4% more than 128 (H100, docs/v2.md, "Every head dim against its tile"). The other tiles keep
+// one kernel: 12 more instantiations, not 24.
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
