@@ -24,13 +24,13 @@
 //   S -> P            the fp32 accumulator fragment of S is exactly the A-operand fragment of P for the second
 //                     mma once packed to 16 bits, so P never touches shared memory.
 //
-// Shared-memory layout: every tile row holds d elements plus 8 elements (16 bytes) of padding. ldmatrix reads
-// 8 rows of 16 bytes per 8x8 matrix; with a row pitch of 2d + 16 bytes = an odd number of 16-byte chunks, the 8 rows
-// start in 8 different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile
-// (32, 48, 64, 96, 128, 192, 256). We pad rather than XOR-swizzle because one rule then covers all seven tiles (a 64-byte row
-// of d = 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a
-// compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding
-// (row pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
+// Shared-memory layout: every tile row holds d elements plus 8 elements (16 bytes) of padding. ldmatrix reads 8 rows of
+// 16 bytes per 8x8 matrix; with a row pitch of 2d + 16 bytes = an odd number of 16-byte chunks, the 8 rows start in 8
+// different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile (32, 48, 64,
+// 96, 128, 192, 256). We pad rather than XOR-swizzle because one rule then covers all seven tiles (a 64-byte row of d =
+// 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a compile-time
+// offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding (row pitch 2d
+// bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
 //
 // Causal masking is bottom-right aligned (row i sees key j iff j < causal_key_end(i)). K/V tiles entirely above the
 // diagonal are never loaded (the loop stops at the last key the tile's last row sees); only tiles that straddle the
@@ -158,8 +158,9 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
 // rows a pass), not for Q_i there (8 passes for 128 rows against 7), nor at kD = 96 and 192, where whole rows took
 // 8 passes instead of 7 and measured 1-8% slower (docs/v2.md, "Head dims 8 to 256"). kAsync: cp.async, which the
 // caller commits and waits for; otherwise a load and a store per chunk.
-__host__ __device__ constexpr int power_of_two_at_least(int n) { return n <= 1 ? 1 : 2 * power_of_two_at_least((n + 1) / 2); }
-
+__host__ __device__ constexpr int power_of_two_at_least(int n) {
+    return n <= 1 ? 1 : 2 * power_of_two_at_least((n + 1) / 2);
+}
 template <int kRows, int kD, int kPitchBytes, int kThreads, bool kAsync, typename T>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int row0, int N, int d, int ld) {
     constexpr int kChunksPerRow = kD / 8, kPowerOfTwo = power_of_two_at_least(kChunksPerRow);
