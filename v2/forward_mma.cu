@@ -150,7 +150,10 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
 
 // Copies rows [row0, row0 + kRows) of an [N, d] matrix whose rows lie ld elements apart (d, or H * d for the rows of
 // one head of a packed batch [T, H, d]) into a shared tile of kD columns and row pitch kPitchBytes (d <= kD, a
-// multiple of 8); rows >= N and columns >= d become zeros (nothing past row N or column d is read).
+// multiple of 8); rows >= N and columns >= d become zeros (nothing past row N or column d is read). A zero-filled
+// chunk reads nothing, but the copy still takes its address: in a real row it is the row's last real chunk, which the
+// warp reads anyway, so that the zero-fills add no memory sector to the warp's request (pointed at the tile's first
+// row, they made d = 208 and 224 take 5% longer; docs/v2.md, "Where a zero-filled chunk points").
 // Thread x copies the 16-byte chunk x % kSlots of rows x / kSlots + i * kRowsPerPass, so that every shared address
 // below is a per-thread base plus a compile-time offset. kSlots is a row's kD / 8 chunks, rounded up to a power of
 // two where that takes no more passes: then every pass covers whole rows and the guards fold away. That holds for
@@ -176,7 +179,7 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int
         const int r = r0 + i * kRowsPerPass;
         if (!kEven && (r0 >= kRowsPerPass || r >= kRows)) continue;
         const bool in_range = r < N - row0 && c < d;
-        const T* src = tile + (in_range ? r * ld + c : 0);
+        const T* src = tile + (r < N - row0 ? r * ld + min(c, d - 8) : 0);
         if constexpr (kAsync)
             cp_async_16(smem_tile + r * kPitchBytes + c * 2, src, in_range ? 16 : 0);
         else
