@@ -151,9 +151,9 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
 // Copies rows [row0, row0 + kRows) of an [N, d] matrix whose rows lie ld elements apart (d, or H * d for the rows of
 // one head of a packed batch [T, H, d]) into a shared tile of kD columns and row pitch kPitchBytes (d <= kD, a
 // multiple of 8); rows >= N and columns >= d become zeros (nothing past row N or column d is read). A zero-filled
-// chunk reads nothing, but the copy still takes its address: in a real row it is the row's last real chunk, which the
-// warp reads anyway, so that the zero-fills add no memory sector to the warp's request (pointed at the tile's first
-// row, they made d = 208 and 224 take 5% longer; docs/v2.md, "Where a zero-filled chunk points").
+// chunk reads nothing, but its copy still takes an address: in a real row, the row's last real chunk, a sector that
+// row's copy reads anyway, so the zero-fills bring no sector of their own (pointed at the tile's first row, they made
+// d = 208 and 224 take 5% longer; docs/v2.md, "Where a zero-filled chunk points").
 // Thread x copies the 16-byte chunk x % kSlots of rows x / kSlots + i * kRowsPerPass, so that every shared address
 // below is a per-thread base plus a compile-time offset. kSlots is a row's kD / 8 chunks, rounded up to a power of
 // two where that takes no more passes: then every pass covers whole rows and the guards fold away. That holds for
