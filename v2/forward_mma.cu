@@ -173,13 +173,14 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* gmem, int
     constexpr bool kEven = kThreads % kSlots == 0 && kRows % kRowsPerPass == 0;
     const int r0 = threadIdx.x / kSlots, c = threadIdx.x % kSlots * 8;
     if (kSlots * 8 > kD && c >= kD) return;  // a slot past the tile's columns
+    const int c_read = min(c, d - 8);          // the column this chunk's copy addresses (d - 8 if zero-filled)
     const T* tile = gmem + size_t(row0) * ld;  // row0 < N always, so this is a valid address for zero-fills too
 #pragma unroll
     for (int i = 0; i < ceil_div(kRows, kRowsPerPass); ++i) {
         const int r = r0 + i * kRowsPerPass;
         if (!kEven && (r0 >= kRowsPerPass || r >= kRows)) continue;
-        const bool in_range = r < N - row0 && c < d;
-        const T* src = tile + (r < N - row0 ? r * ld + min(c, d - 8) : 0);
+        const bool real_row = r < N - row0, in_range = real_row && c < d;
+        const T* src = tile + (real_row ? r * ld + c_read : 0);
         if constexpr (kAsync)
             cp_async_16(smem_tile + r * kPitchBytes + c * 2, src, in_range ? 16 : 0);
         else
@@ -813,9 +814,10 @@ constexpr bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d 
 // per-thread base plus a compile-time offset again, and the column bounds fold away. Why: on an H200 the runtime-d
 // kernel alone ran 4% (d = 64) and 6% (d = 128) slower than the kernel before it, which had d = kD (fp16, N = 4096,
 // B = 4, hidden 2048; docs/measured/v2_head_dims_run2.log), and ptxas gives it 8 and 20 bytes of spills at d = 128
-// (none before). The gap is still there for the d that run the runtime-d kernel of these tiles: d = 56 takes 9% more
-// than d = 64, d = 112 4% more than 128 (H100, docs/v2.md, "Every head dim against its tile"). The other tiles keep
-// one kernel: 12 more instantiations, not 24.
+// (none before). The gap is still there for the d that run the runtime-d kernel of these tiles: d = 56 took 9% more
+// than d = 64 and d = 112 4% more than 128, and since load_tile's zero-fill address about 5% and 0.6% (H100,
+// docs/v2.md, "Every head dim against its tile", "Where a zero-filled chunk points"). The other tiles keep one
+// kernel: 12 more instantiations, not 24.
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 
