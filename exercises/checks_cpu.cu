@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <queue>
 #include <random>
 
@@ -16,6 +17,7 @@
 #include "online_softmax/online_softmax.h"
 #include "v1/v1.h"
 #include "v2/grid_order.h"
+#include "v2/swizzle.h"
 #include "v2/v2.h"
 #include "v3/schedule.h"
 
@@ -572,12 +574,82 @@ Exercise v2_grid_order() {
               }}}};
 }
 
+// The backward's shared tiles (v2/swizzle.h) at the widths its kernels use, 64 to 256 columns, 16 rows each.
+// "" when the check holds, else what broke. The layout: every element two bytes of its own row's kCols * 2, each
+// 16-byte chunk whole and in order.
+template <int kCols>
+std::string swizzle_layout_error() {
+    const uint32_t row_bytes = kCols * 2;
+    for (int r = 0; r < 16; ++r) {
+        std::vector<int> used(kCols, 0);
+        for (int c = 0; c < kCols; ++c) {
+            const uint32_t a = swizzle<kCols>(r, c);
+            const std::string at = "(r, c) = (" + std::to_string(r) + ", " + std::to_string(c) + "), kCols = " +
+                                   std::to_string(kCols) + ": byte " + std::to_string(a);
+            if (a % 2 != 0 || a / row_bytes != uint32_t(r))
+                return at + " is not an even byte of row r's (" + std::to_string(r * row_bytes) + " .. " +
+                       std::to_string((r + 1) * row_bytes - 1) + ")";
+            if (used[a % row_bytes / 2]++ != 0) return at + " holds a second element";
+            if (c % 8 != 0 && a != swizzle<kCols>(r, c - 1) + 2)
+                return at + " is not 2 bytes after element c - 1: a 16-byte chunk (elements 8k .. 8k + 7) must stay "
+                            "whole and in order";
+        }
+    }
+    return "";
+}
+// The conflicts: chunk k of rows 8q .. 8q + 7, what one 8 x 8 matrix of an ldmatrix reads, in 8 different 16-byte
+// groups of the 32 four-byte banks (one wavefront); n of the rows in one group is an n-way conflict (n wavefronts).
+template <int kCols>
+std::string swizzle_conflict_error() {
+    for (int r0 = 0; r0 < 16; r0 += 8)
+        for (int c = 0; c < kCols; c += 8) {
+            int rows_in[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // rows per bank group
+            for (int i = 0; i < 8; ++i) ++rows_in[swizzle<kCols>(r0 + i, c) / 16 % 8];
+            const int n = *std::max_element(rows_in, rows_in + 8);
+            if (n > 1)
+                return "rows " + std::to_string(r0) + " .. " + std::to_string(r0 + 7) + ", chunk " +
+                       std::to_string(c / 8) + ", kCols = " + std::to_string(kCols) + ": " + std::to_string(n) +
+                       " of the 8 rows one ldmatrix reads share a bank group, a " + std::to_string(n) +
+                       "-way conflict (" + std::to_string(n) + " wavefronts instead of 1)";
+        }
+    return "";
+}
+
+// The first non-empty error of a list (one per tile width), or a pass that says `passed`.
+CheckResult first_error(std::initializer_list<std::string> errors, const std::string& passed) {
+    for (const std::string& e : errors)
+        if (!e.empty()) return CheckResult{false, e};
+    return CheckResult{true, passed};
+}
+
+Exercise backward_swizzle() {
+    return {"backward-swizzle",
+            {{"layout", "row r keeps its own kCols * 2 bytes and each element two of them; elements 8k .. 8k + 7 (one "
+                        "16-byte chunk, what cp.async and ldmatrix move) stay together and in order",
+              [] {
+                  return first_error({swizzle_layout_error<64>(), swizzle_layout_error<128>(),
+                                      swizzle_layout_error<192>(), swizzle_layout_error<256>()},
+                                     "each element two bytes of its own row, chunks whole and in order, at 64, 128, "
+                                     "192 and 256 columns");
+              }},
+             {"ldmatrix-rows", "ldmatrix reads chunk k of 8 consecutive rows; rows 128 n bytes apart put all 8 in the "
+                               "same 4 banks. Move chunk k of row r within its group of 8 chunks by r % 8 (an XOR "
+                               "keeps it in the group, and in its row)",
+              [] {
+                  return first_error({swizzle_conflict_error<64>(), swizzle_conflict_error<128>(),
+                                      swizzle_conflict_error<192>(), swizzle_conflict_error<256>()},
+                                     "the chunk every ldmatrix reads from 8 rows in 8 bank groups (one wavefront) "
+                                     "at 64, 128, 192 and 256 columns");
+              }}}};
+}
+
 }  // namespace
 
 const std::vector<Exercise>& cpu_exercises() {
     static const std::vector<Exercise> all = {softmax_3pass_model(),     online_merge(),         online_rows_model(),
                                               fa1_block_sizes(),         fa1_inner_loop_model(), fa2_deferred_norm_model(),
                                               causal_skip_model(),       window_skip_model(),    backward_ds_model(),
-                                              deterministic_dq_model(),  v3_causal_order(),        v2_grid_order()};
+                                              deterministic_dq_model(),  v3_causal_order(),        v2_grid_order(),
+                                              backward_swizzle()};
     return all;
 }

@@ -36,6 +36,7 @@ TEST_CASE("exercise backward-ds-model") { run_exercise(cpu_exercises(), "backwar
 TEST_CASE("exercise deterministic-dq-model") { run_exercise(cpu_exercises(), "deterministic-dq-model"); }
 TEST_CASE("exercise v3-causal-order") { run_exercise(cpu_exercises(), "v3-causal-order"); }
 TEST_CASE("exercise v2-grid-order") { run_exercise(cpu_exercises(), "v2-grid-order"); }
+TEST_CASE("exercise backward-swizzle") { run_exercise(cpu_exercises(), "backward-swizzle"); }
 TEST_CASE("GPU exercise block-reduction") { run_exercise(gpu_exercises(), "block-reduction"); }
 TEST_CASE("GPU exercise softmax-3pass-kernel") { run_exercise(gpu_exercises(), "softmax-3pass-kernel"); }
 TEST_CASE("GPU exercise tiled-matmul") { run_exercise(gpu_exercises(), "tiled-matmul"); }

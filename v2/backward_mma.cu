@@ -53,6 +53,7 @@
 #include "common/philox.cuh"
 #include "dropout.cuh"
 #include "grid_order.h"
+#include "swizzle.h"  // swizzle<kCols>(r, c): the shared tiles' layout
 #include "v2.h"  // v2_backward_steps
 
 #include <cuda_bf16.h>
@@ -155,14 +156,7 @@ __device__ inline void atomic_add4(float* addr, float x, float y, float z, float
 #endif
 }
 
-// ------------------------------------------------------------------------------------------- shared tile layout
-
-// Byte offset of element (r, c) in a swizzled shared tile with kCols 16-bit elements per row (see the top).
-template <int kCols>
-__device__ inline uint32_t swizzle(int r, int c) {
-    static_assert(kCols % 64 == 0, "the swizzle needs rows of at least 8 chunks of 16 bytes");
-    return uint32_t(r * kCols * 2 + (((c / 8) ^ (r % 8)) * 16) + (c % 8) * 2);
-}
+// ------------------------------------------------------------------- shared tile copies (the layout: swizzle.h)
 
 // Starts the copy of rows [row0, row0 + kRows) of a [n_rows, d] global matrix whose rows are ld elements apart
 // (d <= kCols, both multiples of 8) into a swizzled shared tile of kCols columns, by kThreads threads; rows past
