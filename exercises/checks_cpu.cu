@@ -584,15 +584,17 @@ std::string swizzle_layout_error() {
         std::vector<int> used(kCols, 0);
         for (int c = 0; c < kCols; ++c) {
             const uint32_t a = swizzle<kCols>(r, c);
-            const std::string at = "(r, c) = (" + std::to_string(r) + ", " + std::to_string(c) + "), kCols = " +
-                                   std::to_string(kCols) + ": byte " + std::to_string(a);
+            auto at = [&] {  // the element and its byte, for a failure's message
+                return "(r, c) = (" + std::to_string(r) + ", " + std::to_string(c) + "), kCols = " +
+                       std::to_string(kCols) + ": byte " + std::to_string(a);
+            };
             if (a % 2 != 0 || a / row_bytes != uint32_t(r))
-                return at + " is not an even byte of row r's (" + std::to_string(r * row_bytes) + " .. " +
+                return at() + " is not an even byte of row r's (" + std::to_string(r * row_bytes) + " .. " +
                        std::to_string((r + 1) * row_bytes - 1) + ")";
-            if (used[a % row_bytes / 2]++ != 0) return at + " holds a second element";
+            if (used[a % row_bytes / 2]++ != 0) return at() + " holds a second element";
             if (c % 8 != 0 && a != swizzle<kCols>(r, c - 1) + 2)
-                return at + " is not 2 bytes after element c - 1: a 16-byte chunk (elements 8k .. 8k + 7) must stay "
-                            "whole and in order";
+                return at() + " is not 2 bytes after element c - 1: a 16-byte chunk (elements 8k .. 8k + 7) must "
+                              "stay whole and in order";
         }
     }
     return "";

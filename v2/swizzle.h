@@ -1,5 +1,5 @@
 // swizzle.h: where element (r, c) of a shared-memory tile lives in v2's tensor-core backward (v2/backward_mma.cu),
-// shared with its tests and the course's exercise backward-swizzle (docs/exercises.md).
+// shared with the checks of the course's exercise backward-swizzle (docs/exercises.md), which count its conflicts.
 #pragma once
 #include <cuda_runtime.h>
 
