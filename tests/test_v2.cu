@@ -337,8 +337,8 @@ TEST_CASE("v2 refuses in one line what needs more shared memory a block than the
 TEST_CASE("v2 head-dim dispatch: the tile each d runs, and d = 12, 264, 0 refused in one line") {
     const std::vector<std::pair<int, int>> forward = {{8, 32},   {32, 32},   {40, 48},   {48, 48},   {56, 64},
                                                       {64, 64},  {72, 96},   {80, 96},   {96, 96},   {104, 128},
-                                                      {128, 128}, {136, 192}, {160, 192}, {192, 192}, {200, 256},
-                                                      {256, 256}};
+                                                      {128, 128}, {136, 176}, {168, 176}, {176, 176}, {184, 192},
+                                                      {192, 192}, {200, 240}, {240, 240}, {248, 256}, {256, 256}};
     for (auto [d, tile] : forward) CHECK_MESSAGE(v2_mma_head_dim_tile(d) == tile, "forward d = " << d);
     const std::vector<std::pair<int, int>> backward = {{8, 64},    {40, 64},   {64, 64},   {72, 128},
                                                        {80, 128},  {96, 128},  {128, 128}, {136, 192},

@@ -1,6 +1,6 @@
 // forward_mma.cu: the FlashAttention-2 forward pass (Dao, 2023, Algorithm 1) on tensor cores.
 //
-// One CTA of 4 warps (8 at the 192 tile) owns one tile Q_i of Br query rows of one (batch, head) and walks the
+// One CTA of 4 warps (8 at the 176 and 192 tiles) owns one tile Q_i of Br query rows of one (batch, head) and walks the
 // key/value tiles K_j, V_j of Bc rows each:
 //
 //     S    = Q_i K_j^T                                   mma.sync m16n8k16, fp32 accumulators
@@ -27,10 +27,10 @@
 // Shared-memory layout: every tile row holds d elements plus 8 elements (16 bytes) of padding. ldmatrix reads 8 rows of
 // 16 bytes per 8x8 matrix; with a row pitch of 2d + 16 bytes = an odd number of 16-byte chunks, the 8 rows start in 8
 // different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile (32, 48, 64,
-// 96, 128, 192, 256). We pad rather than XOR-swizzle because one rule then covers all seven tiles (a 64-byte row of d =
-// 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a compile-time
-// offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding (row pitch 2d
-// bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
+// 96, 128, 176, 192, 240, 256). We pad rather than XOR-swizzle because one rule then covers all nine tiles (a 64-byte
+// row of d = 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a
+// compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding (row
+// pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
 //
 // Causal masking is bottom-right aligned (row i sees key j iff j < causal_key_end(i)). K/V tiles entirely above the
 // diagonal are never loaded (the loop stops at the last key the tile's last row sees); only tiles that straddle the
@@ -111,12 +111,12 @@ namespace v2_mma {
 template <int kD, int kStep>
 constexpr int kPitch = Features<kStep>::kLdmatrix ? kD + 8 : kD;
 
-// At the 256 tile (final step only) K_j and V_j have one buffer each and their copies are staggered, as in
+// At the 240 and 256 tiles (final step only) K_j and V_j have one buffer each and their copies are staggered, as in
 // FlashAttention-2: K_{j+1} is copied once every warp is done with S = Q_i K_j^T and lands during the softmax and
 // P V_j; V_{j+1} is copied once every warp is done with P V_j and lands during the next S. Half the shared memory of
 // two buffers each, so that two CTAs fit on an SM (Tile below says why that matters there).
 template <int kD, int kStep>
-constexpr bool kStaggeredKV = Features<kStep>::kCpAsync && kD == 256;
+constexpr bool kStaggeredKV = Features<kStep>::kCpAsync && kD >= 240;
 
 // Buffers each of K_j and V_j: two from cp.async on (tile j+1 lands in one while tile j is read from the other), one
 // before it and with the staggered copies.
@@ -337,9 +337,9 @@ __device__ __forceinline__ void mask_outside_band(float (&S)[kMTiles][kNTiles][4
 
 // ---------------------------------------------------------------------------------------------------------------
 // The kernel. Grid: ceil(Nq / Br) Q tiles x B * H heads (causal: ordered by `order`, GridOrder). Block: kWarps warps
-// (4, or 8 at the 192 tile: see Tile below), 8 warps an SM either way (2 CTAs of 4 or 1 of 8), which lets each thread
-// have up to 255 registers. scale_exp is scale * log2 e from the exp2 step on, the softmax scale before it. d is the
-// head dim in device memory, kD the tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add
+// (4, or 8 at the 176 and 192 tiles: see Tile below), 8 warps an SM either way (2 CTAs of 4 or 1 of 8), which lets each
+// thread have up to 255 registers. scale_exp is scale * log2 e from the exp2 step on, the softmax scale before it. d is
+// the head dim in device memory, kD the tile's (d <= kD): columns d..kD-1 of the shared tiles are zeros, so they add
 // nothing to S and give O_i columns that are never stored. kExactD: d == kD, known at compile time (see kExactVariant
 // below). kExt: the extensions, read from x (the plain kernel reads only H and kv_heads, for the K/V head); then the
 // grid's Nq is the longest sequence's and kCausal is false. kDropout: dropout (with grouped-query heads or not:
@@ -771,10 +771,12 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
 // double buffers, two CTAs, 0.76x non-causal, 0.78x causal (H200, N = 4096); 8 warps as the 192 tile (198 KiB, one
 // CTA), 0.85-0.86x non-causal, 0.81-0.96x causal (H100, N = 1k..16k); the layout here 0.93-1.12x (H200, N = 1k..16k;
 // docs/v2.md, "Head dims 8 to 256"). The 192 tile with the 256 tile's layout ran 9-15% slower (d = 160; 192 causal).
+// The 176 and 240 tiles have the shapes of the 192 and 256 tiles, for the head dims just below those (d = 136-176 and
+// 200-240): 16 zero columns fewer in every product.
 template <int kD>
 struct Tile {
-    static constexpr int kWarps = kD == 192 ? 8 : 4;
-    static constexpr int kBr = kD == 256 ? 64 : 128;
+    static constexpr int kWarps = kD == 176 || kD == 192 ? 8 : 4;
+    static constexpr int kBr = kD >= 240 ? 64 : 128;
     static constexpr int kBc = 64;
 };
 
@@ -857,7 +859,9 @@ std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStre
         case 64: return launch_step<T, 64>(p, a, stream);
         case 96: return launch_step<T, 96>(p, a, stream);
         case 128: return launch_step<T, 128>(p, a, stream);
+        case 176: return launch_step<T, 176>(p, a, stream);
         case 192: return launch_step<T, 192>(p, a, stream);
+        case 240: return launch_step<T, 240>(p, a, stream);
         case 256: return launch_step<T, 256>(p, a, stream);
         default: return "v2 mma forward has no tile for head dim " + std::to_string(p.d);
     }
@@ -867,7 +871,7 @@ std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStre
 
 int v2_mma_head_dim_tile(int d) {
     if (d < 8 || d > 256 || d % 8 != 0) return 0;
-    for (int tile : {32, 48, 64, 96, 128, 192, 256})
+    for (int tile : {32, 48, 64, 96, 128, 176, 192, 240, 256})
         if (d <= tile) return tile;
     return 0;
 }
@@ -895,7 +899,9 @@ size_t v2_mma_smem_bytes(const Problem& p) {
         case 64: return forward_smem_bytes<64>(step);
         case 96: return forward_smem_bytes<96>(step);
         case 128: return forward_smem_bytes<128>(step);
+        case 176: return forward_smem_bytes<176>(step);
         case 192: return forward_smem_bytes<192>(step);
+        case 240: return forward_smem_bytes<240>(step);
         case 256: return forward_smem_bytes<256>(step);
         default: return 0;
     }
