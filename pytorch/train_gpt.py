@@ -5,9 +5,12 @@
 
 A byte-level GPT (6 layers, 8 heads of d = 64, context 1024, bf16 autocast) learns from the project's docs and
 sources (every *.md, *.cu, *.cuh, *.h, *.py file, concatenated: the text ships with the project). The same model,
-data order and initialisation run four times: attention by flash_scratch (v3's forward on Hopper, else v2's; v2's
-backward) and by PyTorch's scaled_dot_product_attention (its default backend), each with two seeds. It prints a
-progress bar, then tokens per second for both, and writes loss curves (CSV and PNG) to --out.
+data order and initialisation train four times: attention by flash_scratch (v3's forward on Hopper, else v2's; v2's
+backward) and by PyTorch's scaled_dot_product_attention (its default backend), each with two seeds. At one seed the
+two attentions train side by side, a step of one and then a step of the other (which goes first alternates), so the
+GPU's clocks, temperature and memory state weigh on both alike: timed one after the other, two runs of the same
+PyTorch model differed by 8% (docs/pytorch.md). It prints a progress bar, then tokens per second for both, and
+writes loss curves (CSV and PNG) to --out.
 
 Pass criterion (stated before the run): with the same seed the two attentions give the same model up to rounding,
 so their losses should differ far less than two seeds do. With L = the mean loss of the last 50 steps:
@@ -79,34 +82,43 @@ ATTENTIONS = {
 }
 
 
-def train(name, seed, data, args, bar):
-    torch.manual_seed(seed)
-    model = GPT(ATTENTIONS[name], context=args.context).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+NAMES = ("ours", "torch")
+
+
+def train_pair(seed, data, args, bar):
+    """Both attentions at one seed, step by step: the same initial weights, the same batches, the same schedule."""
+    models, opts = {}, {}
+    for name in NAMES:
+        torch.manual_seed(seed)  # the same initial weights for both
+        models[name] = GPT(ATTENTIONS[name], context=args.context).cuda()
+        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)  # the same batches for both attentions at one seed
-    losses, step_ms = [], []
+    losses, step_ms = {name: [] for name in NAMES}, {name: [] for name in NAMES}
     for step in range(args.steps):
         starts = torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen)
         chunk = torch.stack([data[s:s + args.context + 1] for s in starts.tolist()]).cuda().long()
         lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(chunk[:, :-1])
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        torch.cuda.synchronize()
-        step_ms.append((time.perf_counter() - t0) * 1e3)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise SystemExit(f"error: {name} seed {seed}: loss is {losses[-1]} at step {step}")
-        bar(name, seed, step + 1, losses[-1])
-    return losses, step_ms[20:]  # the first steps include warm-up and loading the kernels
+        for name in NAMES if step % 2 == 0 else NAMES[::-1]:
+            model, opt = models[name], opts[name]
+            for g in opt.param_groups:
+                g["lr"] = lr
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            torch.cuda.synchronize()
+            step_ms[name].append((time.perf_counter() - t0) * 1e3)
+            losses[name].append(loss.item())
+            if not math.isfinite(losses[name][-1]):
+                raise SystemExit(f"error: {name} seed {seed}: loss is {losses[name][-1]} at step {step}")
+        bar(seed, step + 1, {name: losses[name][-1] for name in NAMES})
+    # the first steps include warm-up and loading the kernels
+    return {(name, seed): (losses[name], step_ms[name][20:]) for name in NAMES}
 
 
 def main():
@@ -126,17 +138,18 @@ def main():
     data, nfiles = corpus()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; corpus: {nfiles} files, {len(data)} bytes; "
           f"{args.steps} steps of {args.batch} x {args.context} tokens", flush=True)
-    # ABBA order (torch, ours, ours, torch), so a drift of the GPU's clocks over the runs favours neither side
-    runs = [("torch", seeds[0]), ("ours", seeds[0]), ("ours", seeds[1]), ("torch", seeds[1])]
+    runs = [(name, seed) for seed in seeds for name in NAMES]
 
-    def bar(name, seed, step, loss):
+    def bar(seed, step, loss):
         done = int(30 * step / args.steps)
-        sys.stderr.write(f"\r{name:5s} seed {seed} [{'#' * done}{'.' * (30 - done)}] {step}/{args.steps} "
-                         f"loss {loss:.3f}")
+        sys.stderr.write(f"\rseed {seed} [{'#' * done}{'.' * (30 - done)}] {step}/{args.steps} "
+                         + ", ".join(f"{name} loss {loss[name]:.3f}" for name in NAMES))
         if step == args.steps:
             sys.stderr.write("\n")
 
-    results = {run: train(*run, data, args, bar) for run in runs}
+    results = {}
+    for seed in seeds:
+        results.update(train_pair(seed, data, args, bar))
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "loss.csv"), "w", newline="") as f:
