@@ -850,21 +850,30 @@ std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t str
            " at head dim " + std::to_string(p.d);
 }
 
-// The dispatch table: head dim d runs the tile v2_mma_head_dim_tile(d).
+// The dispatch table: head dim d runs the tile kD = v2_mma_head_dim_tile(d), as run.template operator()<kD>() (the
+// launch and the shared-memory size below both go through it, so the tiles are listed here once); none() for any
+// other d.
+template <typename Run, typename None>
+auto with_head_dim_tile(int d, Run&& run, None&& none) -> decltype(none()) {
+    switch (v2_mma_head_dim_tile(d)) {
+        case 32: return run.template operator()<32>();
+        case 48: return run.template operator()<48>();
+        case 64: return run.template operator()<64>();
+        case 96: return run.template operator()<96>();
+        case 128: return run.template operator()<128>();
+        case 176: return run.template operator()<176>();
+        case 192: return run.template operator()<192>();
+        case 240: return run.template operator()<240>();
+        case 256: return run.template operator()<256>();
+        default: return none();
+    }
+}
+
 template <typename T>
 std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
-    switch (v2_mma_head_dim_tile(p.d)) {
-        case 32: return launch_step<T, 32>(p, a, stream);
-        case 48: return launch_step<T, 48>(p, a, stream);
-        case 64: return launch_step<T, 64>(p, a, stream);
-        case 96: return launch_step<T, 96>(p, a, stream);
-        case 128: return launch_step<T, 128>(p, a, stream);
-        case 176: return launch_step<T, 176>(p, a, stream);
-        case 192: return launch_step<T, 192>(p, a, stream);
-        case 240: return launch_step<T, 240>(p, a, stream);
-        case 256: return launch_step<T, 256>(p, a, stream);
-        default: return "v2 mma forward has no tile for head dim " + std::to_string(p.d);
-    }
+    return with_head_dim_tile(
+        p.d, [&]<int kD>() { return launch_step<T, kD>(p, a, stream); },
+        [&] { return "v2 mma forward has no tile for head dim " + std::to_string(p.d); });
 }
 
 }  // namespace v2_mma
@@ -893,18 +902,8 @@ size_t forward_smem_bytes(int step) {
 
 size_t v2_mma_smem_bytes(const Problem& p) {
     const int step = p.kernel == 0 ? v2_mma::kFinalStep : p.kernel;
-    switch (v2_mma_head_dim_tile(p.d)) {
-        case 32: return forward_smem_bytes<32>(step);
-        case 48: return forward_smem_bytes<48>(step);
-        case 64: return forward_smem_bytes<64>(step);
-        case 96: return forward_smem_bytes<96>(step);
-        case 128: return forward_smem_bytes<128>(step);
-        case 176: return forward_smem_bytes<176>(step);
-        case 192: return forward_smem_bytes<192>(step);
-        case 240: return forward_smem_bytes<240>(step);
-        case 256: return forward_smem_bytes<256>(step);
-        default: return 0;
-    }
+    return v2_mma::with_head_dim_tile(
+        p.d, [&]<int kD>() { return forward_smem_bytes<kD>(step); }, [] { return size_t(0); });
 }
 
 bool v2_mma_supports(const Problem& p, std::string* why) {
