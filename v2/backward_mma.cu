@@ -313,18 +313,33 @@ __device__ inline void put_dS(const Extensions& x, float* dS_head, int i, int j,
 
 // ------------------------------------------------------------------------------------------------------ kernels
 
-// One warp per row of [B*H, Nq_pad]: D_i = rowsum(dO_i * O_i) (as common/blocks.cuh's rowsum_dO_O, here on 16-bit
-// inputs and in the same pass as the rest) and LSE_i * log2(e). Rows that see no key
-// (LSE = -inf) and the padding rows past Nq get LSE = +inf, so that P = exp2(s - inf) = 0 and they add nothing.
-// A packed batch (--seqlens): rows [H, Nq_pad], sequence b's at workspace_start; O, dO [T, H, d], LSE [H, Tq].
+// D_i's terms from one 16-byte chunk: sum over k < 8 of a[k] b[k], in fp32.
 template <typename T>
+__device__ __forceinline__ float dot8(const T* a, const T* b) {
+    const uint4 va = *reinterpret_cast<const uint4*>(a), vb = *reinterpret_cast<const uint4*>(b);
+    const T* x = reinterpret_cast<const T*>(&va);
+    const T* y = reinterpret_cast<const T*>(&vb);
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s += float(x[k]) * float(y[k]);
+    return s;
+}
+
+// kLanes lanes per row of [B*H, Nq_pad] (a warp takes 32 / kLanes rows): D_i = rowsum(dO_i * O_i) (as
+// common/blocks.cuh's rowsum_dO_O, here on 16-bit inputs and in the same pass as the rest), each lane reading whole
+// 16-byte chunks of the row (8 elements of O and 8 of dO a load), and LSE_i * log2(e). kLanes: the tile's chunks a
+// row, kD / 8, up to 32 (a power of two: 8, 16, 32). Rows that see no key (LSE = -inf) and the padding rows past Nq
+// get LSE = +inf, so that P = exp2(s - inf) = 0 and they add nothing.
+// A packed batch (--seqlens): rows [H, Nq_pad], sequence b's at workspace_start; O, dO [T, H, d], LSE [H, Tq].
+template <typename T, int kLanes>
 __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, float* lse_log2, float* D, int Nq,
                                   int Nq_pad, int rows, int d, Extensions x) {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;
+    static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32, "a power of two that divides a warp");
+    const int row = int((size_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes), lane = threadIdx.x % kLanes;
+    const bool real_row = row < rows;  // a group past the last row still joins its warp's shuffles below
     int bh = row / Nq_pad, i = row % Nq_pad;
     size_t base = (size_t(bh) * Nq + i) * d, lse_at = size_t(bh) * Nq + i;
-    if (x.cu_seqlens_q) {  // row i of head bh's rows: which sequence, which of its rows
+    if (real_row && x.cu_seqlens_q) {  // row i of head bh's rows: which sequence, which of its rows
         const int h = bh, b = last_at_most(x.B, i, [&](int s) { return long(workspace_start(x, s, 0, Nq_pad, x.cu_seqlens_q[s])); });
         const Sequence seq = sequence_of(x, b, Nq, 0);
         i -= int(workspace_start(x, b, 0, Nq_pad, seq.q0));
@@ -333,13 +348,13 @@ __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, flo
         lse_at = lse_start(x, b, h, 0, seq.q0) + i;
     }
     float sum = 0.0f, lse = INFINITY;
-    if (i < Nq) {
-        for (int c = lane; c < d; c += 32) sum += float(O[base + c]) * float(dO[base + c]);
-        const float l = LSE[lse_at];
+    if (real_row && i < Nq) {
+        const float l = LSE[lse_at];  // loaded first, so that its latency overlaps the row's loads
+        for (int c = 8 * lane; c < d; c += 8 * kLanes) sum += dot8(O + base + c, dO + base + c);
         lse = l == -INFINITY ? INFINITY : l * kLog2e;
     }
-    sum = warp_sum(sum);
-    if (lane == 0) {
+    sum = warp_sum<kLanes>(sum);
+    if (real_row && lane == 0) {
         D[row] = sum;
         lse_log2[row] = lse;
     }
@@ -1198,8 +1213,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     if (p.has_bias())  // dS_ij is added (or stored) only where a block visits: the rest of dbias is 0
         CUDA_CHECK(cudaMemsetAsync(dS_heads ? dS_heads : in.dbias, 0,
                                    (dS_heads ? size_t(BH) * p.Nq * p.Nk : p.bias_elems()) * sizeof(float), stream));
-    const int rows_per_block = 8;
-    preprocess_kernel<T><<<unsigned(ceil_div(rows, size_t(rows_per_block))), rows_per_block * 32, 0, stream>>>(  // line 4
+    constexpr int kLanes = kD <= 128 ? kD / 8 : 32, kThreads = 256;  // lanes a row, threads a block
+    preprocess_kernel<T, kLanes><<<unsigned(ceil_div(rows * kLanes, size_t(kThreads))), kThreads, 0, stream>>>(  // line 4
         O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
