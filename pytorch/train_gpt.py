@@ -2,6 +2,7 @@
 """Train a small GPT on this repository's own text, once on our attention and once on PyTorch's, and compare.
 
     python3 pytorch/train_gpt.py [--steps 400] [--out docs/measured/gpt]
+    python3 pytorch/train_gpt.py --profile 10      # where a step's GPU time goes, kernel by kernel, for both
 
 A byte-level GPT (6 layers, 8 heads of d = 64, context 1024, bf16 autocast) learns from the project's docs and
 sources (every *.md, *.cu, *.cuh, *.h, *.py file, concatenated: the text ships with the project). The same model,
@@ -85,13 +86,66 @@ ATTENTIONS = {
 NAMES = ("ours", "torch")
 
 
+def make(name, seed, args):
+    torch.manual_seed(seed)  # the same initial weights for both attentions
+    model = GPT(ATTENTIONS[name], context=args.context).cuda()
+    return model, torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def train_step(model, opt, chunk):
+    """One optimiser step on a [batch, context + 1] chunk of bytes (inputs and next-byte targets); returns the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(chunk[:, :-1])
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def profile(data, args):
+    """--profile K: K steps of each attention (after 10 unprofiled ones) under torch.profiler; prints each one's GPU
+    kernels by total time and the difference between the two, kernel by kernel (names shortened to 90 characters)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    gen = torch.Generator().manual_seed(1)
+    chunks = [torch.stack([data[s:s + args.context + 1] for s in
+                           torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen).tolist()])
+              .cuda().long() for _ in range(10 + args.profile)]
+    totals = {}
+    for name in NAMES:
+        model, opt = make(name, 1, args)
+        for chunk in chunks[:10]:
+            train_step(model, opt, chunk)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for chunk in chunks[10:]:
+                train_step(model, opt, chunk)
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if us > 0:
+                kernels[e.key[:90]] = (us / args.profile, e.count // args.profile)
+        totals[name] = kernels
+        print(f"\n{name}: GPU kernels a step, {args.profile} steps profiled: total "
+              f"{sum(us for us, _ in kernels.values()) / 1e3:.3f} ms")
+        for key, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
+            print(f"  {us / 1e3:8.3f} ms  {n:4d} calls  {key}")
+    print("\nthe difference, ours - torch, kernels by name (ms a step; only |difference| >= 0.005 ms):")
+    keys = set(totals["ours"]) | set(totals["torch"])
+    diff = {k: totals["ours"].get(k, (0, 0))[0] - totals["torch"].get(k, (0, 0))[0] for k in keys}
+    for k, us in sorted(diff.items(), key=lambda kv: -abs(kv[1])):
+        if abs(us) >= 5:
+            print(f"  {us / 1e3:+8.3f} ms  {k}")
+    return 0
+
+
 def train_pair(seed, data, args, bar):
     """Both attentions at one seed, step by step: the same initial weights, the same batches, the same schedule."""
     models, opts = {}, {}
     for name in NAMES:
-        torch.manual_seed(seed)  # the same initial weights for both
-        models[name] = GPT(ATTENTIONS[name], context=args.context).cuda()
-        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        models[name], opts[name] = make(name, seed, args)
     gen = torch.Generator().manual_seed(seed)  # the same batches for both attentions at one seed
     losses, step_ms = {name: [] for name in NAMES}, {name: [] for name in NAMES}
     for step in range(args.steps):
@@ -104,13 +158,7 @@ def train_pair(seed, data, args, bar):
                 g["lr"] = lr
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = train_step(model, opt, chunk)
             torch.cuda.synchronize()
             step_ms[name].append((time.perf_counter() - t0) * 1e3)
             losses[name].append(loss.item())
@@ -129,6 +177,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "measured", "gpt"))
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="no training run: profile K steps of each attention and list their GPU kernels")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: train_gpt.py needs a CUDA GPU")
@@ -136,6 +186,8 @@ def main():
     if len(seeds) != 2:
         raise SystemExit("error: --seeds takes two seeds (the criterion compares seed-to-seed spread)")
     data, nfiles = corpus()
+    if args.profile > 0:
+        return profile(data, args)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; corpus: {nfiles} files, {len(data)} bytes; "
           f"{args.steps} steps of {args.batch} x {args.context} tokens", flush=True)
     runs = [(name, seed) for seed in seeds for name in NAMES]
