@@ -41,6 +41,7 @@ constexpr int ELEMENTWISE_THREADS = 256;  // and 8 blocks per SM (device_sm_coun
 
 std::string naive_unsupported(const Problem& p) {
     if (p.dtype != DType::fp32) return "the naive stage is fp32 only";
+    if (p.dO_token_major) return "the naive stage reads dO as [B, H, Nq, d] only";
     if (p.d > 256) return "head dim " + std::to_string(p.d) + " is not supported (d <= 256)";
     if (size_t(p.B) * p.H > 65535) return "B*H must be at most 65535 (one grid z-slice per head)";
     return "";

@@ -58,6 +58,10 @@ struct Problem {
     uint64_t dropout_seed = 1;               // --seed: keys the dropout mask (common/philox.cuh)
     int head_offset = 0;                     // flattened index (b * H + h) of this problem's first head in the whole
                                              // batch: a CPU model run head by head keys each head's mask by it
+    // The backward's dO laid out [B, Nq, H, d] instead of O's [B, H, Nq, d]: what autograd hands back when a model
+    // reshapes O to [B, Nq, H * d] through O.transpose(1, 2) (pytorch/csrc/bridge.cpp reads it in place). Only v2's
+    // tensor-core backward without extensions takes it (its default kernels); the command line never sets it.
+    bool dO_token_major = false;
 
     float resolved_scale() const { return scale > 0.0f ? scale : 1.0f / std::sqrt(float(d)); }
     int kv_heads() const { return Hk > 0 ? Hk : H; }

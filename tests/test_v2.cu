@@ -394,6 +394,19 @@ TEST_CASE("v2 --deterministic: parsed with --backward only, refused on fp32, no 
     CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 256) * sizeof(float));
 }
 
+TEST_CASE("a [B, Nq, H, d] dO (Problem::dO_token_major) is refused where it would be misread") {
+    Problem p;
+    p.dO_token_major = true;  // fp32: the CUDA-core backward and the naive stage read [B, H, Nq, d]
+    CHECK(v2_backward_unsupported(p).find("[B, H, Nq, d]") != std::string::npos);
+    CHECK(naive_unsupported(p).find("[B, H, Nq, d]") != std::string::npos);
+    p.dtype = DType::fp16, p.kernel = 3;  // a step before the final one
+    CHECK(v2_backward_unsupported(p).find("[B, Nq, H, d] dO") != std::string::npos);
+    p.kernel = 0, p.seqlens_q = p.seqlens_k = {5, 7}, p.B = 2, p.Nq = p.Nk = 7;  // packed: the layout kernel
+    CHECK(v2_backward_unsupported(p).find("[B, Nq, H, d] dO") != std::string::npos);
+    p.seqlens_q = p.seqlens_k = {}, p.Hk = 2, p.dropout = 0.1f, p.causal = true;  // GQA and dropout: default kernels
+    CHECK(v2_backward_unsupported(p).empty());
+}
+
 TEST_CASE("v2 says in one line which problems it does not support") {
     Problem p;
     p.d = 16;
@@ -617,4 +630,49 @@ TEST_CASE("GPU v2 --deterministic backward is bitwise identical over repeated ru
                                      (same_bits(a.dq, b.dq) ? "the same" : "different") + " over two runs";
             MESSAGE(note);
         }
+}
+
+// pytorch/csrc/bridge.cpp hands the backward autograd's dO in place, and a model that reshapes O to [B, Nq, H d]
+// through O.transpose(1, 2) gets back a dO laid out [B, Nq, H, d] (Problem::dO_token_major). The gradients are those
+// of the same dO laid out [B, H, Nq, d]: bit for bit with --deterministic; with atomic dQ, dK and dV (no atomics)
+// bit for bit and dQ up to its last bits (the order of the atomic additions).
+TEST_CASE("GPU v2 backward reads a [B, Nq, H, d] dO in place: the gradients of the [B, H, Nq, d] one") {
+    for (int d : {64, 72, 128, 256})
+        for (bool deterministic : {true, false}) {
+            Problem p;
+            p.B = 2, p.H = 3, p.Nq = 300, p.Nk = 517, p.d = d, p.causal = d != 128, p.dtype = DType::fp16;
+            p.deterministic = deterministic;
+            const HostTensors in = make_inputs(p, Dist::normal, 9);
+            HostTensors token_major = in;  // dO[b][h][i][c] moved to [b][i][h][c]
+            for (int b = 0; b < p.B; ++b)
+                for (int h = 0; h < p.H; ++h)
+                    for (int i = 0; i < p.Nq; ++i)
+                        for (int c = 0; c < d; ++c)
+                            token_major.dO[((size_t(b) * p.Nq + i) * p.H + h) * d + c] =
+                                in.dO[((size_t(b) * p.H + h) * p.Nq + i) * d + c];
+            Problem q = p;
+            q.dO_token_major = true;
+            REQUIRE(v2_backward_unsupported(q).empty());
+            const HostGrads want = gpu_backward(p, in, v2_forward, v2_workspace_bytes, v2_backward,
+                                                v2_backward_workspace_bytes);
+            const HostGrads got = gpu_backward(q, token_major, v2_forward, v2_workspace_bytes, v2_backward,
+                                               v2_backward_workspace_bytes);
+            const std::string at = "d = " + std::to_string(d) + (deterministic ? ", deterministic" : ", atomic dQ");
+            CHECK_MESSAGE(same_bits(got.dk, want.dk), "dK differs, " << at);
+            CHECK_MESSAGE(same_bits(got.dv, want.dv), "dV differs, " << at);
+            if (deterministic) {
+                CHECK_MESSAGE(same_bits(got.dq, want.dq), "dQ differs, " << at);
+            } else {
+                float worst = 0.0f, largest = 0.0f;
+                for (size_t e = 0; e < want.dq.size(); ++e) {
+                    worst = std::max(worst, std::fabs(got.dq[e] - want.dq[e]));
+                    largest = std::max(largest, std::fabs(want.dq[e]));
+                }
+                CHECK_MESSAGE(worst <= largest / 256, "dQ differs by " << worst << " (largest " << largest << "), " << at);
+            }
+        }
+    Problem p;
+    p.dtype = DType::fp16, p.dO_token_major = true;
+    p.window_left = 10;  // an extension kernel reads dO as Q: refused, not misread
+    CHECK(v2_backward_unsupported(p).find("[B, Nq, H, d] dO") != std::string::npos);
 }

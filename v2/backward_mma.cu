@@ -218,7 +218,19 @@ struct Extensions {
     // [T, H, d]; null for the padded [B, H, N, d] layout. tokens_q: Tq, LSE being [H, Tq].
     const int *cu_seqlens_q, *cu_seqlens_k;
     int tokens_q;
+    bool dO_token_major;  // dO [B, Nq, H, d] (Problem::dO_token_major; the default kernels only): dO_rows below
 };
+
+// Where head bh's rows of dO start in the padded layout, and how many elements apart they are: [B, H, Nq, d] as O,
+// or [B, Nq, H, d] with dO_token_major.
+struct Rows {
+    size_t start;
+    int ld;
+};
+__device__ inline Rows dO_rows(const Extensions& x, int bh, int Nq, int d) {
+    if (!x.dO_token_major) return {size_t(bh) * Nq * d, d};
+    return {(size_t(bh / x.H) * Nq * x.H + bh % x.H) * d, x.H * d};
+}
 
 // The rows of workspace (lse_log2, D, the dQ accumulator) of a packed batch: per head, sequence b's rows start at
 // round_up(first token, kSeqPad) + b * kSeqPad, which leaves each sequence ceil(n / Br) * Br rows for any Br <=
@@ -338,19 +350,20 @@ __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, flo
     const int row = int((size_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes), lane = threadIdx.x % kLanes;
     const bool real_row = row < rows;  // a group past the last row still joins its warp's shuffles below
     int bh = row / Nq_pad, i = row % Nq_pad;
-    size_t base = (size_t(bh) * Nq + i) * d, lse_at = size_t(bh) * Nq + i;
+    const Rows dO_head = dO_rows(x, bh, Nq, d);
+    size_t base = (size_t(bh) * Nq + i) * d, dO_base = dO_head.start + size_t(i) * dO_head.ld, lse_at = size_t(bh) * Nq + i;
     if (real_row && x.cu_seqlens_q) {  // row i of head bh's rows: which sequence, which of its rows
         const int h = bh, b = last_at_most(x.B, i, [&](int s) { return long(workspace_start(x, s, 0, Nq_pad, x.cu_seqlens_q[s])); });
         const Sequence seq = sequence_of(x, b, Nq, 0);
         i -= int(workspace_start(x, b, 0, Nq_pad, seq.q0));
         Nq = seq.Nq;
-        base = (size_t(seq.q0 + i) * x.H + h) * d;
+        base = dO_base = (size_t(seq.q0 + i) * x.H + h) * d;
         lse_at = lse_start(x, b, h, 0, seq.q0) + i;
     }
     float sum = 0.0f, lse = INFINITY;
     if (real_row && i < Nq) {
         const float l = LSE[lse_at];  // loaded first, so that its latency overlaps the row's loads
-        for (int c = 8 * lane; c < d; c += 8 * kLanes) sum += dot8(O + base + c, dO + base + c);
+        for (int c = 8 * lane; c < d; c += 8 * kLanes) sum += dot8(O + base + c, dO + dO_base + c);
         lse = l == -INFINITY ? INFINITY : l * kLog2e;
     }
     sum = warp_sum<kLanes>(sum);
@@ -492,7 +505,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     // The query heads whose Q tiles the block walks: n_heads of them from h0 (one: bh itself, by default). With
     // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
     // (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics).
-    int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d;
+    int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d, dO_ld = d;
     if constexpr (kLayout) {
         const int hk = bh % x.Hk;
         batch = bh / x.Hk, n_heads = x.H / x.Hk, h0 = hk * n_heads;
@@ -501,10 +514,11 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         const size_t kv_start = head_start(x, batch, hk, x.Hk, Nk, seq.k0, d);
         K += kv_start, V += kv_start, dK += kv_start, dV += kv_start;
         q0 = seq.q0, Nq = seq.Nq, Nk = seq.Nk;
-        q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
+        q_ld = dO_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
+        const Rows dO_head = dO_rows(x, bh, Nq, d);
         Q += size_t(bh) * Nq * d;
-        dO += size_t(bh) * Nq * d;
+        dO += dO_head.start, dO_ld = dO_head.ld;
         K += size_t(bh) * Nk * d;
         V += size_t(bh) * Nk * d;
         dK += size_t(bh) * Nk * d;
@@ -552,7 +566,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         const HeadRows r = rows_of(head_of(step));
         const int tile = tile_of(step);
         load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, d, q_ld);
-        load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, q_ld);
+        load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, dO_ld);
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
             cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, r.lse_log2 + tile * Br + threadIdx.x * 4, 16);
         else if (threadIdx.x < Br / 2)
@@ -839,7 +853,7 @@ __global__ void __launch_bounds__(kDqThreads, 1)
     const int q_tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int bh = blockIdx.y, i0 = q_tile * kDqRows;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    int batch = 0, h = bh, q_ld = d, kv_ld = d;
+    int batch = 0, h = bh, q_ld = d, kv_ld = d, dO_ld = d;
     if constexpr (kExt) {  // head h of batch entry (packed: sequence) `batch` reads K/V head h / (H / Hk)
         batch = bh / x.H, h = bh % x.H;
         const Sequence seq = sequence_of(x, batch, Nq, Nk);
@@ -850,10 +864,11 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         Q += q_start, dO += q_start, dQ += q_start, K += kv_start, V += kv_start;
         lse_log2 += row_start, D += row_start;
         Nq = seq.Nq, Nk = seq.Nk;
-        q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
+        q_ld = dO_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
+        const Rows dO_head = dO_rows(x, bh, Nq, d);
         Q += size_t(bh) * Nq * d;
-        dO += size_t(bh) * Nq * d;
+        dO += dO_head.start, dO_ld = dO_head.ld;
         dQ += size_t(bh) * Nq * d;
         K += size_t(bh) * Nk * d;
         V += size_t(bh) * Nk * d;
@@ -872,7 +887,7 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         n_tiles = last_key >= first_key ? last_key / Bc + 1 - first_kv_tile : 0;
     }
     load_tile_async<kDqRows, kD, kDqThreads>(sQ, Q, i0, Nq, d, q_ld);
-    load_tile_async<kDqRows, kD, kDqThreads>(sdO, dO, i0, Nq, d, q_ld);
+    load_tile_async<kDqRows, kD, kDqThreads>(sdO, dO, i0, Nq, d, dO_ld);
     if (n_tiles > 0) {
         load_tile_async<Bc, kD, kDqThreads>(sK, K, first_kv_tile * Bc, Nk, d, kv_ld);
         load_tile_async<Bc, kD, kDqThreads>(sV, V, first_kv_tile * Bc, Nk, d, kv_ld);
@@ -1152,6 +1167,7 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
     x.keep_threshold = dropout_threshold(p.dropout);
     if (p.varlen()) x.cu_seqlens_q = in.cu_seqlens_q, x.cu_seqlens_k = in.cu_seqlens_k;
     x.tokens_q = int(p.tokens_q());
+    x.dO_token_major = p.dO_token_major;
     return x;
 }
 
@@ -1422,6 +1438,9 @@ bool v2_backward_mma_supports(const Problem& p, std::string* why) {
                  "kernel only (--kernel " + std::to_string(n_steps) + " or 0)";
     else if (p.varlen() && p.has_bias())
         reason = "v2 backward (mma): --seqlens with --bias is not supported (such a bias has no packed form)";
+    else if (p.dO_token_major && (p.kernel != 0 || final_kernel(p).ext != Ext::none))
+        reason = "v2 backward (mma): a [B, Nq, H, d] dO is read by the final kernel without --window, --bias, --alibi "
+                 "or --seqlens only";
     if (why) *why = reason;
     return reason.empty();
 }

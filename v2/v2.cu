@@ -37,9 +37,10 @@ std::string v2_unsupported(const Problem& p) {
 std::string v2_backward_unsupported(const Problem& p) {
     if (std::string why = common_refusal(p); !why.empty()) return why;
     if (p.dtype == DType::fp32)
-        return p.deterministic ? "v2 --deterministic is a tensor-core backward (use --dtype fp16 or bf16); the fp32 "
-                                 "backward adds dQ with atomics"
-                               : v2_fp32_unsupported(p);
+        return p.deterministic    ? "v2 --deterministic is a tensor-core backward (use --dtype fp16 or bf16); the fp32 "
+                                    "backward adds dQ with atomics"
+               : p.dO_token_major ? "v2 fp32 backward reads dO as [B, H, Nq, d] only"
+                                  : v2_fp32_unsupported(p);
     std::string why;
     if (!v2_backward_mma_supports(p, &why)) return why;
     return gpu_available() ? v2_smem_refusal(p, true, gpu_smem_per_block()) : "";

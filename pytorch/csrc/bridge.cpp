@@ -130,17 +130,29 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     return {o, lse};
 }
 
-// dO, O and LSE as the forward returned them; returns dQ, dK, dV.
-std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dO, const Tensor& q, const Tensor& k, const Tensor& v,
+// dO, O and LSE as the forward returned them; returns dQ, dK, dV. dO may have any strides: a [B, H, Nq, d] view of
+// a contiguous [B, Nq, H, d] tensor (what autograd hands back when a model reshapes O through O.transpose(1, 2)) is
+// read in place (Problem::dO_token_major), any other layout is copied to a contiguous one first.
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dO_in, const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& o, const Tensor& lse, bool causal, double scale,
                                             bool deterministic) {
     Problem p = problem_of(q, k, v, causal, scale);
     p.deterministic = deterministic;
-    for (const Tensor* t : {&dO, &o})
-        TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->is_contiguous() &&
-                              t->device() == q.device() && aligned16(*t),
-                          "flash_scratch.attention backward: dO and O must match q (shape, dtype, device, contiguous, "
-                          "16-byte aligned)");
+    Tensor dO = dO_in;
+    if (!dO.is_contiguous()) {
+        p.dO_token_major = dO.dim() == 4 && dO.transpose(1, 2).is_contiguous();
+        if (!p.dO_token_major || !v2_backward_mma_supports(p, nullptr)) {
+            p.dO_token_major = false;
+            dO = dO.contiguous();
+        }
+    }
+    for (const Tensor* t : std::initializer_list<const Tensor*>{&dO, &o})
+        TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device() == q.device() &&
+                              aligned16(*t),
+                          "flash_scratch.attention backward: dO and O must match q (shape, dtype, device, 16-byte "
+                          "aligned)");
+    TORCH_CHECK_VALUE(o.is_contiguous(), "flash_scratch.attention backward: O must be contiguous, as the forward "
+                                         "returned it");
     TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
                           lse.numel() == int64_t(p.lse_elems()),
                       "flash_scratch.attention backward: LSE must be the float32 [B, H, Nq] tensor the forward returned");
@@ -196,8 +208,8 @@ public:
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                    torch::autograd::variable_list grads) {
         const torch::autograd::variable_list s = ctx->get_saved_variables();
-        // Autograd may hand over a gradient with any strides (e.g. an expand); the kernel reads [B, H, Nq, d] rows.
-        auto [dq, dk, dv] = backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4],
+        // Autograd may hand over a gradient with any strides (a transpose, an expand): backward() takes any.
+        auto [dq, dk, dv] = backward_op().call(grads[0], s[0], s[1], s[2], s[3], s[4],
                                                ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
                                                ctx->saved_data["deterministic"].toBool());
         return {dq, dk, dv, Tensor(), Tensor(), Tensor()};  // nothing for causal, scale, deterministic

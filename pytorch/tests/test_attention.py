@@ -177,6 +177,29 @@ def test_non_default_stream():
     assert torch.equal(got, expect)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_transposed_gradient(deterministic):
+    """A model that reshapes O to [B, N, H d] through O.transpose(1, 2) hands the backward a dO that is a [B, H, N, d]
+    view of a [B, N, H, d] tensor: read in place, it gives the gradients of the same dO made contiguous (dK and dV bit
+    for bit; dQ too when deterministic, else up to the order of its atomic additions); an expanded dO is copied."""
+    q, k, v, do = inputs(2, 3, 200, 333, 64, torch.bfloat16, seed=17)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    do_t = do.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, laid out [B, N, H, d]
+    assert not do_t.is_contiguous() and torch.equal(do_t, do)
+    o = attention(q, k, v, causal=True, deterministic=deterministic)
+    want = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    got = torch.autograd.grad(o, (q, k, v), do_t, retain_graph=True)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    if deterministic:
+        assert torch.equal(got[0], want[0])
+    else:
+        assert (got[0] - want[0]).abs().max().item() <= want[0].abs().max().item() / 128
+    do_x = do[:, :1].expand(-1, 3, -1, -1)  # stride 0 over the heads: copied, then the same as contiguous
+    want_x = torch.autograd.grad(o, (q, k, v), do_x.contiguous(), retain_graph=True)
+    got_x = torch.autograd.grad(o, (q, k, v), do_x)
+    assert torch.equal(got_x[1], want_x[1]) and torch.equal(got_x[2], want_x[2])
+
+
 def test_opcheck():
     q, k, v, do = inputs(1, 2, 64, 96, 64, torch.float16, seed=7)
     for t in (q, k, v):
