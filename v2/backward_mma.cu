@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     // The query heads whose Q tiles the block walks: n_heads of them from h0 (one: bh itself, by default). With
     // the extensions, bh is K/V head hk of batch entry (packed: sequence) `batch`, and the heads are its group
     // (grouped-query attention: dK_j and dV_j sum over the group on chip and are written once, no atomics).
-    int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d, dO_ld = d;
+    int batch = 0, h0 = bh, n_heads = 1, q0 = 0, q_ld = d, kv_ld = d;
     if constexpr (kLayout) {
         const int hk = bh % x.Hk;
         batch = bh / x.Hk, n_heads = x.H / x.Hk, h0 = hk * n_heads;
@@ -514,11 +514,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         const size_t kv_start = head_start(x, batch, hk, x.Hk, Nk, seq.k0, d);
         K += kv_start, V += kv_start, dK += kv_start, dV += kv_start;
         q0 = seq.q0, Nq = seq.Nq, Nk = seq.Nk;
-        q_ld = dO_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
+        q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
-        const Rows dO_head = dO_rows(x, bh, Nq, d);
         Q += size_t(bh) * Nq * d;
-        dO += dO_head.start, dO_ld = dO_head.ld;
+        dO += dO_rows(x, bh, Nq, d).start;
         K += size_t(bh) * Nk * d;
         V += size_t(bh) * Nk * d;
         dK += size_t(bh) * Nk * d;
@@ -566,6 +565,9 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         const HeadRows r = rows_of(head_of(step));
         const int tile = tile_of(step);
         load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, d, q_ld);
+        // dO's row stride, recomputed from the parameters here: held in a register through the whole walk, it made
+        // ptxas spill more (sm_90, the 256 tile's atomic kernels: 48 bytes of stack, against 24 and 0 this way)
+        const int dO_ld = kLayout ? q_ld : dO_rows(x, bh, Nq, d).ld;
         load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, dO_ld);
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
             cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, r.lse_log2 + tile * Br + threadIdx.x * 4, 16);
