@@ -38,6 +38,9 @@ runs+=("bin/v2 ${ext[*]} --nq 77 --nk 45 --causal --kv-heads 2" "bin/v2 ${shape[
        "bin/v2 ${shape[*]} --d 40 --dtype bf16 --dropout 0.2 --window 9,3 --kv-heads 1 --backward")
 # causal grids of many heads and few tiles: the heads in chunks, with unused blocks in front (GridOrder)
 runs+=("bin/v2 --batch 6 --heads 100 --nq 100 --nk 127 --causal --check --d 64 --dtype fp16 --backward")
+# the backward reading dO laid out [B, Nq, H, d] (Problem::dO_token_major: the PyTorch bridge's; no command-line
+# flag sets it, so its doctest case runs it: d = 64, 72, 128, 256, atomic and deterministic dQ)
+runs+=("bin/tests -tc=GPU?v2?backward?reads?a*")
 # v2's earlier tensor-core steps (bin/v2 --kernel list; the last step of each pass is the kernel above)
 for k in 1 2 3 4 5; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --kernel $k"); done
 for k in 1 2 3 4 5 6; do runs+=("bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward --kernel $k"); done
