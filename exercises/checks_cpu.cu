@@ -16,6 +16,7 @@
 #include "naive/naive.h"
 #include "online_softmax/online_softmax.h"
 #include "v1/v1.h"
+#include "v2/backward_mma.h"  // dO_rows
 #include "v2/grid_order.h"
 #include "v2/swizzle.h"
 #include "v2/v2.h"
@@ -645,6 +646,38 @@ Exercise backward_swizzle() {
               }}}};
 }
 
+// dO_rows with token_major over every element of a [B, Nq, H, d] tensor: the first element whose place is not
+// ((b Nq + i) H + h) d + c, or "".
+std::string token_major_error(int B, int H, int Nq, int d) {
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+            const DORows rows = dO_rows(b * H + h, H, Nq, d, true);
+            for (int i = 0; i < Nq; ++i)
+                for (int c = 0; c < d; c += d - 1) {  // the first and last element of each row
+                    const size_t want = ((size_t(b) * Nq + i) * H + h) * d + c, got = rows.start + size_t(i) * rows.ld + c;
+                    if (got != want)
+                        return "B = " + std::to_string(B) + ", H = " + std::to_string(H) + ", Nq = " + std::to_string(Nq) +
+                               ", d = " + std::to_string(d) + ": element (b " + std::to_string(b) + ", h " +
+                               std::to_string(h) + ", i " + std::to_string(i) + ", c " + std::to_string(c) + ") is at " +
+                               std::to_string(want) + " in [B, Nq, H, d], but start + i ld + c = " + std::to_string(got) +
+                               " (start " + std::to_string(rows.start) + ", ld " + std::to_string(rows.ld) + ")";
+                }
+        }
+    return "";
+}
+
+Exercise token_major_do() {
+    return {"token-major-do",
+            {{"every-element", "in [B, Nq, H, d] the H heads of one token sit side by side: row i of head h is at token "
+                               "b Nq + i, head h within it; consecutive rows of a head are one token (H d elements) "
+                               "apart",
+              [] {
+                  return first_error({token_major_error(2, 3, 5, 16), token_major_error(3, 1, 7, 8),
+                                      token_major_error(1, 8, 4, 64)},
+                                     "every element of [B, Nq, H, d] tensors (H = 1, 3, 8) at start + i ld + c");
+              }}}};
+}
+
 }  // namespace
 
 const std::vector<Exercise>& cpu_exercises() {
@@ -652,6 +685,6 @@ const std::vector<Exercise>& cpu_exercises() {
                                               fa1_block_sizes(),         fa1_inner_loop_model(), fa2_deferred_norm_model(),
                                               causal_skip_model(),       window_skip_model(),    backward_ds_model(),
                                               deterministic_dq_model(),  v3_causal_order(),        v2_grid_order(),
-                                              backward_swizzle()};
+                                              backward_swizzle(),        token_major_do()};
     return all;
 }

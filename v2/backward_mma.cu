@@ -221,15 +221,12 @@ struct Extensions {
     bool dO_token_major;  // dO [B, Nq, H, d] (Problem::dO_token_major; the default kernels only): dO_rows below
 };
 
-// Where head bh's rows of dO start in the padded layout, and how many elements apart they are: [B, H, Nq, d] as O,
-// or [B, Nq, H, d] with dO_token_major.
-struct Rows {
-    size_t start;
-    int ld;
-};
-__device__ inline Rows dO_rows(const Extensions& x, int bh, int Nq, int d) {
-    if (!x.dO_token_major) return {size_t(bh) * Nq * d, d};
-    return {(size_t(bh / x.H) * Nq * x.H + bh % x.H) * d, x.H * d};
+// dO_rows (backward_mma.h) of head bh in these extensions' layout. x.H is read only for a token-major dO: read
+// ahead of the test, it changed ptxas's register allocation (sm_90: 24-32 bytes of stack in the runtime-d dk_dv
+// kernels of the 128 and 256 tiles, which have none this way).
+__device__ inline DORows dO_rows(const Extensions& x, int bh, int Nq, int d) {
+    if (!x.dO_token_major) return ::dO_rows(bh, 1, Nq, d, false);
+    return ::dO_rows(bh, x.H, Nq, d, true);
 }
 
 // The rows of workspace (lse_log2, D, the dQ accumulator) of a packed batch: per head, sequence b's rows start at
@@ -350,7 +347,7 @@ __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, flo
     const int row = int((size_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes), lane = threadIdx.x % kLanes;
     const bool real_row = row < rows;  // a group past the last row still joins its warp's shuffles below
     int bh = row / Nq_pad, i = row % Nq_pad;
-    const Rows dO_head = dO_rows(x, bh, Nq, d);
+    const DORows dO_head = dO_rows(x, bh, Nq, d);
     size_t base = (size_t(bh) * Nq + i) * d, dO_base = dO_head.start + size_t(i) * dO_head.ld, lse_at = size_t(bh) * Nq + i;
     if (real_row && x.cu_seqlens_q) {  // row i of head bh's rows: which sequence, which of its rows
         const int h = bh, b = last_at_most(x.B, i, [&](int s) { return long(workspace_start(x, s, 0, Nq_pad, x.cu_seqlens_q[s])); });
@@ -868,7 +865,7 @@ __global__ void __launch_bounds__(kDqThreads, 1)
         Nq = seq.Nq, Nk = seq.Nk;
         q_ld = dO_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
-        const Rows dO_head = dO_rows(x, bh, Nq, d);
+        const DORows dO_head = dO_rows(x, bh, Nq, d);
         Q += size_t(bh) * Nq * d;
         dO += dO_head.start, dO_ld = dO_head.ld;
         dQ += size_t(bh) * Nq * d;

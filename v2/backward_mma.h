@@ -38,6 +38,21 @@ __host__ __device__ constexpr size_t dq_accum_offset(size_t r, int c, int tile) 
     return block * 128 + lane * 4 + (r % 16) / 8 * 2 + c % 2;
 }
 
+// Where dO's rows of head bh = b H + h start, and how many elements apart they lie: element (b, h, i, c) of dO is at
+// start + i ld + c. dO is laid out [B, H, Nq, d] as O, or with token_major [B, Nq, H, d] (Problem::dO_token_major:
+// what autograd hands back when a model reshapes O to [B, Nq, H d] through O.transpose(1, 2), read in place instead
+// of copied; docs/pytorch.md). The padded layout only (a packed batch has its own, [T, H, d]).
+struct DORows {
+    size_t start;
+    int ld;
+};
+__host__ __device__ __forceinline__ DORows dO_rows(int bh, int H, int Nq, int d, bool token_major) {
+    if (!token_major) return {size_t(bh) * Nq * d, d};
+    // EXERCISE(token-major-do): head bh's rows in a [B, Nq, H, d] dO: where the first starts, how far apart they are
+    return {(size_t(bh / H) * Nq * H + bh % H) * d, H * d};
+    // END EXERCISE
+}
+
 // Bytes of device scratch the backward pass needs: D_i = rowsum(dO_i * O_i), LSE_i in log2 units, and (unless
 // p.deterministic) the fp32 accumulator of dQ, all linear in Nq; with grouped-query heads and no other extension
 // but dropout (d = 64, 128), each query head's K, V, dK and dV, [B, H, Nk, d] of T each, linear in Nk. The pointer
