@@ -92,6 +92,12 @@ def make(name, seed, args):
     return model, torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
 
+def batch_of(data, args, gen):
+    """A [batch, context + 1] chunk of the corpus from random starts drawn with gen (inputs and next-byte targets)."""
+    starts = torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen)
+    return torch.stack([data[s:s + args.context + 1] for s in starts.tolist()]).cuda().long()
+
+
 def train_step(model, opt, chunk):
     """One optimiser step on a [batch, context + 1] chunk of bytes (inputs and next-byte targets); returns the loss."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -109,9 +115,7 @@ def profile(data, args):
     kernels by total time and the difference between the two, kernel by kernel (names shortened to 90 characters)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     gen = torch.Generator().manual_seed(1)
-    chunks = [torch.stack([data[s:s + args.context + 1] for s in
-                           torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen).tolist()])
-              .cuda().long() for _ in range(10 + args.profile)]
+    chunks = [batch_of(data, args, gen) for _ in range(10 + args.profile)]
     totals = {}
     for name in NAMES:
         model, opt = make(name, 1, args)
@@ -149,8 +153,7 @@ def train_pair(seed, data, args, bar):
     gen = torch.Generator().manual_seed(seed)  # the same batches for both attentions at one seed
     losses, step_ms = {name: [] for name in NAMES}, {name: [] for name in NAMES}
     for step in range(args.steps):
-        starts = torch.randint(0, len(data) - args.context - 1, (args.batch,), generator=gen)
-        chunk = torch.stack([data[s:s + args.context + 1] for s in starts.tolist()]).cuda().long()
+        chunk = batch_of(data, args, gen)
         lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for name in NAMES if step % 2 == 0 else NAMES[::-1]:
             model, opt = models[name], opts[name]
