@@ -562,6 +562,31 @@ static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) 
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
+TEST_CASE("v2 extension grid with a batch-broadcast bias: each (tile, head) once, the bias's sharers side by side") {
+    for (int tiles : {1, 5, 32})
+        for (int B : {1, 3, 4})
+            for (int H : {1, 2, 6})
+                for (bool one_bias : {false, true}) {  // bias [1, H] (sharing = B) or [1, 1] (sharing = B * H)
+                    const int heads = B * H, sharing = one_bias ? heads : B;
+                    std::vector<int> seen(size_t(tiles) * heads, 0);
+                    for (int block = 0; block < tiles * heads; ++block) {
+                        const TileOfHead o = bias_sharing_order(block, tiles, heads, sharing);
+                        REQUIRE((o.tile >= 0 && o.tile < tiles && o.head >= 0 && o.head < heads));
+                        ++seen[size_t(o.head) * tiles + o.tile];
+                        // the group of `sharing` consecutive blocks: one tile, one bias slice (h), every batch entry
+                        const TileOfHead first = bias_sharing_order(block - block % sharing, tiles, heads, sharing);
+                        CHECK(o.tile == first.tile);
+                        if (one_bias) {
+                            CHECK(o.head == block % heads);  // all heads of one tile in a row
+                        } else {
+                            CHECK(o.head % H == first.head % H);  // one head h, batch entry b = block % B
+                            CHECK(o.head / H == block % B);
+                        }
+                    }
+                    CHECK(std::count(seen.begin(), seen.end(), 1) == tiles * heads);  // every (tile, head) once
+                }
+}
+
 TEST_CASE("GPU v2 causal grid order with unused blocks (600 heads): forward and backward match float64") {
     // Few tiles and many heads: the chunk (two waves of blocks) is smaller than the 600 heads, so the causal grids
     // start with a pad of unused blocks (GridOrder, v2/grid_order.h), and every (tile, head) must still be done once.

@@ -497,15 +497,11 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         bh = order.head(blockIdx.x, blockIdx.z), kv_tile = blockIdx.y;
         if (bh < 0) return;  // the first chunk's unused blocks
     }
-    if constexpr (kAll) {
-        // A bias shared by the batch entries: the K/V heads that read the same bias columns take consecutive blocks
-        // (the batch entries of a head; with one bias for every head, all of them), so they run side by side on one
-        // K/V tile and all but the first read its bias from L2 (the forward does the same).
+    if constexpr (kAll) {  // a bias broadcast over the batch: its sharers side by side (bias_sharing_order)
         if (x.bias != nullptr && x.bias_batch_stride == 0) {
             const int heads = gridDim.y, tiles = gridDim.x, sharing = x.bias_head_stride == 0 ? heads : heads / x.Hk;
-            const int block = blockIdx.y * tiles + blockIdx.x;  // launch order
-            kv_tile = block / sharing % tiles;
-            bh = block % sharing * (heads / sharing) + block / sharing / tiles;  // batch entry b = block % sharing
+            const TileOfHead o = bias_sharing_order(blockIdx.y * tiles + blockIdx.x, tiles, heads, sharing);
+            kv_tile = o.tile, bh = o.head;
         }
     }
     const int j0 = kv_tile * Bc;

@@ -391,16 +391,11 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         if (head < 0) return;  // the first chunk's unused blocks
         tile = blockIdx.y, tiles = gridDim.y, bh = size_t(head);
     }
-    if constexpr (kExt) {
-        // A bias shared by the batch entries ([1, H or 1, Nq, Nk]): the heads that read the same bias tiles take
-        // consecutive blocks (the batch entries of a head; with one bias for every head, all B * H heads), so they
-        // run side by side on one Q tile and all but the first read its bias rows from L2, not from device memory.
+    if constexpr (kExt) {  // a bias broadcast over the batch: its sharers side by side (bias_sharing_order)
         if (x.bias != nullptr && x.bias_batch == 1) {
-            const size_t heads = gridDim.y, sharing = x.bias_heads == 1 ? heads : heads / x.H;
-            const size_t block = size_t(blockIdx.y) * tiles + blockIdx.x;  // launch order
-            const size_t group = block / sharing / tiles;                   // the bias head (a query head: h)
-            tile = int(block / sharing % tiles);
-            bh = block % sharing * (heads / sharing) + group;  // batch entry b = block % sharing: bh = b H + h
+            const int heads = gridDim.y, sharing = x.bias_heads == 1 ? heads : heads / x.H;
+            const TileOfHead o = bias_sharing_order(blockIdx.y * tiles + blockIdx.x, tiles, heads, sharing);
+            tile = o.tile, bh = size_t(o.head);
         }
     }
     const int q_tile = kCausal || kExt ? tiles - 1 - tile : tile;

@@ -53,3 +53,16 @@ inline int heavy_first_chunk(int tiles, int heads, int slots) {
     return chunk < 1 ? 1 : chunk < heads ? chunk : heads;
     // END EXERCISE
 }
+
+// The extension kernels' grid with a bias broadcast over the batch ([1, H or 1, Nq, Nk]): the heads that read the same
+// bias elements take consecutive blocks, so they run side by side on one tile and all but the first read its bias
+// from L2 instead of device memory. Block `block` (linear, in start order) of a (tiles, heads) grid takes tile
+// `block / sharing % tiles` of head `b * (heads / sharing) + h`, with b = block % sharing and h = block / sharing /
+// tiles: heads are b-major (head = b H + h), and the `sharing` heads of one h are the batch entries (sharing = B), or
+// all of them when one bias serves every head (sharing = heads, h = 0).
+struct TileOfHead {
+    int tile, head;
+};
+__host__ __device__ inline TileOfHead bias_sharing_order(int block, int tiles, int heads, int sharing) {
+    return {block / sharing % tiles, block % sharing * (heads / sharing) + block / sharing / tiles};
+}
