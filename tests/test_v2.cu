@@ -387,11 +387,18 @@ TEST_CASE("v2 --deterministic: parsed with --backward only, refused on fp32, no 
     p.deterministic = true;  // fp32: the CUDA-core backward adds dQ with atomics
     CHECK(!v2_backward_unsupported(p).empty());
     // fp16: LSE and D only (2 floats a row), linear in N; with atomics also the fp32 dQ accumulator (tile floats a row).
+    // d = 200, below its tile 256: also the copies of Q and dO with rows of 256 elements (fp16) that dk_dv reads.
     p.dtype = DType::fp16, p.d = 200, p.Nq = p.Nk = 4096;
-    const size_t rows = size_t(p.B) * p.H * 4096;
-    CHECK(v2_backward_workspace_bytes(p) == rows * 2 * sizeof(float));
+    const size_t rows = size_t(p.B) * p.H * 4096, staged = 2 * rows * 256 * 2;
+    CHECK(v2_backward_workspace_bytes(p) == rows * 2 * sizeof(float) + staged);
     p.deterministic = false;
-    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 256) * sizeof(float));
+    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 256) * sizeof(float) + staged);
+    p.d = 176;  // a multiple of 16 below its tile: copies too, rows of 192
+    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 192) * sizeof(float) + 2 * rows * 192 * 2);
+    p.d = 192;  // the tile's own d: no copies
+    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 192) * sizeof(float));
+    p.d = 56;  // below the 64 tile: no copies
+    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 64) * sizeof(float));
 }
 
 TEST_CASE("a [B, Nq, H, d] dO (Problem::dO_token_major) is refused where it would be misread") {

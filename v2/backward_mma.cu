@@ -340,9 +340,14 @@ __device__ __forceinline__ float dot8(const T* a, const T* b) {
 // row, kD / 8, up to 32 (a power of two: 8, 16, 32). Rows that see no key (LSE = -inf) and the padding rows past Nq
 // get LSE = +inf, so that P = exp2(s - inf) = 0 and they add nothing.
 // A packed batch (--seqlens): rows [H, Nq_pad], sequence b's at workspace_start; O, dO [T, H, d], LSE [H, Tq].
+// staged_d > 0: the lanes also copy Q_i and dO_i to Q_staged, dO_staged [B*H, Nq, staged_d], rows of the tile width
+// (zeros past d): a row of an odd multiple of 8 elements starts every other row half-way into a 32-byte sector, and
+// such rows cost the L2 about 1.6 times the lookups a byte to copy (docs/backward.md, "The copy alone"), which the
+// dk_dv kernel would pay once per K/V block; rows of the tile width also leave it no column to zero-fill.
 template <typename T, int kLanes>
-__global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, float* lse_log2, float* D, int Nq,
-                                  int Nq_pad, int rows, int d, Extensions x) {
+__global__ void preprocess_kernel(const T* O, const T* dO, const T* Q, const float* LSE, float* lse_log2, float* D,
+                                  T* Q_staged, T* dO_staged, int staged_d, int Nq, int Nq_pad, int rows, int d,
+                                  Extensions x) {
     static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32, "a power of two that divides a warp");
     const int row = int((size_t(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes), lane = threadIdx.x % kLanes;
     const bool real_row = row < rows;  // a group past the last row still joins its warp's shuffles below
@@ -362,6 +367,16 @@ __global__ void preprocess_kernel(const T* O, const T* dO, const float* LSE, flo
         const float l = LSE[lse_at];  // loaded first, so that its latency overlaps the row's loads
         for (int c = 8 * lane; c < d; c += 8 * kLanes) sum += dot8(O + base + c, dO + dO_base + c);
         lse = l == -INFINITY ? INFINITY : l * kLog2e;
+        if (staged_d > 0) {  // the default layout only: row i of head bh
+            const size_t to = (size_t(bh) * Nq + i) * staged_d;
+            for (int c = 8 * lane; c < staged_d; c += 8 * kLanes) {
+                const bool real = c < d;
+                const uint4 q = real ? *reinterpret_cast<const uint4*>(Q + base + c) : make_uint4(0, 0, 0, 0);
+                const uint4 g = real ? *reinterpret_cast<const uint4*>(dO + dO_base + c) : make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4*>(Q_staged + to + c) = q;
+                *reinterpret_cast<uint4*>(dO_staged + to + c) = g;
+            }
+        }
     }
     sum = warp_sum<kLanes>(sum);
     if (real_row && lane == 0) {
@@ -467,7 +482,8 @@ struct DkDvTiles {
 // kDropout also runs in the Ext::layout kernel. (Ext::layout is a template value, not a runtime flag of the default
 // kernel, so that the plain instantiations compile to the code they had: a runtime group walk in them added 176 SASS
 // instructions and measured 2-6% slower, docs/extensions.md.)
-template <typename T, int kD, int kStep, bool kExactD, Ext kExt, bool kAtomicDq, bool kDropout = false>
+template <typename T, int kD, int kStep, bool kExactD, Ext kExt, bool kAtomicDq, bool kDropout = false,
+          bool kStaged = false>
 __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     dk_dv_kernel(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
                  const float* __restrict__ lse_log2, const float* __restrict__ D, float* dQ_accum,
@@ -479,6 +495,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const int d = kExactD ? kD : head_dim;
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     constexpr bool kDeferDq = Tiles::kDeferDq && kAtomicDq;  // step 7 (without atomics there is no line 15 here)
+    // kStaged: Q and dO are the preprocess's copies with rows of kD elements (staged_d_of), for a d below a
+    // tile past 64 in the final default kernel; its own instantiation, so that the kernel of every other d keeps its code
+    static_assert(!kStaged || (!kLayout && !kExactD && !kDropout && kStep == kFinalStep && kD > 64),
+                  "kStaged: the final default runtime-d kernel past the 64 tile");
     using KV = typename Tiles::KV;
     using L = typename Tiles::L;
     constexpr int Br = Tiles::Br;
@@ -520,8 +540,13 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         q0 = seq.q0, Nq = seq.Nq, Nk = seq.Nk;
         q_ld = row_stride(x, x.H, d), kv_ld = row_stride(x, x.Hk, d);
     } else {
-        Q += size_t(bh) * Nq * d;
-        dO += dO_rows(x, bh, Nq, d).start;
+        if constexpr (kStaged) {  // Q and dO: the preprocess's copies, rows of kD elements
+            Q += size_t(bh) * Nq * kD, dO += size_t(bh) * Nq * kD;
+            q_ld = kD;
+        } else {
+            Q += size_t(bh) * Nq * d;
+            dO += dO_rows(x, bh, Nq, d).start;
+        }
         K += size_t(bh) * Nk * d;
         V += size_t(bh) * Nk * d;
         dK += size_t(bh) * Nk * d;
@@ -568,11 +593,16 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     auto load_q_tile = [&](int step, int stage) {  // line 9: Q_i, dO_i, LSE_i, D_i of walk step `step`
         const HeadRows r = rows_of(head_of(step));
         const int tile = tile_of(step);
-        load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, d, q_ld);
-        // dO's row stride, recomputed from the parameters here: held in a register through the whole walk, it made
-        // ptxas spill more (sm_90, the 256 tile's atomic kernels: 48 bytes of stack, against 24 and 0 this way)
-        const int dO_ld = kLayout ? q_ld : dO_rows(x, bh, Nq, d).ld;
-        load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, dO_ld);
+        if constexpr (kStaged) {  // the preprocess's copies: rows of kD elements, no column to zero-fill
+            load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, kD, q_ld);
+            load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, kD, q_ld);
+        } else {
+            load_tile_async<Br, kD, kThreads>(s + L::Q + stage * L::qTile, r.Q, tile * Br, Nq, d, q_ld);
+            // dO's row stride, recomputed from the parameters here: held in a register through the whole walk, it
+            // made ptxas spill more (sm_90, the 256 tile's atomic kernels: 48 bytes of stack, against 24 and 0 this way)
+            const int dO_ld = kLayout ? q_ld : dO_rows(x, bh, Nq, d).ld;
+            load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, dO_ld);
+        }
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
             cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, r.lse_log2 + tile * Br + threadIdx.x * 4, 16);
         else if (threadIdx.x < Br / 2)
@@ -1143,6 +1173,16 @@ bool bias_shared(const Problem& p) {
 bool dS_per_head(const Problem& p) { return p.deterministic && bias_shared(p); }
 // group_sum: each query head's copy of K, of V, and its dK, dV, [B, H, Nk, d] each (elements of T), in the workspace.
 size_t group_sum_head_elems(const Problem& p) { return size_t(p.B) * p.H * p.Nk * p.d; }
+// staged_d_of: Q and dO copied by the preprocess to rows of the tile width, for every d between the 64 tile
+// and its own tile, in the default kernels (the extension kernels read packed rows; below 64 the head dims are not
+// slower than their tile: docs/backward.md, "A head dim below its tile").
+int staged_d_of(const Problem& p) {
+    const int tile = v2_backward_mma_head_dim_tile(p.d);
+    return p.d > 64 && p.d < tile && final_kernel(p).ext == Ext::none ? tile : 0;
+}
+size_t staged_elems(const Problem& p) { return size_t(p.B) * p.H * p.Nq * staged_d_of(p); }
+// The workspace before the staged copies (v2_backward_mma_workspace_bytes), rounded up to 16 bytes.
+size_t unstaged_workspace_bytes(const Problem& p);
 
 // The extensions' device inputs, as v2_backward_mma takes them.
 struct ExtensionPointers {
@@ -1178,24 +1218,31 @@ Extensions extensions_of(const Problem& p, const ExtensionPointers& in, float* d
 }
 
 // The dk_dv kernel of one instantiation: its shared memory set once, at its first launch (later, timed launches do no
-// host work but the launch).
+// host work but the launch). `staged_rows`: Q and dO are the preprocess's copies with rows of kD elements, read by an
+// instantiation of their own (kStaged), so that the kernel every other d runs keeps its code.
 template <typename T, int kD, int kStep, bool kExactD, Ext kExt, bool kAtomicDq, bool kDropout = false>
 void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T* dO, const float* lse_log2,
-                  const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, cudaStream_t stream) {
+                  const float* D, float* dQ_accum, T* dK, T* dV, int Nq_pad, const Extensions& x, bool staged_rows,
+                  cudaStream_t stream) {
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     using KV = typename Tiles::KV;
     constexpr int smem = Tiles::L::bytes;
+    constexpr bool kCanStage = kExt == Ext::none && !kExactD && !kDropout && kStep == kFinalStep && kD > 64;
+    const auto plain = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>;
+    const auto staged = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kCanStage>;
     static const cudaError_t attribute_set =
-        cudaFuncSetAttribute(dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    static const cudaError_t staged_attribute_set =
+        cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
+    CUDA_CHECK(staged_attribute_set);
     // The grid: (tiles, heads), with the extensions K/V heads. Causal (the default kernels), the heads in chunks
     // (GridOrder; one block an SM: __launch_bounds__ and the shared memory).
     const int tiles = ceil_div(p.Nk, KV::Bc), heads = p.B * (kExt != Ext::none ? p.kv_heads() : p.H);
     OrderedGrid g{GridOrder{}, dim3(unsigned(tiles), unsigned(heads))};
     if (p.causal && kExt == Ext::none)
         g = ordered_grid(tiles, heads, heavy_first_chunk(tiles, heads, device_sm_count()));
-    dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout><<<g.grid, KV::kThreads, smem, stream>>>(
+    (kCanStage && staged_rows ? staged : plain)<<<g.grid, KV::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x, g.order);
     CUDA_CHECK_LAUNCH();
 }
@@ -1213,6 +1260,12 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     float* dQ_accum = p.deterministic ? nullptr : D + rows;
     float* dS_heads = dS_per_head(p) ? D + rows : nullptr;
     const Extensions x = extensions_of(p, in, dS_heads);
+    T *Q_staged = nullptr, *dO_staged = nullptr;
+    const int staged_d = kExt == Ext::none && step_of(p) == kFinalStep ? staged_d_of(p) : 0;
+    if (staged_d > 0) {
+        Q_staged = reinterpret_cast<T*>(static_cast<char*>(workspace) + unstaged_workspace_bytes(p));
+        dO_staged = Q_staged + staged_elems(p);
+    }
     // group_sum: the default kernel reads K, V and writes dK, dV one head per query head, [B, H, Nk, d] each, after
     // the dQ accumulator
     const bool group_sum = kExt == Ext::none && final_kernel(p).group_sum;
@@ -1237,12 +1290,12 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
                                    (dS_heads ? size_t(BH) * p.Nq * p.Nk : p.bias_elems()) * sizeof(float), stream));
     constexpr int kLanes = kD <= 128 ? kD / 8 : 32, kThreads = 256;  // lanes a row, threads a block
     preprocess_kernel<T, kLanes><<<unsigned(ceil_div(rows * kLanes, size_t(kThreads))), kThreads, 0, stream>>>(  // line 4
-        O, dO, LSE, lse_log2, D, p.Nq, Nq_pad, int(rows), p.d, x);
+        O, dO, Q, LSE, lse_log2, D, Q_staged, dO_staged, staged_d, p.Nq, Nq_pad, int(rows), p.d, x);
     CUDA_CHECK_LAUNCH();
 
     if (p.deterministic && !kDropout) {  // dk_dv without dQ, then the dq kernel (kDropout: the dispatch never asks)
-        launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q, K, V, dO, lse_log2, D, nullptr, dK, dV, Nq_pad, x,
-                                                         stream);
+        launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q_staged ? Q_staged : Q, K, V, dO_staged ? dO_staged : dO,
+                                                         lse_log2, D, nullptr, dK, dV, Nq_pad, x, staged_d > 0, stream);
         constexpr int dq_smem = dq_smem_bytes<kD>();
         static const cudaError_t dq_attribute_set =
             cudaFuncSetAttribute(dq_kernel<T, kD, kExt != Ext::none>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1259,8 +1312,9 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         }
         return;
     }
-    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q, K, V, dO, lse_log2, D, dQ_accum, dK_heads,
-                                                              dV_heads, Nq_pad, x, stream);
+    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q_staged ? Q_staged : Q, K, V,
+                                                              dO_staged ? dO_staged : dO, lse_log2, D, dQ_accum,
+                                                              dK_heads, dV_heads, Nq_pad, x, staged_d > 0, stream);
     if (group_sum) {
         group_sum_kernel<T><<<group_blocks, 256, 0, stream>>>(dK_heads, dK, p.group(), slice, kv_elems);
         CUDA_CHECK_LAUNCH();
@@ -1491,15 +1545,22 @@ size_t v2_backward_mma_smem_bytes(const Problem& p, size_t smem_per_block) {
 
 size_t v2_backward_mma_workspace_bytes(const Problem& p) {
     // LSE in log2 units [rows], D [rows], and with atomics the fp32 dQ accumulator [rows, tile]; under
-    // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]; with group_sum, each query head's K, V, dK, dV
+    // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]; with group_sum, each query head's K, V, dK,
+    // dV; from a 16-byte boundary on, with staged_d_of(p) > 0, the staged copies of Q and dO (of T, 2 bytes)
+    return unstaged_workspace_bytes(p) + (step_of(p) == kFinalStep ? 2 * staged_elems(p) * 2 : 0);
+}
+
+namespace {
+size_t unstaged_workspace_bytes(const Problem& p) {
     const size_t rows = workspace_rows(p);
     size_t floats = rows * (2 + (p.deterministic ? 0 : v2_backward_mma_head_dim_tile(p.d)));
     if (dS_per_head(p)) floats += size_t(p.B) * p.H * p.Nq * p.Nk;
     size_t bytes = floats * sizeof(float);
     if (step_of(p) == kFinalStep && final_kernel(p).group_sum)  // each query head's K, V, dK and dV, of T (2 bytes)
         bytes += 4 * group_sum_head_elems(p) * 2;
-    return bytes;
+    return (bytes + 15) / 16 * 16;
 }
+}  // namespace
 
 std::string v2_backward_mma(const Problem& p, const void* Q, const void* K, const void* V, const void* O,
                             const float* LSE, const void* dO, void* dQ, void* dK, void* dV, void* workspace,
