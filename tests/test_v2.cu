@@ -397,7 +397,9 @@ TEST_CASE("v2 --deterministic: parsed with --backward only, refused on fp32, no 
     CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 192) * sizeof(float) + 2 * rows * 192 * 2);
     p.d = 192;  // the tile's own d: no copies
     CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 192) * sizeof(float));
-    p.d = 56;  // below the 64 tile: no copies
+    p.d = 56;  // below the 64 tile: copies, rows of 64
+    CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 64) * sizeof(float) + 2 * rows * 64 * 2);
+    p.d = 64;  // the tile's own d: no copies
     CHECK(v2_backward_workspace_bytes(p) == rows * (2 + 64) * sizeof(float));
 }
 

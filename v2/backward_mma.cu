@@ -495,10 +495,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     const int d = kExactD ? kD : head_dim;
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     constexpr bool kDeferDq = Tiles::kDeferDq && kAtomicDq;  // step 7 (without atomics there is no line 15 here)
-    // kStaged: Q and dO are the preprocess's copies with rows of kD elements (staged_d_of), for a d below a
-    // tile past 64 in the final default kernel; its own instantiation, so that the kernel of every other d keeps its code
-    static_assert(!kStaged || (!kLayout && !kExactD && !kDropout && kStep == kFinalStep && kD > 64),
-                  "kStaged: the final default runtime-d kernel past the 64 tile");
+    // kStaged: Q and dO are the preprocess's copies with rows of kD elements (staged_d_of), for a d below its tile
+    // in the final default kernel; its own instantiation, so that the kernel of every other d keeps its code
+    static_assert(!kStaged || (!kLayout && !kExactD && !kDropout && kStep == kFinalStep),
+                  "kStaged: the final default runtime-d kernel");
     using KV = typename Tiles::KV;
     using L = typename Tiles::L;
     constexpr int Br = Tiles::Br;
@@ -1173,12 +1173,11 @@ bool bias_shared(const Problem& p) {
 bool dS_per_head(const Problem& p) { return p.deterministic && bias_shared(p); }
 // group_sum: each query head's copy of K, of V, and its dK, dV, [B, H, Nk, d] each (elements of T), in the workspace.
 size_t group_sum_head_elems(const Problem& p) { return size_t(p.B) * p.H * p.Nk * p.d; }
-// staged_d_of: Q and dO copied by the preprocess to rows of the tile width, for every d between the 64 tile
-// and its own tile, in the default kernels (the extension kernels read packed rows; below 64 the head dims are not
-// slower than their tile: docs/backward.md, "A head dim below its tile").
+// staged_d_of: Q and dO copied by the preprocess to rows of the tile width, for every d below its tile, in the
+// default kernels (the extension kernels read packed rows).
 int staged_d_of(const Problem& p) {
     const int tile = v2_backward_mma_head_dim_tile(p.d);
-    return p.d > 64 && p.d < tile && final_kernel(p).ext == Ext::none ? tile : 0;
+    return p.d < tile && final_kernel(p).ext == Ext::none ? tile : 0;
 }
 size_t staged_elems(const Problem& p) { return size_t(p.B) * p.H * p.Nq * staged_d_of(p); }
 // The workspace before the staged copies (v2_backward_mma_workspace_bytes), rounded up to 16 bytes.
@@ -1227,7 +1226,7 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     using KV = typename Tiles::KV;
     constexpr int smem = Tiles::L::bytes;
-    constexpr bool kCanStage = kExt == Ext::none && !kExactD && !kDropout && kStep == kFinalStep && kD > 64;
+    constexpr bool kCanStage = kExt == Ext::none && !kExactD && !kDropout && kStep == kFinalStep;
     const auto plain = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>;
     const auto staged = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kCanStage>;
     static const cudaError_t attribute_set =
