@@ -1183,6 +1183,11 @@ size_t staged_elems(const Problem& p) { return size_t(p.B) * p.H * p.Nq * staged
 // The workspace before the staged copies (v2_backward_mma_workspace_bytes), rounded up to 16 bytes.
 size_t unstaged_workspace_bytes(const Problem& p);
 
+// The instantiations that have a kStaged twin: the final step's default runtime-d kernel. (Not step 6, which the 64
+// tile runs instead of step 7 on a GPU with less shared memory: there Q and dO are read where they lie.)
+template <int kStep, bool kExactD, Ext kExt, bool kDropout>
+constexpr bool kCanStage = kExt == Ext::none && !kExactD && !kDropout && kStep == kFinalStep;
+
 // The extensions' device inputs, as v2_backward_mma takes them.
 struct ExtensionPointers {
     const float* bias;
@@ -1226,9 +1231,9 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
     using Tiles = DkDvTiles<kD, kStep, kExt>;
     using KV = typename Tiles::KV;
     constexpr int smem = Tiles::L::bytes;
-    constexpr bool kCanStage = kExt == Ext::none && !kExactD && !kDropout && kStep == kFinalStep;
+    constexpr bool kStageable = kCanStage<kStep, kExactD, kExt, kDropout>;
     const auto plain = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout>;
-    const auto staged = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kCanStage>;
+    const auto staged = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kStageable>;
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     static const cudaError_t staged_attribute_set =
@@ -1241,7 +1246,7 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
     OrderedGrid g{GridOrder{}, dim3(unsigned(tiles), unsigned(heads))};
     if (p.causal && kExt == Ext::none)
         g = ordered_grid(tiles, heads, heavy_first_chunk(tiles, heads, device_sm_count()));
-    (kCanStage && staged_rows ? staged : plain)<<<g.grid, KV::kThreads, smem, stream>>>(
+    (kStageable && staged_rows ? staged : plain)<<<g.grid, KV::kThreads, smem, stream>>>(
         Q, K, V, dO, lse_log2, D, dQ_accum, dK, dV, p.Nq, p.Nk, Nq_pad, p.d, p.causal, p.resolved_scale(), x, g.order);
     CUDA_CHECK_LAUNCH();
 }
@@ -1260,7 +1265,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     float* dS_heads = dS_per_head(p) ? D + rows : nullptr;
     const Extensions x = extensions_of(p, in, dS_heads);
     T *Q_staged = nullptr, *dO_staged = nullptr;
-    const int staged_d = kExt == Ext::none && step_of(p) == kFinalStep ? staged_d_of(p) : 0;
+    // the kernel this launch runs decides, not the step asked for (step 7 falls back to 6 where shared memory is short)
+    const int staged_d = kCanStage<kStep, kExactD, kExt, kDropout> ? staged_d_of(p) : 0;
     if (staged_d > 0) {
         Q_staged = reinterpret_cast<T*>(static_cast<char*>(workspace) + unstaged_workspace_bytes(p));
         dO_staged = Q_staged + staged_elems(p);
@@ -1545,7 +1551,8 @@ size_t v2_backward_mma_smem_bytes(const Problem& p, size_t smem_per_block) {
 size_t v2_backward_mma_workspace_bytes(const Problem& p) {
     // LSE in log2 units [rows], D [rows], and with atomics the fp32 dQ accumulator [rows, tile]; under
     // --deterministic with a shared bias, each head's dS [B, H, Nq, Nk]; with group_sum, each query head's K, V, dK,
-    // dV; from a 16-byte boundary on, with staged_d_of(p) > 0, the staged copies of Q and dO (of T, 2 bytes)
+    // dV; from a 16-byte boundary on, with staged_d_of(p) > 0, the staged copies of Q and dO (of T, 2 bytes; also
+    // where the 64 tile falls back to step 6, which does not read them: the size does not depend on the GPU)
     return unstaged_workspace_bytes(p) + (step_of(p) == kFinalStep ? 2 * staged_elems(p) * 2 : 0);
 }
 
