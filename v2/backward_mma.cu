@@ -1236,10 +1236,12 @@ void launch_dk_dv(const Problem& p, const T* Q, const T* K, const T* V, const T*
     const auto staged = dk_dv_kernel<T, kD, kStep, kExactD, kExt, kAtomicDq, kDropout, kStageable>;
     static const cudaError_t attribute_set =
         cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    static const cudaError_t staged_attribute_set =
-        cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     CUDA_CHECK(attribute_set);
-    CUDA_CHECK(staged_attribute_set);
+    if constexpr (kStageable) {
+        static const cudaError_t staged_attribute_set =
+            cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        CUDA_CHECK(staged_attribute_set);
+    }
     // The grid: (tiles, heads), with the extensions K/V heads. Causal (the default kernels), the heads in chunks
     // (GridOrder; one block an SM: __launch_bounds__ and the shared memory).
     const int tiles = ceil_div(p.Nk, KV::Bc), heads = p.B * (kExt != Ext::none ? p.kv_heads() : p.H);
@@ -1264,13 +1266,14 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     float* dQ_accum = p.deterministic ? nullptr : D + rows;
     float* dS_heads = dS_per_head(p) ? D + rows : nullptr;
     const Extensions x = extensions_of(p, in, dS_heads);
-    T *Q_staged = nullptr, *dO_staged = nullptr;
-    // the kernel this launch runs decides, not the step asked for (step 7 falls back to 6 where shared memory is short)
+    // Q and dO as dk_dv reads them: the preprocess's copies with rows of the tile width (staged_d_of), or in place.
+    // The kernel this launch runs decides, not the step asked for (step 7 falls back to 6 where shared memory is short).
     const int staged_d = kCanStage<kStep, kExactD, kExt, kDropout> ? staged_d_of(p) : 0;
-    if (staged_d > 0) {
-        Q_staged = reinterpret_cast<T*>(static_cast<char*>(workspace) + unstaged_workspace_bytes(p));
-        dO_staged = Q_staged + staged_elems(p);
-    }
+    T* staged_at = reinterpret_cast<T*>(static_cast<char*>(workspace) + unstaged_workspace_bytes(p));
+    T* Q_staged = staged_d > 0 ? staged_at : nullptr;
+    T* dO_staged = staged_d > 0 ? staged_at + staged_elems(p) : nullptr;
+    const T* Q_read = staged_d > 0 ? Q_staged : Q;
+    const T* dO_read = staged_d > 0 ? dO_staged : dO;
     // group_sum: the default kernel reads K, V and writes dK, dV one head per query head, [B, H, Nk, d] each, after
     // the dQ accumulator
     const bool group_sum = kExt == Ext::none && final_kernel(p).group_sum;
@@ -1299,8 +1302,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     CUDA_CHECK_LAUNCH();
 
     if (p.deterministic && !kDropout) {  // dk_dv without dQ, then the dq kernel (kDropout: the dispatch never asks)
-        launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q_staged ? Q_staged : Q, K, V, dO_staged ? dO_staged : dO,
-                                                         lse_log2, D, nullptr, dK, dV, Nq_pad, x, staged_d > 0, stream);
+        launch_dk_dv<T, kD, kStep, kExactD, kExt, false>(p, Q_read, K, V, dO_read, lse_log2, D, nullptr, dK, dV, Nq_pad,
+                                                         x, staged_d > 0, stream);
         constexpr int dq_smem = dq_smem_bytes<kD>();
         static const cudaError_t dq_attribute_set =
             cudaFuncSetAttribute(dq_kernel<T, kD, kExt != Ext::none>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1317,9 +1320,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
         }
         return;
     }
-    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q_staged ? Q_staged : Q, K, V,
-                                                              dO_staged ? dO_staged : dO, lse_log2, D, dQ_accum,
-                                                              dK_heads, dV_heads, Nq_pad, x, staged_d > 0, stream);
+    launch_dk_dv<T, kD, kStep, kExactD, kExt, true, kDropout>(p, Q_read, K, V, dO_read, lse_log2, D, dQ_accum, dK_heads,
+                                                              dV_heads, Nq_pad, x, staged_d > 0, stream);
     if (group_sum) {
         group_sum_kernel<T><<<group_blocks, 256, 0, stream>>>(dK_heads, dK, p.group(), slice, kv_elems);
         CUDA_CHECK_LAUNCH();
@@ -1564,7 +1566,7 @@ size_t unstaged_workspace_bytes(const Problem& p) {
     size_t bytes = floats * sizeof(float);
     if (step_of(p) == kFinalStep && final_kernel(p).group_sum)  // each query head's K, V, dK and dV, of T (2 bytes)
         bytes += 4 * group_sum_head_elems(p) * 2;
-    return (bytes + 15) / 16 * 16;
+    return ceil_div(bytes, size_t(16)) * 16;
 }
 }  // namespace
 
