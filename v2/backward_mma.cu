@@ -83,7 +83,8 @@ const std::vector<KernelStep>& v2_backward_steps() {
 
 namespace {
 
-using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr
+using namespace v2_ptx;  // mma_m16n8k16, pack2, ldmatrix_x4(_trans), ldm_*, cp_async_*, exp2_approx, shared_addr,
+                         // prefetch_l2_tile
 
 constexpr int kFinalStep = 7;
 constexpr int kBr128Step = 3;  // the host's padded_rows needs it too
@@ -177,6 +178,23 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
         const bool valid = row0 + r < n_rows && c < d;
         const int row = valid ? row0 + r : 0, col = valid ? c : 0;  // a zero-filled chunk reads nothing: (0, 0)
         cp_async_16(tile + swizzle<kCols>(r, c), gmem + size_t(row) * ld + col, valid ? 16 : 0);
+    }
+}
+
+// The way back: rows [row0, row0 + kRows) of a swizzled shared tile of kCols columns to a [n_rows, d] global matrix
+// (rows ld apart), 16-byte chunks, rows past n_rows and columns past d left out. A warp's 32 chunks are 512
+// contiguous bytes of a row or consecutive rows where d = kCols.
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ inline void store_tile(T* gmem, const unsigned char* tile, int row0, int n_rows, int d, int ld) {
+    constexpr int kChunksPerRow = kCols / 8, kChunks = kRows * kChunksPerRow;
+    static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int k = 0; k < kChunks / kThreads; ++k) {
+        const int idx = threadIdx.x + k * kThreads;
+        const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+        if (row0 + r < n_rows && c < d)
+            *reinterpret_cast<uint4*>(gmem + size_t(row0 + r) * ld + c) =
+                *reinterpret_cast<const uint4*>(tile + swizzle<kCols>(r, c));
     }
 }
 
@@ -603,6 +621,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
             const int dO_ld = kLayout ? q_ld : dO_rows(x, bh, Nq, d).ld;
             load_tile_async<Br, kD, kThreads>(s + L::dO + stage * L::qTile, r.dO, tile * Br, Nq, d, dO_ld);
         }
+        if constexpr (kAll)  // --bias: this step's Br x Bc bias on its way to L2 with its Q_i, dO_i (prefetch_l2_tile)
+            if (x.bias != nullptr)
+                prefetch_l2_tile<Br, Bc, kThreads>(x.bias + batch * x.bias_batch_stride + head_of(step) * x.bias_head_stride,
+                                                   Nk, tile * Br, j0, Nq, Nk);
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
             cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, r.lse_log2 + tile * Br + threadIdx.x * 4, 16);
         else if (threadIdx.x < Br / 2)
@@ -842,23 +864,28 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         }
     }
 
-    // line 18: dK_j, dV_j: fragment [m][c] holds keys (16m + g, 16m + g + 8) of this warp's group x columns
-    // col0 + 8c + 2t, +1.
+    // line 18: dK_j, dV_j, through shared memory. Fragment [m][c] holds keys (16m + g, 16m + g + 8) of this warp's
+    // group x columns col0 + 8c + 2t, +1: stored straight to global memory, a warp instruction writes 8 pieces of 16
+    // bytes. So each warp puts its fragments into the K_j and V_j tiles, which nothing reads any more (8 rows of one
+    // swizzle group a store: conflict-free), and then every thread copies whole 16-byte chunks out (store_tile).
+    cp_async_wait<0>();  // with no Q tile to walk, the copies of K_j and V_j were never waited for: they land first
+    __syncthreads();     // every warp is done with K_j and V_j (line 15 of the last Q tile reads K_j)
 #pragma unroll
     for (int m = 0; m < kKeyTiles; ++m)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int key = j0 + key_row + 16 * m + g + half * 8;
-            if (key >= Nk) continue;
+            const int key = key_row + 16 * m + g + half * 8;
 #pragma unroll
             for (int c = 0; c < kPartCols / 8; ++c) {
-                if (col0 + c * 8 >= d) continue;
-                const size_t at = size_t(key) * kv_ld + col0 + c * 8 + 2 * t;
-                *reinterpret_cast<uint32_t*>(dK + at) =
+                const uint32_t at = swizzle<kD>(key, col0 + c * 8 + 2 * t);
+                *reinterpret_cast<uint32_t*>(smem + L::K + at) =
                     pack2<T>(ds_scale * dK_j[m][c][2 * half], ds_scale * dK_j[m][c][2 * half + 1]);
-                *reinterpret_cast<uint32_t*>(dV + at) = pack2<T>(dV_j[m][c][2 * half], dV_j[m][c][2 * half + 1]);
+                *reinterpret_cast<uint32_t*>(smem + L::V + at) = pack2<T>(dV_j[m][c][2 * half], dV_j[m][c][2 * half + 1]);
             }
         }
+    __syncthreads();
+    store_tile<Bc, kD, kThreads>(dK, smem + L::K, j0, Nk, d, kv_ld);
+    store_tile<Bc, kD, kThreads>(dV, smem + L::V, j0, Nk, d, kv_ld);
 }
 
 // --deterministic: dQ_i = scale * sum_j dS_ij K_j, one thread block of 4 warps per Q tile of 64 rows (16 a warp), the

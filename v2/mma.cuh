@@ -141,6 +141,30 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Asks the L2 for a tile of a row-major float matrix: rows row0..row0 + kRows - 1 (those below n_rows), columns
+// col0..col0 + kCols - 1 (those below n_cols), rows ld floats apart. One `prefetch` per 128-byte line the row touches
+// (at col0, every 32 columns after it, and the last column: kCols / 32 + 1 lines at most, whatever the alignment),
+// thread x taking row x % kRows and every (kThreads / kRows)-th of its lines. A prefetch holds no register past its
+// issue and waits for nothing; the loads that later read the tile find it in L2. (sm_90's bulk prefetch, one
+// instruction a row, takes a warp-uniform address: with a row a lane it compiled to a loop over the lanes.) The
+// backward's general dk_dv kernel asks for the next step's bias with it; in the forward's extension kernel, together
+// with 8-byte bias loads, the forward ran slower (docs/extensions.md, "Bias").
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void prefetch_l2_tile(const float* m, size_t ld, int row0, int col0, int n_rows, int n_cols) {
+    static_assert(kThreads % kRows == 0, "whole rows a thread group");
+    constexpr int kGroups = kThreads / kRows, kLines = kCols / 32 + 1;
+    const int i = row0 + int(threadIdx.x) % kRows, group = int(threadIdx.x) / kRows;
+    if (i < n_rows && col0 < n_cols) {
+        const float* row = m + size_t(i) * ld;
+        const int last = (col0 + kCols < n_cols ? col0 + kCols : n_cols) - 1;
+#pragma unroll
+        for (int c = 0; c < kLines; ++c) {
+            const int col = col0 + 32 * c < last ? col0 + 32 * c : last;
+            if (c % kGroups == group) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + col));
+        }
+    }
+}
+
 // 2^x in one MUFU.EX2 instruction (flush-to-zero, relative error ~2^-22); exp2(-inf) = 0. exp2f itself, without
 // -use_fast_math, wraps the same instruction in a denormal fix-up (a compare and two multiplies per call) that
 // softmax probabilities, about to be rounded to 16 bits, do not need; in the forward kernel it measured up to 8%
