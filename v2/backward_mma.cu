@@ -159,26 +159,33 @@ __device__ inline void atomic_add4(float* addr, float x, float y, float z, float
 
 // ------------------------------------------------------------------- shared tile copies (the layout: swizzle.h)
 
-// Starts the copy of rows [row0, row0 + kRows) of a [n_rows, d] global matrix whose rows are ld elements apart
-// (d <= kCols, both multiples of 8) into a swizzled shared tile of kCols columns, by kThreads threads; rows past
-// n_rows and columns past d are zero-filled. ld is d, or H * d in a packed batch's [T, H, d].
-// Each thread copies kChunks / kThreads chunks in an unrolled loop of known length. The loop
+// The 16-byte chunks of a kRows x kCols tile (kCols / 8 a row) that thread threadIdx.x of kThreads copies: f(r, c)
+// for row r, first column c of each, in an unrolled loop of known length. The loop
 // `for (idx = threadIdx.x; idx < kChunks; idx += kThreads)` has a trip count nvcc cannot know (it does not know
 // threadIdx.x < kThreads): it compiled a generic loop whose per-chunk addresses it kept live across the dk_dv loop,
 // spilling at d = 64 (issue 12; SASS of the fp16 d = 64 dk_dv kernel: its Q-tile loop 2171 -> 1813 instructions,
 // 27 -> 9 local loads).
-template <int kRows, int kCols, int kThreads, typename T>
-__device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, int n_rows, int d, int ld) {
+template <int kRows, int kCols, int kThreads, typename F>
+__device__ __forceinline__ void for_each_chunk(F&& f) {
     constexpr int kChunksPerRow = kCols / 8, kChunks = kRows * kChunksPerRow;
     static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
 #pragma unroll
     for (int k = 0; k < kChunks / kThreads; ++k) {
         const int idx = threadIdx.x + k * kThreads;
-        const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+        f(idx / kChunksPerRow, (idx % kChunksPerRow) * 8);
+    }
+}
+
+// Starts the copy of rows [row0, row0 + kRows) of a [n_rows, d] global matrix whose rows are ld elements apart
+// (d <= kCols, both multiples of 8) into a swizzled shared tile of kCols columns, by kThreads threads; rows past
+// n_rows and columns past d are zero-filled. ld is d, or H * d in a packed batch's [T, H, d].
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, int n_rows, int d, int ld) {
+    for_each_chunk<kRows, kCols, kThreads>([&](int r, int c) {
         const bool valid = row0 + r < n_rows && c < d;
         const int row = valid ? row0 + r : 0, col = valid ? c : 0;  // a zero-filled chunk reads nothing: (0, 0)
         cp_async_16(tile + swizzle<kCols>(r, c), gmem + size_t(row) * ld + col, valid ? 16 : 0);
-    }
+    });
 }
 
 // The way back: rows [row0, row0 + kRows) of a swizzled shared tile of kCols columns to a [n_rows, d] global matrix
@@ -186,16 +193,11 @@ __device__ inline void load_tile_async(uint32_t tile, const T* gmem, int row0, i
 // contiguous bytes of a row or consecutive rows where d = kCols.
 template <int kRows, int kCols, int kThreads, typename T>
 __device__ inline void store_tile(T* gmem, const unsigned char* tile, int row0, int n_rows, int d, int ld) {
-    constexpr int kChunksPerRow = kCols / 8, kChunks = kRows * kChunksPerRow;
-    static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-    for (int k = 0; k < kChunks / kThreads; ++k) {
-        const int idx = threadIdx.x + k * kThreads;
-        const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    for_each_chunk<kRows, kCols, kThreads>([&](int r, int c) {
         if (row0 + r < n_rows && c < d)
             *reinterpret_cast<uint4*>(gmem + size_t(row0 + r) * ld + c) =
                 *reinterpret_cast<const uint4*>(tile + swizzle<kCols>(r, c));
-    }
+    });
 }
 
 // ------------------------------------------------------------------------------------------------- extensions
