@@ -308,10 +308,14 @@ struct HeadExtensions {
     const float* bias;
     float* dS;
 };
+// The bias slice [Nq, Nk] of query head h of batch entry b (x.bias non-null).
+__device__ inline const float* bias_slice(const Extensions& x, int b, int h) {
+    return x.bias + b * x.bias_batch_stride + h * x.bias_head_stride;
+}
 __device__ inline HeadExtensions head_extensions(const Extensions& x, int b, int h) {
     const int head = x.head_offset + b * x.H + h;
     return {head, x.alibi_heads ? alibi_slope(head % x.alibi_heads, x.alibi_heads) : 0.0f,
-            x.bias ? x.bias + b * x.bias_batch_stride + h * x.bias_head_stride : nullptr,
+            x.bias ? bias_slice(x, b, h) : nullptr,
             x.dS ? x.dS + b * x.dS_batch_stride + h * x.dS_head_stride : nullptr};
 }
 // Lines 11 and 14 of one element with dropout's factor Z_ij (keep: its bit of the mask from dropout.cuh), in place:
@@ -625,8 +629,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
         }
         if constexpr (kAll)  // --bias: this step's Br x Bc bias on its way to L2 with its Q_i, dO_i (prefetch_l2_tile)
             if (x.bias != nullptr)
-                prefetch_l2_tile<Br, Bc, kThreads>(x.bias + batch * x.bias_batch_stride + head_of(step) * x.bias_head_stride,
-                                                   Nk, tile * Br, j0, Nq, Nk);
+                prefetch_l2_tile<Br, Bc, kThreads>(bias_slice(x, batch, head_of(step)), Nk, tile * Br, j0, Nq, Nk);
         if (threadIdx.x < Br / 4)  // lse_log2 and D are padded to Nq_pad: whole 16-byte chunks
             cp_async_16(s + L::lse + stage * Br * 4 + threadIdx.x * 16, r.lse_log2 + tile * Br + threadIdx.x * 4, 16);
         else if (threadIdx.x < Br / 2)
@@ -1298,9 +1301,9 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     // Q and dO as dk_dv reads them: the preprocess's copies with rows of the tile width (staged_d_of), or in place.
     // The kernel this launch runs decides, not the step asked for (step 7 falls back to 6 where shared memory is short).
     const int staged_d = kCanStage<kStep, kExactD, kExt, kDropout> ? staged_d_of(p) : 0;
-    T* staged_at = reinterpret_cast<T*>(static_cast<char*>(workspace) + unstaged_workspace_bytes(p));
-    T* Q_staged = staged_d > 0 ? staged_at : nullptr;
-    T* dO_staged = staged_d > 0 ? staged_at + staged_elems(p) : nullptr;
+    T* const Q_staged =
+        staged_d > 0 ? reinterpret_cast<T*>(static_cast<char*>(workspace) + unstaged_workspace_bytes(p)) : nullptr;
+    T* const dO_staged = staged_d > 0 ? Q_staged + staged_elems(p) : nullptr;
     const T* Q_read = staged_d > 0 ? Q_staged : Q;
     const T* dO_read = staged_d > 0 ? dO_staged : dO;
     // group_sum: the default kernel reads K, V and writes dK, dV one head per query head, [B, H, Nk, d] each, after
