@@ -20,9 +20,10 @@ runs=("bin/naive ${shape[*]} --d 40" "bin/naive ${shape[*]} --d 64 --backward"
       "bin/v2 ${shape[*]} --d 40" "bin/v2 ${shape[*]} --d 64 --backward"
       "bin/v2 ${shape[*]} --d 64 --dtype fp16" "bin/v2 ${shape[*]} --d 128 --dtype bf16"
       "bin/v2 ${shape[*]} --d 64 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 128 --dtype bf16 --backward"
-      # head dims between tiles (zero-filled columns) and past 128 (the 256 tile's staggered K/V copies at d = 200
-      # and 256), and the deterministic backward
+      # head dims between tiles (zero-filled columns), the 56 tile (a k8 step, 112-byte rows) and past 128 (the 256
+      # tile's staggered K/V copies at d = 200 and 256), and the deterministic backward
       "bin/v2 ${shape[*]} --d 200 --dtype bf16" "bin/v2 ${shape[*]} --d 256 --dtype fp16"
+      "bin/v2 ${shape[*]} --d 56 --dtype bf16" "bin/v2 ${shape[*]} --d 56 --dtype fp16 --bias"
       "bin/v2 ${shape[*]} --d 72 --dtype fp16 --backward"
       "bin/v2 ${shape[*]} --d 256 --dtype fp16 --backward" "bin/v2 ${shape[*]} --d 40 --dtype bf16 --backward --deterministic")
 # the extensions in v2's tensor-core passes (docs/extensions.md): each feature, and all together with a packed batch

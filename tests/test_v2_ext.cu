@@ -151,9 +151,9 @@ TEST_CASE("v2 tensor-core forward takes the extensions in its final kernel only;
 
 // ---------------------------------------------------------------------------------------------------------- GPU
 
-TEST_CASE("GPU v2 ext: each extension alone and combined, fp16 and bf16, d = 64, 128, 40, odd shapes, vs float64") {
+TEST_CASE("GPU v2 ext: each extension alone and combined, fp16 and bf16, d = 64, 128, 40, 56, odd shapes, vs float64") {
     for (DType t : {DType::fp16, DType::bf16})
-        for (int d : {64, 128, 40})
+        for (int d : {64, 128, 40, 56})
             for (const Setting& s : settings())
                 for (auto [Nq, Nk] : {std::pair{1, 1}, {77, 130}, {150, 70}, {200, 200}}) {
                     Problem p = problem(t, Nq, Nk, d);

@@ -20,16 +20,17 @@
 //   global -> shared  cp.async (16 bytes a thread), K_j and V_j double-buffered: the copy of tile j+1 is issued
 //                     before tile j is computed, so it lands while the tensor cores work (at d = 256 one buffer
 //                     each, their copies staggered: kStaggeredKV).
-//   shared -> regs    ldmatrix.x4; Q_i and K_j non-transposed, V_j with .trans (fragment layouts: mma.cuh).
+//   shared -> regs    ldmatrix.x4 (x2 for the 56 tile's last 8 columns); Q_i and K_j non-transposed, V_j with
+//                     .trans (fragment layouts: mma.cuh).
 //   S -> P            the fp32 accumulator fragment of S is exactly the A-operand fragment of P for the second
 //                     mma once packed to 16 bits, so P never touches shared memory.
 //
 // Shared-memory layout: every tile row holds d elements plus 8 elements (16 bytes) of padding. ldmatrix reads 8 rows of
 // 16 bytes per 8x8 matrix; with a row pitch of 2d + 16 bytes = an odd number of 16-byte chunks, the 8 rows start in 8
 // different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile (32, 48, 64,
-// 96, 128, 176, 192, 240, 256). We pad rather than XOR-swizzle because one rule then covers all nine tiles (a 64-byte
-// row of d = 32 does not fit the usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a
-// compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding (row
+// 96, 128, 176, 192, 240, 256; the 56 tile's 112-byte rows are an odd number of chunks already and take no padding).
+// We pad rather than XOR-swizzle because one rule then covers every tile (a 64-byte row of d = 32 does not fit the
+// usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding (row
 // pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
 //
 // Causal masking is bottom-right aligned (row i sees key j iff j < causal_key_end(i)). K/V tiles entirely above the
@@ -106,10 +107,11 @@ namespace v2_mma {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tiles in shared memory: kRows rows of kD elements, row pitch kD elements, plus 8 (16 bytes, the padding above)
-// from the ldmatrix step on.
+// from the ldmatrix step on. The 56 tile needs no padding: its 112-byte rows put the 8 rows an ldmatrix reads at 8
+// different 16-byte offsets modulo 128 bytes already (0, 112, 96, ..., 16), so they meet no bank twice.
 
 template <int kD, int kStep>
-constexpr int kPitch = Features<kStep>::kLdmatrix ? kD + 8 : kD;
+constexpr int kPitch = Features<kStep>::kLdmatrix && kD % 16 == 0 ? kD + 8 : kD;
 
 // At the 240 and 256 tiles (final step only) K_j and V_j have one buffer each and their copies are staggered, as in
 // FlashAttention-2: K_{j+1} is copied once every warp is done with S = Q_i K_j^T and lands during the softmax and
@@ -366,7 +368,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     constexpr int kPitchBytes = kPitch<kD, kStep> * 2;
     constexpr int kPPitchBytes = kBc * 2;     // step 1: P in shared memory, [Br][Bc] after the V buffer
     using Frag = Fragments<F::kLdmatrix, kPitchBytes>;
-    static_assert(kWarpRows % 16 == 0 && kBc % 16 == 0 && kD % 16 == 0, "tiles are whole mma fragments");
+    static_assert(kWarpRows % 16 == 0 && kBc % 16 == 0 && kD % 8 == 0, "tiles are whole mma fragments");
+    static_assert(kD % 16 == 0 || (F::kLdmatrix && kStep == kFinalStep && kBc % 32 == 0),
+                  "a k8 step (the 56 tile): final step, keys in fours of n8 tiles");
     static_assert(sizeof(T) == 2, "16-bit operands");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -449,6 +453,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const int warp_row0 = warp * kWarpRows;
     const uint32_t q_addr = sQ + warp_row0 * kPitchBytes + Frag::a_lane(lane);
     const uint32_t k_addr = sK + Frag::b_lane(lane);
+    const uint32_t k_rows_addr = sK + lane * kPitchBytes;  // the 56 tile's k8 step: key row `lane`
     const uint32_t v_addr = sV + Frag::bt_lane(lane);
 
     float O_i[kMTiles][kDTiles][4] = {};  // line 5: unnormalised output rows g and g+8 of each m tile, fp32
@@ -501,8 +506,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
             load_tile<kBc, kD, kPitchBytes, kThreads, false>(sV, V_bh, j * kBc, Nk, d, ld_kv);
         }
         __syncthreads();
-        const uint32_t K_j = k_addr + (kDoubleBuffer ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // the two buffers
-        const uint32_t V_j = v_addr + (kDoubleBuffer ? (j - tile_begin) % 2 * kKVTileBytes : 0);  // alternate
+        const uint32_t buffer = kDoubleBuffer ? (j - tile_begin) % 2 * kKVTileBytes : 0;  // the two buffers alternate
+        const uint32_t K_j = k_addr + buffer, V_j = v_addr + buffer;
 
         // line 8: S = Q_i K_j^T, kMTiles x kNTiles fragments of 16x8.
         float S[kMTiles][kNTiles][4] = {};
@@ -520,6 +525,24 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     mma_m16n8k16<T>(S[mt][2 * np], a[mt], b[0], b[1]);
                     mma_m16n8k16<T>(S[mt][2 * np + 1], a[mt], b[2], b[3]);
                 }
+            }
+        }
+        // The 56 tile: its last 8 columns are one k8 step (m16n8k8), not a k16 step whose upper half is zeros. The A
+        // fragment is ldmatrix x2 (lanes 0-15 of a_lane address rows 0-15 of column 0); one ldmatrix x4 gives b0 of
+        // four n8 tiles, lane l addressing key row l of the four.
+        if constexpr (kD % 16 != 0) {
+            constexpr int kCol = kD / 16 * 32;  // bytes: the k8 step's first column
+            uint32_t a[kMTiles][2];
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x2(a[mt], q_addr + mt * 16 * kPitchBytes + kCol);
+#pragma unroll
+            for (int nq = 0; nq < kNTiles / 4; ++nq) {
+                uint32_t b[4];
+                ldmatrix_x4(b, k_rows_addr + buffer + nq * 32 * kPitchBytes + kCol);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) mma_m16n8k8<T>(S[mt][4 * nq + i], a[mt], b[i]);
             }
         }
         if constexpr (kStaggered) {  // K_j's buffer is free once every warp has its S: K_{j+1} goes there
@@ -669,6 +692,12 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
                     mma_m16n8k16<T>(O_i[mt][2 * dp + 1], p[mt], b[2], b[3]);
                 }
             }
+            if constexpr (kDTiles % 2 != 0) {  // the 56 tile's seventh n8 tile: ldmatrix x2 (lanes 0-15 of bt_lane)
+                uint32_t b[2];
+                ldmatrix_x2_trans(b, V_j + kk * 16 * kPitchBytes + (kDTiles - 1) * 16);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) mma_m16n8k16<T>(O_i[mt][kDTiles - 1], p[mt], b[0], b[1]);
+            }
         }
         __syncthreads();  // everyone is done with the K/V buffer of tile j before it is refilled
         if constexpr (kStaggered) {
@@ -779,7 +808,9 @@ void launch(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
 // CTA), 0.85-0.86x non-causal, 0.81-0.96x causal (H100, N = 1k..16k); the layout here 0.93-1.12x (H200, N = 1k..16k;
 // docs/v2.md, "Head dims 8 to 256"). The 192 tile with the 256 tile's layout ran 9-15% slower (d = 160; 192 causal).
 // The 176 and 240 tiles have the shapes of the 192 and 256 tiles, for the head dims just below those (d = 136-176 and
-// 200-240): 16 zero columns fewer in every product.
+// 200-240): 16 zero columns fewer in every product. The 56 tile has the 64 tile's shape, for d = 56: in the 64 tile
+// it took 5% longer than d = 64 (docs/v2.md, "The 56 tile"); here S = Q_i K_j^T ends on one k8 step (m16n8k8) and
+// O_i has 7 n8 tiles, an eighth fewer mma in both products than d = 64.
 template <int kD>
 struct Tile {
     static constexpr int kWarps = kD == 176 || kD == 192 ? 8 : 4;
@@ -823,24 +854,30 @@ constexpr bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d 
 // per-thread base plus a compile-time offset again, and the column bounds fold away. Why: on an H200 the runtime-d
 // kernel alone ran 4% (d = 64) and 6% (d = 128) slower than the kernel before it, which had d = kD (fp16, N = 4096,
 // B = 4, hidden 2048; docs/measured/v2_head_dims_run2.log), and ptxas gives it 8 and 20 bytes of spills at d = 128
-// (none before). The gap is still there for the d that run the runtime-d kernel of these tiles: d = 56 took 9% more
-// than d = 64 and d = 112 4% more than 128, and since load_tile's zero-fill address about 5% and 0.6% (H100,
-// docs/v2.md, "Every head dim against its tile", "Where a zero-filled chunk points"). The other tiles keep one
-// kernel: 12 more instantiations, not 24.
+// (none before). The gap is still there for the d that run the runtime-d kernel of these tiles: d = 112 took 4% more
+// than 128, and since load_tile's zero-fill address 0.6% (H100, docs/v2.md, "Every head dim against its tile",
+// "Where a zero-filled chunk points"). The other tiles keep one kernel: 12 more instantiations, not 24. The 56 tile
+// holds one head dim (48 has a tile of its own), so its one kernel is the one with d known (kExactOnly).
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
+template <int kD>
+constexpr bool kExactOnly = kD == 56;
 
 template <typename T, int kD>
 std::string launch_step(const Problem& p, const ForwardArgs& a, cudaStream_t stream) {
     const int step = p.kernel == 0 ? kFinalStep : p.kernel;
     if (step == kFinalStep) {
-        if constexpr (kExactVariant<kD>) {
-            if (p.d == kD) {
-                launch_causal_or_not<T, kD, kFinalStep, true>(p, a, stream);
-                return "";
+        if constexpr (kExactOnly<kD>) {
+            launch_causal_or_not<T, kD, kFinalStep, true>(p, a, stream);
+        } else {
+            if constexpr (kExactVariant<kD>) {
+                if (p.d == kD) {
+                    launch_causal_or_not<T, kD, kFinalStep, true>(p, a, stream);
+                    return "";
+                }
             }
+            launch_causal_or_not<T, kD, kFinalStep, false>(p, a, stream);
         }
-        launch_causal_or_not<T, kD, kFinalStep, false>(p, a, stream);
         return "";
     }
     if constexpr (std::is_same_v<T, __half> && step_head_dim(kD)) {
@@ -865,6 +902,7 @@ auto with_head_dim_tile(int d, Run&& run, None&& none) -> decltype(none()) {
     switch (v2_mma_head_dim_tile(d)) {
         case 32: return run.template operator()<32>();
         case 48: return run.template operator()<48>();
+        case 56: return run.template operator()<56>();
         case 64: return run.template operator()<64>();
         case 96: return run.template operator()<96>();
         case 128: return run.template operator()<128>();
@@ -887,7 +925,7 @@ std::string launch_for_head_dim(const Problem& p, const ForwardArgs& a, cudaStre
 
 int v2_mma_head_dim_tile(int d) {
     if (d < 8 || d > 256 || d % 8 != 0) return 0;
-    for (int tile : {32, 48, 64, 96, 128, 176, 192, 240, 256})
+    for (int tile : {32, 48, 56, 64, 96, 128, 176, 192, 240, 256})
         if (d <= tile) return tile;
     return 0;
 }

@@ -9,7 +9,7 @@
 
 #include "harness.h"  // ForwardArgs (and problem.h)
 
-// The head-dim tile the forward runs for head dim d: the smallest of 32, 48, 64, 96, 128, 176, 192, 240, 256 that
+// The head-dim tile the forward runs for head dim d: the smallest of 32, 48, 56, 64, 96, 128, 176, 192, 240, 256 that
 // holds d, for d a multiple of 8 from 8 to 256 (columns d..tile-1 are zeros in shared memory and never stored); 0 for
 // any other d.
 int v2_mma_head_dim_tile(int d);

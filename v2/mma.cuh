@@ -1,8 +1,9 @@
 // mma.cuh: the PTX wrappers the v2 tensor-core kernels share (forward_mma.cu, backward_mma.cu): mma.sync
-// m16n8k16 for fp16 and bf16, packing two floats into one register of two 16-bit values, ldmatrix x4 (plain and
-// .trans) and its lane addressing, cp.async with its commit / wait, the shared-address conversion, a one-instruction
-// exp2 and named barriers. mma.sync m16n8k16 and cp.async need sm_80: compiled for an older GPU (make ARCH=sm_75)
-// they become a trap, and v2_unsupported refuses fp16/bf16 on such a device before anything launches.
+// m16n8k16 (and m16n8k8) for fp16 and bf16, packing two floats into one register of two 16-bit values, ldmatrix x4
+// and x2 (plain and .trans) and its lane addressing, cp.async with its commit / wait, the shared-address conversion,
+// a one-instruction exp2 and named barriers. mma.sync m16n8k16, m16n8k8 in bf16 and cp.async need sm_80: compiled
+// for an older GPU (make ARCH=sm_75) they become a trap (so does m16n8k8 in fp16, which no sm_75 path runs), and
+// v2_unsupported refuses fp16/bf16 on such a device before anything launches.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
 //
@@ -72,6 +73,33 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const
 #endif
 }
 
+// D += A B, m16n8k8: half the k of m16n8k16, for a head-dim tile that ends on 8 columns (the forward's 56 tile). Its
+// A is the first two registers of m16n8k16's (a[0], a[1]: rows g and g+8, cols 2t, 2t+1), its B the first (b0).
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k8(float (&d)[4], const uint32_t (&a)[2], uint32_t b0);
+
+template <>
+__device__ __forceinline__ void mma_m16n8k8<__half>(float (&d)[4], const uint32_t (&a)[2], uint32_t b0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+#else
+    __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma_m16n8k8<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[2], uint32_t b0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+#else
+    __trap();
+#endif
+}
+
 // Two floats rounded (to nearest) to one register of two T values, lo in the low 16 bits (the fragment order).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -98,6 +126,17 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
+}
+
+// Two 8x8 matrices (lanes 0-15 give the row addresses, 0-7 of the first, 8-15 of the second), plain or transposed.
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t smem_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
                  : "r"(smem_addr));
 }
 
