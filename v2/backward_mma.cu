@@ -889,8 +889,14 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
             }
         }
     __syncthreads();
-    store_tile<Bc, kD, kThreads>(dK, smem + L::K, j0, Nk, d, kv_ld);
-    store_tile<Bc, kD, kThreads>(dV, smem + L::V, j0, Nk, d, kv_ld);
+    // The runtime-d kernels store from rows_from, j0 passed through an empty asm: nvcc then cannot reuse the row bounds
+    // and offsets that load_tile_async computed from j0 at line 6 for the same rows. Reused, they stayed alive across
+    // the whole walk over the Q tiles and spilled (sm_90 SASS of the 256 tile's: 59-72 local loads and stores against
+    // 0-3; docs/backward.md, "dK_j and dV_j through shared memory"). With d known the kernels did not spill there.
+    int rows_from = j0;
+    if constexpr (!kExactD) asm volatile("" : "+r"(rows_from));
+    store_tile<Bc, kD, kThreads>(dK, smem + L::K, rows_from, Nk, d, kv_ld);
+    store_tile<Bc, kD, kThreads>(dV, smem + L::V, rows_from, Nk, d, kv_ld);
 }
 
 // --deterministic: dQ_i = scale * sum_j dS_ij K_j, one thread block of 4 warps per Q tile of 64 rows (16 a warp), the
