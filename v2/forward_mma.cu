@@ -30,8 +30,9 @@
 // different 16-byte slots of a 128-byte bank line, so the read is conflict-free for every head-dim tile (32, 48, 64,
 // 96, 128, 176, 192, 240, 256; the 56 tile's 112-byte rows are an odd number of chunks already and take no padding).
 // We pad rather than XOR-swizzle because one rule then covers every tile (a 64-byte row of d = 32 does not fit the
-// usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a compile-time offset. The cost is 16 bytes a row (6% of shared memory at d = 128). Measured without the padding (row
-// pitch 2d bytes, 8-way conflicts): 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
+// usual 128-byte swizzle) and every ldmatrix address is a per-thread base plus a compile-time offset. The cost is 16
+// bytes a row (6% of shared memory at d = 128). Measured without the padding (row pitch 2d bytes, 8-way conflicts):
+// 3.4-3.8x slower on an H200 (d = 128, N = 16k: 330 -> 91 TFLOP/s).
 //
 // Causal masking is bottom-right aligned (row i sees key j iff j < causal_key_end(i)). K/V tiles entirely above the
 // diagonal are never loaded (the loop stops at the last key the tile's last row sees); only tiles that straddle the
@@ -857,7 +858,7 @@ constexpr bool step_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d 
 // (none before). The gap is still there for the d that run the runtime-d kernel of these tiles: d = 112 took 4% more
 // than 128, and since load_tile's zero-fill address 0.6% (H100, docs/v2.md, "Every head dim against its tile",
 // "Where a zero-filled chunk points"). The other tiles keep one kernel: 12 more instantiations, not 24. The 56 tile
-// holds one head dim (48 has a tile of its own), so its one kernel is the one with d known (kExactOnly).
+// holds one head dim (48 has a tile of its own), so its kernels are the ones with d known (kExactOnly).
 template <int kD>
 constexpr bool kExactVariant = kD == 64 || kD == 128 || kD == 256;
 template <int kD>
