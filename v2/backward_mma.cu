@@ -891,8 +891,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     __syncthreads();
     // The runtime-d kernels store from rows_from, j0 passed through an empty asm: nvcc then cannot reuse the row bounds
     // and offsets that load_tile_async computed from j0 at line 6 for the same rows. Reused, they stayed alive across
-    // the whole walk over the Q tiles and spilled (sm_90 SASS of the 256 tile's: 59-72 local loads and stores against
-    // 0-3; docs/backward.md, "dK_j and dV_j through shared memory"). With d known the kernels did not spill there.
+    // the walk over the Q tiles and spilled (sm_90 SASS, the 256 tile's: 59-72 local loads and stores, 0-3 with it;
+    // docs/backward.md). With d known the asm left the spills as they were (64, 128) or added some (256): not there.
     int rows_from = j0;
     if constexpr (!kExactD) asm volatile("" : "+r"(rows_from));
     store_tile<Bc, kD, kThreads>(dK, smem + L::K, rows_from, Nk, d, kv_ld);
