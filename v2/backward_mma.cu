@@ -6,8 +6,8 @@
 //                  walks the Q tiles i, recomputing S_ij and P_ij from Q_i, K_j and LSE_i:
 //                      P_ij  = exp(scale * Q_i K_j^T - LSE_i)      dV_j += P_ij^T dO_i
 //                      dP_ij = dO_i V_j^T                          dS_ij = P_ij * (dP_ij - D_i)
-//                      dK_j += scale * dS_ij^T Q_i                 dQ_i += scale * dS_ij K_j   (fp32 atomics)
-//   3. convert:    dQ = the fp32 accumulator, rounded to fp16/bf16.
+//                      dK_j += scale * dS_ij^T Q_i                 dQ_i += dS_ij K_j   (fp32 atomics)
+//   3. convert:    dQ = scale times the fp32 accumulator, rounded to fp16/bf16.
 //
 // --deterministic (p.deterministic) replaces the atomics: dk_dv skips dQ, and a fourth kernel, dq, gives each thread
 // block one Q tile i and walks the K/V tiles j = 0, 1, ... in order, recomputing S_ij, P_ij and dP_ij to form
@@ -489,12 +489,12 @@ struct DkDvTiles {
 
 // Grid: ceil(Nk / Bc) K/V tiles x B * H heads (causal: ordered by `order`, GridOrder). d is the head dim in device
 // memory, kD its tile; kExactD: d == kD, known at compile time (see kExactVariant below). kAtomicDq: dQ_i += dS_ij K_j
-// goes to dQ_accum, [Nq_pad, kD] per head, with fp32 atomics; without it (--deterministic) nothing goes there and the
-// dq kernel computes dQ. It is a template parameter, not a runtime flag, so that each instantiation has one loop body:
-// with a runtime flag, nvcc compiled line 14 twice (one copy storing dS to shared memory, one not) and branched between
-// them every Q tile, a block boundary between the dS arithmetic and the dK_j products (issue 12, where the backward had
-// lost about 4% on an H200 against 884334f; SASS of the fp16 d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and
-// 64 without).
+// goes to dQ_accum, [Nq_pad, kD] per head, with fp32 atomics (convert_dq_kernel multiplies by scale); without it
+// (--deterministic) nothing goes there and the dq kernel computes dQ. It is a template parameter, not a runtime flag,
+// so that each instantiation has one loop body: with a runtime flag, nvcc compiled line 14 twice (one copy storing dS
+// to shared memory, one not) and branched between them every Q tile, a block boundary between the dS arithmetic and
+// the dK_j products (issue 12, where the backward had lost about 4% on an H200 against 884334f; SASS of the fp16
+// d = 64 kernel: FMUL 249, FADD 124 with the flag, 129 and 64 without).
 // kExt (Ext above): the extensions (x; the causal flag is then in x.band). With any, the grid's heads are the B * Hk
 // K/V heads, and the block walks the Q tiles of every query head of its group, the tiles of each that reach the band
 // of K_j.
@@ -644,7 +644,6 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
     // line 7: this warp's kKeyTiles x 16 keys x its part's kPartCols columns, as m16n8 fragments
     float dK_j[kKeyTiles][kPartCols / 8][4] = {}, dV_j[kKeyTiles][kPartCols / 8][4] = {};
     const float scale_log2 = scale * kLog2e;
-    const float ds_scale = kLayout || kDropout ? scale : 1.0f;  // what dK_j and dQ_i still need (dS rounded unscaled)
     // This warp's key group (its first row within K_j) and part (KVTile): its first query within Q_i and the first
     // column of its part of dK_j, dV_j. With one part they are constant 0, so that the swizzled
     // addresses below stay a per-lane base plus compile-time offsets.
@@ -691,11 +690,10 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 const int col = wn * kCols + c * 8, row = i0 + wm * 32 + m * 16 + g;
                 float* at = rows_of(head_of(st)).dQ_accum + dq_accum_offset<F::kDqFragments>(row, col + 2 * t, kD);
                 if constexpr (F::kDqFragments) {
-                    atomic_add4(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1], ds_scale * dQ_i[m][c][2],
-                                ds_scale * dQ_i[m][c][3]);
+                    atomic_add4(at, dQ_i[m][c][0], dQ_i[m][c][1], dQ_i[m][c][2], dQ_i[m][c][3]);
                 } else {
-                    atomic_add2(at, ds_scale * dQ_i[m][c][0], ds_scale * dQ_i[m][c][1]);
-                    atomic_add2(at + 8 * kD, ds_scale * dQ_i[m][c][2], ds_scale * dQ_i[m][c][3]);
+                    atomic_add2(at, dQ_i[m][c][0], dQ_i[m][c][1]);
+                    atomic_add2(at + 8 * kD, dQ_i[m][c][2], dQ_i[m][c][3]);
                 }
             }
     };
@@ -818,10 +816,12 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                 }
         }
 
-        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i), times scale here once instead of in both dK and dQ. With
-        // Ext::all (and kDropout) dP already holds dS_ij^T; with any extension it is rounded unscaled, as the reference
-        // and the dq kernel round it (scale then multiplies the fp32 sums: ds_scale): folding a scale that is not a
-        // power of two into the rounding put single elements of the extension tests past the same-precision tolerance.
+        // line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i). With Ext::all (and kDropout) dP already holds dS_ij^T. It is
+        // rounded unscaled, as the same-precision reference and the dq kernel round it, and scale multiplies the fp32
+        // sums (dK_j in the epilogue below, dQ in convert_dq_kernel). Folded into dS before the rounding (one multiply
+        // fewer an element), a scale that is not a power of two made dS's rounding errors independent of the
+        // reference's, and dK's max error could pass twice the reference's (bf16, d = 200, 130 keys: 2.27x;
+        // docs/backward.md, "dS rounded unscaled").
         // P^T (Ext::all, kDropout: (P Z)^T) and dS^T, packed, are the A operands of lines 12 and 16 (fragments n, n + 1
         // form one 16 x 16 block). dS^T goes to shared memory ([key][query]) for dQ (unless --deterministic) and,
         // with several parts, P^T and dS^T both go there for the group's other warps.
@@ -838,9 +838,8 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
                     dS[m][n][0] = pack2<T>(dP[m][n][0], dP[m][n][1]);
                     dS[m][n][1] = pack2<T>(dP[m][n][2], dP[m][n][3]);
                 } else {  // dP already holds dP_ij^T - D_i (kFoldD)
-                    const float sc = kLayout ? 1.0f : scale;
-                    dS[m][n][0] = pack2<T>(sc * S[m][n][0] * dP[m][n][0], sc * S[m][n][1] * dP[m][n][1]);
-                    dS[m][n][1] = pack2<T>(sc * S[m][n][2] * dP[m][n][2], sc * S[m][n][3] * dP[m][n][3]);
+                    dS[m][n][0] = pack2<T>(S[m][n][0] * dP[m][n][0], S[m][n][1] * dP[m][n][1]);
+                    dS[m][n][1] = pack2<T>(S[m][n][2] * dP[m][n][2], S[m][n][3] * dP[m][n][3]);
                 }
                 if (kAtomicDq || kParts > 1) {
                     *reinterpret_cast<uint32_t*>(smem + ds_at + swizzle<Br>(key, q)) = dS[m][n][0];
@@ -884,7 +883,7 @@ __global__ void __launch_bounds__(DkDvTiles<kD, kStep, kExt>::KV::kThreads, 1)
             for (int c = 0; c < kPartCols / 8; ++c) {
                 const uint32_t at = swizzle<kD>(key, col0 + c * 8 + 2 * t);
                 *reinterpret_cast<uint32_t*>(smem + L::K + at) =
-                    pack2<T>(ds_scale * dK_j[m][c][2 * half], ds_scale * dK_j[m][c][2 * half + 1]);
+                    pack2<T>(scale * dK_j[m][c][2 * half], scale * dK_j[m][c][2 * half + 1]);
                 *reinterpret_cast<uint32_t*>(smem + L::V + at) = pack2<T>(dV_j[m][c][2 * half], dV_j[m][c][2 * half + 1]);
             }
         }
@@ -1082,15 +1081,15 @@ __global__ void __launch_bounds__(kDqThreads, 1)
     }
 }
 
-// dQ = the fp32 accumulator [B*H, Nq_pad, kD] without its padding rows and columns, rounded to T; 4 elements per
-// thread (d is a multiple of 8, so the 4 never straddle a row). A packed batch: dQ [Tq, H, d] from the accumulator
-// [H, Nq_pad, kD], each token's sequence found by a binary search of cu_seqlens_q. kFragments: the accumulator is in
-// fragment order (step 6), element (row, col) at dq_accum_offset<true>; else row-major.
+// dQ = scale times the fp32 accumulator [B*H, Nq_pad, kD] without its padding rows and columns, rounded to T; 4
+// elements per thread (d is a multiple of 8, so the 4 never straddle a row). A packed batch: dQ [Tq, H, d] from the
+// accumulator [H, Nq_pad, kD], each token's sequence found by a binary search of cu_seqlens_q. kFragments: the
+// accumulator is in fragment order (step 6), element (row, col) at dq_accum_offset<true>; else row-major.
 // Indices fit in 32 bits (one tensor has at most 2^31 - 1 elements: problem_size_unsupported), so the divisions are
 // 32-bit ones.
 template <typename T, bool kFragments>
 __global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_pad, int d, int kD, size_t n_elems,
-                                  Extensions x) {
+                                  float scale, Extensions x) {
     const size_t e = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
     if (e >= n_elems) return;
     const unsigned row = unsigned(e) / unsigned(d), col = unsigned(e) % unsigned(d);
@@ -1106,7 +1105,8 @@ __global__ void convert_dq_kernel(const float* dQ_accum, T* dQ, int Nq, int Nq_p
     // columns col, col + 1 and col + 2, col + 3: adjacent in either order (col is a multiple of 4)
     const float2 lo = *reinterpret_cast<const float2*>(dQ_accum + dq_accum_offset<kFragments>(accum_row, col, kD));
     const float2 hi = *reinterpret_cast<const float2*>(dQ_accum + dq_accum_offset<kFragments>(accum_row, col + 2, kD));
-    *reinterpret_cast<uint2*>(dQ + e) = make_uint2(pack2<T>(lo.x, lo.y), pack2<T>(hi.x, hi.y));
+    *reinterpret_cast<uint2*>(dQ + e) =
+        make_uint2(pack2<T>(scale * lo.x, scale * lo.y), pack2<T>(scale * hi.x, scale * hi.y));
 }
 
 // Grouped-query heads in the default kernel (FinalKernel::group_sum), which reads and writes one K/V head per query
@@ -1369,9 +1369,8 @@ void launch(const Problem& p, const T* Q, const T* K, const T* V, const T* O, co
     const size_t n_elems = p.q_elems();
     const int threads = 256;
     const size_t blocks = ceil_div(n_elems / 4, size_t(threads));
-    convert_dq_kernel<T, Features<kStep>::kDqFragments><<<unsigned(blocks), threads, 0, stream>>>(dQ_accum, dQ, p.Nq,
-                                                                                                 Nq_pad, p.d, kD,
-                                                                                                 n_elems, x);
+    convert_dq_kernel<T, Features<kStep>::kDqFragments><<<unsigned(blocks), threads, 0, stream>>>(
+        dQ_accum, dQ, p.Nq, Nq_pad, p.d, kD, n_elems, p.resolved_scale(), x);
     CUDA_CHECK_LAUNCH();
 }
 
